@@ -1,0 +1,52 @@
+"""bertfast: BERT with fused kernels on every hot path.
+
+`import bertfast` is cheap: it never touches CUDA, compiles nothing and does not import
+triton; models, ops and the tokenizer load on first attribute access.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+__version__ = "0.1.0"
+
+# A source checkout used without installing (PYTHONPATH=repo, e.g. on a GPU box with no
+# internet): `kernels/` then lives beside this package; let `bertfast.kernels` find it the
+# way the installed layout (setup.py's package_dir) does.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if (not os.path.isdir(os.path.join(os.path.dirname(__file__), "kernels"))
+        and os.path.isfile(os.path.join(_root, "kernels", "_bertfast_kernels"))):
+    __path__.append(_root)  # noqa: F821 - module __path__
+
+_LAZY = {
+    "BertConfig": "bertfast.models",
+    "BertModel": "bertfast.models",
+    "BertForPreTraining": "bertfast.models",
+    "BertForMaskedLM": "bertfast.models",
+    "BertForNextSentencePrediction": "bertfast.models",
+    "BertForSequenceClassification": "bertfast.models",
+    "BertForTokenClassification": "bertfast.models",
+    "BertForQuestionAnswering": "bertfast.models",
+    "from_hf": "bertfast.models",
+    "Tokenizer": "bertfast.tokenizer",
+    "use_backend": "bertfast.backend",
+    "info": "bertfast.info",
+    "ops": "bertfast.ops",
+    "padding": "bertfast.padding",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'bertfast' has no attribute {name!r}")
+    m = importlib.import_module(mod)
+    value = m if mod.endswith("." + name) else getattr(m, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,340 @@
+"""attention: softmax(Q K^T * scale + mask) V, padded or packed variable-length.
+
+Two layouts:
+- padded: q (B, Sq, H, D), k and v (B, Sk, H, D), with an optional key-padding mask
+  (HF's (B, Sk) mask, bool/int/float, nonzero = attend) or an additive float mask of shape
+  (B, 1, 1, Sk) (HF's "extended" mask). A general additive mask (B, 1|H, Sq, Sk) is served
+  by the reference implementation only.
+- varlen: q (total_q, H, D), k and v (total_k, H, D), int32 cu_seqlens (B + 1,) (or a pair
+  (cu_seqlens_q, cu_seqlens_k) for cross-attention) and max_seqlen (int or pair).
+
+causal=True masks key j for query i when j > i + (Lk - Lq) (bottom-right aligned, as
+FlashAttention; the usual causal mask when Lq == Lk). A query row that sees no key
+returns zeros and gets zero gradients. dropout_p drops attention probabilities after the
+softmax; probability (b, h, i, j) has offset ((b * H + h) * max_q + i) * max_k + j in the
+shared Philox stream (ops/_rng.py), so the padded and the packed layouts of one batch draw
+the same mask.
+
+Backends (ops/_common + backend.py) see:
+fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed) -> (out, lse)
+bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed) -> (dq, dk, dv)
+key_bias: None or fp32 (B, Sk) additive (padded layout only); cu_*: None (padded) or int32.
+lse (fp32) is (B, H, Sq) padded or (H, total_q) varlen, natural log, and +inf on rows that
+see no key (so a backward's exp(s - lse) is 0 there).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import backend
+from ._common import FusedOp, check_dropout, check_float, compare_close, impl, register_lazy, seed_int, seed_tensor
+from ._rng import keep_mask
+
+OP = "attention"
+_SUPPORTED_MASKS = "a (B, Sk) key mask (bool/int/float, nonzero = attend) or an additive (B, 1, 1, Sk) / (B, 1|H, Sq, Sk) float mask"
+
+
+def _dropout_offsets(B, H, max_q, max_k, device):
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    h = torch.arange(H, device=device).view(1, H, 1, 1)
+    i = torch.arange(max_q, device=device).view(1, 1, max_q, 1)
+    j = torch.arange(max_k, device=device).view(1, 1, 1, max_k)
+    return ((b * H + h) * max_q + i) * max_k + j
+
+
+def _attention_padded_ref(q, k, v, bias, p, scale, causal, seed):
+    """q (B,Sq,H,D), k/v (B,Sk,H,D), bias None or additive broadcastable to (B,H,Sq,Sk).
+    Returns (out (B,Sq,H,D) in q.dtype, lse (B,H,Sq) fp32)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    s = torch.einsum("bihd,bjhd->bhij", q.to(acc), k.to(acc)) * scale
+    if bias is not None:
+        s = s + bias.to(acc)
+    if causal:
+        i = torch.arange(Sq, device=q.device).view(Sq, 1)
+        j = torch.arange(Sk, device=q.device).view(1, Sk)
+        s = s.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    dead = torch.isneginf(m)  # rows that see no key
+    m = torch.where(dead, torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    prob = e / torch.where(dead, torch.ones_like(denom), denom)
+    lse = torch.where(dead, torch.full_like(m, float("inf")), m + torch.log(denom)).squeeze(-1)
+    if p > 0.0:
+        keep = keep_mask(seed, p, _dropout_offsets(B, H, Sq, Sk, q.device))
+        prob = prob * keep.to(acc) / (1.0 - p)
+    out = torch.einsum("bhij,bjhd->bihd", prob, v.to(acc))
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def _pad(x, cu, max_len):
+    """(total, H, D) packed rows -> (B, max_len, H, D) zero-padded, and the key-valid mask."""
+    B = cu.numel() - 1
+    lens = (cu[1:] - cu[:-1]).long()
+    pos = torch.arange(max_len, device=x.device).view(1, -1)
+    valid = pos < lens.view(-1, 1)
+    idx = (cu[:-1].long().view(-1, 1) + pos).clamp(max=max(x.shape[0] - 1, 0))
+    out = x[idx.reshape(-1)].view(B, max_len, *x.shape[1:]) if x.shape[0] else x.new_zeros(B, max_len, *x.shape[1:])
+    return out * valid.view(B, max_len, 1, 1).to(x.dtype), valid
+
+
+def _varlen_bias(cu_q, cu_k, max_q, max_k, causal, device):
+    """The padded-layout additive bias (B, 1, 1|max_q, max_k) of a varlen batch, and the
+    padded row indices of the packed query and key tokens."""
+    lq = (cu_q[1:] - cu_q[:-1]).long().view(-1, 1)
+    lk = (cu_k[1:] - cu_k[:-1]).long().view(-1, 1)
+    vq = torch.arange(max_q, device=device).view(1, -1) < lq
+    vk = torch.arange(max_k, device=device).view(1, -1) < lk
+    bias = torch.zeros(vk.shape, dtype=torch.float32, device=device).masked_fill(~vk, float("-inf"))
+    bias = bias[:, None, None, :]
+    if causal:  # bottom-right alignment per sequence: j > i + (Lk - Lq)
+        i = torch.arange(max_q, device=device).view(1, 1, -1, 1)
+        j = torch.arange(max_k, device=device).view(1, 1, 1, -1)
+        bias = bias.masked_fill(j > i + (lk - lq).view(-1, 1, 1, 1), float("-inf"))
+    return bias, vq.reshape(-1).nonzero().squeeze(-1), vk.reshape(-1).nonzero().squeeze(-1)
+
+
+def _attention_varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
+    bias, rows_q, _ = _varlen_bias(cu_q, cu_k, max_q, max_k, causal, q.device)
+    qp, kp, vp = _pad(q, cu_q, max_q)[0], _pad(k, cu_k, max_k)[0], _pad(v, cu_k, max_k)[0]
+    out, lse = _attention_padded_ref(qp, kp, vp, bias, p, scale, False, seed)
+    out = out.reshape(-1, *q.shape[1:])[rows_q]
+    lse = lse.permute(1, 0, 2).reshape(q.shape[1], -1)[:, rows_q]
+    return out, lse.contiguous()
+
+
+def attention_ref(q, k, v, key_bias=None, cu_q=None, cu_k=None, max_q=None, max_k=None, dropout_p=0.0,
+                  softmax_scale=None, causal=False, seed=0):
+    """Plain PyTorch oracle for both layouts; returns the attention output only.
+    key_bias: None or additive, broadcastable to (B, H, Sq, Sk) when given as 4-D, or (B, Sk)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if cu_q is not None:
+        return _attention_varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed)[0]
+    if key_bias is not None and key_bias.dim() == 2:
+        key_bias = key_bias[:, None, None, :]
+    return _attention_padded_ref(q, k, v, key_bias, dropout_p, scale, causal, seed)[0]
+
+
+# ---- backends
+
+def _fwd_reference(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
+    if cu_q is not None:
+        return _attention_varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, p, scale, causal, seed)
+    bias = None if key_bias is None else key_bias[:, None, None, :]
+    return _attention_padded_ref(q, k, v, bias, p, scale, causal, seed)
+
+
+def _attention_padded_bwd_ref(dout, q, k, v, out, lse, bias, p, scale, causal, seed):
+    """FlashAttention-2's backward in plain PyTorch: P = exp(S - lse) from the saved lse,
+    D = rowsum(dO * O), dS = P * (dP - D)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    qa, ka, va, do = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    s = torch.einsum("bihd,bjhd->bhij", qa, ka) * scale
+    if bias is not None:
+        s = s + bias.to(acc)
+    if causal:
+        i = torch.arange(Sq, device=q.device).view(Sq, 1)
+        j = torch.arange(Sk, device=q.device).view(1, Sk)
+        s = s.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    prob = torch.exp(s - lse.to(acc).unsqueeze(-1))  # lse = +inf on dead rows -> 0
+    drop = keep_mask(seed, p, _dropout_offsets(B, H, Sq, Sk, q.device)).to(acc) / (1.0 - p) if p > 0.0 else None
+    pd = prob if drop is None else prob * drop
+    dv = torch.einsum("bhij,bihd->bjhd", pd, do)
+    dp = torch.einsum("bihd,bjhd->bhij", do, va)
+    if drop is not None:
+        dp = dp * drop
+    delta = (do * out.to(acc)).sum(-1).permute(0, 2, 1).unsqueeze(-1)  # (B, H, Sq, 1)
+    ds = prob * (dp - delta) * scale
+    dq = torch.einsum("bhij,bjhd->bihd", ds, ka)
+    dk = torch.einsum("bhij,bihd->bjhd", ds, qa)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+def _bwd_reference(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
+    if cu_q is None:
+        bias = None if key_bias is None else key_bias[:, None, None, :]
+        return _attention_padded_bwd_ref(dout, q, k, v, out, lse, bias, p, scale, causal, seed)
+    bias, rows_q, rows_k = _varlen_bias(cu_q, cu_k, max_q, max_k, causal, q.device)
+    B = cu_q.numel() - 1
+    H = q.shape[1]
+    lse_p = torch.full((H, B * max_q), float("inf"), device=q.device)
+    lse_p[:, rows_q] = lse
+    lse_p = lse_p.view(H, B, max_q).permute(1, 0, 2)
+    qp, kp, vp, op, dop = (_pad(t, cu, m)[0] for t, cu, m in
+                           ((q, cu_q, max_q), (k, cu_k, max_k), (v, cu_k, max_k), (out, cu_q, max_q),
+                            (dout, cu_q, max_q)))
+    dq, dk, dv = _attention_padded_bwd_ref(dop, qp, kp, vp, op, lse_p, bias, p, scale, False, seed)
+    return (dq.reshape(-1, *q.shape[1:])[rows_q], dk.reshape(-1, *k.shape[1:])[rows_k],
+            dv.reshape(-1, *v.shape[1:])[rows_k])
+
+
+def _probe(device):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 5, 2, 32, generator=g).to(device).unbind(0)
+    bias = torch.zeros(2, 5, device=device)
+    bias[1, 3:] = float("-inf")
+    return (q, k, v, bias, None, None, 5, 5, 0.0, 32 ** -0.5, False, 0), {}
+
+
+backend.register_op(OP, _probe, compare_close(2e-3, 2e-3))
+backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=("cpu", "cuda", "meta", "mps", "xpu"))
+# Triton kernels (kernels/attention.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
+register_lazy(OP, "triton", ".kernels.attention", ("cuda",))
+register_lazy(OP, "cpp", "._cpp", ("cpu",))
+
+
+# ---- registered op
+
+def _fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
+    return impl(OP, q).fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed_int(seed))
+
+
+def _bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
+    return impl(OP, q).bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
+                           seed_int(seed))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_bias, cu_q, cu_k, seed)
+    ctx.args = (max_q, max_k, p, scale, causal)
+
+
+def _backward(ctx, grads, bwd):
+    q, k, v, out, lse, key_bias, cu_q, cu_k, seed = ctx.saved_tensors
+    max_q, max_k, p, scale, causal = ctx.args
+    dq, dk, dv = bwd(grads[0].contiguous(), q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale,
+                     causal, seed)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _fwd_fake(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
+    if cu_q is None:
+        B, Sq, H, _ = q.shape
+        lse = q.new_empty((B, H, Sq), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), lse
+
+
+_op = FusedOp(
+    OP,
+    fwd_schema="(Tensor q, Tensor k, Tensor v, Tensor? key_bias, Tensor? cu_q, Tensor? cu_k, SymInt max_q, "
+               "SymInt max_k, float p, float scale, bool causal, Tensor? seed) -> (Tensor, Tensor)",
+    bwd_schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_bias, Tensor? cu_q, "
+               "Tensor? cu_k, SymInt max_q, SymInt max_k, float p, float scale, bool causal, Tensor? seed) "
+               "-> (Tensor, Tensor, Tensor)",
+    fwd_fake=_fwd_fake,
+    bwd_fake=lambda dout, q, k, v, *rest: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
+    fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=1,
+)
+
+
+def _key_bias(attention_mask, B, Sq, Sk, H, device):
+    """Normalise a padded-layout mask: -> ('key', fp32 (B, Sk) additive) or ('full', additive 4-D)."""
+    m = attention_mask
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor ({_SUPPORTED_MASKS}), got {type(m).__name__}")
+    if m.device != device:
+        raise ValueError(f"attention_mask is on {m.device} but q is on {device}; expected the same device")
+    if m.dim() == 2:
+        if tuple(m.shape) != (B, Sk):
+            raise ValueError(f"attention_mask must have shape (batch, key_len) = ({B}, {Sk}), got {tuple(m.shape)}")
+        keep = m if m.dtype == torch.bool else m != 0
+        return "key", torch.zeros((B, Sk), dtype=torch.float32, device=device).masked_fill(~keep, float("-inf"))
+    if m.dim() == 4 and m.is_floating_point():
+        if m.shape[0] not in (1, B) or m.shape[1] not in (1, H) or m.shape[2] not in (1, Sq) or m.shape[3] != Sk:
+            raise ValueError(f"attention_mask of 4 dims must broadcast to (B, H, Sq, Sk) = ({B}, {H}, {Sq}, {Sk}), "
+                             f"got {tuple(m.shape)}")
+        if m.shape[1] == 1 and m.shape[2] == 1:
+            return "key", m.reshape(m.shape[0], Sk).expand(B, Sk).float().contiguous()
+        return "full", m
+    raise ValueError(f"attention_mask must be {_SUPPORTED_MASKS}; got shape {tuple(m.shape)} and dtype {m.dtype}")
+
+
+def _as_pair(x, name):
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{name} must be one value or a pair (q, k), got {len(x)} values")
+        return x[0], x[1]
+    return x, x
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+              cu_seqlens=None, max_seqlen=None, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+              causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention over heads, FlashAttention layout (tokens, heads, head_dim).
+
+    Padded: q (B, Sq, H, D), k/v (B, Sk, H, D), attention_mask see module docstring.
+    Varlen: q (total_q, H, D), k/v (total_k, H, D), cu_seqlens int32 (B+1,) or a pair,
+    max_seqlen int or a pair. Returns q.shape[:-1] + (v.shape[-1],) in q.dtype.
+    """
+    check_float("q", q)
+    check_float("k", k)
+    check_float("v", v)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; expected the same device")
+    p = check_dropout(dropout_p)
+    D = q.shape[-1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D) if D else 1.0
+    varlen = cu_seqlens is not None
+    nd = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != nd:
+            layout = "(total, heads, head_dim) with cu_seqlens" if varlen else "(batch, seq, heads, head_dim)"
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    if k.shape[-2:] != q.shape[-2:] or v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"q, k, v shapes are inconsistent: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+                         " (expected equal heads and q/k head_dim, and v with k's tokens)")
+    if varlen:
+        if attention_mask is not None:
+            raise ValueError("attention_mask must be None with cu_seqlens (packed sequences carry no padding)")
+        cu_q, cu_k = _as_pair(cu_seqlens, "cu_seqlens")
+        if max_seqlen is None:
+            raise ValueError("max_seqlen is required with cu_seqlens")
+        max_q, max_k = _as_pair(max_seqlen, "max_seqlen")
+        for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])):
+            if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+                raise TypeError(f"{name} must be an int32 tensor of shape (batch + 1,), got "
+                                f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
+            if cu.device != q.device:
+                raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; expected the same device")
+            if not torch.compiler.is_compiling():
+                first, last = cu[0].item(), cu[-1].item()
+                if first != 0 or last != total:
+                    raise ValueError(f"{name} must start at 0 and end at the number of packed tokens ({total}), "
+                                     f"got {first} .. {last}")
+        if cu_q.numel() != cu_k.numel():
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_q.numel() - 1} "
+                             f"and {cu_k.numel() - 1} sequences")
+        max_q, max_k = int(max_q), int(max_k)
+        if q.numel() == 0:
+            return q.new_zeros(q.shape[:-1] + v.shape[-1:])
+        return _op(q.contiguous(), k.contiguous(), v.contiguous(), None, cu_q.contiguous(), cu_k.contiguous(),
+                   max_q, max_k, p, scale, bool(causal), seed_tensor(p))[0]
+    B, Sq, H, _ = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k must have q's batch size {B}, got {k.shape[0]}")
+    Sk = k.shape[1]
+    if B == 0:
+        raise ValueError("q must have a non-empty batch, got batch size 0")
+    key_bias = None
+    if attention_mask is not None:
+        kind, key_bias = _key_bias(attention_mask, B, Sq, Sk, H, q.device)
+        if kind == "full":  # a general additive mask: the reference serves it (autograd through PyTorch)
+            return attention_ref(q, k, v, key_bias, dropout_p=p, softmax_scale=scale, causal=causal,
+                                 seed=seed_int(seed_tensor(p)))
+    if q.numel() == 0 or k.shape[1] == 0:
+        return q.new_zeros(q.shape[:-1] + v.shape[-1:])
+    return _op(q.contiguous(), k.contiguous(), v.contiguous(), key_bias, None, None, Sq, Sk, p, scale,
+               bool(causal), seed_tensor(p))[0]

@@ -1,0 +1,168 @@
+"""bias_residual_layernorm: LN(dropout(x + bias) + residual), BERT's add-and-norm.
+
+Used twice per layer: after the attention output projection and after the FFN output
+projection. x is the GEMM output without its bias (the bias add is fused here); bias may be
+None when the GEMM already added it. Statistics in fp32; the forward also returns the
+per-row mean and rstd (fp32) so the backward does not recompute them.
+
+Dropout: element (row r, column c) of x + bias has offset r * hidden + c in the shared
+Philox stream (ops/_rng.py); backward regenerates the mask from the seed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backend
+from ._common import (
+    FusedOp,
+    check_dropout,
+    check_eps,
+    check_float,
+    check_same_device,
+    check_same_shape,
+    check_vector,
+    compare_close,
+    impl,
+    layernorm_bwd_fp32,
+    layernorm_fp32,
+    register_lazy,
+    rows,
+    seed_int,
+    seed_tensor,
+    stats_fake,
+)
+from ._rng import dropout_scale_mask
+
+OP = "bias_residual_layernorm"
+
+
+def _acc(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _bias_residual_layernorm_stats(x, bias, residual, weight, ln_bias, eps, dropout_p=0.0, seed=0):
+    acc = _acc(x)
+    h = x.to(acc)
+    if bias is not None:
+        h = h + bias.to(acc)
+    if dropout_p > 0.0:
+        h = h * dropout_scale_mask(seed, dropout_p, h.shape, h.device).to(acc)
+    h = h + residual.to(acc)
+    y, mean, rstd = layernorm_fp32(h, weight, ln_bias, eps)
+    return y.to(x.dtype), mean.float(), rstd.float()
+
+
+def bias_residual_layernorm_ref(x, bias, residual, weight, ln_bias, eps=1e-12, dropout_p=0.0, seed=0):
+    """Plain PyTorch: the fallback and the test oracle. x, residual: (..., hidden)."""
+    return _bias_residual_layernorm_stats(x, bias, residual, weight, ln_bias, eps, dropout_p, seed)[0]
+
+
+# ---- backends (2-D contiguous rows):
+# fwd(x, bias|None, residual, weight, ln_bias, eps, p, seed) -> (out, mean, rstd)
+# bwd(dout, x, bias|None, residual, weight, ln_bias, mean, rstd, eps, p, seed)
+#     -> (dx, dbias|None, dresidual, dweight, dln_bias)
+
+def _fwd_reference(x, bias, residual, weight, ln_bias, eps, p, seed):
+    return _bias_residual_layernorm_stats(x, bias, residual, weight, ln_bias, eps, p, seed)
+
+
+def _bwd_reference(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed):
+    acc = _acc(x)
+    h = x.to(acc)
+    if bias is not None:
+        h = h + bias.to(acc)
+    scale = dropout_scale_mask(seed, p, h.shape, h.device).to(acc) if p > 0.0 else None
+    if scale is not None:
+        h = h * scale
+    h = h + residual.to(acc)
+    dh, dw, dlb = layernorm_bwd_fp32(dout, h, weight, mean, rstd)
+    dx = dh if scale is None else dh * scale
+    dbias = None if bias is None else dx.sum(0).to(bias.dtype)
+    return dx.to(x.dtype), dbias, dh.to(residual.dtype), dw.to(weight.dtype), dlb.to(ln_bias.dtype)
+
+
+def _probe(device):
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(2, 3, 17, generator=g).to(device).unbind(0)
+    b, w, lb = torch.randn(3, 17, generator=g).to(device).unbind(0)
+    return (x, b, r, w, lb, 1e-12, 0.0, 0), {}
+
+
+backend.register_op(OP, _probe, compare_close(1e-4, 1e-4))
+backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=("cpu", "cuda", "meta", "mps", "xpu"))
+# Triton kernels (kernels/bias_residual_layernorm.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
+register_lazy(OP, "triton", ".kernels.bias_residual_layernorm", ("cuda",))
+register_lazy(OP, "cpp", "._cpp", ("cpu",))
+
+
+# ---- registered op
+
+def _fwd(x, bias, residual, weight, ln_bias, eps, p, seed):
+    return impl(OP, x).fwd(x, bias, residual, weight, ln_bias, eps, p, seed_int(seed))
+
+
+def _bwd(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed):
+    return impl(OP, x).bwd(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed_int(seed))
+
+
+def _setup(ctx, inputs, output):
+    x, bias, residual, weight, ln_bias, eps, p, seed = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, bias, residual, weight, ln_bias, mean, rstd, seed)
+    ctx.eps, ctx.p = eps, p
+
+
+def _backward(ctx, grads, bwd):
+    x, bias, residual, weight, ln_bias, mean, rstd, seed = ctx.saved_tensors
+    dx, dbias, dres, dw, dlb = bwd(grads[0].contiguous(), x, bias, residual, weight, ln_bias, mean, rstd,
+                                   ctx.eps, ctx.p, seed)
+    return dx, dbias, dres, dw, dlb, None, None, None
+
+
+def _fwd_fake(x, bias, residual, weight, ln_bias, eps, p, seed):
+    return (torch.empty_like(x), *stats_fake(x, x.shape[:1]))
+
+
+def _bwd_fake(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed):
+    return (torch.empty_like(x), None if bias is None else torch.empty_like(bias), torch.empty_like(residual),
+            torch.empty_like(weight), torch.empty_like(ln_bias))
+
+
+_op = FusedOp(
+    OP,
+    fwd_schema="(Tensor x, Tensor? bias, Tensor residual, Tensor weight, Tensor ln_bias, float eps, float p, "
+               "Tensor? seed) -> (Tensor, Tensor, Tensor)",
+    bwd_schema="(Tensor dout, Tensor x, Tensor? bias, Tensor residual, Tensor weight, Tensor ln_bias, Tensor mean, "
+               "Tensor rstd, float eps, float p, Tensor? seed) -> (Tensor, Tensor?, Tensor, Tensor, Tensor)",
+    fwd_fake=_fwd_fake, bwd_fake=_bwd_fake, fwd_impl=_fwd, bwd_impl=_bwd,
+    setup_context=_setup, backward=_backward, n_nondiff_outputs=2,
+)
+
+
+def bias_residual_layernorm(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
+                            weight: torch.Tensor, ln_bias: torch.Tensor, eps: float = 1e-12,
+                            dropout_p: float = 0.0) -> torch.Tensor:
+    """LayerNorm(dropout(x + bias) + residual) * weight + ln_bias over the last dimension.
+
+    x, residual: (..., hidden), same shape and dtype; bias, weight, ln_bias: (hidden,).
+    """
+    check_float("x", x, min_ndim=1)
+    check_float("residual", residual)
+    check_same_shape("residual", residual, "x", x)
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+    n = x.shape[-1]
+    if bias is not None:
+        check_vector("bias", bias, n)
+    check_vector("weight", weight, n)
+    check_vector("ln_bias", ln_bias, n)
+    check_same_device("x", x, bias=bias, residual=residual, weight=weight, ln_bias=ln_bias)
+    eps, p = check_eps(eps), check_dropout(dropout_p)
+    if x.numel() == 0:
+        return x.new_empty(x.shape)
+    shape = x.shape
+    out = _op(rows(x), None if bias is None else bias.contiguous(), rows(residual), weight.contiguous(),
+              ln_bias.contiguous(), eps, p, seed_tensor(p))[0]
+    return out.view(shape)

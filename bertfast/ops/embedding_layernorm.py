@@ -1,0 +1,197 @@
+"""embedding_layernorm: LN(word[ids] + type[token_type_ids] + pos[position_ids]), then dropout.
+
+BERT's embedding layer in one pass: three row gathers, the sum (in Hugging Face's order:
+word + token type, then + position), LayerNorm with fp32 statistics, dropout. ids may have
+any shape (padded (batch, seq) or packed (total_tokens,)); the output is ids.shape + (hidden,).
+Backward scatters into the three tables; repeated ids accumulate.
+
+Dropout: output element (row r, column c) has offset r * hidden + c in the shared Philox
+stream (ops/_rng.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backend
+from ._common import (
+    FusedOp,
+    check_dropout,
+    check_eps,
+    check_float,
+    check_same_device,
+    check_vector,
+    compare_close,
+    impl,
+    layernorm_bwd_fp32,
+    layernorm_fp32,
+    register_lazy,
+    seed_int,
+    seed_tensor,
+    stats_fake,
+)
+from ._rng import dropout_scale_mask
+
+OP = "embedding_layernorm"
+_IDS = (torch.int32, torch.int64)
+
+
+def _embedding_layernorm_stats(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, weight,
+                               bias, eps, dropout_p=0.0, seed=0):
+    acc = torch.float64 if word_emb.dtype == torch.float64 else torch.float32
+    h = word_emb[input_ids].to(acc) + type_emb[token_type_ids].to(acc)
+    h = h + pos_emb[position_ids].to(acc)
+    y, mean, rstd = layernorm_fp32(h, weight, bias, eps)
+    if dropout_p > 0.0:
+        y = y * dropout_scale_mask(seed, dropout_p, y.shape, y.device).to(acc)
+    return y.to(word_emb.dtype), mean.float(), rstd.float()
+
+
+def embedding_layernorm_ref(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, weight, bias,
+                            eps=1e-12, dropout_p=0.0, seed=0):
+    """Plain PyTorch: the fallback and the test oracle."""
+    return _embedding_layernorm_stats(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb,
+                                      weight, bias, eps, dropout_p, seed)[0]
+
+
+# ---- backends (1-D ids of one length N, contiguous tables):
+# fwd(ids, tt_ids, pos_ids, word, pos, type, weight, bias, eps, p, seed) -> (out (N, hidden), mean, rstd)
+# bwd(dout, ids, tt_ids, pos_ids, word, pos, type, weight, bias, mean, rstd, eps, p, seed)
+#     -> (dword, dpos, dtype, dweight, dbias)
+
+def _fwd_reference(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed):
+    return _embedding_layernorm_stats(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed)
+
+
+def _bwd_reference(dout, ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd, eps, p, seed):
+    acc = torch.float64 if word.dtype == torch.float64 else torch.float32
+    h = word[ids].to(acc) + type_emb[tt].to(acc) + pos_emb[pos].to(acc)
+    dy = dout.to(acc)
+    if p > 0.0:
+        dy = dy * dropout_scale_mask(seed, p, dy.shape, dy.device).to(acc)
+    dh, dw, db = layernorm_bwd_fp32(dy, h, weight, mean, rstd)
+    grads = [torch.zeros(t.shape, dtype=acc, device=t.device).index_add_(0, i.long(), dh).to(t.dtype)
+             for t, i in ((word, ids), (pos_emb, pos), (type_emb, tt))]
+    return (*grads, dw.to(weight.dtype), db.to(bias.dtype))
+
+
+def _probe(device):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([1, 5, 5, 0, 9], device=device)
+    tt = torch.tensor([0, 1, 1, 0, 1], device=device)
+    pos = torch.tensor([0, 1, 2, 3, 4], device=device)
+    word = torch.randn(11, 17, generator=g).to(device)
+    pe = torch.randn(8, 17, generator=g).to(device)
+    te = torch.randn(2, 17, generator=g).to(device)
+    w, b = torch.randn(2, 17, generator=g).to(device).unbind(0)
+    return (ids, tt, pos, word, pe, te, w, b, 1e-12, 0.0, 0), {}
+
+
+backend.register_op(OP, _probe, compare_close(1e-4, 1e-4))
+backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=("cpu", "cuda", "meta", "mps", "xpu"))
+# Triton kernels (kernels/embedding_layernorm.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
+register_lazy(OP, "triton", ".kernels.embedding_layernorm", ("cuda",))
+register_lazy(OP, "cpp", "._cpp", ("cpu",))
+
+
+# ---- registered op
+
+def _fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed):
+    return impl(OP, word).fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed_int(seed))
+
+
+def _bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd, eps, p, seed):
+    return impl(OP, word).bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd, eps, p,
+                              seed_int(seed))
+
+
+def _setup(ctx, inputs, output):
+    ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed = inputs
+    ctx.save_for_backward(ids, tt, pos, word, pos_emb, type_emb, weight, bias, output[1], output[2], seed)
+    ctx.eps, ctx.p = eps, p
+
+
+def _backward(ctx, grads, bwd):
+    ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd, seed = ctx.saved_tensors
+    dword, dpos, dtype, dw, db = bwd(grads[0].contiguous(), ids, tt, pos, word, pos_emb, type_emb, weight, bias,
+                                     mean, rstd, ctx.eps, ctx.p, seed)
+    return None, None, None, dword, dpos, dtype, dw, db, None, None, None
+
+
+_op = FusedOp(
+    OP,
+    fwd_schema="(Tensor ids, Tensor tt, Tensor pos, Tensor word, Tensor pos_emb, Tensor type_emb, Tensor weight, "
+               "Tensor bias, float eps, float p, Tensor? seed) -> (Tensor, Tensor, Tensor)",
+    bwd_schema="(Tensor dout, Tensor ids, Tensor tt, Tensor pos, Tensor word, Tensor pos_emb, Tensor type_emb, "
+               "Tensor weight, Tensor bias, Tensor mean, Tensor rstd, float eps, float p, Tensor? seed) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fwd_fake=lambda ids, tt, pos, word, *rest: (word.new_empty((ids.shape[0], word.shape[1])),
+                                               *stats_fake(word, ids.shape[:1])),
+    bwd_fake=lambda dout, ids, tt, pos, word, pe, te, w, b, *rest: (
+        torch.empty_like(word), torch.empty_like(pe), torch.empty_like(te), torch.empty_like(w), torch.empty_like(b)),
+    fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=2,
+)
+
+
+def _check_ids(name: str, ids, table: torch.Tensor, table_name: str, shape) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int32/int64 ids, got {type(ids).__name__}")
+    if ids.dtype not in _IDS:
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {ids.dtype}")
+    if tuple(ids.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of input_ids {tuple(shape)}, got {tuple(ids.shape)}")
+    if ids.device != table.device:
+        raise ValueError(f"{name} is on {ids.device} but {table_name} is on {table.device}; expected the same device")
+    if torch.compiler.is_compiling() or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= table.shape[0]:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name} must be in [0, {table.shape[0]}) ({table_name} has {table.shape[0]} rows), "
+                         f"got {bad}")
+
+
+def embedding_layernorm(input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor],
+                        position_ids: Optional[torch.Tensor], word_emb: torch.Tensor, pos_emb: torch.Tensor,
+                        type_emb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-12,
+                        dropout_p: float = 0.0) -> torch.Tensor:
+    """BERT embeddings: LN(word_emb[input_ids] + type_emb[token_type_ids] + pos_emb[position_ids]), dropout.
+
+    input_ids: int tensor of any shape (..., seq); token_type_ids defaults to zeros and
+    position_ids to arange(seq) along the last dimension. Returns input_ids.shape + (hidden,)
+    in the tables' dtype.
+    """
+    check_float("word_emb", word_emb, ndim=2)
+    hidden = word_emb.shape[1]
+    for name, t in (("pos_emb", pos_emb), ("type_emb", type_emb)):
+        check_float(name, t, ndim=2)
+        if t.shape[1] != hidden or t.dtype != word_emb.dtype:
+            raise ValueError(f"{name} must be (rows, {hidden}) in {word_emb.dtype} like word_emb, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    check_vector("weight", weight, hidden)
+    check_vector("bias", bias, hidden)
+    check_same_device("word_emb", word_emb, pos_emb=pos_emb, type_emb=type_emb, weight=weight, bias=bias)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in _IDS:
+        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids must be an int32 or int64 tensor, got {got}")
+    if input_ids.dim() == 0:
+        raise ValueError("input_ids must have at least 1 dimension, got a scalar")
+    shape = tuple(input_ids.shape)
+    if position_ids is None:
+        if shape[-1] > pos_emb.shape[0]:
+            raise ValueError(f"input_ids has sequence length {shape[-1]} but the position table (pos_emb) has "
+                             f"{pos_emb.shape[0]} rows (max_position_embeddings)")
+        position_ids = torch.arange(shape[-1], device=input_ids.device, dtype=input_ids.dtype).expand(shape)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros(shape, device=input_ids.device, dtype=input_ids.dtype)
+    _check_ids("input_ids", input_ids, word_emb, "word_emb", shape)
+    _check_ids("token_type_ids", token_type_ids, type_emb, "type_emb", shape)
+    _check_ids("position_ids", position_ids, pos_emb, "pos_emb", shape)
+    eps, p = check_eps(eps), check_dropout(dropout_p)
+    if input_ids.numel() == 0:
+        return word_emb.new_empty(shape + (hidden,))
+    out = _op(input_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(),
+              position_ids.reshape(-1).contiguous(), word_emb.contiguous(), pos_emb.contiguous(),
+              type_emb.contiguous(), weight.contiguous(), bias.contiguous(), eps, p, seed_tensor(p))[0]
+    return out.view(shape + (hidden,))

@@ -1,0 +1,1 @@
+"""Triton kernels of bertfast (installed as bertfast.kernels). Importing this package imports triton."""
