@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 BACKENDS = ("triton", "cuda", "cpp", "reference")
+ANY_DEVICE = ("*",)  # the reference serves tensors on any device
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 
@@ -123,7 +124,7 @@ def _interpret() -> bool:
 
 
 def _serves(impl: Impl, device_type: str) -> bool:
-    if device_type in impl.devices:
+    if device_type in impl.devices or impl.devices == ANY_DEVICE:
         return True
     # Under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors (tests, no GPU).
     return impl.backend == "triton" and device_type == "cpu" and _interpret()

@@ -34,7 +34,9 @@ from ._common import FusedOp, check_dropout, check_float, compare_close, impl, r
 from ._rng import keep_mask
 
 OP = "attention"
-_SUPPORTED_MASKS = "a (B, Sk) key mask (bool/int/float, nonzero = attend) or an additive (B, 1, 1, Sk) / (B, 1|H, Sq, Sk) float mask"
+_SUPPORTED_MASKS = (
+    "a (B, Sk) key mask (bool/int/float, nonzero = attend) or an additive (B, 1, 1, Sk) / (B, 1|H, Sq, Sk) float mask"
+)
 
 
 def _dropout_offsets(B, H, max_q, max_k, device):
@@ -184,7 +186,7 @@ def _probe(device):
 
 
 backend.register_op(OP, _probe, compare_close(2e-3, 2e-3))
-backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=("cpu", "cuda", "meta", "mps", "xpu"))
+backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=backend.ANY_DEVICE)
 # Triton kernels (kernels/attention.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
 register_lazy(OP, "triton", ".kernels.attention", ("cuda",))
 register_lazy(OP, "cpp", "._cpp", ("cpu",))
