@@ -1,0 +1,46 @@
+"""The `bertfast` command. Each subcommand lives in its own module as `cli_main(argv)`;
+this file only routes, so `bertfast --help` stays fast (nothing heavy is imported)."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "info": ("bertfast.info", "versions, devices and which backend serves each op"),
+    "verify": ("bertfast.verify", "check every backend against the references; --aot sm_90a compiles Triton"),
+    "bench": ("bertfast.bench", "benchmarks: ops, attention, encoder (ratios vs eager, compile, SDPA, HF)"),
+    "pretrain": ("bertfast.train", "MLM + NSP pre-training from text files"),
+    "finetune": ("bertfast.train", "fine-tune a checkpoint: cls | nli | ner | qa"),
+    "fill-mask": ("bertfast.tasks", "top-k tokens for each [MASK] in a text"),
+    "embed": ("bertfast.tasks", "sentence embeddings of texts"),
+    "search": ("bertfast.tasks", "top-k cosine search of queries over a corpus"),
+    "cluster": ("bertfast.tasks", "k-means over sentence embeddings"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: bertfast <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(__version__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"bertfast: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[cmd][0])
+    return int(module.cli_main(cmd, rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

