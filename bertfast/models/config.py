@@ -1,0 +1,140 @@
+"""BertConfig: Hugging Face's field names, so a checkpoint's config.json loads as it is."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Optional
+
+_DEFAULTS = dict(
+    vocab_size=30522,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    initializer_range=0.02,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
+    position_embedding_type="absolute",
+    classifier_dropout=None,
+    num_labels=2,
+    problem_type=None,
+    id2label=None,
+    label2id=None,
+)
+
+# Preset sizes: BERT-base/large as published; tiny/mini for quick pre-training runs.
+PRESETS = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+# GELU flavours the fused ops serve: HF's names -> the ops' `approximate` argument.
+FUSED_ACTS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+
+class BertConfig:
+    """Configuration of a BERT model. Unknown keys of a config.json are kept and written back."""
+
+    model_type = "bert"
+
+    def __init__(self, **kwargs: Any):
+        for k, v in _DEFAULTS.items():
+            setattr(self, k, kwargs.pop(k, v))
+        self.architectures = kwargs.pop("architectures", None)
+        kwargs.pop("model_type", None)
+        self._extra = kwargs
+        for k, v in kwargs.items():
+            setattr(self, k, v)
+        self._normalise_labels()
+        self.validate()
+
+    def _normalise_labels(self):
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            if "num_labels" not in self._extra:
+                self.num_labels = len(self.id2label)
+        if self.label2id is not None:
+            self.label2id = {k: int(v) for k, v in self.label2id.items()}
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "num_hidden_layers" else 1):
+                raise ValueError(f"BertConfig.{name} must be a positive int, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"BertConfig.hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.position_embedding_type != "absolute":
+            raise ValueError(f"BertConfig.position_embedding_type must be 'absolute' (the only kind bertfast "
+                             f"implements), got {self.position_embedding_type!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "BertConfig":
+        if name not in PRESETS:
+            raise ValueError(f"preset name must be one of {sorted(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def base(cls, **overrides: Any) -> "BertConfig":
+        return cls.preset("base", **overrides)
+
+    @classmethod
+    def large(cls, **overrides: Any) -> "BertConfig":
+        return cls.preset("large", **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        d = dict(d)
+        if d.get("model_type", "bert") not in ("bert",):
+            raise ValueError(f"config model_type must be 'bert', got {d.get('model_type')!r}")
+        return cls(**d)
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "BertConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "BertConfig":
+        path = os.path.join(folder, "config.json") if os.path.isdir(folder) else folder
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json in {folder!r}")
+        return cls.from_json_file(path)
+
+    def to_dict(self) -> dict:
+        d = {k: copy.deepcopy(getattr(self, k)) for k in _DEFAULTS}
+        d.update({k: copy.deepcopy(getattr(self, k)) for k in self._extra})
+        if d["id2label"] is not None:
+            d["id2label"] = {str(k): v for k, v in d["id2label"].items()}
+        if self.architectures:
+            d["architectures"] = list(self.architectures)
+        d["model_type"] = "bert"
+        return d
+
+    def save_pretrained(self, folder: str, architecture: Optional[str] = None) -> None:
+        os.makedirs(folder, exist_ok=True)
+        d = self.to_dict()
+        if architecture:
+            d["architectures"] = [architecture]
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BertConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        return "BertConfig(" + ", ".join(f"{k}={getattr(self, k)}" for k in keys) + ")"

@@ -1,0 +1,137 @@
+"""Checkpoint folders in Hugging Face's format: config.json + model.safetensors (or
+pytorch_model.bin), loaded and written so that `transformers` reads ours and we read theirs."""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Optional
+
+import torch
+
+from .config import BertConfig
+
+WEIGHTS_SAFE = "model.safetensors"
+WEIGHTS_BIN = "pytorch_model.bin"
+
+# Keys a checkpoint may carry that are buffers, not weights (recomputed here).
+_IGNORED = re.compile(r"(^|\.)embeddings\.position_ids$|(^|\.)embeddings\.token_type_ids$")
+
+
+def read_state_dict(folder: str) -> dict:
+    """The raw tensors of a checkpoint folder (safetensors preferred)."""
+    safe, binf = os.path.join(folder, WEIGHTS_SAFE), os.path.join(folder, WEIGHTS_BIN)
+    if os.path.isfile(safe):
+        from safetensors.torch import load_file
+
+        return load_file(safe)
+    if os.path.isfile(binf):
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {WEIGHTS_SAFE} or {WEIGHTS_BIN} in {folder!r}")
+
+
+def _rename_legacy(key: str) -> str:
+    """Old TF-converted checkpoints name LayerNorm parameters gamma/beta."""
+    if key.endswith(".gamma"):
+        return key[: -len("gamma")] + "weight"
+    if key.endswith(".beta"):
+        return key[: -len("beta")] + "bias"
+    return key
+
+
+def convert_state_dict(state: dict, model: torch.nn.Module) -> dict:
+    """Map checkpoint keys onto `model`'s names: legacy gamma/beta, and the `bert.` prefix
+    that head checkpoints carry and bare BertModel checkpoints don't (either direction)."""
+    own = model.state_dict()
+    has_prefix = any(k.startswith("bert.") for k in own)
+    out = {}
+    for key, value in state.items():
+        key = _rename_legacy(key)
+        if _IGNORED.search(key):
+            continue
+        if has_prefix and not key.startswith(("bert.", "cls.")) and f"bert.{key}" in own:
+            key = f"bert.{key}"
+        elif not has_prefix and key.startswith("bert."):
+            key = key[len("bert."):]
+        out[key] = value
+    return out
+
+
+def load_state(model: torch.nn.Module, state: dict, *, strict: bool = False, source: str = "checkpoint"):
+    """Load converted tensors into `model`; report (and warn about) missing and unexpected keys
+    instead of silently keeping freshly initialised weights. Returns (missing, unexpected)."""
+    state = convert_state_dict(state, model)
+    own = model.state_dict()
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
+                             f"{tuple(own[key].shape)} (does config.json match the weights?)")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in tied]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("cls.") or hasattr(model, "cls")]
+    dropped_heads = [k for k in result.unexpected_keys if k not in unexpected]
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
+    if missing:
+        warnings.warn(f"{source}: {len(missing)} weights of {type(model).__name__} were not in the checkpoint and "
+                      f"are freshly initialised (train them before use): {missing}", stacklevel=3)
+    if unexpected:
+        warnings.warn(f"{source}: {len(unexpected)} checkpoint weights were not used by {type(model).__name__}: "
+                      f"{unexpected}", stacklevel=3)
+    del dropped_heads  # pre-training heads dropped when loading into a bare encoder, as HF does silently
+    return missing, unexpected
+
+
+def load_pretrained(cls, folder: str, config: Optional[BertConfig] = None, *, strict: bool = False,
+                    output_loading_info: bool = False, dtype: Optional[torch.dtype] = None,
+                    device=None, **config_overrides):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"from_pretrained: {folder!r} is not a folder (expected config.json + "
+                                f"{WEIGHTS_SAFE} or {WEIGHTS_BIN}); nothing is downloaded")
+    if config is None:
+        cfg = BertConfig.from_pretrained(folder).to_dict()
+        cfg.update(config_overrides)
+        config = BertConfig.from_dict(cfg)
+    model = cls(config)
+    missing, unexpected = load_state(model, read_state_dict(folder), strict=strict, source=folder)
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    model.eval()
+    if output_loading_info:
+        return model, {"missing_keys": missing, "unexpected_keys": unexpected}
+    return model
+
+
+def save_pretrained(model, folder: str) -> None:
+    """config.json + model.safetensors; tied tensors (the MLM decoder) are stored once, as
+    transformers does, and re-tied on load."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    model.config.save_pretrained(folder, architecture=type(model).__name__)
+    state = model.state_dict()
+    for key in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+        state.pop(key, None)
+    tmp = os.path.join(folder, WEIGHTS_SAFE + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(folder, WEIGHTS_SAFE))  # atomic: never a half-written checkpoint
+
+
+def from_hf(hf_model, **kwargs):
+    """The bertfast twin of a transformers Bert* model: same class name, same weights."""
+    from .bert import HEADS
+
+    name = type(hf_model).__name__
+    if name not in HEADS:
+        raise TypeError(f"from_hf: hf_model must be one of {sorted(HEADS)} from transformers, got {name}")
+    cfg = hf_model.config.to_dict()
+    config = BertConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")})
+    model = HEADS[name](config)
+    load_state(model, hf_model.state_dict(), strict=True, source=f"transformers {name}")
+    p = next(hf_model.parameters())
+    model.to(device=p.device, dtype=p.dtype)
+    model.train(hf_model.training)
+    return model

@@ -1,0 +1,54 @@
+"""Unpad / pad at the encoder boundary.
+
+The encoder runs on packed tokens: the valid tokens of every sequence, one after the other,
+shape (total_tokens, ...), with int32 `cu_seqlens` (batch + 1,) marking where each sequence
+starts. `unpad_mask` computes the layout once per batch; `unpad_input` gathers rows and
+`pad_input` scatters them back (zeros at padded positions). Both use index_select /
+index_copy on precomputed indices (no boolean-mask indexing in the hot path) and are
+differentiable.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class PackedLayout(NamedTuple):
+    indices: torch.Tensor  # int64 (total,): flat positions b * seqlen + s of the valid tokens
+    cu_seqlens: torch.Tensor  # int32 (batch + 1,)
+    max_seqlen: int
+    batch: int
+    seqlen: int
+
+
+def unpad_mask(attention_mask: torch.Tensor) -> PackedLayout:
+    """Packed layout of a (batch, seqlen) mask (nonzero = valid token). One host sync (max_seqlen)."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, seqlen), got shape {tuple(attention_mask.shape)}")
+    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    batch, seqlen = keep.shape
+    lens = keep.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(keep.reshape(-1), as_tuple=False).reshape(-1)
+    cu = torch.zeros(batch + 1, dtype=torch.int32, device=keep.device)
+    torch.cumsum(lens, dim=0, dtype=torch.int32, out=cu[1:])
+    max_seqlen = int(lens.max().item()) if batch else 0
+    return PackedLayout(indices, cu, max_seqlen, batch, seqlen)
+
+
+def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """(batch, seqlen, ...) -> (packed (total, ...), indices, cu_seqlens, max_seqlen)."""
+    if hidden.shape[:2] != attention_mask.shape:
+        raise ValueError(f"attention_mask must have shape {tuple(hidden.shape[:2])} (the first two dims of hidden), "
+                         f"got {tuple(attention_mask.shape)}")
+    layout = unpad_mask(attention_mask)
+    packed = hidden.reshape(-1, *hidden.shape[2:]).index_select(0, layout.indices)
+    return packed, layout.indices, layout.cu_seqlens, layout.max_seqlen
+
+
+def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """(total, ...) -> (batch, seqlen, ...) with zeros at the positions not in `indices`."""
+    if packed.shape[0] != indices.shape[0]:
+        raise ValueError(f"packed has {packed.shape[0]} rows but indices has {indices.shape[0]}; expected equal")
+    out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
+    return out.index_copy(0, indices, packed).view(batch, seqlen, *packed.shape[1:])

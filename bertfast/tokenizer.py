@@ -1,0 +1,266 @@
+"""WordPiece tokenization through the `tokenizers` library, with Hugging Face's call signature.
+
+    tok = Tokenizer.from_pretrained(folder)          # tokenizer.json, else vocab.txt
+    batch = tok(["a text", "another"], padding=True, truncation=True, max_length=128,
+                return_tensors="pt")               # input_ids, token_type_ids, attention_mask
+    pairs = tok(questions, contexts, truncation="only_second", max_length=384)
+    tok = Tokenizer.train(["corpus.txt"], vocab_size=8000)
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, List, Optional, Sequence, Union
+
+import torch
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_TRUNCATION = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
+               "only_second": "only_second"}
+
+
+class BatchEncoding(dict):
+    """A dict of lists or tensors with attribute access (batch.input_ids) and .to(device)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+    def to(self, device):
+        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+
+
+class Tokenizer:
+    """BERT's WordPiece tokenizer (a thin layer over tokenizers.Tokenizer)."""
+
+    def __init__(self, tokenizer, model_max_length: int = 512):
+        from tokenizers import Tokenizer as _Tok
+
+        if not isinstance(tokenizer, _Tok):
+            raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+        self._tok = tokenizer
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.model_max_length = int(model_max_length)
+        vocab = self._tok.get_vocab()
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(f"the vocabulary lacks BERT's special tokens {missing}")
+        self.pad_token, self.unk_token, self.cls_token, self.sep_token, self.mask_token = SPECIAL_TOKENS
+        self.pad_token_id, self.unk_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id = (
+            vocab[t] for t in SPECIAL_TOKENS)
+
+    # ---- construction -------------------------------------------------------------------
+
+    @staticmethod
+    def _wordpiece_from_vocab(vocab_file: str, lowercase: bool):
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+        tok = _Tok(models.WordPiece.from_file(vocab_file, unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                    lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        if cls is None or sep is None:
+            raise ValueError(f"{vocab_file}: the vocabulary lacks [CLS] or [SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A:0 [SEP]:0", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        tok.decoder = decoders.WordPiece(prefix="##")
+        return tok
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "Tokenizer":
+        """Load from a folder with tokenizer.json (preferred) or vocab.txt (+ tokenizer_config.json)."""
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"Tokenizer.from_pretrained: {folder!r} is not a folder; nothing is downloaded")
+        conf = {}
+        conf_path = os.path.join(folder, "tokenizer_config.json")
+        if os.path.isfile(conf_path):
+            with open(conf_path, encoding="utf-8") as f:
+                conf = json.load(f)
+        max_len = conf.get("model_max_length", 512)
+        if not isinstance(max_len, int) or max_len > 1_000_000:  # HF writes a huge sentinel for "unset"
+            max_len = 512
+        tj, vt = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "vocab.txt")
+        if os.path.isfile(tj):
+            from tokenizers import Tokenizer as _Tok
+
+            return cls(_Tok.from_file(tj), max_len)
+        if os.path.isfile(vt):
+            return cls(cls._wordpiece_from_vocab(vt, bool(conf.get("do_lower_case", True))), max_len)
+        raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {folder!r}")
+
+    @classmethod
+    def train(cls, files: Sequence[str], vocab_size: int = 30522, lowercase: bool = True,
+              min_frequency: int = 2, show_progress: bool = False) -> "Tokenizer":
+        """Train a new WordPiece vocabulary on text files (BERT's normaliser and pre-tokenizer)."""
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+        files = [files] if isinstance(files, str) else list(files)
+        if not files:
+            raise ValueError("files must name at least one text file")
+        for f in files:
+            if not os.path.isfile(f) or os.path.getsize(f) == 0:
+                raise ValueError(f"files: {f!r} is missing or empty")
+        if not isinstance(vocab_size, int) or vocab_size < len(SPECIAL_TOKENS) + 1:
+            raise ValueError(f"vocab_size must be an int > {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
+        tok = _Tok(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=list(SPECIAL_TOKENS), show_progress=show_progress,
+                                            continuing_subword_prefix="##")
+        tok.train(files, trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A:0 [SEP]:0", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+        tok.decoder = decoders.WordPiece(prefix="##")
+        return cls(tok)
+
+    def save_pretrained(self, folder: str) -> None:
+        """tokenizer.json + vocab.txt + tokenizer_config.json (transformers' BertTokenizerFast reads it)."""
+        os.makedirs(folder, exist_ok=True)
+        self._tok.save(os.path.join(folder, "tokenizer.json"))
+        vocab = sorted(self._tok.get_vocab().items(), key=lambda kv: kv[1])
+        with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
+            f.writelines(tok + "\n" for tok, _ in vocab)
+        norm = self._tok.normalizer
+        lower = bool(json.loads(self._tok.to_str()).get("normalizer", {}).get("lowercase", True)) if norm else True
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": lower,
+                       "model_max_length": self.model_max_length, "unk_token": "[UNK]", "sep_token": "[SEP]",
+                       "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}, f, indent=2)
+
+    # ---- vocabulary ---------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def get_vocab(self) -> dict:
+        return self._tok.get_vocab()
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            i = self._tok.token_to_id(tokens)
+            return self.unk_token_id if i is None else i
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self._tok.id_to_token(ids)
+        return [self._tok.id_to_token(int(i)) for i in ids]
+
+    @property
+    def special_ids(self) -> set:
+        return {self.pad_token_id, self.unk_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id}
+
+    # ---- encoding -----------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> List[str]:
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def encode(self, text: str, text_pair: Optional[str] = None, add_special_tokens: bool = True) -> List[int]:
+        return self._tok.encode(text, text_pair, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, batch, skip_special_tokens: bool = True) -> List[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+    def encodings(self, text, text_pair=None, truncation=False, max_length=None, add_special_tokens=True):
+        """The raw `tokenizers` Encoding objects (offsets, word ids, sequence ids), truncated."""
+        texts, pairs, _ = self._normalise_inputs(text, text_pair)
+        max_length = self._max_length(truncation, max_length)
+        if max_length is not None:
+            self._tok.enable_truncation(max_length, strategy=_TRUNCATION[truncation])
+        try:
+            inputs = texts if pairs is None else list(zip(texts, pairs))
+            return self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        except Exception as e:
+            if "Truncation error" in str(e) or "truncat" in str(e).lower():
+                raise ValueError(f"cannot truncate to max_length={max_length} with truncation={truncation!r}: "
+                                 f"{e}") from e
+            raise
+        finally:
+            self._tok.no_truncation()
+
+    @staticmethod
+    def _normalise_inputs(text, text_pair):
+        single = isinstance(text, str)
+        texts = [text] if single else list(text) if text is not None else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise TypeError("text must be a str or a list of str")
+        pairs = None
+        if text_pair is not None:
+            pairs = [text_pair] if isinstance(text_pair, str) else list(text_pair)
+            if not all(isinstance(t, str) for t in pairs):
+                raise TypeError("text_pair must be a str or a list of str")
+            if len(pairs) != len(texts):
+                raise ValueError(f"text_pair must have one entry per text ({len(texts)}), got {len(pairs)}")
+        return texts, pairs, single
+
+    def _max_length(self, truncation, max_length):
+        if truncation not in (False, None) and truncation not in _TRUNCATION:
+            raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'only_second', "
+                             f"got {truncation!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if truncation in (False, None):
+            return None
+        return max_length if max_length is not None else self.model_max_length
+
+    def __call__(self, text: Union[str, Iterable[str]], text_pair=None, padding: Union[bool, str] = False,
+                 truncation: Union[bool, str] = False, max_length: Optional[int] = None,
+                 return_tensors: Optional[str] = None, return_offsets_mapping: bool = False,
+                 return_token_type_ids: bool = True, return_attention_mask: bool = True,
+                 add_special_tokens: bool = True, pad_to_multiple_of: Optional[int] = None) -> BatchEncoding:
+        """Encode one text, a list of texts, or (text, text_pair) pairs ([CLS] A [SEP] B [SEP],
+        token_type_ids 0/1). padding: False | True/'longest' | 'max_length'. return_tensors='pt'
+        gives int64 tensors (padding is then required for batches of unequal lengths)."""
+        texts, pairs, single = self._normalise_inputs(text, text_pair)
+        if padding not in (False, True, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        encs = self.encodings(texts, pairs, truncation, max_length, add_special_tokens)
+        ids = [e.ids for e in encs]
+        tts = [e.type_ids for e in encs]
+        offs = [e.offsets for e in encs]
+        if padding in (True, "longest", "max_length"):
+            target = max((len(x) for x in ids), default=0)
+            if padding == "max_length":
+                target = max_length if max_length is not None else self.model_max_length
+            if pad_to_multiple_of:
+                target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+            masks = [[1] * len(x) + [0] * (target - len(x)) for x in ids]
+            ids = [x + [self.pad_token_id] * (target - len(x)) for x in ids]
+            tts = [x + [0] * (target - len(x)) for x in tts]
+            offs = [list(x) + [(0, 0)] * (target - len(x)) for x in offs]
+        else:
+            masks = [[1] * len(x) for x in ids]
+        out = {"input_ids": ids}
+        if return_token_type_ids:
+            out["token_type_ids"] = tts
+        if return_attention_mask:
+            out["attention_mask"] = masks
+        if return_offsets_mapping:
+            out["offset_mapping"] = offs
+        if return_tensors == "pt":
+            if len({len(x) for x in ids}) > 1:
+                raise ValueError("texts have different lengths: pass padding=True to return tensors")
+            out = {k: torch.tensor(v, dtype=torch.int64) for k, v in out.items()}
+        elif single:
+            out = {k: v[0] for k, v in out.items()}
+        return BatchEncoding(out)
