@@ -1,0 +1,273 @@
+"""`bertfast verify`: check the backends against the references, or compile the Triton kernels AOT.
+
+    bertfast verify                          every backend that can run here, against the reference,
+                                             on small inputs: a table op / backend / device / ok / max err
+    bertfast verify --aot sm_90a --aot sm_80 compile every Triton kernel configuration the launchers can
+                                             choose for those GPUs (no GPU needed) and print registers,
+                                             spills and shared memory; exit 1 on any compile failure
+Options of --aot: --full (every dtype/flag variant, not only the heaviest), --kernel SUBSTR (filter),
+--jobs N (compile in N threads; ptxas runs as a subprocess).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+# ---------------------------------------------------------------------------------------
+# numerical verification
+
+
+def _cases(device, dtype):
+    """(op, call) pairs: call() runs the public op with autograd and returns the outputs and
+    the input gradients, so a backend's forward and backward are both checked."""
+    import torch
+
+    from . import ops
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    def leaf(t):
+        return t.detach().clone().requires_grad_(True)
+
+    m, n = 6, 37
+    x, r, dy = rnd(m, n), rnd(m, n), rnd(m, n)
+    b, w, lb = rnd(n), rnd(n) + 1.0, rnd(n)
+    ids = torch.tensor([1, 5, 5, 0, 9, 5], device=device)
+    tt = torch.tensor([0, 1, 1, 0, 1, 0], device=device)
+    pos = torch.tensor([0, 1, 2, 3, 4, 0], device=device)
+    word, pe, te = rnd(11, n), rnd(8, n), rnd(2, n)
+
+    def run(fn, inputs):
+        inputs = [leaf(t) for t in inputs]
+        out = fn(*inputs)
+        out.backward(dy if out.dim() == 2 else dy.reshape(out.shape))
+        return [out.detach()] + [t.grad for t in inputs]
+
+    return [
+        ("bias_gelu", lambda: run(lambda a, c: ops.bias_gelu(a, c), [x, b])),
+        ("bias_gelu(tanh)", lambda: run(lambda a, c: ops.bias_gelu(a, c, approximate="tanh"), [x, b])),
+        ("bias_residual_layernorm",
+         lambda: run(lambda a, c, d, e, f: ops.bias_residual_layernorm(a, c, d, e, f, 1e-5), [x, b, r, w, lb])),
+        ("gelu_layernorm", lambda: run(lambda a, c, e, f: ops.gelu_layernorm(a, c, e, f, 1e-5), [x, b, w, lb])),
+        ("embedding_layernorm",
+         lambda: run(lambda a, c, d, e, f: ops.embedding_layernorm(ids, tt, pos, a, c, d, e, f, 1e-5),
+                     [word, pe, te, w, lb])),
+    ]
+
+
+def _devices():
+    import torch
+
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs.append("cuda")
+    return devs
+
+
+def _candidates(op: str, device: str):
+    """Backends registered for `op` that claim to serve `device` here (reference excluded)."""
+    from . import backend
+
+    spec = backend._ops[op]
+    return [name for name, im in spec.impls.items() if name != "reference" and backend._serves(im, device)]
+
+
+def verify_numerics() -> int:
+    import torch
+
+    from . import backend, ops  # noqa: F401 - registers every op
+
+    rows, failed = [], 0
+    for device in _devices():
+        dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if device == "cuda" else [])
+        for dtype in dtypes:
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            for op, call in _cases(device, dtype):
+                base = op.split("(")[0]
+                if base not in backend._ops:
+                    continue
+                with backend.use_backend("reference"):
+                    ref = call()
+                for name in _candidates(base, device):
+                    reason = backend._why_not(backend._ops[base], name, device)
+                    if reason is not None:
+                        rows.append((op, name, device, str(dtype).replace("torch.", ""), "skip", reason[:60]))
+                        continue
+                    try:
+                        with backend.use_backend(name):
+                            got = call()
+                        err = max(((a.float() - c.float()).abs().max().item() / (1.0 + c.float().abs().max().item()))
+                                  for a, c in zip(got, ref) if c is not None)
+                        ok = err <= tol
+                        rows.append((op, name, device, str(dtype).replace("torch.", ""), "ok" if ok else "FAIL",
+                                     f"{err:.2e}"))
+                    except Exception as e:  # noqa: BLE001 - report, keep going
+                        ok = False
+                        rows.append((op, name, device, str(dtype).replace("torch.", ""), "FAIL",
+                                     f"{type(e).__name__}: {e}"[:60]))
+                    failed += not ok
+        # ops without a case above (e.g. attention): forward on the op's own probe inputs
+        for op in backend.registered_ops():
+            if op in {c[0].split("(")[0] for c in _cases("cpu", torch.float32)}:
+                continue
+            spec = backend._ops[op]
+            for name in _candidates(op, device):
+                reason = backend._why_not(spec, name, device)
+                rows.append((op, name, device, "probe", "ok" if reason is None else "skip",
+                             "forward probe matches" if reason is None else reason[:60]))
+    _table(("op", "backend", "device", "dtype", "ok", "max rel err"), rows)
+    if not rows:
+        print("no backend other than the reference can run here")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------
+# ahead-of-time compilation
+
+
+def kernel_modules():
+    """Every module of bertfast.kernels (not `_`-private helpers), discovered by listing the
+    package so new kernel files are picked up without registration."""
+    import importlib
+    import pkgutil
+
+    import bertfast.kernels as pkg
+
+    names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    return [(n, importlib.import_module(f"bertfast.kernels.{n}")) for n in names]
+
+
+def _arch_cc(arch: str) -> int:
+    m = re.fullmatch(r"sm_?(\d+)a?", arch.strip().lower())
+    if not m:
+        raise ValueError(f"--aot must name an architecture like sm_90a or sm_80, got {arch!r}")
+    return int(m.group(1))
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / SHARED / LOCAL of the (single) kernel in a cubin, via cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                             timeout=60).stdout
+    finally:
+        os.unlink(path)
+    usage = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        if m:
+            usage[key] = int(m.group(1))
+    return usage
+
+
+def compile_spec(spec: dict, cc: int):
+    """triton.compile one aot_specs() entry for compute capability `cc`: returns a usage dict."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
+                                    attrs=spec.get("attrs") or None)
+    opts = {"num_warps": spec["num_warps"]}
+    if "num_stages" in spec:
+        opts["num_stages"] = spec["num_stages"]
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+    usage = resource_usage(compiled.asm["cubin"])
+    md = compiled.metadata
+    usage.setdefault("SHARED", getattr(md, "shared", 0))
+    usage["shared_meta"] = getattr(md, "shared", None)
+    return usage
+
+
+def verify_aot(archs, full=False, kernel_filter=None, jobs=1) -> int:
+    mods = kernel_modules()
+    specs = []
+    for name, mod in mods:
+        if not hasattr(mod, "aot_specs"):
+            continue
+        for s in (mod.aot_specs(full=full) if full else mod.aot_specs()):
+            if kernel_filter and kernel_filter not in f"{name}.{s['kernel']}":
+                continue
+            specs.append((name, s))
+    if not specs:
+        print("no aot_specs() entries found in bertfast.kernels", file=sys.stderr)
+        return 1
+    work = [(name, s, arch, _arch_cc(arch)) for arch in archs for name, s in specs]
+
+    def one(item):
+        name, s, arch, cc = item
+        t0 = time.time()
+        try:
+            u = compile_spec(s, cc)
+            return (item, u, None, time.time() - t0)
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            return (item, None, f"{type(e).__name__}: {e}".splitlines()[0][:200], time.time() - t0)
+
+    if jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(jobs) as ex:
+            results = list(ex.map(one, work))
+    else:
+        results = [one(w) for w in work]
+    rows, failures, spilled = [], 0, 0
+    for (name, s, arch, _cc), u, err, dt in results:
+        kern = f"{name}.{s['kernel']}"
+        if err is not None:
+            failures += 1
+            rows.append((kern, s["config"], arch, "FAIL", "-", "-", err))
+            continue
+        spills = u.get("STACK", 0) + u.get("LOCAL", 0)
+        spilled += spills > 0
+        rows.append((kern, s["config"], arch, str(u.get("REG", "?")), str(spills), str(u.get("SHARED", "?")),
+                     f"{dt:.1f}s"))
+    _table(("kernel", "config", "arch", "registers", "spills(B)", "shared(B)", "note"), rows)
+    print(f"\n{len(results) - failures}/{len(results)} compiled; {failures} failed; {spilled} with spills "
+          f"(spills = STACK + LOCAL bytes per thread from cuobjdump --dump-resource-usage)")
+    return 1 if failures else 0
+
+
+def _table(header, rows) -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    sys.stdout.flush()
+
+
+def cli_main(cmd, argv) -> int:
+    ap = argparse.ArgumentParser(prog=f"bertfast {cmd}", description=__doc__.split("\n")[0])
+    ap.add_argument("--aot", action="append", default=[], metavar="ARCH",
+                    help="compile every Triton kernel configuration for this GPU architecture (sm_90a, sm_80); "
+                         "repeatable")
+    ap.add_argument("--full", action="store_true", help="with --aot: every dtype/flag variant")
+    ap.add_argument("--kernel", default=None, help="with --aot: only kernels whose module.kernel name contains this")
+    ap.add_argument("--jobs", type=int, default=1, help="with --aot: parallel compile threads")
+    args = ap.parse_args(argv)
+    if args.aot:
+        for a in args.aot:
+            _arch_cc(a)  # reject bad names before any work
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            # Under the interpreter @triton.jit functions are not compilable; the env var is read
+            # when triton is imported, so run again in a fresh process without it.
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            return subprocess.call([sys.executable, "-m", "bertfast", cmd, *argv], env=env)
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 3.6 default
+        return verify_aot(args.aot, full=args.full, kernel_filter=args.kernel, jobs=max(1, args.jobs))
+    return verify_numerics()
