@@ -133,9 +133,9 @@ class BertSelfAttention(nn.Module):
                 self._qkv_cache = (key, torch.cat(params[:3]), torch.cat(params[3:]))
         return self._qkv_cache[1], self._qkv_cache[2]
 
-    def forward(self, hidden, layout: Optional[PackedLayout], shape):
+    def forward(self, hidden, layout: Optional[PackedLayout], shape, key_mask=None):
         """hidden: (tokens, hidden) rows; packed varlen when `layout` is given, else the
-        (batch, seq) = `shape` rows of an unpadded batch."""
+        (batch, seq) = `shape` rows of a padded batch with an optional (batch, seq) key mask."""
         w, b = self._qkv_weight()
         qkv = F.linear(hidden, w, b)
         H, D = self.num_attention_heads, self.attention_head_size
@@ -146,7 +146,7 @@ class BertSelfAttention(nn.Module):
             return ctx.reshape(-1, H * D)
         B, S = shape
         q, k, v = qkv.view(B, S, 3, H, D).unbind(2)
-        return ops.attention(q, k, v, dropout_p=p).reshape(B * S, H * D)
+        return ops.attention(q, k, v, key_mask, dropout_p=p).reshape(B * S, H * D)
 
 
 class BertSelfOutput(nn.Module):
@@ -169,8 +169,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden, layout, shape):
-        return self.output(self.self(hidden, layout, shape), hidden)
+    def forward(self, hidden, layout, shape, key_mask=None):
+        return self.output(self.self(hidden, layout, shape, key_mask), hidden)
 
 
 class BertIntermediate(nn.Module):
@@ -199,8 +199,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden, layout, shape):
-        attn = self.attention(hidden, layout, shape)
+    def forward(self, hidden, layout, shape, key_mask=None):
+        attn = self.attention(hidden, layout, shape, key_mask)
         return self.output(self.intermediate(attn), attn)
 
 
@@ -342,9 +342,14 @@ class BertModel(BertPreTrainedModel):
             position_ids = position_ids.expand(B, S)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        layout = None
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            layout = unpad_mask(attention_mask)  # once per batch, shared by every layer
+        layout, key_mask = None, None
+        if attention_mask is not None:
+            if torch.compiler.is_compiling():
+                # static shapes for the compiler: the padded layout with a key mask
+                key_mask = attention_mask
+            elif not bool(attention_mask.bool().all()):
+                layout = unpad_mask(attention_mask)  # once per batch, shared by every layer
+        if layout is not None:  # only valid tokens are embedded
             idx = layout.indices
             hidden = self.embeddings(input_ids.reshape(-1)[idx], token_type_ids.reshape(-1)[idx],
                                      position_ids.reshape(-1)[idx])
@@ -352,28 +357,37 @@ class BertModel(BertPreTrainedModel):
             hidden = self.embeddings(input_ids, token_type_ids, position_ids).reshape(B * S, -1)
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.encoder.layer:
-            hidden = layer(hidden, layout, (B, S))
+            hidden = layer(hidden, layout, (B, S), key_mask)
             if all_hidden is not None:
                 all_hidden.append(hidden)
 
         def padded(rows):
-            return rows.view(B, S, -1) if layout is None else pad_input(rows, layout.indices, B, S)
+            if layout is not None:
+                return pad_input(rows, layout.indices, B, S)
+            rows = rows.view(B, S, -1)
+            if key_mask is not None:  # padded positions are zeros in every layout
+                rows = rows * (key_mask != 0).unsqueeze(-1).to(rows.dtype)
+            return rows
 
-        if layout is None:
-            first = hidden.view(B, S, -1)[:, 0]
+        last = padded(hidden)
+        if key_mask is not None:  # the first valid token of each row (position 0 under right padding)
+            first = last.gather(1, (key_mask != 0).int().argmax(1).view(B, 1, 1).expand(B, 1, last.shape[-1]))[:, 0]
+        elif layout is None:
+            first = last[:, 0]  # no padding: HF's pooler input, position 0
         else:  # the first valid token of each row ([CLS] also under left padding); zeros for empty rows
             first = hidden.new_zeros(B, hidden.shape[-1])
             nonempty = layout.cu_seqlens[1:] > layout.cu_seqlens[:-1]
             starts = layout.cu_seqlens[:-1].long().clamp(max=max(hidden.shape[0] - 1, 0))
             if hidden.shape[0]:
                 first = torch.where(nonempty.unsqueeze(-1), hidden.index_select(0, starts), first)
-        return BertModelOutput(
-            last_hidden_state=padded(hidden),
+        out = BertModelOutput(
+            last_hidden_state=last,
             pooler_output=self.pooler(first) if self.pooler is not None else None,
             hidden_states=tuple(padded(h) for h in all_hidden) if all_hidden is not None else None,
             packed_hidden_state=hidden if return_packed else None,
             layout=layout if return_packed else None,
         )
+        return out if return_dict else out.to_tuple()
 
 
 # --------------------------------------------------------------------------------------
