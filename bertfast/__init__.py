@@ -30,7 +30,7 @@ _LAZY = {
     "from_hf": "bertfast.models",
     "Tokenizer": "bertfast.tokenizer",
     "use_backend": "bertfast.backend",
-    "info": "bertfast.info",
+    "info": "bertfast._info",
     "ops": "bertfast.ops",
     "padding": "bertfast.padding",
 }
@@ -43,7 +43,7 @@ def __getattr__(name):
     if mod is None:
         raise AttributeError(f"module 'bertfast' has no attribute {name!r}")
     m = importlib.import_module(mod)
-    value = m if mod.endswith("." + name) else getattr(m, name)
+    value = getattr(m, name, m)  # a function or class of the module, else the module itself
     globals()[name] = value
     return value
 

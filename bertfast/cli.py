@@ -6,7 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "info": ("bertfast.info", "versions, devices and which backend serves each op"),
+    "info": ("bertfast._info", "versions, devices and which backend serves each op"),
     "verify": ("bertfast.verify", "check every backend against the references; --aot sm_90a compiles Triton"),
     "bench": ("bertfast.bench", "benchmarks: ops, attention, encoder (ratios vs eager, compile, SDPA, HF)"),
     "pretrain": ("bertfast.train", "MLM + NSP pre-training from text files"),

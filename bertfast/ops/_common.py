@@ -146,9 +146,15 @@ def compare_close(atol: float = 1e-4, rtol: float = 1e-4):
     return compare
 
 
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """LayerNorm statistics are fp32 for every input dtype but fp64 (the oracle's precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def stats_fake(x: torch.Tensor, shape: Sequence[int]):
-    """Fake fp32 per-row statistics (mean, rstd) for a LayerNorm op's fake implementation."""
-    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+    """Fake per-row statistics (mean, rstd) for a LayerNorm op's fake implementation."""
+    dt = stat_dtype(x.dtype)
+    return x.new_empty(shape, dtype=dt), x.new_empty(shape, dtype=dt)
 
 
 def layernorm_fp32(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):

@@ -33,6 +33,9 @@ from ._common import (
     seed_tensor,
     stats_fake,
 )
+from ._common import (
+    stat_dtype as _stat,
+)
 from ._rng import dropout_scale_mask
 
 OP = "bias_residual_layernorm"
@@ -51,7 +54,7 @@ def _bias_residual_layernorm_stats(x, bias, residual, weight, ln_bias, eps, drop
         h = h * dropout_scale_mask(seed, dropout_p, h.shape, h.device).to(acc)
     h = h + residual.to(acc)
     y, mean, rstd = layernorm_fp32(h, weight, ln_bias, eps)
-    return y.to(x.dtype), mean.float(), rstd.float()
+    return y.to(x.dtype), mean.to(_stat(acc)), rstd.to(_stat(acc))
 
 
 def bias_residual_layernorm_ref(x, bias, residual, weight, ln_bias, eps=1e-12, dropout_p=0.0, seed=0):

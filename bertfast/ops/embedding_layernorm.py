@@ -31,6 +31,9 @@ from ._common import (
     seed_tensor,
     stats_fake,
 )
+from ._common import (
+    stat_dtype as _stat,
+)
 from ._rng import dropout_scale_mask
 
 OP = "embedding_layernorm"
@@ -45,7 +48,7 @@ def _embedding_layernorm_stats(input_ids, token_type_ids, position_ids, word_emb
     y, mean, rstd = layernorm_fp32(h, weight, bias, eps)
     if dropout_p > 0.0:
         y = y * dropout_scale_mask(seed, dropout_p, y.shape, y.device).to(acc)
-    return y.to(word_emb.dtype), mean.float(), rstd.float()
+    return y.to(word_emb.dtype), mean.to(_stat(acc)), rstd.to(_stat(acc))
 
 
 def embedding_layernorm_ref(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, weight, bias,

@@ -24,6 +24,9 @@ from ._common import (
     rows,
     stats_fake,
 )
+from ._common import (
+    stat_dtype as _stat,
+)
 
 OP = "gelu_layernorm"
 
@@ -32,7 +35,7 @@ def _gelu_layernorm_stats(x, bias, weight, ln_bias, eps, approximate="none"):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = F.gelu(x.to(acc) + bias.to(acc), approximate=approximate)
     y, mean, rstd = layernorm_fp32(h, weight, ln_bias, eps)
-    return y.to(x.dtype), mean.float(), rstd.float()
+    return y.to(x.dtype), mean.to(_stat(acc)), rstd.to(_stat(acc))
 
 
 def gelu_layernorm_ref(x, bias, weight, ln_bias, eps=1e-12, approximate="none"):

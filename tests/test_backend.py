@@ -1,0 +1,121 @@
+"""Backend selection: env switch, use_backend, probing, one warning per fallback, strict mode."""
+import warnings
+
+import pytest
+import torch
+
+import bertfast
+from bertfast import backend, ops
+
+
+def _x():
+    return torch.randn(4, 8), torch.randn(8)
+
+
+def test_reference_serves_when_forced(monkeypatch):
+    monkeypatch.setenv("BERTFAST_BACKEND", "reference")
+    assert backend.select("bias_gelu", "cpu").backend == "reference"
+    with bertfast.use_backend("auto"):
+        assert backend.requested() == "auto"
+    assert backend.requested() == "reference"
+
+
+def test_bad_backend_names():
+    with pytest.raises(ValueError, match="use_backend"):
+        with bertfast.use_backend("fastest"):
+            pass
+    with pytest.raises(ValueError, match="BERTFAST_BACKEND"):
+        import os
+
+        os.environ["BERTFAST_BACKEND"] = "nope"
+        try:
+            backend.requested()
+        finally:
+            del os.environ["BERTFAST_BACKEND"]
+
+
+def _register_fake(name, fwd, devices=("cpu",), load=None):
+    spec = backend._ops["bias_gelu"]
+    saved = dict(spec.impls)
+    backend.register_impl("bias_gelu", name, fwd=fwd, bwd=spec.impls["reference"].bwd, devices=devices, load=load)
+    return spec, saved
+
+
+def test_failed_probe_falls_back_with_one_warning(monkeypatch):
+    spec, saved = _register_fake("cuda", lambda x, b, a: x * 0 + 1, devices=("cpu",))  # wrong answers
+    try:
+        x, b = _x()
+        with bertfast.use_backend("cuda"):
+            with pytest.warns(RuntimeWarning, match="bias_gelu cannot use backend 'cuda' .*probe failed"):
+                y = ops.bias_gelu(x, b)
+            torch.testing.assert_close(y, ops.bias_gelu_ref(x, b))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the second call warns no more
+                ops.bias_gelu(x, b)
+    finally:
+        spec.impls.clear()
+        spec.impls.update(saved)
+        backend.reset()
+
+
+def test_failed_load_is_an_error_in_strict_mode(monkeypatch):
+    def load():
+        raise RuntimeError("compiler exploded")
+
+    spec, saved = _register_fake("cuda", lambda x, b, a: x, load=load)
+    try:
+        monkeypatch.setenv("BERTFAST_STRICT", "1")
+        with bertfast.use_backend("cuda"):
+            with pytest.raises(backend.BackendError, match="compiler exploded"):
+                ops.bias_gelu(*_x())
+    finally:
+        spec.impls.clear()
+        spec.impls.update(saved)
+        backend.reset()
+
+
+def test_a_good_backend_is_probed_once_and_used(monkeypatch):
+    calls = []
+
+    def fwd(x, b, a):
+        calls.append(1)
+        return ops.bias_gelu_ref(x, b, a)
+
+    spec, saved = _register_fake("cuda", fwd)
+    try:
+        with bertfast.use_backend("cuda"):
+            for _ in range(3):
+                ops.bias_gelu(*_x())
+        assert len(calls) == 4  # one probe + three calls
+        assert backend.explain("bias_gelu", "cpu")[0] != "cuda"  # auto on CPU does not try 'cuda'
+    finally:
+        spec.impls.clear()
+        spec.impls.update(saved)
+        backend.reset()
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("BERTFAST_STRICT", "1")
+    with bertfast.use_backend("triton"):
+        with pytest.raises(backend.BackendError, match="TRITON_INTERPRET"):
+            ops.bias_gelu(*_x())
+
+
+def test_info_lists_every_op():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = bertfast.info(print_=False)
+    for op in ops.OPS:
+        assert f"{op}@cpu" in d["backends"]
+        assert d["backends"][f"{op}@cpu"]["backend"] in backend.BACKENDS
+    assert d["torch"] == torch.__version__
+
+
+def test_cli_info_runs():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bertfast", "info"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "bias_residual_layernorm@cpu" in out.stdout
