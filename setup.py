@@ -15,15 +15,24 @@ package_dir = {"bertfast.kernels": "kernels", "bertfast.csrc": "csrc"}
 ext_modules, cmdclass = [], {}
 
 if os.environ.get("BERTFAST_BUILD_EXT") == "1":
+    # Prebuild the C++ CPU kernels as bertfast._C (otherwise they are JIT-built with ninja on
+    # first use). The flags are the JIT build's (bertfast/_cpp.py): the instruction set of this
+    # machine, or BERTFAST_CPU_CAPABILITY=avx2|avx512|default for a wheel meant for other
+    # machines; the source hash baked in lets bertfast refuse a stale or too-new-ISA library.
     import glob
+    import sys
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bertfast import _cpp
+
+    cap = _cpp.capability()
     ext_modules = [
         CppExtension(
             "bertfast._C",
             sorted(glob.glob("csrc/cpu/*.cpp")),
-            extra_compile_args=["-O3", "-fopenmp", "-march=native"],
+            extra_compile_args=_cpp.compile_flags(cap) + [f"-DBERTFAST_SOURCE_HASH={_cpp.source_hash('csrc/cpu')}"],
             extra_link_args=["-fopenmp"],
         )
     ]

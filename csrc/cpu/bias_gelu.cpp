@@ -1,0 +1,96 @@
+// bias_gelu: out = GELU(x + bias), erf form (BERT's) or tanh form.
+//
+// Elementwise, so the rows are just a convenient unit of work: forward reads x once and writes
+// out once; backward reads dout and x once, writes dx once and reduces dbias per fixed row
+// chunk (deterministic, see Chunks).
+#include "common.h"
+
+namespace bertfast_cpu {
+namespace {
+
+template <typename T>
+void bias_gelu_fwd_kernel(const T* x, const float* bias, T* out, int64_t rows, int64_t n, bool tanh_form) {
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(2 * n);
+    float *bx = buf.data(), *by = bx + n;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = load_row(x + r * n, bx, n);
+      float* y = out_row(out + r * n, by);
+      if (tanh_form) {
+        vloop(n, [&](int64_t i, int64_t c) { st(gelu_tanh(ld(xr + i, c) + ld(bias + i, c)), y + i, c); });
+      } else {
+        vloop(n, [&](int64_t i, int64_t c) { st(gelu_erf(ld(xr + i, c) + ld(bias + i, c)), y + i, c); });
+      }
+      store_row(y, out + r * n, n);
+    }
+  });
+}
+
+at::Tensor bias_gelu_fwd(const at::Tensor& x_, const at::Tensor& bias, bool tanh_form) {
+  TORCH_CHECK(x_.dim() >= 1 && x_.device().is_cpu(), "x must be a CPU tensor with at least one dimension");
+  const at::Tensor x = x_.contiguous();
+  const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
+  const at::Tensor b = vec_f32(bias);
+  at::Tensor out = at::empty_like(x);
+  BERTFAST_DISPATCH(x.scalar_type(), "bias_gelu", [&] {
+    bias_gelu_fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), b.data_ptr<float>(), out.data_ptr<scalar_t>(), rows, n,
+                                   tanh_form);
+  });
+  return out;
+}
+
+template <typename T>
+void bias_gelu_bwd_kernel(const T* dout, const T* x, const float* bias, T* dx, float* partial, int64_t rows,
+                          int64_t n, bool tanh_form) {
+  const Chunks ch(rows);
+  at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> buf(3 * n);
+    float *bx = buf.data(), *bd = bx + n, *bo = bd + n;
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      float* db = partial + chunk * n;
+      std::fill(db, db + n, 0.0f);
+      const int64_t rend = std::min(rows, (chunk + 1) * ch.size);
+      for (int64_t r = chunk * ch.size; r < rend; ++r) {
+        const float* xr = load_row(x + r * n, bx, n);
+        const float* dy = load_row(dout + r * n, bd, n);
+        float* o = out_row(dx + r * n, bo);
+        vloop(n, [&](int64_t i, int64_t c) {
+          const Vec d = ld(dy + i, c) * gelu_grad(ld(xr + i, c) + ld(bias + i, c), tanh_form);
+          st(d, o + i, c);
+          st(ld(db + i, c) + d, db + i, c);
+        });
+        store_row(o, dx + r * n, n);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dout_, const at::Tensor& x_,
+                                                 const at::Tensor& bias, bool tanh_form) {
+  TORCH_CHECK(x_.dim() >= 1 && x_.device().is_cpu(), "x must be a CPU tensor with at least one dimension");
+  const at::Tensor x = x_.contiguous(), dout = dout_.contiguous().to(x.scalar_type());
+  TORCH_CHECK(dout.sizes() == x.sizes(), "dout must have the shape of x");
+  const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
+  const at::Tensor b = vec_f32(bias);
+  at::Tensor dx = at::empty_like(x);
+  const Chunks ch(rows);
+  at::Tensor partial = at::zeros({std::max<int64_t>(ch.count, 1), 1, n}, x.options().dtype(at::kFloat));
+  BERTFAST_DISPATCH(x.scalar_type(), "bias_gelu backward", [&] {
+    bias_gelu_bwd_kernel<scalar_t>(dout.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), b.data_ptr<float>(),
+                                   dx.data_ptr<scalar_t>(), partial.data_ptr<float>(), rows, n, tanh_form);
+  });
+  return {dx, sum_chunks(partial)[0].to(bias.scalar_type())};
+}
+
+}  // namespace
+}  // namespace bertfast_cpu
+
+TORCH_LIBRARY_FRAGMENT(bertfast, m) {
+  m.def("bias_gelu_cpu_fwd(Tensor x, Tensor bias, bool tanh) -> Tensor");
+  m.def("bias_gelu_cpu_bwd(Tensor dout, Tensor x, Tensor bias, bool tanh) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bertfast, CPU, m) {
+  m.impl("bias_gelu_cpu_fwd", &bertfast_cpu::bias_gelu_fwd);
+  m.impl("bias_gelu_cpu_bwd", &bertfast_cpu::bias_gelu_bwd);
+}

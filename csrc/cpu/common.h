@@ -1,0 +1,262 @@
+// Shared pieces of the CPU kernels: dtype conversion of rows, vectorised row reductions,
+// LayerNorm statistics, GELU, and deterministic chunked reductions over rows.
+//
+// Every kernel works on 2-D contiguous rows (rows, hidden). Each row is converted to fp32 once
+// (a no-op for fp32 inputs), all arithmetic is fp32, and the result is rounded to the output
+// dtype once on store. Work is split over rows with at::parallel_for.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "philox.h"
+
+namespace bertfast_cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+
+// ---- dtype conversion of one row
+
+// Load n elements of type T as fp32: fp32 rows are used in place, others are widened into buf.
+template <typename T>
+inline const float* load_row(const T* src, float* buf, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf;
+}
+template <>
+inline const float* load_row<float>(const float* src, float*, int64_t) {
+  return src;
+}
+template <>
+inline const float* load_row<c10::BFloat16>(const c10::BFloat16* src, float* buf, int64_t n) {
+  // bf16 -> fp32 is a 16-bit shift; written with plain integer ops so the loop vectorises.
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(s[i]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    buf[i] = f;
+  }
+  return buf;
+}
+
+// Store n fp32 values as T, rounding once (round-to-nearest-even for bf16, like c10::BFloat16).
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+template <>
+inline void store_row<float>(const float* src, float* dst, int64_t n) {
+  if (src != dst) std::memcpy(dst, src, n * sizeof(float));
+}
+template <>
+inline void store_row<c10::BFloat16>(const float* src, c10::BFloat16* dst, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &src[i], sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    d[i] = std::isnan(src[i]) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+}
+
+// Where a row's fp32 result goes before store_row: straight into the output for fp32.
+template <typename T>
+inline float* out_row(T* dst, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)buf;
+    return dst;
+  } else {
+    (void)dst;
+    return buf;
+  }
+}
+
+// ---- vector helpers
+
+// Vec::loadu(p, count) zero-fills the lanes past count, so a partial tail adds nothing to sums.
+inline Vec ld(const float* p, int64_t cnt) { return cnt == kVec ? Vec::loadu(p) : Vec::loadu(p, cnt); }
+inline void st(const Vec& v, float* p, int64_t cnt) {
+  if (cnt == kVec) {
+    v.store(p);
+  } else {
+    v.store(p, cnt);
+  }
+}
+
+// f(i, cnt) over [0, n) in steps of one vector; the main loop gets a constant cnt.
+template <typename F>
+inline void vloop(int64_t n, const F& f) {
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) f(i, kVec);
+  if (i < n) f(i, n - i);
+}
+
+// Horizontal sum in a fixed lane order (deterministic).
+inline float hsum(const Vec& v) {
+  alignas(64) float tmp[kVec];
+  v.store(tmp);
+  float s = 0.0f;
+  for (int64_t i = 0; i < kVec; ++i) s += tmp[i];
+  return s;
+}
+
+// mean and rstd of an fp32 row: two passes over the row (in L1), so the variance does not
+// suffer the cancellation of E[x^2] - E[x]^2.
+inline void row_stats(const float* h, int64_t n, float eps, float& mean, float& rstd) {
+  Vec acc(0.0f);
+  vloop(n, [&](int64_t i, int64_t c) { acc += ld(h + i, c); });
+  const float m = hsum(acc) / static_cast<float>(n);
+  const Vec vm(m);
+  Vec acc2(0.0f);
+  vloop(n, [&](int64_t i, int64_t c) {
+    Vec d = ld(h + i, c) - vm;
+    if (c != kVec) d = Vec::set(Vec(0.0f), d, c);  // zero lanes past the tail
+    acc2 = at::vec::fmadd(d, d, acc2);
+  });
+  const float var = hsum(acc2) / static_cast<float>(n);
+  mean = m;
+  rstd = 1.0f / std::sqrt(var + eps);
+}
+
+// y = (h - mean) * rstd * w + b
+inline void ln_apply(const float* h, const float* w, const float* b, float mean, float rstd, int64_t n, float* y) {
+  const Vec vm(mean), vr(rstd);
+  vloop(n, [&](int64_t i, int64_t c) {
+    const Vec xhat = (ld(h + i, c) - vm) * vr;
+    st(at::vec::fmadd(xhat, ld(w + i, c), ld(b + i, c)), y + i, c);
+  });
+}
+
+// LayerNorm backward of one row, given h (fp32), dy (fp32, after any dropout), the saved
+// statistics and w. Writes dh and accumulates dw += dy * xhat, db += dy.
+inline void ln_bwd_row(const float* h, const float* dy, const float* w, float mean, float rstd, int64_t n,
+                       float* dh, float* dw, float* db) {
+  const Vec vm(mean), vr(rstd);
+  Vec s1(0.0f), s2(0.0f);
+  vloop(n, [&](int64_t i, int64_t c) {
+    const Vec xhat = (ld(h + i, c) - vm) * vr;
+    const Vec d = ld(dy + i, c);
+    const Vec g = d * ld(w + i, c);
+    Vec gx = g * xhat;
+    if (c != kVec) gx = Vec::set(Vec(0.0f), gx, c);
+    s1 += gx;
+    s2 += g;
+    st(at::vec::fmadd(d, xhat, ld(dw + i, c)), dw + i, c);
+    st(ld(db + i, c) + d, db + i, c);
+  });
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const Vec c1(hsum(s1) * inv_n), c2(hsum(s2) * inv_n);
+  vloop(n, [&](int64_t i, int64_t c) {
+    const Vec xhat = (ld(h + i, c) - vm) * vr;
+    const Vec g = ld(dy + i, c) * ld(w + i, c);
+    st((g - xhat * c1 - c2) * vr, dh + i, c);
+  });
+}
+
+// ---- GELU (the same formulas and vector functions as ATen's CPU GELU kernel)
+
+inline Vec gelu_erf(const Vec& x) {
+  const Vec kAlpha(static_cast<float>(M_SQRT1_2));
+  return x * Vec(0.5f) * (Vec(1.0f) + (x * kAlpha).erf());
+}
+inline Vec gelu_tanh(const Vec& x) {
+  const Vec kBeta(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5));
+  const Vec kKappa(0.044715f);
+  const Vec inner = kBeta * (x + kKappa * x * x * x);
+  return Vec(0.5f) * x * (Vec(1.0f) + inner.tanh());
+}
+inline Vec gelu(const Vec& x, bool tanh_form) { return tanh_form ? gelu_tanh(x) : gelu_erf(x); }
+
+// d GELU / dx, as bertfast.ops._common.gelu_grad computes it.
+inline Vec gelu_grad(const Vec& x, bool tanh_form) {
+  if (tanh_form) {
+    const Vec k(static_cast<float>(std::sqrt(2.0 / M_PI)));
+    const Vec a(0.044715f);
+    const Vec t = (k * (x + a * x * x * x)).tanh();
+    const Vec one(1.0f), half(0.5f);
+    return half * (one + t) + half * x * (one - t * t) * k * (one + Vec(3.0f * 0.044715f) * x * x);
+  }
+  const Vec cdf = Vec(0.5f) * (Vec(1.0f) + (x * Vec(static_cast<float>(M_SQRT1_2))).erf());
+  const Vec pdf = (Vec(-0.5f) * x * x).exp() * Vec(static_cast<float>(1.0 / std::sqrt(2.0 * M_PI)));
+  return cdf + x * pdf;
+}
+
+// ---- parallel loops
+
+// Rows per task so that a task has at least ~16K elements of work: tiny inputs stay on one
+// thread instead of paying the fork/join.
+inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+// Deterministic reductions over rows (weight and bias gradients): rows are cut into fixed
+// chunks whose size depends only on the shape, never on the thread count; each chunk sums its
+// rows in order into its own partial, and the partials are added in chunk order. The result
+// is bitwise the same with 1 or N threads.
+struct Chunks {
+  int64_t rows, size, count;
+  explicit Chunks(int64_t rows_) : rows(rows_) {
+    size = std::max<int64_t>(16, (rows + 63) / 64);
+    count = rows == 0 ? 0 : (rows + size - 1) / size;
+  }
+};
+
+// partial: (count, k, n) fp32; returns (k, n) fp32 summed over chunks in order.
+inline at::Tensor sum_chunks(const at::Tensor& partial) {
+  const int64_t count = partial.size(0), k = partial.size(1), n = partial.size(2);
+  at::Tensor out = at::zeros({k, n}, partial.options());
+  const float* p = partial.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, k * n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t j = 0; j < count; ++j) {
+      const float* pj = p + j * k * n;
+      for (int64_t i = b; i < e; ++i) o[i] += pj[i];
+    }
+  });
+  return out;
+}
+
+// Dispatch over the three floating dtypes the kernels take (fp64 is served by the reference).
+#define BERTFAST_DISPATCH(dtype, name, ...)                                                   \
+  [&] {                                                                                     \
+    switch (dtype) {                                                                        \
+      case at::kFloat: {                                                                    \
+        using scalar_t = float;                                                             \
+        return __VA_ARGS__();                                                               \
+      }                                                                                     \
+      case at::kBFloat16: {                                                                 \
+        using scalar_t = c10::BFloat16;                                                     \
+        return __VA_ARGS__();                                                               \
+      }                                                                                     \
+      case at::kHalf: {                                                                     \
+        using scalar_t = c10::Half;                                                         \
+        return __VA_ARGS__();                                                               \
+      }                                                                                     \
+      default:                                                                              \
+        TORCH_CHECK(false, name, ": expected float32, bfloat16 or float16, got ", dtype); \
+    }                                                                                       \
+  }()
+
+// fp32 copies of the small per-column vectors (weight, bias): the row loops then read fp32.
+inline at::Tensor vec_f32(const at::Tensor& t) { return t.contiguous().to(at::kFloat); }
+
+inline void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D (rows, hidden), got ", t.dim(), " dims");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+}  // namespace bertfast_cpu
