@@ -507,6 +507,29 @@ CONFIGS = {
     },
     "pre": {d: [Config(128, 0, 4, 1)] for d in (32, 64, 128, 256)},
 }
+# With dropout every score also carries a Philox-4x32-7 evaluation (4 live words per element),
+# so the 16-bit dropout variants use 8 warps (half the tile elements per thread) or smaller
+# tiles, to stay under 255 registers without spilling.
+DROPOUT_CONFIGS = {
+    "fwd": {
+        32: [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
+        64: [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
+        128: [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
+        256: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
+    },
+    "dkdv": {
+        32: [Config(32, 128, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
+        64: [Config(32, 128, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
+        128: [Config(32, 64, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
+        256: [Config(32, 64, 4, 2), Config(16, 32, 4, 2)],
+    },
+    "dq": {
+        32: [Config(128, 32, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
+        64: [Config(128, 32, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
+        128: [Config(128, 32, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
+        256: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
+    },
+}
 # fp32 operands take twice the shared memory and registers of fp16 ones: smaller tiles
 CONFIGS_FP32 = {
     "fwd": {32: [Config(64, 32, 4, 2)], 64: [Config(64, 32, 4, 2)], 128: [Config(32, 32, 4, 2)],
@@ -531,18 +554,24 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def candidates(kernel: str, head_dim: int, dtype: torch.dtype) -> list:
-    """Every configuration of `kernel` for this head_dim (padded) and dtype."""
-    table = CONFIGS_FP32 if dtype == torch.float32 else CONFIGS
+def candidates(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool = False) -> list:
+    """Every configuration of `kernel` for this head_dim (padded), dtype and dropout flag."""
+    if dtype == torch.float32:
+        table = CONFIGS_FP32
+    elif dropout and kernel in DROPOUT_CONFIGS:
+        table = DROPOUT_CONFIGS
+    else:
+        table = CONFIGS
     return table[kernel][_block_d(head_dim)]
 
 
-def pick_config(kernel: str, head_dim: int, dtype: torch.dtype, max_q: int, max_k: int) -> Config:
+def pick_config(kernel: str, head_dim: int, dtype: torch.dtype, max_q: int, max_k: int, dropout: bool = False,
+                interpret=None) -> Config:
     """The heuristic: the first (tuned default) candidate whose tiles are not larger than the
     sequences they cover, so short sequences do not compute on mostly-empty tiles."""
-    if _interpret():
+    if _interpret() if interpret is None else interpret:
         return INTERPRET_CONFIGS[kernel]
-    cands = candidates(kernel, head_dim, dtype)
+    cands = candidates(kernel, head_dim, dtype, dropout)
     lim_m = max(16, triton.next_power_of_2(max(max_q, 1)))
     lim_n = max(16, triton.next_power_of_2(max(max_k, 1)))
     for c in cands:
@@ -576,23 +605,26 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
     on the real arguments and cached (every kernel here overwrites its outputs, so that is safe).
     grid_of(cfg) / args_of(cfg): the grid and the arguments depend on the tile sizes."""
     cfg = None
+    dropout = bool(constexprs.get("DROPOUT", False))
     if _autotune_on():
         key = (kernel, _block_d(head_dim), dtype, _seq_bucket(max_q), _seq_bucket(max_k),
                tuple(sorted(constexprs.items())))
         cfg = _tuned.get(key)
         if cfg is None:
+            from triton.testing import do_bench
+
             best = None
-            for c in candidates(kernel, head_dim, dtype):
+            for c in candidates(kernel, head_dim, dtype, dropout):
                 try:
-                    t = triton.testing.do_bench(lambda c=c: _launch_one(fn, c, grid_of, args_of, constexprs),
+                    t = do_bench(lambda c=c: _launch_one(fn, c, grid_of, args_of, constexprs),
                                                 warmup=5, rep=20)
                 except Exception:  # noqa: BLE001 - a candidate that does not fit (shared memory) is skipped
                     continue
                 if best is None or t < best[0]:
                     best = (t, c)
-            cfg = _tuned[key] = best[1] if best else pick_config(kernel, head_dim, dtype, max_q, max_k)
+            cfg = _tuned[key] = best[1] if best else pick_config(kernel, head_dim, dtype, max_q, max_k, dropout)
     if cfg is None:
-        cfg = pick_config(kernel, head_dim, dtype, max_q, max_k)
+        cfg = pick_config(kernel, head_dim, dtype, max_q, max_k, dropout)
     _launch_one(fn, cfg, grid_of, args_of, constexprs)
 
 
@@ -739,3 +771,88 @@ def attention_bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p
     if neg:
         dq = dq.neg_()
     return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compilation (bertfast verify --aot)
+
+_DIV16 = [["tt.divisibility", 16]]
+_KERNELS = {"fwd": lambda: _attn_fwd, "pre": lambda: _attn_bwd_pre, "dkdv": lambda: _attn_bwd_dkdv,
+            "dq": lambda: _attn_bwd_dq}
+
+
+def _aot_signature(kernel: str, dt: str) -> tuple:
+    """(signature without constexprs, arguments the JIT sees as 16-divisible) of one kernel."""
+    i32, f32, ptr = "i32", "fp32", f"*{dt}"
+    strides = lambda *names: {f"stride_{n}{a}": i32 for n in names for a in "bsh"}  # noqa: E731
+    if kernel == "pre":
+        sig = {"Out": ptr, "DO": ptr, "Delta": "*fp32", "CU_Q": "*i32", **strides("o", "d"),
+               "stride_lb": i32, "stride_lh": i32, "H": i32, "max_q": i32, "n_mblocks": i32}
+    else:
+        if kernel == "fwd":
+            sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "Lse": "*fp32", "KeyBias": "*fp32"}
+        elif kernel == "dkdv":
+            sig = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "Lse": "*fp32", "Delta": "*fp32", "KeyBias": "*fp32",
+                   "DK": ptr, "DV": ptr}
+        else:
+            sig = {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "Lse": "*fp32", "Delta": "*fp32", "KeyBias": "*fp32",
+                   "DQ": ptr}
+        sig.update({"CU_Q": "*i32", "CU_K": "*i32"})
+        sig.update(strides("q", "k", "v", "o" if kernel == "fwd" else "d"))
+        sig.update({"stride_lb": i32, "stride_lh": i32, "stride_biasb": i32, "H": i32, "max_q": i32, "max_k": i32,
+                    ("n_nblocks" if kernel == "dkdv" else "n_mblocks"): i32, "qk_scale": f32})
+        if kernel != "fwd":
+            sig["sm_scale"] = f32
+        sig.update({"seed_lo": i32, "seed_hi": i32, "drop_threshold": i32, "drop_scale": f32})
+    # pointers come from the caching allocator; token/head strides are multiples of head_dim
+    div16 = [n for n, t in sig.items() if t.startswith("*") or (n.startswith("stride_") and n[-2] != "l"
+                                                                and n != "stride_biasb")]
+    return sig, div16
+
+
+def aot_spec(kernel: str, cfg: Config, dt: str, head_dim: int, varlen=False, has_bias=True, causal=False,
+             dropout=True, head_dim_v=None) -> dict:
+    """One entry of aot_specs(): enough for triton.compile(ASTSource(fn, signature, constexprs, attrs),
+    target=GPUTarget('cuda', cc, 32), options={'num_warps', 'num_stages'})."""
+    fn = _KERNELS[kernel]()
+    dv = head_dim if head_dim_v is None else head_dim_v
+    sig, div16 = _aot_signature(kernel, dt)
+    if kernel == "pre":
+        cx = {"HEAD_DIM_V": dv, "BLOCK_DV": _block_d(dv), "BLOCK_M": cfg.block_m, "VARLEN": varlen}
+    else:
+        cx = {"HEAD_DIM": head_dim, "HEAD_DIM_V": dv, "BLOCK_D": _block_d(head_dim), "BLOCK_DV": _block_d(dv),
+              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "VARLEN": varlen, "HAS_BIAS": has_bias,
+              "CAUSAL": causal, "DROPOUT": dropout, "DOT_PREC": "ieee" if dt == "fp32" else "tf32"}
+    assert set(sig) | set(cx) == set(fn.arg_names), (kernel, set(fn.arg_names) ^ (set(sig) | set(cx)))
+    full_sig = {n: (sig[n] if n in sig else "constexpr") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): _DIV16 for n in div16}
+    flags = "" if kernel == "pre" else (f" varlen={int(varlen)} bias={int(has_bias)} causal={int(causal)} "
+                                        f"dropout={int(dropout)}")
+    config = (f"{dt} d={head_dim}{'' if dv == head_dim else f'/{dv}'} BLOCK_M={cfg.block_m}"
+              f"{'' if kernel == 'pre' else f' BLOCK_N={cfg.block_n}'} warps={cfg.num_warps} "
+              f"stages={cfg.num_stages}{flags}")
+    return {"kernel": fn.__name__, "fn": fn, "signature": full_sig, "constexprs": cx, "attrs": attrs,
+            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "config": config}
+
+
+def aot_specs(full: bool = False) -> list:
+    """Every (kernel, configuration) the launchers can choose: the CONFIGS lists of every padded
+    head_dim in bf16 with key bias, and the DROPOUT_CONFIGS lists with dropout on as well.
+    full=True adds fp16, the fp32 lists, and the varlen/causal/no-dropout variants and a head_dim
+    that is padded in-kernel (80 -> 128)."""
+    specs = []
+    for kernel in ("fwd", "dkdv", "dq", "pre"):
+        for dropout, table in ((False, CONFIGS), (True, DROPOUT_CONFIGS)):
+            for d, cfgs in table.get(kernel, {}).items():
+                for cfg in cfgs:
+                    for dt in (("bf16", "fp16") if full else ("bf16",)):
+                        specs.append(aot_spec(kernel, cfg, dt, d, dropout=dropout))
+        if full:
+            for d, cfgs in CONFIGS_FP32[kernel].items():
+                for cfg in cfgs:
+                    specs.append(aot_spec(kernel, cfg, "fp32", d))
+            cfg = CONFIGS[kernel][64][0]
+            specs.append(aot_spec(kernel, cfg, "bf16", 64, varlen=True, has_bias=False, causal=True, dropout=False))
+            specs.append(aot_spec(kernel, cfg, "fp16", 64, varlen=False, has_bias=True, causal=True, dropout=False))
+            specs.append(aot_spec(kernel, CONFIGS[kernel][128][0], "bf16", 80, head_dim_v=80))
+    return specs

@@ -1,0 +1,411 @@
+"""The Triton attention kernels (kernels/attention.py) against the reference (ops/attention.py).
+
+Without a GPU they run on CPU tensors through the Triton interpreter (conftest sets
+TRITON_INTERPRET=1), so the shapes are tiny and odd: sequence lengths 1, 3, 17, 33, 97 cover
+one, several and partial tiles and the causal diagonal (the interpreter tiles are 16 x 32).
+Accuracy follows FlashAttention's oracle rule: the kernel's error against the float64
+reference is at most twice the error of eager PyTorch attention in the same precision, plus a
+small absolute floor. Dropout masks are compared exactly (the Philox stream is shared).
+GPU-only tests (bf16, BERT-size shapes, dropout statistics, determinism) skip without CUDA.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda, requires_triton
+
+pytestmark = requires_triton
+DEV = TRITON_DEVICE
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _strict(monkeypatch):
+    # a silent fallback to the reference would make every comparison pass: forbid it
+    monkeypatch.setenv("BERTFAST_STRICT", "1")
+
+
+def _mods():
+    return importlib.import_module("bertfast.kernels.attention"), importlib.import_module("bertfast.ops.attention")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(shape, dtype, g, scale=1.0):
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEV)
+
+
+def _key_bias(kind, B, Sk, g):
+    """fp32 (B, Sk) additive key bias of a mask kind, or None."""
+    if kind == "none":
+        return None
+    bias = torch.zeros(B, Sk, dtype=torch.float32)
+    lens = [max(1, Sk - 2 * b - 1) for b in range(B)]
+    for b, n in enumerate(lens):
+        if kind == "right":
+            bias[b, n:] = float("-inf")
+        elif kind == "left":
+            bias[b, : Sk - n] = float("-inf")
+    if kind == "dead":  # right padding, and one batch row that sees no key at all
+        for b, n in enumerate(lens):
+            bias[b, n:] = float("-inf")
+        bias[-1] = float("-inf")
+    if kind == "float":  # HF-style additive float mask: arbitrary finite values and some -inf
+        bias = torch.randn(B, Sk, generator=g) * 3.0
+        bias[0, -1] = float("-inf")
+    return bias.to(DEV)
+
+
+def _full_bias(key_bias, B, Sq, Sk, causal):
+    """(B, 1, Sq, Sk) additive float64 mask for the eager implementation."""
+    bias = torch.zeros(B, 1, Sq, Sk, dtype=torch.float64, device=DEV)
+    if key_bias is not None:
+        bias = bias + key_bias.double()[:, None, None, :]
+    if causal:
+        i = torch.arange(Sq, device=DEV).view(Sq, 1)
+        j = torch.arange(Sk, device=DEV).view(1, Sk)
+        bias = bias.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    return bias
+
+
+def _eager(q, k, v, bias, p, scale, seed, dout):
+    """Plain PyTorch attention computed in the inputs' own precision (the oracle's yardstick):
+    (out, dq, dk, dv). Rows that see no key give 0, like the kernel."""
+    _, A = _mods()
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    B, Sq, H, _ = q.shape
+    Sk = k.shape[1]
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale + bias.to(q.dtype)
+    dead = torch.isneginf(s).all(-1, keepdim=True)
+    prob = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    if p > 0:
+        keep = A.keep_mask(seed, p, A._dropout_offsets(B, H, Sq, Sk, q.device))
+        prob = prob * keep.to(q.dtype) / (1.0 - p)
+    out = torch.einsum("bhij,bjhd->bihd", prob, v)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _assert_oracle(name, got, ref, eager, dtype, rows=None):
+    got, ref, eager = got.double(), ref.double(), eager.double()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got - ref).abs().max().item() if got.numel() else 0.0
+    err_eager = (eager - ref).abs().max().item() if got.numel() else 0.0
+    bound = 2 * err_eager + FLOOR[dtype]
+    assert err <= bound, f"{name}: max error {err:.3g} > 2 x eager {err_eager:.3g} + {FLOOR[dtype]:g}"
+    return err
+
+
+def _assert_lse(got, ref):
+    ref = ref.to(got.device)
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(got), inf) and (got[inf] > 0).all(), "lse must be +inf exactly on dead rows"
+    if (~inf).any():
+        torch.testing.assert_close(got[~inf].double(), ref[~inf].double(), atol=1e-5, rtol=1e-5)
+
+
+def _padded_case(B, Sq, Sk, H, D, dtype, mask="none", causal=False, p=0.0, scale=None, Dv=None, seed=0):
+    K, A = _mods()
+    g = _gen(seed)
+    Dv = Dv or D
+    q, k = _rand((B, Sq, H, D), dtype, g), _rand((B, Sk, H, D), dtype, g)
+    v, dout = _rand((B, Sk, H, Dv), dtype, g), _rand((B, Sq, H, Dv), dtype, g)
+    kb = _key_bias(mask, B, Sk, g)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    drop_seed = 123456789123 + seed
+    args = (kb, None, None, Sq, Sk, p, scale, causal, drop_seed)
+
+    out, lse = K.attention_fwd(q, k, v, *args)
+    dq, dk, dv = K.attention_bwd(dout, q, k, v, out, lse, *args)
+
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
+    ref_out, ref_lse = A._fwd_reference(q64, k64, v64, *args)
+    ref_grads = A._bwd_reference(do64, q64, k64, v64, ref_out, ref_lse, *args)
+    eager = _eager(q, k, v, _full_bias(kb, B, Sq, Sk, causal), p, scale, drop_seed, dout)
+
+    errs = {"out": _assert_oracle("out", out, ref_out, eager[0], dtype)}
+    _assert_lse(lse, ref_lse)
+    for name, got, ref, e in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, eager[1:]):
+        errs[name] = _assert_oracle(name, got, ref, e, dtype)
+    dead = torch.isinf(ref_lse).permute(0, 2, 1)  # (B, Sq, H)
+    if dead.any():  # rows that see no key: exact zeros and zero grads
+        assert (out[dead] == 0).all() and (dq[dead] == 0).all()
+    return errs
+
+
+# ---------------------------------------------------------------------------------------------
+# padded layout
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,D,mask,causal", [
+    (2, 17, 17, 2, 32, "right", False),
+    (2, 33, 33, 1, 64, "left", True),
+    (3, 3, 3, 2, 128, "dead", False),
+    (1, 1, 1, 2, 64, "none", False),
+    (2, 1, 5, 1, 32, "right", True),
+    (2, 97, 97, 1, 32, "float", False),
+    (2, 20, 13, 2, 64, "dead", True),  # Sq > Sk causal: the first Sq - Sk rows see no key
+])
+def test_padded_fp32(B, Sq, Sk, H, D, mask, causal):
+    _padded_case(B, Sq, Sk, H, D, torch.float32, mask, causal)
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,D,mask,causal", [
+    (2, 17, 17, 2, 64, "right", False),
+    (2, 19, 35, 1, 32, "left", True),
+    (2, 3, 3, 1, 128, "dead", False),
+])
+def test_padded_fp16(B, Sq, Sk, H, D, mask, causal):
+    _padded_case(B, Sq, Sk, H, D, torch.float16, mask, causal)
+
+
+def test_odd_head_dims_and_negative_scale():
+    # head_dim 24 (q/k) and 40 (v) are padded in-kernel to 32 and 64; a negative scale flips q
+    _padded_case(2, 9, 11, 1, 24, torch.float32, "right", False, Dv=40)
+    _padded_case(1, 7, 7, 1, 32, torch.float32, "none", True, scale=-0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# varlen layout
+
+
+def _varlen_case(lens_q, lens_k, H, D, dtype, causal=False, p=0.0, seed=1):
+    K, A = _mods()
+    g = _gen(seed)
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=DEV)
+    max_q, max_k = max(lens_q), max(lens_k)
+    q, k = _rand((sum(lens_q), H, D), dtype, g), _rand((sum(lens_k), H, D), dtype, g)
+    v, dout = _rand((sum(lens_k), H, D), dtype, g), _rand((sum(lens_q), H, D), dtype, g)
+    scale = 1.0 / math.sqrt(D)
+    drop_seed = 987654321 + seed
+    args = (None, cu_q, cu_k, max_q, max_k, p, scale, causal, drop_seed)
+
+    out, lse = K.attention_fwd(q, k, v, *args)
+    dq, dk, dv = K.attention_bwd(dout, q, k, v, out, lse, *args)
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, dout))
+    ref_out, ref_lse = A._fwd_reference(q64, k64, v64, *args)
+    ref_grads = A._bwd_reference(do64, q64, k64, v64, ref_out, ref_lse, *args)
+
+    # eager yardstick on the padded equivalent, then packed again
+    bias, rows_q, rows_k = A._varlen_bias(cu_q, cu_k, max_q, max_k, causal, q.device)
+    pad = lambda t, cu, m: A._pad(t, cu, m)[0]  # noqa: E731
+    eo, edq, edk, edv = _eager(pad(q, cu_q, max_q), pad(k, cu_k, max_k), pad(v, cu_k, max_k),
+                               bias.double().expand(-1, 1, max_q, -1), p, scale, drop_seed, pad(dout, cu_q, max_q))
+    unpad = lambda t, rows: t.reshape(-1, *t.shape[2:])[rows]  # noqa: E731
+    eager = (unpad(eo, rows_q), unpad(edq, rows_q), unpad(edk, rows_k), unpad(edv, rows_k))
+
+    _assert_oracle("out", out, ref_out, eager[0], dtype)
+    _assert_lse(lse, ref_lse)
+    for name, got, ref, e in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, eager[1:]):
+        _assert_oracle(name, got, ref, e, dtype)
+    dead = torch.isinf(ref_lse).t()  # (total_q, H)
+    if dead.any():
+        assert (out[dead] == 0).all() and (dq[dead] == 0).all()
+
+
+@pytest.mark.parametrize("lens_q,lens_k,D,causal", [
+    ([5, 1, 17, 3], [5, 1, 17, 3], 32, False),
+    ([5, 1, 17, 3], [5, 1, 17, 3], 64, True),
+    ([3, 20, 1], [7, 2, 0], 32, False),     # cross-attention lengths, a sequence with no key
+    ([9, 2, 33], [4, 6, 18], 128, True),    # causal cross-attention, Lq > Lk and Lq < Lk
+])
+def test_varlen_fp32(lens_q, lens_k, D, causal):
+    _varlen_case(lens_q, lens_k, 2, D, torch.float32, causal)
+
+
+def test_varlen_fp16():
+    _varlen_case([17, 4, 30], [17, 4, 30], 2, 64, torch.float16, causal=False)
+    _varlen_case([6, 21], [11, 21], 1, 32, torch.float16, causal=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout: the mask is the reference's bit for bit, so fp32 results match it to rounding
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_reference(causal):
+    errs = _padded_case(2, 17, 19, 2, 32, torch.float32, "right", causal, p=0.3, seed=5)
+    assert max(errs.values()) < 1e-5, errs
+    _varlen_case([7, 17], [7, 17], 2, 32, torch.float32, causal, p=0.25, seed=6)
+
+
+def test_dropout_changes_output_and_is_reproducible():
+    K, _ = _mods()
+    g = _gen(3)
+    q, k, v = (_rand((1, 17, 2, 32), torch.float32, g) for _ in range(3))
+    base = K.attention_fwd(q, k, v, None, None, None, 17, 17, 0.0, 0.2, False, 0)[0]
+    a = K.attention_fwd(q, k, v, None, None, None, 17, 17, 0.4, 0.2, False, 77)[0]
+    b = K.attention_fwd(q, k, v, None, None, None, 17, 17, 0.4, 0.2, False, 77)[0]
+    c = K.attention_fwd(q, k, v, None, None, None, 17, 17, 0.4, 0.2, False, 78)[0]
+    assert torch.equal(a, b) and not torch.allclose(a, base) and not torch.allclose(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# through the public op: backend selection, probe, autograd
+
+
+def test_public_op_uses_triton_with_autograd():
+    import bertfast
+    from bertfast import backend
+    from bertfast.ops.attention import attention, attention_ref
+
+    g = _gen(11)
+    B, S, H, D = 2, 13, 2, 32
+    q, k, v = (_rand((B, S, H, D), torch.float32, g).requires_grad_() for _ in range(3))
+    mask = torch.ones(B, S, dtype=torch.int64, device=DEV)
+    mask[0, 9:] = 0
+    mask[1, :4] = 0  # left padding
+    with bertfast.use_backend("triton"):
+        out = attention(q, k, v, attention_mask=mask)
+        assert backend.select("attention", q.device.type).backend == "triton"
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    kb = torch.zeros(B, S, device=DEV).masked_fill(mask == 0, float("-inf"))
+    ref = attention_ref(q, k, v, kb)
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-5)
+
+    # varlen with a (q, k) pair of cu_seqlens, causal
+    cu = torch.tensor([0, 5, 13], dtype=torch.int32, device=DEV)
+    qv, kv, vv = (t.detach()[0, :].repeat(1, 1, 1)[:13].requires_grad_() for t in (q, k, v))
+    with bertfast.use_backend("triton"):
+        o = attention(qv, kv, vv, cu_seqlens=(cu, cu), max_seqlen=(8, 8), causal=True)
+    r = attention_ref(qv, kv, vv, None, cu, cu, 8, 8, causal=True)
+    torch.testing.assert_close(o, r, atol=2e-5, rtol=1e-5)
+
+
+def test_unsupported_inputs_raise_under_strict():
+    K, _ = _mods()
+    from bertfast.backend import BackendError
+
+    q = torch.zeros(1, 2, 1, 8, dtype=torch.float64, device=DEV)
+    with pytest.raises(BackendError, match="float64"):
+        K.attention_fwd(q, q, q, None, None, None, 2, 2, 0.0, 1.0, False, 0)
+    q = torch.zeros(1, 2, 1, 264, dtype=torch.float32, device=DEV)
+    with pytest.raises(BackendError, match="head_dim"):
+        K.attention_fwd(q, q, q, None, None, None, 2, 2, 0.0, 1.0, False, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configurations and ahead-of-time compilation
+
+
+def test_configs_enumerable_and_aot_specs_complete():
+    K, _ = _mods()
+    specs = K.aot_specs()
+    names = {s["kernel"] for s in specs}
+    assert names == {"_attn_fwd", "_attn_bwd_pre", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    n_cfgs = sum(len(c) for table in (K.CONFIGS, K.DROPOUT_CONFIGS) for kern in table.values() for c in kern.values())
+    assert len(specs) == n_cfgs
+    for s in specs:
+        assert set(s["signature"]) == set(s["fn"].arg_names)
+        assert all(s["signature"][c] == "constexpr" for c in s["constexprs"])
+    for kernel in ("fwd", "dkdv", "dq"):
+        for d in (32, 64, 128):
+            for drop in (False, True):
+                for sq in (1, 100, 512, 4096):
+                    cfg = K.pick_config(kernel, d, torch.bfloat16, sq, sq, dropout=drop, interpret=False)
+                    assert cfg in K.candidates(kernel, d, torch.bfloat16, dropout=drop)
+    full = K.aot_specs(full=True)
+    assert len(full) > len(specs)
+
+
+_AOT_SCRIPT = """
+import json, sys
+from bertfast.kernels import attention as K
+from bertfast.verify import compile_spec
+out = []
+for kernel in sys.argv[1].split(","):
+    spec = K.aot_spec(kernel, K.CONFIGS[kernel][64][0], "bf16", 64, dropout=False)
+    out.append(compile_spec(spec, 90))
+print(json.dumps(out))
+"""
+
+
+def test_aot_compile_sm90_no_spills():
+    """The default head_dim-64 bf16 configurations compile for sm_90a without a GPU and do not
+    spill (bertfast verify --aot compiles every configuration). In a subprocess: the tests run
+    with TRITON_INTERPRET=1, under which @triton.jit functions cannot be compiled."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no NVIDIA backend in this triton: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "fwd,dq"], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for usage in json.loads(r.stdout.strip().splitlines()[-1]):
+        assert usage.get("STACK", 0) + usage.get("LOCAL", 0) == 0, usage
+        assert 0 < usage["REG"] <= 255, usage
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_gpu_low_precision(dtype, D):
+    _padded_case(4, 197, 197, 4, D, dtype, "right", False)
+    _padded_case(2, 128, 256, 3, D, dtype, "left", True)
+    _varlen_case([128, 1, 77, 300], [128, 1, 77, 300], 4, D, dtype, causal=False)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [128, 512])
+def test_gpu_bert_shapes(S):
+    _padded_case(16384 // S // 4, S, S, 12, 64, torch.bfloat16, "right", False)
+    _padded_case(8, S, S, 16, 64, torch.float16, "none", False, p=0.1)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_dropout_statistics():
+    K, _ = _mods()
+    B, S, H, p = 8, 512, 12, 0.2
+    q = torch.zeros(B, S, H, 64, device="cuda", dtype=torch.bfloat16)  # uniform attention
+    v = torch.ones(B, S, H, 64, device="cuda", dtype=torch.bfloat16)
+    out, _ = K.attention_fwd(q, q, v, None, None, None, S, S, p, 0.125, False, 2024)
+    # out = mean over keys of keep / (1 - p): mean 1, std sqrt(p / ((1 - p) S)) per row
+    per_row = out[..., 0].float()
+    assert abs(per_row.mean().item() - 1.0) < 2e-3
+    assert abs(per_row.std().item() - math.sqrt(p / ((1 - p) * S))) < 3e-3
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_backward_deterministic():
+    K, _ = _mods()
+    g = _gen(9)
+    B, S, H, D = 4, 384, 12, 64
+    q, k, v, do = (_rand((B, S, H, D), torch.bfloat16, g) for _ in range(4))
+    out, lse = K.attention_fwd(q, k, v, None, None, None, S, S, 0.1, 0.125, False, 5)
+    a = K.attention_bwd(do, q, k, v, out, lse, None, None, None, S, S, 0.1, 0.125, False, 5)
+    torch.use_deterministic_algorithms(True)
+    try:
+        b = K.attention_bwd(do, q, k, v, out, lse, None, None, None, S, S, 0.1, 0.125, False, 5)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_no_cuda_means_interpreter():
+    if not HAS_CUDA:
+        import os
+
+        assert os.environ.get("TRITON_INTERPRET") == "1"
