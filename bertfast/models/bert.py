@@ -321,6 +321,9 @@ class BertModel(BertPreTrainedModel):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
+        # padding-free execution when the mask has padding; False runs the padded layout with a
+        # key mask (what torch.compile gets: static shapes), kept for comparisons
+        self.unpad = True
         self.init_weights()
 
     def get_input_embeddings(self):
@@ -344,7 +347,7 @@ class BertModel(BertPreTrainedModel):
             token_type_ids = torch.zeros_like(input_ids)
         layout, key_mask = None, None
         if attention_mask is not None:
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or not self.unpad:
                 # static shapes for the compiler: the padded layout with a key mask
                 key_mask = attention_mask
             elif not bool(attention_mask.bool().all()):
