@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops._common import can_sync
 from ..padding import PackedLayout, pad_input, unpad_mask
 from .config import FUSED_ACTS, BertConfig
 
@@ -347,7 +348,7 @@ class BertModel(BertPreTrainedModel):
             token_type_ids = torch.zeros_like(input_ids)
         layout, key_mask = None, None
         if attention_mask is not None:
-            if torch.compiler.is_compiling() or not self.unpad:
+            if not self.unpad or not can_sync():
                 # static shapes for the compiler: the padded layout with a key mask
                 key_mask = attention_mask
             elif not bool(attention_mask.bool().all()):

@@ -21,6 +21,14 @@ from ._rng import draw_seed
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def can_sync() -> bool:
+    """Whether input validation may read values back to the host: not while torch.compile
+    traces (it would break the graph) nor while a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def seed_tensor(dropout_p: float) -> Optional[torch.Tensor]:
     """The dropout seed as a 1-element int64 CPU tensor (traceable by torch.compile), or None."""
     if dropout_p == 0.0:

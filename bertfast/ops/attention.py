@@ -30,7 +30,17 @@ from typing import Optional
 import torch
 
 from .. import backend
-from ._common import FusedOp, check_dropout, check_float, compare_close, impl, register_lazy, seed_int, seed_tensor
+from ._common import (
+    FusedOp,
+    can_sync,
+    check_dropout,
+    check_float,
+    compare_close,
+    impl,
+    register_lazy,
+    seed_int,
+    seed_tensor,
+)
 from ._rng import keep_mask
 
 OP = "attention"
@@ -311,7 +321,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
                                 f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
             if cu.device != q.device:
                 raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; expected the same device")
-            if not torch.compiler.is_compiling():
+            if can_sync():
                 first, last = cu[0].item(), cu[-1].item()
                 if first != 0 or last != total:
                     raise ValueError(f"{name} must start at 0 and end at the number of packed tokens ({total}), "

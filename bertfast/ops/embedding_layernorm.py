@@ -17,6 +17,7 @@ import torch
 from .. import backend
 from ._common import (
     FusedOp,
+    can_sync,
     check_dropout,
     check_eps,
     check_float,
@@ -146,13 +147,22 @@ def _check_ids(name: str, ids, table: torch.Tensor, table_name: str, shape) -> N
         raise ValueError(f"{name} must have the shape of input_ids {tuple(shape)}, got {tuple(ids.shape)}")
     if ids.device != table.device:
         raise ValueError(f"{name} is on {ids.device} but {table_name} is on {table.device}; expected the same device")
-    if torch.compiler.is_compiling() or ids.numel() == 0:
+
+
+def _check_ranges(checks) -> None:
+    """Every id inside its table (a kernel must never read out of bounds): one host sync for
+    all the id tensors together, details only when something is wrong."""
+    checks = [c for c in checks if c[1].numel()]
+    if not checks or not can_sync():
         return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= table.shape[0]:
-        bad = lo if lo < 0 else hi
-        raise IndexError(f"{name} must be in [0, {table.shape[0]}) ({table_name} has {table.shape[0]} rows), "
-                         f"got {bad}")
+    bad = torch.stack([((ids < 0) | (ids >= table.shape[0])).any() for _, ids, table, _ in checks])
+    if not bool(bad.any()):
+        return
+    for (name, ids, table, table_name), b in zip(checks, bad.tolist()):
+        if b:
+            lo, hi = int(ids.min()), int(ids.max())
+            raise IndexError(f"{name} must be in [0, {table.shape[0]}) ({table_name} has {table.shape[0]} rows), "
+                             f"got {lo if lo < 0 else hi}")
 
 
 def embedding_layernorm(input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor],
@@ -181,16 +191,21 @@ def embedding_layernorm(input_ids: torch.Tensor, token_type_ids: Optional[torch.
     if input_ids.dim() == 0:
         raise ValueError("input_ids must have at least 1 dimension, got a scalar")
     shape = tuple(input_ids.shape)
+    checks = [("input_ids", input_ids, word_emb, "word_emb")]
     if position_ids is None:
         if shape[-1] > pos_emb.shape[0]:
             raise ValueError(f"input_ids has sequence length {shape[-1]} but the position table (pos_emb) has "
                              f"{pos_emb.shape[0]} rows (max_position_embeddings)")
         position_ids = torch.arange(shape[-1], device=input_ids.device, dtype=input_ids.dtype).expand(shape)
+    else:
+        checks.append(("position_ids", position_ids, pos_emb, "pos_emb"))
     if token_type_ids is None:
         token_type_ids = torch.zeros(shape, device=input_ids.device, dtype=input_ids.dtype)
-    _check_ids("input_ids", input_ids, word_emb, "word_emb", shape)
-    _check_ids("token_type_ids", token_type_ids, type_emb, "type_emb", shape)
-    _check_ids("position_ids", position_ids, pos_emb, "pos_emb", shape)
+    else:
+        checks.append(("token_type_ids", token_type_ids, type_emb, "type_emb"))
+    for name, ids, table, table_name in checks:
+        _check_ids(name, ids, table, table_name, shape)
+    _check_ranges(checks)
     eps, p = check_eps(eps), check_dropout(dropout_p)
     if input_ids.numel() == 0:
         return word_emb.new_empty(shape + (hidden,))
