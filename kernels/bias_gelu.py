@@ -1,0 +1,146 @@
+"""Triton kernels of bias_gelu: GELU(x + bias), erf form (BERT's) or tanh form.
+
+Elementwise over a (M, N) view of x: each program owns a [BLOCK_M, BLOCK_N] tile (bias is
+loaded once per tile), math in fp32, one cast on store. The backward writes dx and reduces
+dbias in two stages: a fixed number G of programs per column tile stride over row tiles with
+an fp32 register accumulator, write one (G, N) partial row each, and a sum finishes it.
+
+The GELU helpers (`gelu`, `gelu_grad`) are also used by kernels/gelu_layernorm.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .bias_residual_layernorm import aot_spec, num_programs
+
+TILE = 4096  # elements per program: 16 per thread at 8 warps (two 16-byte vectors of bf16)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates cleanly at +-1 (exp -> inf or 0) and needs no
+    # libdevice call, so it runs the same in the interpreter and on every Triton version.
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def gelu(h, TANH: tl.constexpr):
+    """GELU of fp32 h, as torch.nn.functional.gelu(approximate='tanh' if TANH else 'none').
+    Constants: 1/sqrt(2) = 0.70710678..., sqrt(2/pi) = 0.79788456..., 1/sqrt(2*pi) = 0.39894228..."""
+    if TANH:
+        return 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    else:
+        return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def gelu_grad(h, TANH: tl.constexpr):
+    """d GELU(h) / dh for fp32 h (bertfast.ops._common.gelu_grad)."""
+    if TANH:
+        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+        return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(X, B, Y, M, N, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    mask = (rows < M)[:, None] & cmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    h += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs, gelu(h, TANH).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_part, M, N, TANH: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for tile in range(pid_m, tl.cdiv(M, BLOCK_M), n_prog):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + b[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        dx = dy * gelu_grad(h, TANH)  # dy = 0 on masked lanes, so dx is too
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        acc += dx
+    tl.store(DB_part + pid_m * N + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+def config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): BLOCK_N is the power of two in [256, 1024] that pads N
+    least (768 -> 256 x 3, 3072 -> 1024 x 3), or next_pow2(N) (>= 32) below 256."""
+    if n < 256:
+        bn = max(32, triton.next_power_of_2(n))
+    else:
+        bn = min((256, 512, 1024), key=lambda b: (triton.cdiv(n, b) * b - n, -b))
+    return TILE // bn, bn, 8
+
+
+def _check(x: torch.Tensor, bias: torch.Tensor, approximate: str):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    n = bias.shape[0]
+    if x.shape[-1] != n:
+        raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
+    return x.numel() // max(n, 1), n
+
+
+def bias_gelu_fwd(x, bias, approximate):
+    m, n = _check(x, bias, approximate)
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    bm, bn, warps = config(n)
+    _bias_gelu_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        x, bias, y, m, n, TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    return y
+
+
+def bias_gelu_bwd(dout, x, bias, approximate):
+    m, n = _check(x, bias, approximate)
+    dout, x = dout.contiguous(), x.contiguous()
+    dx = torch.empty_like(x)
+    bm, bn, warps = config(n)
+    n_col = triton.cdiv(n, bn)
+    g = max(1, num_programs(x.device, triton.cdiv(m, bm), warps) // n_col)
+    parts = torch.empty((g, n), dtype=torch.float32, device=x.device)
+    _bias_gelu_bwd_kernel[(g, n_col)](dout, x, bias, dx, parts, m, n, TANH=approximate == "tanh", BLOCK_M=bm,
+                                      BLOCK_N=bn, num_warps=warps)
+    return dx, parts.sum(0).to(bias.dtype)
+
+
+def aot_specs(full: bool = False) -> list:
+    """Every tile configuration `config` can choose, bf16 erf (full=True: every dtype, both forms)."""
+    dtypes = ("bf16", "fp16", "fp32") if full else ("bf16",)
+    forms = (False, True) if full else (False,)
+    specs = []
+    for bn in (32, 64, 128, 256, 512, 1024):
+        bm, _, warps = config(bn)
+        for dt in dtypes:
+            for tanh in forms:
+                cfg = f"BLOCK_M={bm} BLOCK_N={bn} warps={warps} {dt} {'tanh' if tanh else 'erf'}"
+                specs.append(aot_spec(_bias_gelu_fwd_kernel, {"X": f"*{dt}", "B": f"*{dt}", "Y": f"*{dt}",
+                                                              "M": "i32", "N": "i32"},
+                                      {"TANH": tanh, "BLOCK_M": bm, "BLOCK_N": bn}, warps, cfg,
+                                      div16=("X", "B", "Y", "N")))
+                specs.append(aot_spec(_bias_gelu_bwd_kernel, {"DY": f"*{dt}", "X": f"*{dt}", "B": f"*{dt}",
+                                                              "DX": f"*{dt}", "DB_part": "*fp32", "M": "i32",
+                                                              "N": "i32"},
+                                      {"TANH": tanh, "BLOCK_M": bm, "BLOCK_N": bn}, warps, cfg,
+                                      div16=("DY", "X", "B", "DX", "DB_part", "N")))
+    return specs
