@@ -34,11 +34,15 @@ Supported inputs
 - dropout: kernels/_rng.py's Philox stream at offset ((b*H + h)*max_q + i)*max_k + j, so the
   kept mask equals the reference's bit for bit; the backward regenerates it.
 
-Launch configurations are explicit lists (CONFIGS) per kernel and head_dim; a heuristic picks
-one by head_dim, dtype and max sequence length (`pick_config`). BERTFAST_AUTOTUNE=1 makes the
-launchers time every configuration of the list once per (kernel, shapes bucket) on the GPU and
-keep the fastest. `aot_specs()` enumerates every (kernel, configuration) for ahead-of-time
-compilation (`bertfast verify --aot sm_90a`).
+Launch configurations are explicit lists per kernel and padded head_dim: CONFIGS (16-bit),
+DROPOUT_CONFIGS (16-bit with dropout: the Philox state needs registers, so 8 warps or smaller
+tiles) and CONFIGS_FP32. A heuristic picks the first entry whose tiles fit the sequence lengths
+(`pick_config`); with BERTFAST_AUTOTUNE=1 the launchers instead time every entry of the list
+once per (kernel, head_dim, dtype, power-of-two buckets of max_seqlen q/k, constexpr flags) on
+the GPU and keep the fastest (do not combine that with CUDA-graph capture: tuning runs
+kernels). `aot_specs()` enumerates every (kernel, configuration) for ahead-of-time compilation
+(`bertfast verify --aot sm_90a --aot sm_80`); every default-list entry compiles for sm_90a and
+sm_80 without register spills at head_dim <= 128.
 """
 from __future__ import annotations
 
@@ -488,24 +492,26 @@ class Config:
 # 8 warps once the fp32 accumulators pass ~64 registers/thread at head_dim 128.
 CONFIGS = {
     "fwd": {
-        32: [Config(128, 64, 4, 3), Config(128, 128, 4, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
+        32: [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
         64: [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
         128: [Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
         256: [Config(64, 32, 4, 2), Config(64, 64, 8, 2), Config(32, 32, 4, 2)],
     },
     "dkdv": {
-        32: [Config(32, 128, 4, 3), Config(64, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        64: [Config(32, 128, 4, 3), Config(64, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        128: [Config(32, 128, 8, 3), Config(64, 64, 4, 3), Config(64, 128, 8, 2), Config(32, 32, 4, 2)],
+        32: [Config(64, 128, 8, 3), Config(32, 128, 4, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
+        64: [Config(64, 128, 8, 3), Config(32, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
+        128: [Config(32, 128, 8, 3), Config(32, 64, 4, 3), Config(32, 32, 4, 2)],
         256: [Config(32, 64, 4, 2), Config(16, 32, 4, 2)],
     },
     "dq": {
         32: [Config(128, 32, 4, 3), Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
         64: [Config(128, 32, 4, 3), Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        128: [Config(128, 32, 8, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 2), Config(32, 32, 4, 2)],
+        128: [Config(128, 32, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
         256: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
     },
-    "pre": {d: [Config(128, 0, 4, 1)] for d in (32, 64, 128, 256)},
+    # rowsum(dO * O): a streaming kernel; about 64 elements of each tile per thread
+    "pre": {32: [Config(128, 0, 4, 1)], 64: [Config(128, 0, 4, 1)], 128: [Config(64, 0, 4, 1)],
+            256: [Config(32, 0, 4, 1)]},
 }
 # With dropout every score also carries a Philox-4x32-7 evaluation (4 live words per element),
 # so the 16-bit dropout variants use 8 warps (half the tile elements per thread) or smaller
@@ -514,19 +520,19 @@ DROPOUT_CONFIGS = {
     "fwd": {
         32: [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
         64: [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        128: [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
+        128: [Config(64, 64, 8, 3), Config(128, 32, 8, 3), Config(32, 32, 4, 2)],
         256: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
     },
     "dkdv": {
         32: [Config(32, 128, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
-        64: [Config(32, 128, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
-        128: [Config(32, 64, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
+        64: [Config(32, 128, 8, 3), Config(64, 64, 8, 3), Config(32, 64, 4, 3), Config(32, 32, 4, 2)],
+        128: [Config(32, 64, 8, 3), Config(32, 32, 4, 2)],
         256: [Config(32, 64, 4, 2), Config(16, 32, 4, 2)],
     },
     "dq": {
-        32: [Config(128, 32, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
-        64: [Config(128, 32, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
-        128: [Config(128, 32, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
+        32: [Config(128, 32, 8, 3), Config(64, 32, 4, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
+        64: [Config(128, 32, 8, 3), Config(64, 32, 4, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
+        128: [Config(128, 32, 8, 3), Config(32, 32, 4, 2)],
         256: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
     },
 }
@@ -538,7 +544,8 @@ CONFIGS_FP32 = {
              256: [Config(16, 32, 4, 1)]},
     "dq": {32: [Config(64, 32, 4, 2)], 64: [Config(64, 32, 4, 2)], 128: [Config(32, 16, 4, 2)],
            256: [Config(16, 32, 4, 1)]},
-    "pre": {d: [Config(64, 0, 4, 1)] for d in (32, 64, 128, 256)},
+    "pre": {32: [Config(64, 0, 4, 1)], 64: [Config(64, 0, 4, 1)], 128: [Config(32, 0, 4, 1)],
+            256: [Config(16, 0, 4, 1)]},
 }
 # Under TRITON_INTERPRET=1 (CPU tests) small unequal tiles, so short test sequences still cover
 # several blocks, the partial last block and the causal diagonal with BLOCK_M != BLOCK_N.

@@ -148,6 +148,7 @@ def _padded_case(B, Sq, Sk, H, D, dtype, mask="none", causal=False, p=0.0, scale
     (2, 1, 5, 1, 32, "right", True),
     (2, 97, 97, 1, 32, "float", False),
     (2, 20, 13, 2, 64, "dead", True),  # Sq > Sk causal: the first Sq - Sk rows see no key
+    (1, 130, 130, 1, 64, "right", True),
 ])
 def test_padded_fp32(B, Sq, Sk, H, D, mask, causal):
     _padded_case(B, Sq, Sk, H, D, torch.float32, mask, causal)
@@ -157,6 +158,7 @@ def test_padded_fp32(B, Sq, Sk, H, D, mask, causal):
     (2, 17, 17, 2, 64, "right", False),
     (2, 19, 35, 1, 32, "left", True),
     (2, 3, 3, 1, 128, "dead", False),
+    (1, 97, 97, 1, 128, "none", True),
 ])
 def test_padded_fp16(B, Sq, Sk, H, D, mask, causal):
     _padded_case(B, Sq, Sk, H, D, torch.float16, mask, causal)
@@ -272,11 +274,15 @@ def test_public_op_uses_triton_with_autograd():
 
     # varlen with a (q, k) pair of cu_seqlens, causal
     cu = torch.tensor([0, 5, 13], dtype=torch.int32, device=DEV)
-    qv, kv, vv = (t.detach()[0, :].repeat(1, 1, 1)[:13].requires_grad_() for t in (q, k, v))
+    qv, kv, vv = (t.detach()[0].clone().requires_grad_() for t in (q, k, v))  # (13, H, D) packed
     with bertfast.use_backend("triton"):
         o = attention(qv, kv, vv, cu_seqlens=(cu, cu), max_seqlen=(8, 8), causal=True)
+        grads = torch.autograd.grad((o * o).sum(), (qv, kv, vv))
     r = attention_ref(qv, kv, vv, None, cu, cu, 8, 8, causal=True)
+    ref_grads = torch.autograd.grad((r * r).sum(), (qv, kv, vv))
     torch.testing.assert_close(o, r, atol=2e-5, rtol=1e-5)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-5)
 
 
 def test_unsupported_inputs_raise_under_strict():
@@ -378,8 +384,8 @@ def test_gpu_bert_shapes(S):
 def test_gpu_dropout_statistics():
     K, _ = _mods()
     B, S, H, p = 8, 512, 12, 0.2
-    q = torch.zeros(B, S, H, 64, device="cuda", dtype=torch.bfloat16)  # uniform attention
-    v = torch.ones(B, S, H, 64, device="cuda", dtype=torch.bfloat16)
+    q = torch.zeros(B, S, H, 64, device="cuda", dtype=torch.float16)  # uniform attention
+    v = torch.ones(B, S, H, 64, device="cuda", dtype=torch.float16)
     out, _ = K.attention_fwd(q, q, v, None, None, None, S, S, p, 0.125, False, 2024)
     # out = mean over keys of keep / (1 - p): mean 1, std sqrt(p / ((1 - p) S)) per row
     per_row = out[..., 0].float()
