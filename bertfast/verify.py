@@ -80,7 +80,9 @@ def _candidates(op: str, device: str):
     return [name for name, im in spec.impls.items() if name != "reference" and backend._serves(im, device)]
 
 
-def verify_numerics() -> int:
+def verify_numerics(backends=None) -> int:
+    """Run every backend (or only those named in `backends`) that can serve here against the
+    reference: forward and input gradients on small inputs. Returns 1 if any fails."""
     import torch
 
     from . import backend, ops  # noqa: F401 - registers every op
@@ -97,6 +99,8 @@ def verify_numerics() -> int:
                 with backend.use_backend("reference"):
                     ref = call()
                 for name in _candidates(base, device):
+                    if backends and name not in backends:
+                        continue
                     reason = backend._why_not(backend._ops[base], name, device)
                     if reason is not None:
                         rows.append((op, name, device, str(dtype).replace("torch.", ""), "skip", reason[:60]))
@@ -120,6 +124,8 @@ def verify_numerics() -> int:
                 continue
             spec = backend._ops[op]
             for name in _candidates(op, device):
+                if backends and name not in backends:
+                    continue
                 reason = backend._why_not(spec, name, device)
                 rows.append((op, name, device, "probe", "ok" if reason is None else "skip",
                              "forward probe matches" if reason is None else reason[:60]))
@@ -258,6 +264,8 @@ def cli_main(cmd, argv) -> int:
                          "repeatable")
     ap.add_argument("--full", action="store_true", help="with --aot: every dtype/flag variant")
     ap.add_argument("--kernel", default=None, help="with --aot: only kernels whose module.kernel name contains this")
+    ap.add_argument("--backend", action="append", default=[], metavar="NAME",
+                    help="without --aot: check only this backend (triton, cuda, cpp); repeatable")
     ap.add_argument("--jobs", type=int, default=1, help="with --aot: parallel compile threads")
     args = ap.parse_args(argv)
     if args.aot:
@@ -270,4 +278,4 @@ def cli_main(cmd, argv) -> int:
             return subprocess.call([sys.executable, "-m", "bertfast", cmd, *argv], env=env)
         os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 3.6 default
         return verify_aot(args.aot, full=args.full, kernel_filter=args.kernel, jobs=max(1, args.jobs))
-    return verify_numerics()
+    return verify_numerics(backends=tuple(args.backend) or None)
