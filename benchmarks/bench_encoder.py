@@ -1,0 +1,11 @@
+"""Thin wrapper: `python benchmarks/bench_encoder.py [bertfast bench flags]` runs the encoder suite of
+`bertfast bench` (bertfast/bench.py holds the one harness; see its --help)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a source checkout
+
+from bertfast.bench import cli_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(cli_main("bench", ["--suite", "encoder", "--prefix", "bench_encoder", *sys.argv[1:]]))

@@ -1,0 +1,78 @@
+"""The benchmark harness on tiny shapes: it runs every suite, writes JSON + markdown, and
+every ratio it reports is finite. Seconds, not minutes: tiny ops, a 2-layer model, no
+torch.compile (the compile baselines are exercised by `bertfast bench` itself)."""
+import json
+import math
+
+import pytest
+import torch
+
+from bertfast import bench
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One run of all three suites at tiny shapes; 1 thread, so a busy 2-core CI box does not
+    stall every parallel region on a descheduled thread."""
+    tmp_path = tmp_path_factory.mktemp("bench")
+    out = bench.run(["--suite", "ops,attention,encoder", "--device", "cpu", "--quick", "--dtype", "fp32",
+                     "--tokens", "64", "--hidden", "32", "--sizes", "16", "--models", "tiny", "--compile", "none",
+                     "--repeats", "3", "--threads", "1", "--out", str(tmp_path),
+                     "--no-plots", "--no-progress"])
+    return tmp_path, out
+
+
+def test_bench_tiny_writes_json_and_markdown(tiny_run):
+    tmp_path, out = tiny_run
+    data = json.loads((tmp_path / "bench.json").read_text())
+    md = (tmp_path / "bench.md").read_text()
+    env = data["environment"]
+    for key in ("device", "torch", "triton", "transformers", "date", "git_commit", "torch_threads"):
+        assert key in env
+    assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_tflops"]["fp32"] > 0
+    suites = {r["suite"] for r in data["results"]}
+    assert suites == {"ops", "attention", "encoder"}
+    n_ratios = 0
+    for r in data["results"]:
+        assert r["variants"]["bertfast"]["status"] == "ok", r["variants"]["bertfast"]
+        for name, v in r["variants"].items():
+            assert v["status"] in ("ok", "skipped"), (r["name"], name, v)
+            if v["status"] == "ok":
+                assert v["median_ms"] > 0 and math.isfinite(v["median_ms"])
+            else:
+                assert v["reason"]
+        for ratio in r["speedup"].values():
+            assert math.isfinite(ratio) and ratio > 0
+            n_ratios += 1
+    assert n_ratios >= len(data["results"])  # every case has at least one baseline beside it
+    assert "## ops" in md and "## attention" in md and "## encoder" in md
+    assert len(out["results"]) == len(data["results"])
+
+
+def test_bench_memory_bound_figures(tiny_run):
+    tmp_path, _ = tiny_run
+    data = json.loads((tmp_path / "bench.json").read_text())
+    for r in data["results"]:
+        if r["suite"] != "ops":
+            continue
+        v = r["variants"]["bertfast"]
+        assert v["gbps"] > 0 and 0 < v["frac_copy_bw"] < 100
+
+
+def test_op_bytes_counts_forward_and_backward():
+    f = bench.op_bytes("bias_gelu", 1024, 768, torch.bfloat16, backward=False)
+    fb = bench.op_bytes("bias_gelu", 1024, 768, torch.bfloat16, backward=True)
+    assert f == pytest.approx(2 * 1024 * 768 * 2 + 768 * 2)
+    assert fb > 2 * f
+
+
+def test_rotation_exceeds_cache():
+    dev = torch.device("cpu")
+    assert bench.n_input_sets(1 << 40, dev) == 2
+    assert 2 <= bench.n_input_sets(1 << 20, dev) <= 8
+
+
+def test_varlen_lengths_fill():
+    lens = bench.varlen_lengths(256, 512)
+    fill = sum(lens) / (256 * 512)
+    assert 0.5 < fill < 0.7 and max(lens) == 512 and min(lens) >= 1
