@@ -300,11 +300,25 @@ class PretrainingStream:
         while self.epochs is None or epoch < self.epochs:
             rng = random.Random(derive_seed(self.seed, "pairs", self.shard, self.num_shards, epoch))
             pool: deque = deque(maxlen=self.doc_pool)
+            pending: deque = deque()
             buf: List[tuple] = []
             produced = 0
-            for doc in self._documents():
-                pool.append(doc)
-                for ex in self._doc_examples(doc, pool, rng):
+            # A document's pairs are made only once a few later documents are read too, so that
+            # even the first document has other documents to draw random segments from.
+            lookahead = min(8, self.doc_pool - 1)
+            docs = self._documents()
+            done = False
+            while not done or pending:
+                if not done:
+                    doc = next(docs, None)
+                    if doc is None:
+                        done = True
+                    else:
+                        pool.append(doc)
+                        pending.append(doc)
+                if not pending or (not done and len(pending) <= lookahead):
+                    continue
+                for ex in self._doc_examples(pending.popleft(), pool, rng):
                     buf.append(ex)
                     if len(buf) >= self.shuffle_buffer:
                         j = rng.randrange(len(buf))

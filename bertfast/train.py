@@ -243,6 +243,8 @@ def _model_config(args, vocab_size: int):
     over = {"vocab_size": vocab_size, "max_position_embeddings": max(512, args.seq_len)}
     if args.dropout is not None:
         over.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    if args.attention_dropout is not None:
+        over["attention_probs_dropout_prob"] = args.attention_dropout
     if os.path.isfile(args.config):
         cfg = BertConfig.from_json_file(args.config).to_dict()
         cfg.update(over)
@@ -511,6 +513,8 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--cased", action="store_true", help="keep case when training a vocabulary")
     p.add_argument("--config", default="tiny", help="tiny | mini | base | large, or a config.json path")
     p.add_argument("--dropout", type=float, help="override hidden and attention dropout")
+    p.add_argument("--attention-dropout", type=float, help="override attention dropout only (0 skips the "
+                   "attention-probability masks, the costliest part of a small model's CPU step)")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per rank")
     p.add_argument("--grad-accum", type=int, default=1)

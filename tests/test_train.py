@@ -1,0 +1,235 @@
+"""Pre-training and fine-tuning loops: loss goes down, exact resume, metrics, DDP equivalence,
+fine-tuning for every task, CLI errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bertfast.data import write_corpus
+from bertfast.testing import system_documents
+from bertfast.train import (finetune, finetune_parser, parameter_groups, pretrain, pretrain_parser, read_metrics,
+                            warmup_linear_schedule)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+         "max_position_embeddings": 128}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from bertfast import Tokenizer
+
+    d = tmp_path_factory.mktemp("train")
+    docs = system_documents(limit=80)
+    corpus = write_corpus(docs, str(d / "corpus.txt"))
+    tok = Tokenizer.train([corpus], vocab_size=600)
+    tok.save_pretrained(str(d / "tok"))
+    cfg = d / "small.json"
+    cfg.write_text(json.dumps(SMALL))
+    return {"dir": d, "corpus": corpus, "tok": str(d / "tok"), "config": str(cfg)}
+
+
+def _args(setup, out, *extra):
+    return pretrain_parser().parse_args(
+        ["--train", setup["corpus"], "--tokenizer", setup["tok"], "--config", setup["config"], "--out", str(out),
+         "--batch-size", "8", "--seq-len", "48", "--log-every", "1", "--eval-every", "0", "--no-progress",
+         "--threads", "1", *extra])
+
+
+def test_parameter_groups_exclude_bias_and_layernorm():
+    from bertfast import BertConfig, BertForPreTraining
+
+    model = BertForPreTraining(BertConfig(vocab_size=50, **SMALL))
+    decay, no_decay = parameter_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert any("LayerNorm" in names[id(p)] for p in no_decay["params"])
+    assert all(not names[id(p)].endswith(".bias") for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    # tied decoder weight appears once
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_warmup_then_linear_decay():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = warmup_linear_schedule(opt, 4, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == sorted(lrs[:4]) and lrs[3] < 1.0
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] < 0.2
+
+
+def test_pretraining_lowers_loss_and_writes_metrics(setup, tmp_path):
+    out = tmp_path / "run"
+    pretrain(_args(setup, out, "--max-steps", "30", "--lr", "2e-3", "--warmup-steps", "3", "--eval", setup["corpus"],
+                   "--eval-every", "30", "--eval-batches", "3", "--save-every", "0", "--log-every", "5"))
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    train = [r for r in rows if "mlm_loss" in r]
+    evals = [r for r in rows if "eval_mlm_loss" in r]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    for key in ("mlm_loss", "nsp_loss", "lr", "tokens_per_s", "mlm_acc"):
+        assert key in train[0]
+    assert train[-1]["mlm_loss"] < train[0]["mlm_loss"] - 0.3
+    assert [r["step"] for r in evals] == [0, 30] and evals[1]["eval_mlm_loss"] < evals[0]["eval_mlm_loss"]
+    # the final model and tokenizer load back
+    from bertfast import BertForPreTraining, Tokenizer
+
+    BertForPreTraining.from_pretrained(str(out))
+    Tokenizer.from_pretrained(str(out))
+
+
+def test_resume_reproduces_losses(setup, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pretrain(_args(setup, a, "--max-steps", "6", "--save-every", "3", "--lr", "1e-3"))
+    full = {r["step"]: r["mlm_loss"] + r["nsp_loss"] for r in read_metrics(str(a / "metrics.jsonl"))}
+    # b = a run interrupted after step 3: only its step-3 checkpoint and metrics survive
+    os.makedirs(b / "checkpoints")
+    shutil.copytree(a / "checkpoints" / "step-00000003", b / "checkpoints" / "step-00000003")
+    (b / "checkpoints" / "latest").write_text("step-00000003")
+    (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(str(a / "metrics.jsonl"))
+                                             if r["step"] <= 3) + json.dumps({"step": 5, "mlm_loss": 0}) + "\n")
+    pretrain(_args(setup, b, "--max-steps", "6", "--save-every", "3", "--lr", "1e-3", "--resume"))
+    resumed = {r["step"]: r["mlm_loss"] + r["nsp_loss"] for r in read_metrics(str(b / "metrics.jsonl"))}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for s in (4, 5, 6):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-6, abs=1e-6), (s, resumed[s], full[s])
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_resume_without_checkpoint_is_an_error(setup, tmp_path):
+    with pytest.raises(ValueError, match="--resume"):
+        pretrain(_args(setup, tmp_path / "none", "--max-steps", "2", "--resume"))
+
+
+def _cli(*argv, env_extra=None, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    from bertfast.cli import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    out = tmp_path / "out"
+    cases = [(["--train", str(empty)], "empty"), (["--train", str(tmp_path / "missing.txt")], "does not exist"),
+             (["--train", str(empty), "--config", "huge"], "empty"), (["--train", str(empty), "--resume"], "empty")]
+    for argv, match in cases:
+        assert main(["pretrain", *argv, "--out", str(out), "--max-steps", "1"]) == 1
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    ok = tmp_path / "ok.txt"
+    ok.write_text("one sentence here.\nanother one.\n")
+    assert main(["pretrain", "--train", str(ok), "--config", "huge", "--out", str(out)]) == 1
+    assert "--config must be one of" in capsys.readouterr().err and not out.exists()
+    assert main(["pretrain", "--train", str(ok), "--max-steps", "0", "--out", str(out)]) == 1
+    assert "--max-steps must be a positive integer" in capsys.readouterr().err and not out.exists()
+    ft = ["finetune", "--task", "cls", "--model", str(tmp_path / "nomodel"), "--train", str(ok), "--out", str(out)]
+    assert main(ft) == 1 and "--model" in capsys.readouterr().err and not out.exists()
+
+
+def test_torchrun_two_processes_match_one_process(setup, tmp_path):
+    """2 ranks x batch 8 (gloo) == 1 process with 2 accumulated micro-batches of 8 from the same shards."""
+    common = ["--train", setup["corpus"], "--tokenizer", setup["tok"], "--config", setup["config"],
+              "--batch-size", "8", "--seq-len", "48", "--max-steps", "3", "--num-shards", "2", "--lr", "1e-3",
+              "--eval-every", "0", "--save-every", "0", "--log-every", "1", "--no-progress", "--threads", "1"]
+    r = _cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "-m", "bertfast",
+             "pretrain", *common, "--out", str(tmp_path / "ddp"), "--grad-accum", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pretrain(pretrain_parser().parse_args(common + ["--out", str(tmp_path / "one"), "--grad-accum", "2"]))
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(tmp_path / "one" /
+                                                                                   "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+    la = read_metrics(str(tmp_path / "ddp" / "metrics.jsonl"))
+    lb = read_metrics(str(tmp_path / "one" / "metrics.jsonl"))
+    assert [r["mlm_loss"] for r in la] == pytest.approx([r["mlm_loss"] for r in lb], rel=1e-4)
+
+
+# ---- fine-tuning ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_model(setup):
+    from bertfast import BertConfig, BertForPreTraining, Tokenizer
+
+    tok = Tokenizer.from_pretrained(setup["tok"])
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(vocab_size=tok.vocab_size, **SMALL))
+    folder = str(setup["dir"] / "base")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def _ft(base, tmp_path, task, train, ev, *extra):
+    args = finetune_parser().parse_args(["--task", task, "--model", base, "--train", train, "--eval", ev, "--out",
+                                         str(tmp_path / task), "--epochs", "3", "--batch-size", "8", "--lr", "3e-3",
+                                         "--no-progress", "--threads", "1", "--max-seq-len", "48", *extra])
+    return finetune(args)
+
+
+def test_finetune_cls_learns_an_easy_task(base_model, tmp_path):
+    rows = [{"text": f"{w} is here", "label": "pos" if i % 2 else "neg"}
+            for i, w in enumerate(["good", "bad"] * 20)]
+    f = _write_jsonl(tmp_path / "cls.jsonl", rows)
+    res = _ft(base_model, tmp_path, "cls", f, f, "--epochs", "4")
+    assert res["eval_accuracy"] == 1.0
+    from bertfast import BertForSequenceClassification, Tokenizer
+    from bertfast.tasks import classify
+
+    m = BertForSequenceClassification.from_pretrained(str(tmp_path / "cls"))
+    tok = Tokenizer.from_pretrained(str(tmp_path / "cls"))
+    assert classify(m, tok, "bad is here")["label"] == "pos"
+
+
+def test_finetune_csv_nli_ner_qa_run(base_model, tmp_path):
+    csv_path = tmp_path / "nli.csv"
+    csv_path.write_text("premise,hypothesis,label\n" + "".join(
+        f"a cat sat {i},a cat sat,{['entailment', 'neutral', 'contradiction'][i % 3]}\n" for i in range(12)))
+    res = _ft(base_model, tmp_path, "nli", str(csv_path), str(csv_path), "--epochs", "1")
+    assert 0 <= res["eval_accuracy"] <= 1
+    ner = [{"tokens": ["Alice", "visited", "Paris", "today"], "tags": ["B-PER", "O", "B-LOC", "O"]}] * 16
+    f = _write_jsonl(tmp_path / "ner.jsonl", ner)
+    res = _ft(base_model, tmp_path, "ner", f, f, "--epochs", "6")
+    assert res["eval_entity_f1"] > 0.9
+    ctx = "The licence was written by the foundation in Boston."
+    qa = [{"question": "Where was it written?", "context": ctx,
+           "answers": {"text": ["Boston"], "answer_start": [ctx.index("Boston")]}}] * 16
+    f = _write_jsonl(tmp_path / "qa.jsonl", qa)
+    res = _ft(base_model, tmp_path, "qa", f, f, "--epochs", "6")
+    assert res["eval_exact_match"] == 1.0
+
+
+def test_finetune_rejects_unknown_eval_label(base_model, tmp_path):
+    tr = _write_jsonl(tmp_path / "tr.jsonl", [{"text": "x y", "label": "a"}, {"text": "y z", "label": "b"}])
+    ev = _write_jsonl(tmp_path / "ev.jsonl", [{"text": "x y", "label": "c"}])
+    with pytest.raises(ValueError, match="label 'c' is not one of"):
+        _ft(base_model, tmp_path, "cls", tr, ev)
+    assert not (tmp_path / "cls").exists()
+    bad = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "why " * 100, "context": "because"}])
+    with pytest.raises(ValueError, match="too long for max_seq_len"):
+        _ft(base_model, tmp_path, "qa", bad, bad)
