@@ -223,7 +223,7 @@ def load() -> None:
 
 def _bind_ops() -> None:
     ns = torch.ops.bertfast
-    for op in ("embedding_layernorm", "bias_gelu", "bias_residual_layernorm", "gelu_layernorm"):
+    for op in ("embedding_layernorm", "bias_gelu", "bias_residual_layernorm", "gelu_layernorm", "attention"):
         for d in ("fwd", "bwd"):
             _OPS[f"{op}_{d}"] = getattr(ns, f"{op}_cpu_{d}").default
 
@@ -302,12 +302,19 @@ def gelu_layernorm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approxim
 
 
 def attention_fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
-    """Interim: the reference forward (the C++ attention kernel is not in this build yet)."""
-    return _reference("attention")._fwd_reference(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
-                                                  seed)
+    """Padded (B, S, H, D) with an fp32 (B, Sk) key bias, or varlen (total, H, D) with cu_seqlens;
+    returns (out, lse) as bertfast.ops.attention's backend contract."""
+    if _f64(q):
+        return _reference("attention")._fwd_reference(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
+                                                      seed)
+    return _OPS["attention_fwd"](q, k, v, key_bias, cu_q, cu_k, int(max_q), int(max_k), float(p), float(scale),
+                                 bool(causal), int(seed))
 
 
 def attention_bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
-    """The reference backward (FlashAttention-2's recomputation in plain PyTorch)."""
-    return _reference("attention")._bwd_reference(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p,
-                                                  scale, causal, seed)
+    """FlashAttention-2's backward (P recomputed from the saved lse) in C++: returns (dq, dk, dv)."""
+    if _f64(q):
+        return _reference("attention")._bwd_reference(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p,
+                                                      scale, causal, seed)
+    return _OPS["attention_bwd"](dout, q, k, v, out, lse, key_bias, cu_q, cu_k, int(max_q), int(max_k), float(p),
+                                 float(scale), bool(causal), int(seed))
