@@ -194,9 +194,9 @@ def compile_spec(spec: dict, cc: int):
         opts["num_stages"] = spec["num_stages"]
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
     usage = resource_usage(compiled.asm["cubin"])
-    md = compiled.metadata
-    usage.setdefault("SHARED", getattr(md, "shared", 0))
-    usage["shared_meta"] = getattr(md, "shared", None)
+    # Triton kernels take their shared memory dynamically (metadata.shared, the launch size);
+    # cuobjdump's SHARED is only the static part. Report the larger.
+    usage["SHARED"] = max(usage.get("SHARED", 0), int(getattr(compiled.metadata, "shared", 0) or 0))
     return usage
 
 

@@ -117,10 +117,14 @@ def bias_gelu_bwd(dout, x, bias, approximate):
     dx = torch.empty_like(x)
     bm, bn, warps = config(n)
     n_col = triton.cdiv(n, bn)
-    g = max(1, num_programs(x.device, triton.cdiv(m, bm), warps) // n_col)
+    const = dict(TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn)
+    # G row-programs per column tile, G * n_col filling the GPU once
+    g = max(1, num_programs(x.device, triton.cdiv(m, bm) * n_col, warps, _bias_gelu_bwd_kernel,
+                            (dout, x, bias, dx, torch.empty((1, n), dtype=torch.float32, device=x.device), m, n),
+                            const) // n_col)
+    g = min(g, triton.cdiv(m, bm))
     parts = torch.empty((g, n), dtype=torch.float32, device=x.device)
-    _bias_gelu_bwd_kernel[(g, n_col)](dout, x, bias, dx, parts, m, n, TANH=approximate == "tanh", BLOCK_M=bm,
-                                      BLOCK_N=bn, num_warps=warps)
+    _bias_gelu_bwd_kernel[(g, n_col)](dout, x, bias, dx, parts, m, n, num_warps=warps, **const)
     return dx, parts.sum(0).to(bias.dtype)
 
 

@@ -31,6 +31,7 @@ MIN_BLOCK_N = 64
 # program still moves ~8-16 KB (and weight/bias loads are amortised over ROWS rows).
 TILE = 4096
 MAX_ROWS = 16
+BWD_TILE = 1024
 
 
 # ---------------------------------------------------------------------------------------
@@ -52,11 +53,14 @@ def fwd_config(n: int) -> tuple[int, int, int]:
 
 
 def bwd_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) of a backward row kernel: more live tensors (dy, x, xhat,
-    the fp32 gradient accumulators) than the forward: 8 elements per thread, 16 at 8192 columns
-    (16 warps: a 512-thread program may use 128 registers per thread; 32 warps would cap it at 64 and spill)."""
+    """(BLOCK_N, ROWS, num_warps) of a backward row kernel. It holds more live tensors than the
+    forward (dy, h, xhat, three fp32 gradient accumulators), so its tiles are smaller: 8 elements
+    per thread and BWD_TILE elements per iteration, which keeps programs small so many are
+    resident per SM and their load phases overlap; 16 elements per thread at 8192 columns
+    (16 warps: a 512-thread program may use 128 registers per thread; 32 warps would cap it at
+    64 and spill)."""
     bn = block_n(n)
-    rows = max(1, min(MAX_ROWS, TILE // bn))
+    rows = max(1, min(MAX_ROWS, BWD_TILE // bn))
     warps = max(4, min(16, rows * bn // 256))
     return bn, rows, warps
 
@@ -66,15 +70,44 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_programs(device: torch.device, n_tiles: int, num_warps: int) -> int:
-    """Grid size of a persistent backward kernel: enough programs to fill every SM up to
-    ~32 resident warps (registers permitting), never more than there are row tiles."""
-    if device.type == "cuda":
+_per_sm_cache: dict = {}
+
+
+def _programs_per_sm(kernel, args, constexprs: dict, num_warps: int, device: torch.device) -> int:
+    """How many programs of this kernel fit on one SM at once, from its real register count
+    (the fused-softmax tutorial's technique: compile without launching, read n_regs)."""
+    key = (kernel.__name__ if hasattr(kernel, "__name__") else id(kernel), tuple(sorted(constexprs.items())),
+           tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args), num_warps, device.index)
+    per_sm = _per_sm_cache.get(key)
+    if per_sm is None:
+        threads = 32 * num_warps
+        per_sm = max(1, 32 // num_warps)  # if the compiled kernel cannot be inspected
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **constexprs)
+            compiled._init_handles()
+            props = torch.cuda.get_device_properties(device)
+            regs = max(int(compiled.n_regs), 1) * threads
+            regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
+            threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+            per_sm = max(1, min(regs_per_sm // regs, threads_per_sm // threads, 32))
+        except Exception:  # noqa: BLE001 - an estimate only; the heuristic above is safe
+            pass
+        _per_sm_cache[key] = per_sm
+    return per_sm
+
+
+def num_programs(device: torch.device, n_tiles: int, num_warps: int, kernel=None, args=(), constexprs=None) -> int:
+    """Grid size of a persistent backward kernel: exactly as many programs as can be resident
+    at once (one wave, no tail), never more than there are row tiles. `kernel`, `args` and
+    `constexprs` (any partial buffers may be placeholders) let it read the compiled register count."""
+    if device.type != "cuda":  # the interpreter: a few programs, so the partial-sum path is exercised
+        return max(1, min(4, n_tiles))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if kernel is not None:
+        per_sm = _programs_per_sm(kernel, args, constexprs or {}, num_warps, torch.device("cuda", index))
+    else:
         per_sm = max(1, 32 // num_warps)
-        g = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
-    else:  # the interpreter: a few programs, so the partial-sum path is exercised
-        g = 4
-    return max(1, min(g, n_tiles))
+    return max(1, min(_sm_count(index) * per_sm, n_tiles))
 
 
 def dropout_args(p: float):
@@ -232,15 +265,20 @@ def bias_residual_layernorm_bwd(dout, x, bias, residual, weight, ln_bias, mean, 
     m, n = x.shape
     dout, x, residual = dout.contiguous(), x.contiguous(), residual.contiguous()
     bn, rows, warps = bwd_config(n)
-    g = num_programs(x.device, triton.cdiv(m, rows), warps)
     dx = torch.empty_like(x)
     dres = torch.empty_like(residual)
-    parts = torch.empty((3 if bias is not None else 2, g, n), dtype=torch.float32, device=x.device)
     threshold, scale = dropout_args(p)
-    _brln_bwd_kernel[(g,)](
-        dout, x, bias if bias is not None else x, residual, weight, mean, rstd, dx, dres,
-        parts[0], parts[1], parts[2] if bias is not None else parts[0], m, n, seed, threshold, scale,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, BLOCK_N=bn, ROWS=rows, num_warps=warps)
+    const = dict(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, BLOCK_N=bn, ROWS=rows)
+
+    def args(parts):
+        return (dout, x, bias if bias is not None else x, residual, weight, mean, rstd, dx, dres, parts[0], parts[1],
+                parts[-1], m, n, seed, threshold, scale)
+
+    nparts = 3 if bias is not None else 2
+    g = num_programs(x.device, triton.cdiv(m, rows), warps, _brln_bwd_kernel,
+                     args(torch.empty((nparts, 1, n), dtype=torch.float32, device=x.device)), const)
+    parts = torch.empty((nparts, g, n), dtype=torch.float32, device=x.device)
+    _brln_bwd_kernel[(g,)](*args(parts), num_warps=warps, **const)
     sums = parts.sum(1)
     dbias = sums[2].to(bias.dtype) if bias is not None else None
     return dx, dbias, dres, sums[0].to(weight.dtype), sums[1].to(ln_bias.dtype)

@@ -181,20 +181,24 @@ def embedding_layernorm_bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight,
     dout, ids, tt, pos = dout.contiguous(), ids.contiguous(), tt.contiguous(), pos.contiguous()
     word, pos_emb, type_emb = word.contiguous(), pos_emb.contiguous(), type_emb.contiguous()
     bn, rows, warps = bwd_config(n)
-    g = num_programs(word.device, triton.cdiv(m, rows), warps)
     deterministic = torch.are_deterministic_algorithms_enabled()
     n_types = type_emb.shape[0]
     type_rows = n_types if (n_types <= MAX_TYPE_ROWS_IN_REGISTERS and not deterministic) else 0
     dword, dpos, dtype = _fp32_grad(word), _fp32_grad(pos_emb), _fp32_grad(type_emb)
+    threshold, scale = dropout_args(p)
+    const = dict(HAS_DROPOUT=p > 0.0, ATOMIC=not deterministic, TYPE_ROWS=type_rows, BLOCK_N=bn, ROWS=rows)
+
+    def args(parts, type_parts, dh):
+        return (dout, ids, tt, pos, word, pos_emb, type_emb, weight, mean, rstd, dword, dpos, dtype, dh, type_parts,
+                parts[0], parts[1], m, n, seed, threshold, scale)
+
+    probe = torch.empty((2, 1, n), dtype=torch.float32, device=word.device)
+    g = num_programs(word.device, triton.cdiv(m, rows), warps, _emb_ln_bwd_kernel, args(probe, probe, probe), const)
     parts = torch.empty((2, g, n), dtype=torch.float32, device=word.device)
     # zeroed: at 8192 columns the kernel accumulates into it in place
     type_parts = torch.zeros((g, max(type_rows, 1), n), dtype=torch.float32, device=word.device)
     dh = torch.empty((m, n), dtype=torch.float32, device=word.device) if deterministic else parts
-    threshold, scale = dropout_args(p)
-    _emb_ln_bwd_kernel[(g,)](
-        dout, ids, tt, pos, word, pos_emb, type_emb, weight, mean, rstd, dword, dpos, dtype, dh, type_parts,
-        parts[0], parts[1], m, n, seed, threshold, scale, HAS_DROPOUT=p > 0.0, ATOMIC=not deterministic,
-        TYPE_ROWS=type_rows, BLOCK_N=bn, ROWS=rows, num_warps=warps)
+    _emb_ln_bwd_kernel[(g,)](*args(parts, type_parts, dh), num_warps=warps, **const)
     if deterministic:
         for buf, i in ((dword, ids), (dpos, pos), (dtype, tt)):
             buf.index_put_((i.long(),), dh, accumulate=True)

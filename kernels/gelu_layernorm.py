@@ -106,11 +106,16 @@ def gelu_layernorm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approxim
     m, n = x.shape
     dout, x = dout.contiguous(), x.contiguous()
     bn, rows, warps = bwd_config(n)
-    g = num_programs(x.device, triton.cdiv(m, rows), warps)
     dx = torch.empty_like(x)
+    const = dict(TANH=_tanh(approximate), BLOCK_N=bn, ROWS=rows)
+
+    def args(parts):
+        return (dout, x, bias, weight, mean, rstd, dx, parts[0], parts[1], parts[2], m, n)
+
+    g = num_programs(x.device, triton.cdiv(m, rows), warps, _gelu_ln_bwd_kernel,
+                     args(torch.empty((3, 1, n), dtype=torch.float32, device=x.device)), const)
     parts = torch.empty((3, g, n), dtype=torch.float32, device=x.device)
-    _gelu_ln_bwd_kernel[(g,)](dout, x, bias, weight, mean, rstd, dx, parts[0], parts[1], parts[2], m, n,
-                              TANH=_tanh(approximate), BLOCK_N=bn, ROWS=rows, num_warps=warps)
+    _gelu_ln_bwd_kernel[(g,)](*args(parts), num_warps=warps, **const)
     sums = parts.sum(1)
     return dx, sums[0].to(bias.dtype), sums[1].to(weight.dtype), sums[2].to(ln_bias.dtype)
 
