@@ -431,10 +431,16 @@ def _load(cls_name: str, folder: str):
         raise ValueError(f"--model must be a checkpoint folder (config.json + weights + tokenizer), got {folder!r}")
     tok = Tokenizer.from_pretrained(folder)
     cls = getattr(models, cls_name)
-    model, info = cls.from_pretrained(folder, output_loading_info=True)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, info = cls.from_pretrained(folder, output_loading_info=True)
     if cls_name == "BertForMaskedLM" and any(k.startswith("cls.predictions") for k in info["missing_keys"]):
         raise ValueError(f"--model {folder!r} has no MLM head (cls.predictions.*): fill-mask needs a "
                          f"pre-trained BertForPreTraining/BertForMaskedLM checkpoint")
+    for w in caught:  # only now: a refused model should give one error line, not warnings first
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(dev).eval(), tok
 
