@@ -46,6 +46,7 @@ sm_80 without register spills at head_dim <= 128.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -486,56 +487,79 @@ class Config:
     num_stages: int
 
 
-# Per kernel and padded head_dim, fp16/bf16; the first entry is the default, the others are the
-# autotuning candidates. Sizes follow FlashAttention-2 / Triton tutorial 06 on H100: big query
-# tiles (128 rows = two wgmma warpgroup tiles) for the forward and dQ, big key tiles for dK/dV,
-# 8 warps once the fp32 accumulators pass ~64 registers/thread at head_dim 128.
+C = Config
+# Per GPU family, kernel and padded head_dim, fp16/bf16; the first entry is the default, the
+# others are autotuning candidates. Sizes follow FlashAttention-2 / Triton tutorial 06: big query
+# tiles for the forward and dQ (128 rows = two wgmma tiles on Hopper), big key tiles for dK/dV.
+# Every entry was compiled for its architecture (bertfast verify --aot) and kept only if it does
+# not spill: "sm90" (Hopper, Blackwell datacenter: wgmma/tcgen05 keep accumulators cheaper) and
+# "sm80" (Ampere, Ada and others: mma.sync layouts need more registers, so smaller tiles).
 CONFIGS = {
-    "fwd": {
-        32: [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        64: [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        128: [Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        256: [Config(64, 32, 4, 2), Config(64, 64, 8, 2), Config(32, 32, 4, 2)],
+    "sm90": {
+        "fwd": {32: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                64: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                128: [C(128, 64, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                256: [C(64, 64, 8, 2), C(64, 32, 4, 2), C(32, 32, 4, 2)]},
+        "dkdv": {32: [C(64, 128, 8, 3), C(32, 128, 4, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                 64: [C(64, 128, 8, 3), C(32, 128, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                 128: [C(32, 128, 8, 3), C(32, 64, 4, 3), C(32, 32, 4, 2)],
+                 256: [C(32, 32, 8, 2)]},
+        "dq": {32: [C(128, 32, 4, 3), C(128, 64, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+               64: [C(128, 32, 4, 3), C(128, 64, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+               128: [C(128, 32, 8, 3), C(128, 64, 8, 2), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+               256: [C(64, 32, 8, 2), C(32, 32, 4, 2)]},
     },
-    "dkdv": {
-        32: [Config(64, 128, 8, 3), Config(32, 128, 4, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        64: [Config(64, 128, 8, 3), Config(32, 128, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        128: [Config(32, 128, 8, 3), Config(32, 64, 4, 3), Config(32, 32, 4, 2)],
-        256: [Config(32, 64, 4, 2), Config(16, 32, 4, 2)],
+    "sm80": {
+        "fwd": {32: [C(128, 128, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                64: [C(128, 128, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                128: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                256: [C(64, 64, 8, 2), C(32, 32, 4, 2)]},
+        "dkdv": {32: [C(64, 128, 8, 3), C(32, 128, 4, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                 64: [C(32, 128, 8, 3), C(64, 64, 8, 3), C(32, 32, 4, 2)],
+                 128: [C(32, 64, 8, 3), C(32, 32, 8, 2)],
+                 256: [C(32, 32, 8, 2)]},
+        "dq": {32: [C(128, 32, 4, 3), C(128, 64, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+               64: [C(128, 64, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+               128: [C(128, 32, 8, 3), C(32, 32, 4, 2)],
+               256: [C(64, 32, 8, 2), C(32, 32, 4, 2)]},
     },
-    "dq": {
-        32: [Config(128, 32, 4, 3), Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        64: [Config(128, 32, 4, 3), Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        128: [Config(128, 32, 8, 3), Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        256: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
-    },
-    # rowsum(dO * O): a streaming kernel; about 64 elements of each tile per thread
-    "pre": {32: [Config(128, 0, 4, 1)], 64: [Config(128, 0, 4, 1)], 128: [Config(64, 0, 4, 1)],
-            256: [Config(32, 0, 4, 1)]},
 }
+# rowsum(dO * O): a streaming kernel; about 64 elements of each tile per thread
+for _fam in CONFIGS.values():
+    _fam["pre"] = {32: [C(128, 0, 4, 1)], 64: [C(128, 0, 4, 1)], 128: [C(64, 0, 4, 1)], 256: [C(32, 0, 4, 1)]}
 # With dropout every score also carries a Philox-4x32-7 evaluation (4 live words per element),
-# so the 16-bit dropout variants use 8 warps (half the tile elements per thread) or smaller
-# tiles, to stay under 255 registers without spilling.
+# so the dropout variants use 8 warps (half the tile elements per thread) or smaller tiles.
 DROPOUT_CONFIGS = {
-    "fwd": {
-        32: [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        64: [Config(128, 64, 8, 3), Config(64, 64, 4, 3), Config(32, 32, 4, 2)],
-        128: [Config(64, 64, 8, 3), Config(128, 32, 8, 3), Config(32, 32, 4, 2)],
-        256: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
+    "sm90": {
+        "fwd": {32: [C(128, 64, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                64: [C(128, 64, 8, 3), C(64, 64, 4, 3), C(32, 32, 4, 2)],
+                128: [C(64, 64, 8, 3), C(128, 32, 8, 3), C(32, 32, 4, 2)],
+                256: [C(32, 32, 4, 2)]},
+        "dkdv": {32: [C(32, 128, 8, 3), C(64, 64, 8, 3), C(32, 32, 4, 2)],
+                 64: [C(32, 128, 8, 3), C(64, 64, 8, 3), C(32, 64, 4, 3), C(32, 32, 4, 2)],
+                 128: [C(32, 64, 8, 3), C(32, 32, 4, 2)],
+                 256: [C(32, 32, 8, 2)]},
+        "dq": {32: [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 8, 3), C(32, 32, 4, 2)],
+               64: [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 8, 3), C(32, 32, 4, 2)],
+               128: [C(128, 32, 8, 3), C(32, 32, 4, 2)],
+               256: [C(32, 32, 4, 2)]},
     },
-    "dkdv": {
-        32: [Config(32, 128, 8, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
-        64: [Config(32, 128, 8, 3), Config(64, 64, 8, 3), Config(32, 64, 4, 3), Config(32, 32, 4, 2)],
-        128: [Config(32, 64, 8, 3), Config(32, 32, 4, 2)],
-        256: [Config(32, 64, 4, 2), Config(16, 32, 4, 2)],
-    },
-    "dq": {
-        32: [Config(128, 32, 8, 3), Config(64, 32, 4, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
-        64: [Config(128, 32, 8, 3), Config(64, 32, 4, 3), Config(64, 64, 8, 3), Config(32, 32, 4, 2)],
-        128: [Config(128, 32, 8, 3), Config(32, 32, 4, 2)],
-        256: [Config(64, 32, 4, 2), Config(32, 32, 4, 2)],
+    "sm80": {
+        "fwd": {32: [C(128, 64, 8, 3), C(32, 32, 4, 2)],
+                64: [C(128, 64, 8, 3), C(32, 32, 4, 2)],
+                128: [C(64, 64, 8, 3), C(128, 32, 8, 3), C(32, 32, 4, 2)],
+                256: [C(32, 32, 4, 2)]},
+        "dkdv": {32: [C(32, 128, 8, 3), C(32, 32, 4, 2)],
+                 64: [C(32, 128, 8, 3), C(32, 64, 4, 3), C(32, 32, 4, 2)],
+                 128: [C(32, 64, 8, 3), C(32, 32, 4, 2)],
+                 256: [C(32, 32, 8, 2)]},
+        "dq": {32: [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 8, 3), C(32, 32, 4, 2)],
+               64: [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 8, 3), C(32, 32, 4, 2)],
+               128: [C(64, 32, 8, 3), C(32, 32, 4, 2)],
+               256: [C(32, 32, 4, 2)]},
     },
 }
+ARCHS = {"sm90": "sm_90a", "sm80": "sm_80"}  # family -> the architecture its lists are verified for
 # fp32 operands take twice the shared memory and registers of fp16 ones: smaller tiles
 CONFIGS_FP32 = {
     "fwd": {32: [Config(64, 32, 4, 2)], 64: [Config(64, 32, 4, 2)], 128: [Config(32, 32, 4, 2)],
@@ -561,24 +585,34 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def candidates(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool = False) -> list:
-    """Every configuration of `kernel` for this head_dim (padded), dtype and dropout flag."""
+@functools.lru_cache(maxsize=None)
+def _family(device_index: int) -> str:
+    major, _minor = torch.cuda.get_device_capability(device_index)
+    return "sm90" if major in (9, 10) else "sm80"
+
+
+def device_family(device) -> str:
+    """The config family of a device: "sm90" (Hopper, Blackwell datacenter) or "sm80"."""
+    if device.type != "cuda":
+        return "sm90"
+    return _family(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def candidates(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool = False, family: str = "sm90") -> list:
+    """Every configuration of `kernel` for this head_dim (padded), dtype, dropout flag and GPU family."""
     if dtype == torch.float32:
-        table = CONFIGS_FP32
-    elif dropout and kernel in DROPOUT_CONFIGS:
-        table = DROPOUT_CONFIGS
-    else:
-        table = CONFIGS
-    return table[kernel][_block_d(head_dim)]
+        return CONFIGS_FP32[kernel][_block_d(head_dim)]
+    table = DROPOUT_CONFIGS if dropout and kernel != "pre" else CONFIGS
+    return table[family][kernel][_block_d(head_dim)]
 
 
 def pick_config(kernel: str, head_dim: int, dtype: torch.dtype, max_q: int, max_k: int, dropout: bool = False,
-                interpret=None) -> Config:
+                family: str = "sm90", interpret=None) -> Config:
     """The heuristic: the first (tuned default) candidate whose tiles are not larger than the
     sequences they cover, so short sequences do not compute on mostly-empty tiles."""
     if _interpret() if interpret is None else interpret:
         return INTERPRET_CONFIGS[kernel]
-    cands = candidates(kernel, head_dim, dtype, dropout)
+    cands = candidates(kernel, head_dim, dtype, dropout, family)
     lim_m = max(16, triton.next_power_of_2(max(max_q, 1)))
     lim_n = max(16, triton.next_power_of_2(max(max_k, 1)))
     for c in cands:
@@ -606,7 +640,8 @@ def _launch_one(fn, cfg: Config, grid_of, args_of, constexprs):
     fn[grid_of(cfg)](*args_of(cfg), **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, dtype, max_q: int, max_k: int):
+def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, dtype, max_q: int, max_k: int,
+            family: str):
     """Launch `fn` with the heuristic's configuration or, with BERTFAST_AUTOTUNE=1, the fastest
     candidate for (kernel, head_dim, dtype, sequence-length buckets, constexpr flags), timed once
     on the real arguments and cached (every kernel here overwrites its outputs, so that is safe).
@@ -614,14 +649,14 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
     cfg = None
     dropout = bool(constexprs.get("DROPOUT", False))
     if _autotune_on():
-        key = (kernel, _block_d(head_dim), dtype, _seq_bucket(max_q), _seq_bucket(max_k),
+        key = (kernel, family, _block_d(head_dim), dtype, _seq_bucket(max_q), _seq_bucket(max_k),
                tuple(sorted(constexprs.items())))
         cfg = _tuned.get(key)
         if cfg is None:
             from triton.testing import do_bench
 
             best = None
-            for c in candidates(kernel, head_dim, dtype, dropout):
+            for c in candidates(kernel, head_dim, dtype, dropout, family):
                 try:
                     t = do_bench(lambda c=c: _launch_one(fn, c, grid_of, args_of, constexprs),
                                                 warmup=5, rep=20)
@@ -629,9 +664,9 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
                     continue
                 if best is None or t < best[0]:
                     best = (t, c)
-            cfg = _tuned[key] = best[1] if best else pick_config(kernel, head_dim, dtype, max_q, max_k, dropout)
+            cfg = _tuned[key] = best[1] if best else pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family)
     if cfg is None:
-        cfg = pick_config(kernel, head_dim, dtype, max_q, max_k, dropout)
+        cfg = pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family)
     _launch_one(fn, cfg, grid_of, args_of, constexprs)
 
 
@@ -732,7 +767,7 @@ def attention_fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
     tail = (scale * LOG2E,) + c["seeds"]
     _launch("fwd", _attn_fwd, lambda cfg: (triton.cdiv(max_q, cfg.block_m) * B * H,),
             lambda cfg: head + (triton.cdiv(max_q, cfg.block_m),) + tail,
-            c["constexprs"], c["head_dim"], q.dtype, max_q, max_k)
+            c["constexprs"], c["head_dim"], q.dtype, max_q, max_k, device_family(q.device))
     return out, lse
 
 
@@ -759,22 +794,23 @@ def attention_bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p
     c = _common(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed, lse)
     B = c["B"]
     cx = c["constexprs"]
+    fam = device_family(q.device)
     delta = torch.empty_like(lse)
     _launch("pre", _attn_bwd_pre, lambda cfg: (triton.cdiv(max_q, cfg.block_m) * B * H,),
             lambda cfg: (out, dout, delta, c["cu_q"], *_strides(out, varlen), *_strides(dout, varlen),
                          c["stride_lb"], c["stride_lh"], H, max_q, triton.cdiv(max_q, cfg.block_m)),
             dict(HEAD_DIM_V=cx["HEAD_DIM_V"], BLOCK_DV=cx["BLOCK_DV"], VARLEN=varlen),
-            c["head_dim"], q.dtype, max_q, max_k)
+            c["head_dim"], q.dtype, max_q, max_k, fam)
     head = (q, k, v, dout, lse, delta, c["bias"])
     strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
                c["stride_lb"], c["stride_lh"], c["stride_bias"], H, max_q, max_k)
     tail = (scale * LOG2E, scale) + c["seeds"]
     _launch("dkdv", _attn_bwd_dkdv, lambda cfg: (triton.cdiv(max_k, cfg.block_n) * B * H,),
             lambda cfg: head + (dk, dv, c["cu_q"], c["cu_k"]) + strides + (triton.cdiv(max_k, cfg.block_n),) + tail,
-            cx, c["head_dim"], q.dtype, max_q, max_k)
+            cx, c["head_dim"], q.dtype, max_q, max_k, fam)
     _launch("dq", _attn_bwd_dq, lambda cfg: (triton.cdiv(max_q, cfg.block_m) * B * H,),
             lambda cfg: head + (dq, c["cu_q"], c["cu_k"]) + strides + (triton.cdiv(max_q, cfg.block_m),) + tail,
-            cx, c["head_dim"], q.dtype, max_q, max_k)
+            cx, c["head_dim"], q.dtype, max_q, max_k, fam)
     if neg:
         dq = dq.neg_()
     return dq, dk, dv
@@ -818,7 +854,7 @@ def _aot_signature(kernel: str, dt: str) -> tuple:
 
 
 def aot_spec(kernel: str, cfg: Config, dt: str, head_dim: int, varlen=False, has_bias=True, causal=False,
-             dropout=True, head_dim_v=None) -> dict:
+             dropout=True, head_dim_v=None, family=None) -> dict:
     """One entry of aot_specs(): enough for triton.compile(ASTSource(fn, signature, constexprs, attrs),
     target=GPUTarget('cuda', cc, 32), options={'num_warps', 'num_stages'})."""
     fn = _KERNELS[kernel]()
@@ -838,28 +874,42 @@ def aot_spec(kernel: str, cfg: Config, dt: str, head_dim: int, varlen=False, has
     config = (f"{dt} d={head_dim}{'' if dv == head_dim else f'/{dv}'} BLOCK_M={cfg.block_m}"
               f"{'' if kernel == 'pre' else f' BLOCK_N={cfg.block_n}'} warps={cfg.num_warps} "
               f"stages={cfg.num_stages}{flags}")
-    return {"kernel": fn.__name__, "fn": fn, "signature": full_sig, "constexprs": cx, "attrs": attrs,
+    spec = {"kernel": fn.__name__, "fn": fn, "signature": full_sig, "constexprs": cx, "attrs": attrs,
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "config": config}
+    if family is not None:  # the lists of a GPU family are launched (and verified) on its architecture only
+        spec["config"] = f"[{family}] " + config
+        spec["archs"] = [ARCHS[family]]
+    return spec
 
 
 def aot_specs(full: bool = False) -> list:
-    """Every (kernel, configuration) the launchers can choose: the CONFIGS lists of every padded
-    head_dim in bf16 with key bias, and the DROPOUT_CONFIGS lists with dropout on as well.
-    full=True adds fp16, the fp32 lists, and the varlen/causal/no-dropout variants and a head_dim
-    that is padded in-kernel (80 -> 128)."""
+    """Every (kernel, configuration) the launchers can choose: the CONFIGS lists of each GPU family
+    and padded head_dim in bf16 with key bias, and the DROPOUT_CONFIGS lists with dropout on as
+    well. Each entry's "archs" names the architecture its family's lists are for (a launch on an
+    sm_80 GPU never uses the sm_90 lists): compiling it for another architecture proves little.
+    full=True adds fp16, the fp32 lists, the varlen/causal/no-dropout variants and a head_dim that
+    is padded in-kernel (80 -> 128)."""
     specs = []
-    for kernel in ("fwd", "dkdv", "dq", "pre"):
-        for dropout, table in ((False, CONFIGS), (True, DROPOUT_CONFIGS)):
-            for d, cfgs in table.get(kernel, {}).items():
-                for cfg in cfgs:
-                    for dt in (("bf16", "fp16") if full else ("bf16",)):
-                        specs.append(aot_spec(kernel, cfg, dt, d, dropout=dropout))
-        if full:
+    for family in CONFIGS:
+        for kernel in ("fwd", "dkdv", "dq", "pre"):
+            for dropout, table in ((False, CONFIGS), (True, DROPOUT_CONFIGS)):
+                for d, cfgs in table[family].get(kernel, {}).items():
+                    if dropout and kernel == "pre":
+                        continue
+                    for cfg in cfgs:
+                        for dt in (("bf16", "fp16") if full else ("bf16",)):
+                            specs.append(aot_spec(kernel, cfg, dt, d, dropout=dropout, family=family))
+            if full:
+                cfg = CONFIGS[family][kernel][64][0]
+                specs.append(aot_spec(kernel, cfg, "bf16", 64, varlen=True, has_bias=False, causal=True, dropout=False,
+                                      family=family))
+                specs.append(aot_spec(kernel, cfg, "fp16", 64, varlen=False, has_bias=True, causal=True,
+                                      dropout=False, family=family))
+                specs.append(aot_spec(kernel, CONFIGS[family][kernel][128][0], "bf16", 80, head_dim_v=80,
+                                      dropout=False, family=family))
+    if full:
+        for kernel in ("fwd", "dkdv", "dq", "pre"):
             for d, cfgs in CONFIGS_FP32[kernel].items():
                 for cfg in cfgs:
-                    specs.append(aot_spec(kernel, cfg, "fp32", d))
-            cfg = CONFIGS[kernel][64][0]
-            specs.append(aot_spec(kernel, cfg, "bf16", 64, varlen=True, has_bias=False, causal=True, dropout=False))
-            specs.append(aot_spec(kernel, cfg, "fp16", 64, varlen=False, has_bias=True, causal=True, dropout=False))
-            specs.append(aot_spec(kernel, CONFIGS[kernel][128][0], "bf16", 80, head_dim_v=80))
+                    specs.append(aot_spec(kernel, cfg, "fp32", d, dropout=False))
     return specs

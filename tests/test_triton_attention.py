@@ -306,17 +306,21 @@ def test_configs_enumerable_and_aot_specs_complete():
     specs = K.aot_specs()
     names = {s["kernel"] for s in specs}
     assert names == {"_attn_fwd", "_attn_bwd_pre", "_attn_bwd_dkdv", "_attn_bwd_dq"}
-    n_cfgs = sum(len(c) for table in (K.CONFIGS, K.DROPOUT_CONFIGS) for kern in table.values() for c in kern.values())
+    n_cfgs = sum(len(c) for table in (K.CONFIGS, K.DROPOUT_CONFIGS) for fam in table.values()
+                 for kern in fam.values() for c in kern.values())
     assert len(specs) == n_cfgs
     for s in specs:
         assert set(s["signature"]) == set(s["fn"].arg_names)
         assert all(s["signature"][c] == "constexpr" for c in s["constexprs"])
-    for kernel in ("fwd", "dkdv", "dq"):
-        for d in (32, 64, 128):
-            for drop in (False, True):
-                for sq in (1, 100, 512, 4096):
-                    cfg = K.pick_config(kernel, d, torch.bfloat16, sq, sq, dropout=drop, interpret=False)
-                    assert cfg in K.candidates(kernel, d, torch.bfloat16, dropout=drop)
+        assert s["archs"] and s["num_warps"] in (4, 8)
+    for family in K.CONFIGS:
+        for kernel in ("fwd", "dkdv", "dq", "pre"):
+            for d in (32, 64, 128, 200):
+                for drop in (False, True):
+                    for sq in (1, 100, 512, 4096):
+                        cfg = K.pick_config(kernel, d, torch.bfloat16, sq, sq, dropout=drop, family=family,
+                                            interpret=False)
+                        assert cfg in K.candidates(kernel, d, torch.bfloat16, dropout=drop, family=family)
     full = K.aot_specs(full=True)
     assert len(full) > len(specs)
 
@@ -327,7 +331,7 @@ from bertfast.kernels import attention as K
 from bertfast.verify import compile_spec
 out = []
 for kernel in sys.argv[1].split(","):
-    spec = K.aot_spec(kernel, K.CONFIGS[kernel][64][0], "bf16", 64, dropout=False)
+    spec = K.aot_spec(kernel, K.CONFIGS["sm90"][kernel][64][0], "bf16", 64, dropout=False, family="sm90")
     out.append(compile_spec(spec, 90))
 print(json.dumps(out))
 """
