@@ -56,6 +56,71 @@ def _time_all(fns: dict, min_run_time: float, rounds: int = 7) -> dict:
     return best
 
 
+def attention_bench(a):
+    """Packed varlen attention (C++) and padded attention with a key mask (C++) against torch SDPA
+    on the padded batch with HF's boolean mask: BERT shapes, full and partly filled batches."""
+    import torch.nn.functional as F
+
+    rows = []
+    for dt in a.dtypes.split(","):
+        dtype = getattr(torch, dt)
+        for (B, S, H, D, fill) in ((32, 128, 12, 64, 1.0), (32, 128, 12, 64, 0.5), (64, 64, 6, 32, 0.5),
+                                   (16, 128, 12, 64, 0.25)):
+            g = torch.Generator().manual_seed(0)
+            lo = max(1, int(S * fill * 0.5))
+            hi = max(lo + 1, min(S, int(S * fill * 1.5)) + 1)
+            lens = torch.full((B,), S) if fill >= 1.0 else torch.randint(lo, hi, (B,), generator=g)
+            mask = torch.arange(S).view(1, S) < lens.view(B, 1)
+            q, k, v = (torch.randn(B, S, H, D, generator=g).to(dtype) for _ in range(3))
+            idx = mask.reshape(-1).nonzero().squeeze(1)
+            qp, kp, vp = (t.reshape(B * S, H, D)[idx].contiguous() for t in (q, k, v))
+            cu = torch.zeros(B + 1, dtype=torch.int32)
+            cu[1:] = lens.cumsum(0)
+            ms = int(lens.max())
+            sdpa_mask = mask.view(B, 1, 1, S)
+            res = {"dtype": dt, "B": B, "S": S, "H": H, "D": D, "fill": round(float(mask.float().mean()), 2)}
+            for mode in ("fwd",) + (() if a.no_backward else ("fwdbwd",)):
+                grad = mode == "fwdbwd"
+                for t in (q, k, v, qp, kp, vp):
+                    t.requires_grad_(grad)
+
+                def wrap(f, outs):
+                    def go():
+                        if grad:
+                            for t in (q, k, v, qp, kp, vp):
+                                t.grad = None
+                            o = f()
+                            o.backward(torch.ones_like(o))
+                        else:
+                            with torch.no_grad():
+                                f()
+                    return go
+
+                def sdpa():
+                    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       attn_mask=sdpa_mask)
+                    return o.transpose(1, 2)
+
+                def cpp_varlen():
+                    with bertfast.use_backend("cpp"):
+                        return ops.attention(qp, kp, vp, cu_seqlens=cu, max_seqlen=ms)
+
+                def cpp_padded():
+                    with bertfast.use_backend("cpp"):
+                        return ops.attention(q, k, v, attention_mask=mask)
+
+                t = _time_all({"sdpa": wrap(sdpa, None), "cpp_varlen": wrap(cpp_varlen, None),
+                               "cpp_padded": wrap(cpp_padded, None)}, a.min_run_time)
+                for key, val in t.items():
+                    res[f"{mode}_{key}_ms"] = val
+                res[f"{mode}_varlen_vs_sdpa"] = round(t["sdpa"] / t["cpp_varlen"], 2)
+                res[f"{mode}_padded_vs_sdpa"] = round(t["sdpa"] / t["cpp_padded"], 2)
+            rows.append(res)
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),
+                  flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default="embedding_layernorm,bias_residual_layernorm,bias_gelu,gelu_layernorm")
@@ -66,10 +131,17 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--attention", action="store_true", help="benchmark attention against SDPA instead")
     a = ap.parse_args()
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"capability {torch.backends.cpu.get_cpu_capability()}")
+    if a.attention:
+        rows = attention_bench(a)
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return
     for op in a.ops.split(","):
         fused = getattr(ops, op)
         ref = getattr(ops, op + "_ref")

@@ -189,17 +189,36 @@ def _jit_build(src: str, cap: str) -> None:
             fh.write(tag_text)
         os.replace(tag_src + ".tmp", tag_src)
     sources = [f for f in source_files(src) if f.endswith(".cpp") and os.path.basename(f) != "build_info.cpp"]
+    _clear_stale_lock(build_dir)
+    # ninja's default (cores + 2 jobs) oversubscribes small shared machines; MAX_JOBS still wins.
+    jobs_set = "MAX_JOBS" in os.environ
+    if not jobs_set:
+        os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, 8)))
     t0 = time.perf_counter()
     try:
         cpp_extension.load(name=name, sources=sources + [tag_src], extra_cflags=cflags + [f"-I{src}"],
                            extra_ldflags=_LDFLAGS, build_directory=build_dir, is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - report the compiler's first error, not ninja's wall of text
         raise RuntimeError(f"C++ CPU kernels failed to build ({cap}): {_first_error_line(str(e))}") from None
+    finally:
+        if not jobs_set:
+            os.environ.pop("MAX_JOBS", None)
     dt = time.perf_counter() - t0
     global _LOADED
     _LOADED = lib  # cpp_extension.load(is_python_module=False) loaded it into torch.ops
     _state.update(state="built", path=lib, capability=cap, build_seconds=round(dt, 1), reason=None)
     print(f"bertfast: built the C++ CPU kernels ({cap}) in {dt:.1f} s; cached in {build_dir}", file=sys.stderr)
+
+
+def _clear_stale_lock(build_dir: str, max_age_s: float = 900.0) -> None:
+    """torch's build lock is a plain file: a build killed midway leaves it behind and every later
+    process would wait on it forever. A lock older than any real build (15 min) is removed."""
+    lock = os.path.join(build_dir, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > max_age_s:
+            os.remove(lock)
+    except OSError:
+        pass
 
 
 def load() -> None:

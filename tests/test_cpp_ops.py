@@ -5,6 +5,7 @@ reference fails the test. Accuracy rule (DESIGN.md): against a float64 oracle, a
 error must stay within 2x the error eager PyTorch makes in the same precision, plus a small
 floor. The first test session builds the extension (cached afterwards).
 """
+import importlib
 import warnings
 
 import pytest
@@ -244,7 +245,7 @@ def test_dropout_matches_reference_stream(n):
     seed = 0x1234_5678_9ABC
     for op in ("embedding_layernorm", "bias_residual_layernorm"):
         args = _make(op, (33,), n, vocab=20)
-        mod = __import__(f"bertfast.ops.{op}", fromlist=["_fwd_reference"])
+        mod = importlib.import_module(f"bertfast.ops.{op}")
         if op == "embedding_layernorm":
             be = args + [1e-12, 0.25, seed]
         else:
@@ -319,3 +320,103 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     with bertfast.use_backend("cpp"), pytest.raises(backend.BackendError, match="failed to build"):
         ops.bias_gelu(x, b)
     backend.reset()
+
+
+# ---------------------------------------------------------------------------------------
+# attention: padded (key bias) and packed varlen, against the reference backward contract
+
+def _attn_inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g).to(dtype) for _ in range(3)]
+
+
+def _attn_check(args, dtype, atol):
+    A = importlib.import_module("bertfast.ops.attention")
+
+    q, k, v = args[:3]
+    out, lse = cpp.attention_fwd(*args)
+    ro, rl = A._fwd_reference(*args)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == rl.shape
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl)), "rows that see no key must have lse = +inf"
+    torch.testing.assert_close(out.float(), ro.float(), atol=atol, rtol=atol)
+    torch.testing.assert_close(torch.nan_to_num(lse, posinf=0.0), torch.nan_to_num(rl, posinf=0.0), atol=atol,
+                               rtol=atol)
+    dout = torch.randn_like(out)
+    got = cpp.attention_bwd(dout, q, k, v, ro, rl, *args[3:])
+    ref = A._bwd_reference(dout, q, k, v, ro, rl, *args[3:])
+    for name, a, b in zip("qkv", got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a.float(), b.float(), atol=4 * atol, rtol=4 * atol, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("S,H,D", [(1, 1, 32), (3, 2, 64), (97, 3, 64), (130, 2, 32), (17, 2, 128)])
+def test_attention_padded(S, H, D, p, causal):
+    B = 3
+    q, k, v = _attn_inputs((B, S, H, D), torch.float32)
+    bias = torch.zeros(B, S)
+    bias[1, S // 2 + 1:] = float("-inf")  # right padding
+    bias[2, :] = float("-inf")  # a sequence that sees nothing: zeros, lse = +inf
+    bias[0, 0] = -10000.0  # HF's finite "extended mask" value
+    _attn_check((q, k, v, bias, None, None, S, S, p, D ** -0.5, causal, 4321), torch.float32, 2e-5)
+    _attn_check((q, k, v, None, None, None, S, S, p, 0.3, causal, 4321), torch.float32, 2e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_attention_varlen(p, causal):
+    lens = [5, 1, 17, 64, 130, 3]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = _attn_inputs((int(cu[-1]), 3, 64), torch.float32, seed=1)
+    _attn_check((q, k, v, None, cu, cu, max(lens), max(lens), p, 0.125, causal, 99), torch.float32, 2e-5)
+
+
+def test_attention_varlen_cross_lengths():
+    cu_q = torch.tensor([0, 3, 3, 10], dtype=torch.int32)  # an empty query sequence
+    cu_k = torch.tensor([0, 7, 9, 11], dtype=torch.int32)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(10, 2, 32, generator=g)
+    k, v = torch.randn(2, 11, 2, 32, generator=g).unbind(0)
+    for causal in (False, True):
+        _attn_check((q, k, v, None, cu_q, cu_k, 7, 7, 0.0, 0.2, causal, 0), torch.float32, 2e-5)
+
+
+def test_attention_bf16_and_public_op():
+    lens = [7, 33, 128]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = _attn_inputs((int(cu[-1]), 4, 64), torch.bfloat16, seed=3)
+    _attn_check((q, k, v, None, cu, cu, 128, 128, 0.0, 0.125, False, 0), torch.bfloat16, 2e-2)
+    # the public op with autograd, padded with a (B, S) mask, against the reference backend
+    g = torch.Generator().manual_seed(4)
+    qp, kp, vp = (torch.randn(2, 40, 4, 32, generator=g).requires_grad_() for _ in range(3))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 25:] = 0
+    res = {}
+    for name in ("cpp", "reference"):
+        for t in (qp, kp, vp):
+            t.grad = None
+        with bertfast.use_backend(name):
+            o = ops.attention(qp, kp, vp, attention_mask=mask)
+            o.backward(torch.cos(o.detach()))
+        res[name] = [o.detach()] + [t.grad.clone() for t in (qp, kp, vp)]
+    for a, b in zip(res["cpp"], res["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_deterministic_across_threads():
+    lens = [50, 128, 77, 3]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = _attn_inputs((int(cu[-1]), 6, 64), torch.float32, seed=5)
+    args = (q, k, v, None, cu, cu, 128, 128, 0.1, 0.125, False, 7)
+    prev = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, lse = cpp.attention_fwd(*args)
+            runs.append([out, lse, *cpp.attention_bwd(torch.ones_like(out), q, k, v, out, lse, *args[3:])])
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

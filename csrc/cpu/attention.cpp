@@ -84,13 +84,16 @@ struct Geometry {
   const int32_t* cu_q;
   const int32_t* cu_k;
   const float* key_bias;  // (B, Sk) or nullptr
+  const int64_t* klen;    // padded layout: keys up to the last one the bias leaves visible, per sequence
   float scale;
   double p;
   uint64_t seed;
   int64_t q_start(int64_t b) const { return varlen ? cu_q[b] : b * max_q; }
   int64_t k_start(int64_t b) const { return varlen ? cu_k[b] : b * max_k; }
   int64_t len_q(int64_t b) const { return varlen ? cu_q[b + 1] - cu_q[b] : max_q; }
-  int64_t len_k(int64_t b) const { return varlen ? cu_k[b + 1] - cu_k[b] : max_k; }
+  int64_t len_k(int64_t b) const { return varlen ? cu_k[b + 1] - cu_k[b] : klen[b]; }
+  // causal alignment: key j is visible to query i iff j <= i + shift (bottom-right, per sequence)
+  int64_t causal_shift(int64_t b) const { return varlen ? len_k(b) - len_q(b) : max_k - max_q; }
   // index of lse(b, h, i): (B, H, Sq) padded, (H, total_q) varlen
   int64_t lse_index(int64_t b, int64_t h, int64_t i) const {
     return varlen ? h * total_q + cu_q[b] + i : (b * H + h) * max_q + i;
@@ -99,9 +102,9 @@ struct Geometry {
 
 // Scores of query row i (local index) -> additive mask applied, in place; returns the number of
 // keys this row may see (keys past it are -inf), for causal rows a prefix.
-inline int64_t mask_row(const Geometry& g, int64_t b, int64_t i, int64_t lq, int64_t lk, float* s) {
+inline int64_t mask_row(const Geometry& g, int64_t b, int64_t i, int64_t lk, float* s) {
   int64_t visible = lk;
-  if (g.causal) visible = std::max<int64_t>(0, std::min<int64_t>(lk, i + (lk - lq) + 1));
+  if (g.causal) visible = std::max<int64_t>(0, std::min<int64_t>(lk, i + g.causal_shift(b) + 1));
   const Vec vs(g.scale);
   if (g.key_bias) {
     const float* kb = g.key_bias + b * g.max_k;
@@ -152,7 +155,7 @@ void attn_fwd_kernel(const Geometry& g, const T* q, const T* k, const T* v, T* o
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           float* s = sb.data() + r * Lkp;
-          const int64_t vis = mask_row(g, b, i, lq, lk, s);
+          const int64_t vis = mask_row(g, b, i, lk, s);
           const float mx = row_max(s, vis);
           float* lse_p = lse + g.lse_index(b, h, i);
           if (vis == 0 || mx == -std::numeric_limits<float>::infinity()) {  // sees no key
@@ -192,7 +195,8 @@ void attn_fwd_kernel(const Geometry& g, const T* q, const T* k, const T* v, T* o
 Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& cu_q,
                        const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double p, double scale,
-                       bool causal, int64_t seed, at::Tensor& kb_keep, at::Tensor& cuq_keep, at::Tensor& cuk_keep) {
+                       bool causal, int64_t seed, at::Tensor& kb_keep, at::Tensor& cuq_keep, at::Tensor& cuk_keep,
+                       std::vector<int64_t>& klen) {
   Geometry g{};
   g.varlen = cu_q.has_value() && cu_q->defined();
   g.H = q.size(-2);
@@ -225,11 +229,20 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     g.max_k = k.size(1);
     g.total_q = g.B * g.max_q;
     g.cu_q = g.cu_k = nullptr;
+    klen.assign(g.B, g.max_k);
     if (key_bias.has_value() && key_bias->defined()) {
       kb_keep = key_bias->to(at::kFloat).contiguous();
       TORCH_CHECK(kb_keep.numel() == g.B * g.max_k, "key_bias must be (batch, key_len)");
       g.key_bias = kb_keep.data_ptr<float>();
+      // Right padding (HF's layout) masks a suffix of keys with -inf: those keys get probability
+      // 0 exactly, so skipping them computes the same values for a fraction of the work.
+      for (int64_t b = 0; b < g.B; ++b) {
+        int64_t n = g.max_k;
+        while (n > 0 && g.key_bias[b * g.max_k + n - 1] == -std::numeric_limits<float>::infinity()) --n;
+        klen[b] = n;
+      }
     }
+    g.klen = klen.data();
   }
   return g;
 }
@@ -241,7 +254,9 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const at::Tens
                                             double p, double scale, bool causal, int64_t seed) {
   const at::Tensor q = q_.contiguous(), k = k_.contiguous().to(q.scalar_type()), v = v_.contiguous().to(q.scalar_type());
   at::Tensor kb, cq, ck;
-  const Geometry g = make_geometry(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed, kb, cq, ck);
+  std::vector<int64_t> klen;
+  const Geometry g =
+      make_geometry(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed, kb, cq, ck, klen);
   auto out_shape = q.sizes().vec();
   out_shape.back() = g.Dv;
   // zeros: rows outside every sequence (none in a well-formed batch) and dead rows stay 0
@@ -294,7 +309,7 @@ void attn_bwd_kernel(const Geometry& g, const T* dout, const T* q, const T* k, c
           const int64_t i = i0 + r;
           float* s = pb.data() + r * Lkp;
           float* dp = dpb.data() + r * Lkp;
-          const int64_t vis = mask_row(g, b, i, lq, lk, s);
+          const int64_t vis = mask_row(g, b, i, lk, s);
           const float l = lse[g.lse_index(b, h, i)];
           if (vis == 0 || std::isinf(l)) {
             std::fill(s, s + Lkp, 0.0f);
@@ -349,7 +364,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   const at::Tensor dout = dout_.contiguous().to(q.scalar_type()), out = out_.contiguous().to(q.scalar_type());
   const at::Tensor lse = lse_.contiguous().to(at::kFloat);
   at::Tensor kb, cq, ck;
-  const Geometry g = make_geometry(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed, kb, cq, ck);
+  std::vector<int64_t> klen;
+  const Geometry g =
+      make_geometry(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed, kb, cq, ck, klen);
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   BERTFAST_DISPATCH(q.scalar_type(), "attention backward", [&] {
     attn_bwd_kernel<scalar_t>(g, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
