@@ -11,17 +11,14 @@ namespace {
 template <typename T>
 void bias_gelu_fwd_kernel(const T* x, const float* bias, T* out, int64_t rows, int64_t n, bool tanh_form) {
   at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(2 * n);
-    float *bx = buf.data(), *by = bx + n;
     for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = load_row(x + r * n, bx, n);
-      float* y = out_row(out + r * n, by);
+      const T* xr = x + r * n;
+      T* y = out + r * n;
       if (tanh_form) {
-        vloop(n, [&](int64_t i, int64_t c) { st(gelu_tanh(ld(xr + i, c) + ld(bias + i, c)), y + i, c); });
+        vloop(n, [&](int64_t i, int64_t c) { stT(gelu_tanh(ldT(xr + i, c) + ld(bias + i, c)), y + i, c); });
       } else {
-        vloop(n, [&](int64_t i, int64_t c) { st(gelu_erf(ld(xr + i, c) + ld(bias + i, c)), y + i, c); });
+        vloop(n, [&](int64_t i, int64_t c) { stT(gelu_erf(ldT(xr + i, c) + ld(bias + i, c)), y + i, c); });
       }
-      store_row(y, out + r * n, n);
     }
   });
 }
@@ -44,22 +41,19 @@ void bias_gelu_bwd_kernel(const T* dout, const T* x, const float* bias, T* dx, f
                           int64_t n, bool tanh_form) {
   const Chunks ch(rows);
   at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> buf(3 * n);
-    float *bx = buf.data(), *bd = bx + n, *bo = bd + n;
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       float* db = partial + chunk * n;
       std::fill(db, db + n, 0.0f);
       const int64_t rend = std::min(rows, (chunk + 1) * ch.size);
       for (int64_t r = chunk * ch.size; r < rend; ++r) {
-        const float* xr = load_row(x + r * n, bx, n);
-        const float* dy = load_row(dout + r * n, bd, n);
-        float* o = out_row(dx + r * n, bo);
+        const T* xr = x + r * n;
+        const T* dy = dout + r * n;
+        T* o = dx + r * n;
         vloop(n, [&](int64_t i, int64_t c) {
-          const Vec d = ld(dy + i, c) * gelu_grad(ld(xr + i, c) + ld(bias + i, c), tanh_form);
-          st(d, o + i, c);
+          const Vec d = ldT(dy + i, c) * gelu_grad(ldT(xr + i, c) + ld(bias + i, c), tanh_form);
+          stT(d, o + i, c);
           st(ld(db + i, c) + d, db + i, c);
         });
-        store_row(o, dx + r * n, n);
       }
     }
   });

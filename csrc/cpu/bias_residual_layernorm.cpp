@@ -26,20 +26,27 @@ void brl_fwd_kernel(const T* x, const float* bias, const T* res, const float* w,
   const uint32_t thr = dropout_threshold(p);
   const float scale = dropout_scale(p);
   at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(4 * n);
-    float *bx = buf.data(), *br = bx + n, *h = br + n, *drop = h + n;
+    std::vector<float> buf(2 * n);
+    float *h = buf.data(), *drop = h + n;
     for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = load_row(x + r * n, bx, n);
-      const float* rr = load_row(res + r * n, br, n);
+      const T* xr = x + r * n;
+      const T* rr = res + r * n;
       if (dropout) dropout_row(static_cast<uint64_t>(seed), thr, scale, r * n, n, drop);
-      brl_h(xr, bias, rr, dropout ? drop : nullptr, n, h);
+      // h = dropout(x + bias) + residual, and its sum, in one pass over the inputs
+      Vec sum(0.0f);
+      vloop(n, [&](int64_t i, int64_t c) {
+        Vec v = ldT(xr + i, c);
+        if (bias) v = v + ld(bias + i, c);
+        if (dropout) v = v * ld(drop + i, c);
+        v = v + ldT(rr + i, c);
+        st(v, h + i, c);
+        sum += v;
+      });
       float m, rs;
-      row_stats(h, n, eps, m, rs);
+      stats_from_sum(h, n, sum, eps, m, rs);
       mean[r] = m;
       rstd[r] = rs;
-      float* y = out_row(out + r * n, bx);
-      ln_apply(h, w, lb, m, rs, n, y);
-      store_row(y, out + r * n, n);
+      ln_apply_store(h, w, lb, m, rs, n, static_cast<const float*>(nullptr), out + r * n);
     }
   });
 }

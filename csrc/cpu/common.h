@@ -109,6 +109,94 @@ inline void vloop(int64_t n, const F& f) {
   if (i < n) f(i, n - i);
 }
 
+// Load / store one vector of T as fp32 in registers (no row buffer): bf16 widening and
+// round-to-nearest-even narrowing with intrinsics where the ISA has them, a scalar loop elsewhere.
+template <typename T>
+inline Vec ldT(const T* p, int64_t cnt) {
+  alignas(64) float tmp[kVec] = {};
+  for (int64_t i = 0; i < cnt; ++i) tmp[i] = static_cast<float>(p[i]);
+  return Vec::loadu(tmp);
+}
+template <>
+inline Vec ldT<float>(const float* p, int64_t cnt) {
+  return ld(p, cnt);
+}
+template <typename T>
+inline void stT(const Vec& v, T* p, int64_t cnt) {
+  alignas(64) float tmp[kVec];
+  v.store(tmp);
+  for (int64_t i = 0; i < cnt; ++i) p[i] = static_cast<T>(tmp[i]);
+}
+template <>
+inline void stT<float>(const Vec& v, float* p, int64_t cnt) {
+  st(v, p, cnt);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline Vec ldT<c10::BFloat16>(const c10::BFloat16* p, int64_t cnt) {
+  const __m256i raw = cnt == kVec ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                  : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << cnt) - 1), p);
+  return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+}
+template <>
+inline void stT<c10::BFloat16>(const Vec& v, c10::BFloat16* p, int64_t cnt) {
+  const __m512 f = v;
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  const __m256i h = _mm512_cvtepi32_epi16(r);
+  if (cnt == kVec) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  } else {
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << cnt) - 1), h);
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vec ldT<c10::BFloat16>(const c10::BFloat16* p, int64_t cnt) {
+  alignas(16) uint16_t tmp[8] = {};
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(p);
+  if (cnt != kVec) {
+    std::memcpy(tmp, p, cnt * sizeof(uint16_t));
+    src = tmp;
+  }
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+}
+template <>
+inline void stT<c10::BFloat16>(const Vec& v, c10::BFloat16* p, int64_t cnt) {
+  const __m256 f = v;
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  if (cnt == kVec) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  } else {
+    alignas(16) uint16_t tmp[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), h);
+    std::memcpy(p, tmp, cnt * sizeof(uint16_t));
+  }
+}
+#else
+template <>
+inline Vec ldT<c10::BFloat16>(const c10::BFloat16* p, int64_t cnt) {
+  alignas(64) float tmp[kVec] = {};
+  load_row(p, tmp, cnt);
+  return Vec::loadu(tmp);
+}
+template <>
+inline void stT<c10::BFloat16>(const Vec& v, c10::BFloat16* p, int64_t cnt) {
+  alignas(64) float tmp[kVec];
+  v.store(tmp);
+  store_row(tmp, p, cnt);
+}
+#endif
+
 // Horizontal sum in a fixed lane order (deterministic).
 inline float hsum(const Vec& v) {
   alignas(64) float tmp[kVec];
@@ -118,30 +206,30 @@ inline float hsum(const Vec& v) {
   return s;
 }
 
-// mean and rstd of an fp32 row: two passes over the row (in L1), so the variance does not
-// suffer the cancellation of E[x^2] - E[x]^2.
-inline void row_stats(const float* h, int64_t n, float eps, float& mean, float& rstd) {
-  Vec acc(0.0f);
-  vloop(n, [&](int64_t i, int64_t c) { acc += ld(h + i, c); });
-  const float m = hsum(acc) / static_cast<float>(n);
+// mean / rstd of an fp32 row h whose sum (as a vector of lane sums, tail lanes zero) was
+// accumulated while h was written: one more pass over the row (in L1) for the variance.
+inline void stats_from_sum(const float* h, int64_t n, const Vec& sum, float eps, float& mean, float& rstd) {
+  const float m = hsum(sum) / static_cast<float>(n);
   const Vec vm(m);
   Vec acc2(0.0f);
   vloop(n, [&](int64_t i, int64_t c) {
     Vec d = ld(h + i, c) - vm;
-    if (c != kVec) d = Vec::set(Vec(0.0f), d, c);  // zero lanes past the tail
+    if (c != kVec) d = Vec::set(Vec(0.0f), d, c);
     acc2 = at::vec::fmadd(d, d, acc2);
   });
-  const float var = hsum(acc2) / static_cast<float>(n);
   mean = m;
-  rstd = 1.0f / std::sqrt(var + eps);
+  rstd = 1.0f / std::sqrt(hsum(acc2) / static_cast<float>(n) + eps);
 }
 
-// y = (h - mean) * rstd * w + b
-inline void ln_apply(const float* h, const float* w, const float* b, float mean, float rstd, int64_t n, float* y) {
+// out = (h - mean) * rstd * w + b (* drop), stored as T
+template <typename T>
+inline void ln_apply_store(const float* h, const float* w, const float* b, float mean, float rstd, int64_t n,
+                           const float* drop, T* out) {
   const Vec vm(mean), vr(rstd);
   vloop(n, [&](int64_t i, int64_t c) {
-    const Vec xhat = (ld(h + i, c) - vm) * vr;
-    st(at::vec::fmadd(xhat, ld(w + i, c), ld(b + i, c)), y + i, c);
+    Vec y = at::vec::fmadd((ld(h + i, c) - vm) * vr, ld(w + i, c), ld(b + i, c));
+    if (drop) y = y * ld(drop + i, c);
+    stT(y, out + i, c);
   });
 }
 

@@ -39,21 +39,24 @@ void emb_fwd_kernel(const int64_t* ids, const int64_t* tt, const int64_t* pos, c
   const uint32_t thr = dropout_threshold(p);
   const float scale = dropout_scale(p);
   at::parallel_for(0, N, row_grain(n), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(6 * n);
-    float *bw = buf.data(), *bt = bw + n, *bp = bt + n, *h = bp + n, *by = h + n, *drop = by + n;
+    std::vector<float> buf(2 * n);
+    float *h = buf.data(), *drop = h + n;
     for (int64_t r = r0; r < r1; ++r) {
-      emb_h(word + ids[r] * n, te + tt[r] * n, pe + pos[r] * n, bw, bt, bp, n, h);
+      const T* wr = word + ids[r] * n;
+      const T* tr = te + tt[r] * n;
+      const T* pr = pe + pos[r] * n;
+      Vec sum(0.0f);
+      vloop(n, [&](int64_t i, int64_t c) {
+        const Vec v = (ldT(wr + i, c) + ldT(tr + i, c)) + ldT(pr + i, c);  // HF's order
+        st(v, h + i, c);
+        sum += v;
+      });
       float m, rs;
-      row_stats(h, n, eps, m, rs);
+      stats_from_sum(h, n, sum, eps, m, rs);
       mean[r] = m;
       rstd[r] = rs;
-      float* y = out_row(out + r * n, by);
-      ln_apply(h, w, b, m, rs, n, y);
-      if (dropout) {
-        dropout_row(static_cast<uint64_t>(seed), thr, scale, r * n, n, drop);
-        vloop(n, [&](int64_t i, int64_t c) { st(ld(y + i, c) * ld(drop + i, c), y + i, c); });
-      }
-      store_row(y, out + r * n, n);
+      if (dropout) dropout_row(static_cast<uint64_t>(seed), thr, scale, r * n, n, drop);
+      ln_apply_store(h, w, b, m, rs, n, dropout ? static_cast<const float*>(drop) : nullptr, out + r * n);
     }
   });
 }

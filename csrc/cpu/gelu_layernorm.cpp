@@ -20,18 +20,22 @@ template <typename T>
 void gln_fwd_kernel(const T* x, const float* bias, const float* w, const float* lb, T* out, float* mean,
                     float* rstd, int64_t rows, int64_t n, float eps, bool tanh_form) {
   at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(3 * n);
-    float *bx = buf.data(), *h = bx + n, *by = h + n;
+    std::vector<float> buf(n);
+    float* h = buf.data();
     for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = load_row(x + r * n, bx, n);
-      gelu_row(xr, bias, n, tanh_form, h);
+      const T* xr = x + r * n;
+      Vec sum(0.0f);
+      vloop(n, [&](int64_t i, int64_t c) {
+        Vec v = gelu(ldT(xr + i, c) + ld(bias + i, c), tanh_form);
+        if (c != kVec) v = Vec::set(Vec(0.0f), v, c);
+        st(v, h + i, c);
+        sum += v;
+      });
       float m, rs;
-      row_stats(h, n, eps, m, rs);
+      stats_from_sum(h, n, sum, eps, m, rs);
       mean[r] = m;
       rstd[r] = rs;
-      float* y = out_row(out + r * n, by);
-      ln_apply(h, w, lb, m, rs, n, y);
-      store_row(y, out + r * n, n);
+      ln_apply_store(h, w, lb, m, rs, n, static_cast<const float*>(nullptr), out + r * n);
     }
   });
 }
