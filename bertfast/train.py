@@ -494,6 +494,8 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
                 last.update(rec)
         if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
             _save_checkpoint(args.out, step, model, optimizer, scheduler, rt, extra_state(), args.keep_checkpoints)
+        if window["n"] == 0:  # evaluation and saving do not count against training throughput
+            window["t"] = time.perf_counter()
     bar.close()
     if rt.main:
         model.save_pretrained(args.out)

@@ -204,6 +204,15 @@ def test_finetune_cls_learns_an_easy_task(base_model, tmp_path):
     m = BertForSequenceClassification.from_pretrained(str(tmp_path / "cls"))
     tok = Tokenizer.from_pretrained(str(tmp_path / "cls"))
     assert classify(m, tok, "bad is here")["label"] == "pos"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "cls")).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "cls"))
+    batch = hf_tok(["good is here", "bad is here"], padding=True, return_tensors="pt")
+    ours = tok(["good is here", "bad is here"], padding=True, return_tensors="pt")
+    assert batch["input_ids"].tolist() == ours["input_ids"].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).logits, m(**batch).logits, atol=1e-4, rtol=1e-4)
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
 
 
 def test_finetune_csv_nli_ner_qa_run(base_model, tmp_path):
