@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.errors
 
 from ._rng import dropout_keep, split_seed
 
@@ -539,7 +540,7 @@ DROPOUT_CONFIGS = {
                  64: [C(32, 128, 8, 3), C(64, 64, 8, 3), C(32, 64, 4, 3), C(32, 32, 4, 2)],
                  128: [C(32, 64, 8, 3), C(32, 32, 4, 2)],
                  256: [C(32, 32, 8, 2)]},
-        "dq": {32: [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 8, 3), C(32, 32, 4, 2)],
+        "dq": {32: [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 8, 3), C(32, 32, 4, 3)],
                64: [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 8, 3), C(32, 32, 4, 2)],
                128: [C(128, 32, 8, 3), C(32, 32, 4, 2)],
                256: [C(32, 32, 4, 2)]},
@@ -667,7 +668,25 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
             cfg = _tuned[key] = best[1] if best else pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family)
     if cfg is None:
         cfg = pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family)
-    _launch_one(fn, cfg, grid_of, args_of, constexprs)
+        # a GPU of the family with less shared memory per block (sm_86/89/120: ~99 KB) cannot
+        # run the biggest tiles: the first launch finds out, later launches reuse the answer
+        cfg = _shrunk.get((kernel, family, cfg, dtype, tuple(sorted(constexprs.items()))), cfg)
+    try:
+        _launch_one(fn, cfg, grid_of, args_of, constexprs)
+    except triton.runtime.errors.OutOfResources:
+        cands = candidates(kernel, head_dim, dtype, dropout, family)
+        key = (kernel, family, cfg, dtype, tuple(sorted(constexprs.items())))
+        for smaller in cands[cands.index(cfg) + 1 if cfg in cands else len(cands):]:
+            try:
+                _launch_one(fn, smaller, grid_of, args_of, constexprs)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            _shrunk[key] = smaller
+            return
+        raise
+
+
+_shrunk: dict = {}
 
 
 # ---------------------------------------------------------------------------------------------

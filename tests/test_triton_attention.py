@@ -354,6 +354,35 @@ def test_autotune_path(monkeypatch):
     assert len(calls) == len(cands)  # cached
 
 
+def test_out_of_shared_memory_shrinks_tiles(monkeypatch):
+    """A GPU with less shared memory than the family's default tile needs: the launcher retries
+    with the next (smaller) candidate and remembers it."""
+    from triton.runtime.errors import OutOfResources
+
+    K, A = _mods()
+    real = K._launch_one
+    first = K.candidates("fwd", 32, torch.float16)[0]
+    tried = []
+
+    def launch(fn, cfg, grid_of, args_of, constexprs):
+        tried.append(cfg)
+        if cfg == first:
+            raise OutOfResources(232448, 101376, "shared memory")
+        return real(fn, cfg, grid_of, args_of, constexprs)
+
+    monkeypatch.setattr(K, "_launch_one", launch)
+    monkeypatch.setattr(K, "_interpret", lambda: False)
+    monkeypatch.setattr(K, "_shrunk", {})
+    g = _gen(8)
+    q, k, v = (_rand((1, 130, 1, 32), torch.float16, g) for _ in range(3))
+    out, _ = K.attention_fwd(q, k, v, None, None, None, 130, 130, 0.0, 0.2, False, 0)
+    ref, _ = A._fwd_reference(q, k, v, None, None, None, 130, 130, 0.0, 0.2, False, 0)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    assert tried[0] == first and tried[1] != first and len(K._shrunk) == 1
+    K.attention_fwd(q, k, v, None, None, None, 130, 130, 0.0, 0.2, False, 0)
+    assert tried[2] == tried[1]  # remembered
+
+
 _AOT_SCRIPT = """
 import json, sys
 from bertfast.kernels import attention as K
