@@ -3,7 +3,7 @@
 //
 // Work is split over (sequence, head) pairs; a task packs its head's K and V into fp32 panels
 // once, then walks blocks of up to 64 queries: S = Q K^T with a register-blocked fp32 micro-GEMM
-// (at::vec), the masked softmax in fp32 (row max, exp, sum, lse), dropout from the shared Philox
+// (at::vec), the masked softmax in fp32 (row max, exp_u20 as SDPA's CPU kernel, sum, lse), dropout from the shared Philox
 // stream, and O = P V. Only real tokens are computed: a varlen batch costs sum(L_b^2), not
 // B * max_L^2, which is where it beats SDPA over a padded batch. A (b, h) pair owns its slice
 // of every output (dK and dV accumulate within the task), so results do not depend on the
@@ -63,19 +63,29 @@ inline void pack_rows(const T* base, int64_t stride, int64_t rows, int64_t d, in
   }
 }
 
+// dst[c * ld + r] = src[r * stride + c] for r < rows, c < cols. Rows go in blocks of 16 so each
+// destination cache line is written whole while the 16 source lines stay in L1 (a plain
+// row-by-row transpose scatters every store to a different line and dominated the run time).
+template <typename T>
+inline void transpose_into(const T* src, int64_t stride, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t r1 = std::min(rows, r0 + 16);
+    for (int64_t c = 0; c < cols; ++c) {
+      float* d = dst + c * ld;
+      for (int64_t r = r0; r < r1; ++r) d[r] = static_cast<float>(src[r * stride + c]);
+    }
+  }
+}
+
 // Transposed: dst[c * ld + r] = row r, column c (columns padded to ld with zeros).
 template <typename T>
 inline void pack_cols(const T* base, int64_t stride, int64_t rows, int64_t d, int64_t ld, float* dst) {
   for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = base + r * stride;
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + r] = static_cast<float>(s[c]);
-  }
+  transpose_into(base, stride, rows, d, dst, ld);
 }
 
 inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  transpose_into(src, lds, rows, cols, dst, ldd);
 }
 
 struct Geometry {
@@ -166,7 +176,7 @@ void attn_fwd_kernel(const Geometry& g, const T* q, const T* k, const T* v, T* o
           const Vec vmx(mx);
           Vec acc(0.0f);
           vloop(vis, [&](int64_t j, int64_t c) {
-            Vec e = (ld(s + j, c) - vmx).exp();
+            Vec e = (ld(s + j, c) - vmx).exp_u20();
             if (c != kVec) e = Vec::set(Vec(0.0f), e, c);
             st(e, s + j, c);
             acc += e;
@@ -320,7 +330,7 @@ void attn_bwd_kernel(const Geometry& g, const T* dout, const T* q, const T* k, c
           if (dropout) dropout_row(g.seed, thr, dscale, ((b * H + h) * g.max_q + i) * g.max_k, vis, drop.data());
           // s <- P (dropped, for dV), dp <- dS = P * (dP * drop - delta) * scale
           vloop(vis, [&](int64_t j, int64_t c) {
-            const Vec pr = (ld(s + j, c) - vl).exp();
+            const Vec pr = (ld(s + j, c) - vl).exp_u20();
             Vec dpv = ld(dp + j, c);
             Vec pd = pr;
             if (dropout) {
