@@ -20,9 +20,11 @@ causal diagonal) and the blocks that do, so the common BERT case runs without pe
 
 Supported inputs
 - dtypes: fp16 and bf16 (tensor-core dots, fp32 accumulation, softmax statistics in fp32).
-  fp32 is served by the kernels too: with IEEE fp32 dots by default (exact to ~1e-6), with TF32
-  tensor cores when the user opts in the way PyTorch matmuls do
-  (torch.backends.cuda.matmul.allow_tf32 or torch.set_float32_matmul_precision("high")).
+  fp32 is served by the kernels too, through TF32 tensor cores: by default as 3xTF32 (each dot
+  split into three TF32 products, accurate to ~1e-6 like fp32), as plain TF32 when the user opts
+  in the way PyTorch matmuls do (torch.backends.cuda.matmul.allow_tf32 or
+  torch.set_float32_matmul_precision("high")). fp32 uses small tiles: it is the accurate path,
+  bf16/fp16 the fast one.
   fp64 is served by the reference implementation (a fallback with a warning; an error with
   BERTFAST_STRICT=1).
 - head_dim: 32, 64 and 128 are native (the tuned configurations). Any other head_dim up to 256
@@ -561,16 +563,14 @@ DROPOUT_CONFIGS = {
     },
 }
 ARCHS = {"sm90": "sm_90a", "sm80": "sm_80"}  # family -> the architecture its lists are verified for
-# fp32 operands take twice the shared memory and registers of fp16 ones: smaller tiles
+# fp32 runs its dots as 3xTF32 (three tensor-core products that recover fp32 accuracy), whose
+# operand splitting needs about twice the registers of a 16-bit dot: 32 x 32 tiles. fp32 is the
+# accurate path, not the fast one; the head_dim-128 backward still spills a little in fp32.
 CONFIGS_FP32 = {
-    "fwd": {32: [Config(64, 32, 4, 2)], 64: [Config(64, 32, 4, 2)], 128: [Config(32, 32, 4, 2)],
-            256: [Config(32, 16, 4, 1)]},
-    "dkdv": {32: [Config(32, 64, 4, 2)], 64: [Config(32, 64, 4, 2)], 128: [Config(16, 32, 4, 2)],
-             256: [Config(16, 32, 4, 1)]},
-    "dq": {32: [Config(64, 32, 4, 2)], 64: [Config(64, 32, 4, 2)], 128: [Config(32, 16, 4, 2)],
-           256: [Config(16, 32, 4, 1)]},
-    "pre": {32: [Config(64, 0, 4, 1)], 64: [Config(64, 0, 4, 1)], 128: [Config(32, 0, 4, 1)],
-            256: [Config(16, 0, 4, 1)]},
+    "fwd": {32: [C(32, 32, 4, 2)], 64: [C(32, 32, 4, 2)], 128: [C(32, 32, 8, 2)], 256: [C(16, 16, 4, 1)]},
+    "dkdv": {32: [C(32, 32, 4, 2)], 64: [C(32, 32, 4, 2)], 128: [C(32, 32, 8, 2)], 256: [C(16, 16, 4, 1)]},
+    "dq": {32: [C(32, 32, 4, 2)], 64: [C(32, 32, 4, 2)], 128: [C(32, 32, 8, 2)], 256: [C(16, 16, 4, 1)]},
+    "pre": {32: [C(64, 0, 4, 1)], 64: [C(64, 0, 4, 1)], 128: [C(32, 0, 4, 1)], 256: [C(16, 0, 4, 1)]},
 }
 # Under TRITON_INTERPRET=1 (CPU tests) small unequal tiles, so short test sequences still cover
 # several blocks, the partial last block and the causal diagonal with BLOCK_M != BLOCK_N.
@@ -713,8 +713,9 @@ def _unsupported(q, v):
 def _dot_precision(dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
+    # fp32: fp32-accurate 3xTF32 on tensor cores, or plain TF32 where the user allows it for matmuls
     tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if tf32 else "ieee"
+    return "tf32" if tf32 else "tf32x3"
 
 
 def _strides(t, varlen):
@@ -884,7 +885,7 @@ def aot_spec(kernel: str, cfg: Config, dt: str, head_dim: int, varlen=False, has
     else:
         cx = {"HEAD_DIM": head_dim, "HEAD_DIM_V": dv, "BLOCK_D": _block_d(head_dim), "BLOCK_DV": _block_d(dv),
               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "VARLEN": varlen, "HAS_BIAS": has_bias,
-              "CAUSAL": causal, "DROPOUT": dropout, "DOT_PREC": "ieee" if dt == "fp32" else "tf32"}
+              "CAUSAL": causal, "DROPOUT": dropout, "DOT_PREC": "tf32x3" if dt == "fp32" else "tf32"}
     assert set(sig) | set(cx) == set(fn.arg_names), (kernel, set(fn.arg_names) ^ (set(sig) | set(cx)))
     full_sig = {n: (sig[n] if n in sig else "constexpr") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): _DIV16 for n in div16}
