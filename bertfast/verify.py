@@ -6,7 +6,7 @@
                                              choose for those GPUs (no GPU needed) and print registers,
                                              spills and shared memory; exit 1 on any compile failure
 Options of --aot: --full (every dtype/flag variant, not only the heaviest), --kernel SUBSTR (filter),
---jobs N (compile in N threads; ptxas runs as a subprocess).
+--jobs N (compile in N processes).
 """
 from __future__ import annotations
 
@@ -200,39 +200,47 @@ def compile_spec(spec: dict, cc: int):
     return usage
 
 
+def _compile_job(item):
+    """Process-pool worker: (module name, spec index, full, arch) -> (usage, error, seconds).
+    Specs hold JIT functions, which do not pickle, so the worker rebuilds them by index."""
+    import importlib
+
+    name, idx, full, arch = item
+    t0 = time.time()
+    try:
+        mod = importlib.import_module(f"bertfast.kernels.{name}")
+        spec = (mod.aot_specs(full=True) if full else mod.aot_specs())[idx]
+        return compile_spec(spec, _arch_cc(arch)), None, time.time() - t0
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return None, f"{type(e).__name__}: {e}".splitlines()[0][:200], time.time() - t0
+
+
 def verify_aot(archs, full=False, kernel_filter=None, jobs=1) -> int:
     mods = kernel_modules()
     specs = []
     for name, mod in mods:
         if not hasattr(mod, "aot_specs"):
             continue
-        for s in (mod.aot_specs(full=full) if full else mod.aot_specs()):
+        for idx, s in enumerate(mod.aot_specs(full=True) if full else mod.aot_specs()):
             if kernel_filter and kernel_filter not in f"{name}.{s['kernel']}":
                 continue
-            specs.append((name, s))
+            specs.append((name, idx, s))
     if not specs:
         print("no aot_specs() entries found in bertfast.kernels", file=sys.stderr)
         return 1
-    work = [(name, s, arch, _arch_cc(arch)) for arch in archs for name, s in specs]
-
-    def one(item):
-        name, s, arch, cc = item
-        t0 = time.time()
-        try:
-            u = compile_spec(s, cc)
-            return (item, u, None, time.time() - t0)
-        except Exception as e:  # noqa: BLE001 - reported in the table
-            return (item, None, f"{type(e).__name__}: {e}".splitlines()[0][:200], time.time() - t0)
-
+    work = [(name, idx, s, arch) for arch in archs for name, idx, s in specs]
+    items = [(name, idx, full, arch) for name, idx, _s, arch in work]
     if jobs > 1:
-        from concurrent.futures import ThreadPoolExecutor
+        # processes, not threads: most of a compile holds the GIL (MLIR passes, LLVM)
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-        with ThreadPoolExecutor(jobs) as ex:
-            results = list(ex.map(one, work))
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            results = list(ex.map(_compile_job, items))
     else:
-        results = [one(w) for w in work]
+        results = [_compile_job(it) for it in items]
     rows, failures, spilled = [], 0, 0
-    for (name, s, arch, _cc), u, err, dt in results:
+    for (name, _idx, s, arch), (u, err, dt) in zip(work, results):
         kern = f"{name}.{s['kernel']}"
         if err is not None:
             failures += 1
@@ -266,11 +274,15 @@ def cli_main(cmd, argv) -> int:
     ap.add_argument("--kernel", default=None, help="with --aot: only kernels whose module.kernel name contains this")
     ap.add_argument("--backend", action="append", default=[], metavar="NAME",
                     help="without --aot: check only this backend (triton, cuda, cpp); repeatable")
-    ap.add_argument("--jobs", type=int, default=1, help="with --aot: parallel compile threads")
+    ap.add_argument("--jobs", type=int, default=1, help="with --aot: parallel compile processes")
     args = ap.parse_args(argv)
     if args.aot:
         for a in args.aot:
-            _arch_cc(a)  # reject bad names before any work
+            try:
+                _arch_cc(a)  # reject bad names before any work
+            except ValueError as e:
+                print(f"bertfast verify: {e}", file=sys.stderr)
+                return 2
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             # Under the interpreter @triton.jit functions are not compilable; the env var is read
             # when triton is imported, so run again in a fresh process without it.
