@@ -9,6 +9,8 @@ The GELU helpers (`gelu`, `gelu_grad`) are also used by kernels/gelu_layernorm.p
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -82,6 +84,7 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_part, M, N, TANH: tl.constexpr, BLOCK
     tl.store(DB_part + pid_m * N + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
+@functools.lru_cache(maxsize=None)
 def config(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): BLOCK_N is the power of two in [256, 1024] that pads N
     least (768 -> 256 x 3, 3072 -> 1024 x 3), or next_pow2(N) (>= 32) below 256."""
@@ -105,6 +108,8 @@ def bias_gelu_fwd(x, bias, approximate):
     m, n = _check(x, bias, approximate)
     x = x.contiguous()
     y = torch.empty_like(x)
+    if m == 0:
+        return y
     bm, bn, warps = config(n)
     _bias_gelu_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x, bias, y, m, n, TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)

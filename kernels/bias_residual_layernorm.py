@@ -16,6 +16,7 @@ This file also holds the launch-parameter helpers the other LayerNorm-family ker
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -43,6 +44,7 @@ def block_n(n: int) -> int:
     return max(MIN_BLOCK_N, triton.next_power_of_2(n))
 
 
+@functools.lru_cache(maxsize=None)
 def fwd_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) of a forward row kernel: 16 elements per thread, so a
     16-byte vector of fp16/bf16 per load and no spills up to 8192 columns."""
@@ -52,6 +54,7 @@ def fwd_config(n: int) -> tuple[int, int, int]:
     return bn, rows, warps
 
 
+@functools.lru_cache(maxsize=None)
 def bwd_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) of a backward row kernel. It holds more live tensors than the
     forward (dy, h, xhat, three fp32 gradient accumulators), so its tiles are smaller: 8 elements
@@ -111,12 +114,14 @@ def num_programs(device: torch.device, n_tiles: int, num_warps: int, kernel=None
 
 
 def dropout_args(p: float):
-    """(threshold, scale) for a launch; scale is fp32(1/(1-p)) as in the reference."""
-    from bertfast.ops._rng import dropout_threshold
-
+    """(threshold, scale) for a launch: threshold = ceil(p * 2**24) exactly as
+    bertfast/ops/_rng.dropout_threshold (kernels do not import ops; the tests compare the masks
+    bit for bit), scale = 1/(1-p), rounded to fp32 by the launch like the reference's."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
     if p == 0.0:
         return 0, 1.0
-    return dropout_threshold(p), 1.0 / (1.0 - p)
+    return int(math.ceil(p * 16777216.0)), 1.0 / (1.0 - p)
 
 
 def tl_type(dtype: torch.dtype) -> str:
@@ -253,6 +258,8 @@ def bias_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps, p, seed
     y = torch.empty_like(x)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y, mean, rstd
     threshold, scale = dropout_args(p)
     _brln_fwd_kernel[(triton.cdiv(m, rows),)](
         x, bias if bias is not None else x, residual, weight, ln_bias, y, mean, rstd, m, n, eps, seed,

@@ -163,6 +163,8 @@ def embedding_layernorm_fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias,
     y = torch.empty((m, n), dtype=word.dtype, device=word.device)
     mean = torch.empty(m, dtype=torch.float32, device=word.device)
     rstd = torch.empty(m, dtype=torch.float32, device=word.device)
+    if m == 0:
+        return y, mean, rstd
     threshold, scale = dropout_args(p)
     _emb_ln_fwd_kernel[(triton.cdiv(m, rows),)](
         ids, tt, pos, word, pos_emb, type_emb, weight, bias, y, mean, rstd, m, n, eps, seed, threshold, scale,

@@ -97,6 +97,8 @@ def gelu_layernorm_fwd(x, bias, weight, ln_bias, eps, approximate):
     y = torch.empty_like(x)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y, mean, rstd
     _gelu_ln_fwd_kernel[(triton.cdiv(m, rows),)](x, bias, weight, ln_bias, y, mean, rstd, m, n, eps,
                                                  TANH=_tanh(approximate), BLOCK_N=bn, ROWS=rows, num_warps=warps)
     return y, mean, rstd

@@ -335,8 +335,21 @@ def test_launch_configs():
             assert rows * bn >= 8 * 32 * warps or bn == k.MIN_BLOCK_N
     with pytest.raises(ValueError, match="hidden size"):
         k.fwd_config(8193)
+    from bertfast.ops._rng import dropout_threshold
+
+    for p in (0.0, 1e-9, 0.1, 0.25, 0.3, 0.5, 0.9, 0.999999):
+        assert k.dropout_args(p)[0] == (dropout_threshold(p) if p else 0)
     bg = _kmod("bias_gelu")
     assert bg.config(768)[1] == 256 and bg.config(3072)[1] == 1024 and bg.config(4096)[1] == 1024
+
+
+def test_zero_rows():
+    k = _kmod("bias_residual_layernorm")
+    x = torch.empty(0, 8, device=DEV)
+    w = torch.ones(8, device=DEV)
+    y, mean, rstd = k.bias_residual_layernorm_fwd(x, None, x, w, w, 1e-5, 0.0, 0)
+    assert y.shape == (0, 8) and mean.shape == (0,)
+    assert _kmod("bias_gelu").bias_gelu_fwd(x, w, "none").shape == (0, 8)
 
 
 def test_aot_specs_cover_launcher_configs():
