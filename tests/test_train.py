@@ -143,9 +143,9 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
 
 
 def test_torchrun_two_processes_match_one_process(setup, tmp_path):
-    """2 ranks x batch 8 (gloo) == 1 process with 2 accumulated micro-batches of 8 from the same shards."""
+    """2 ranks x batch 4 (gloo) == 1 process with 2 accumulated micro-batches of 4 from the same shards."""
     common = ["--train", setup["corpus"], "--tokenizer", setup["tok"], "--config", setup["config"],
-              "--batch-size", "8", "--seq-len", "48", "--max-steps", "3", "--num-shards", "2", "--lr", "1e-3",
+              "--batch-size", "4", "--seq-len", "32", "--max-steps", "2", "--num-shards", "2", "--lr", "1e-3",
               "--eval-every", "0", "--save-every", "0", "--log-every", "1", "--no-progress", "--threads", "1"]
     r = _cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", "-m", "bertfast",
              "pretrain", *common, "--out", str(tmp_path / "ddp"), "--grad-accum", "1")
