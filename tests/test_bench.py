@@ -17,7 +17,7 @@ def tiny_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bench")
     out = bench.run(["--suite", "ops,attention,encoder", "--device", "cpu", "--quick", "--dtype", "fp32",
                      "--tokens", "64", "--hidden", "32", "--sizes", "16", "--models", "tiny", "--compile", "none",
-                     "--repeats", "3", "--threads", "1", "--out", str(tmp_path),
+                     "--repeats", "3", "--threads", "1", "--train", "--out", str(tmp_path),
                      "--no-plots", "--no-progress"])
     return tmp_path, out
 
@@ -46,6 +46,8 @@ def test_bench_tiny_writes_json_and_markdown(tiny_run):
             n_ratios += 1
     assert n_ratios >= len(data["results"])  # every case has at least one baseline beside it
     assert "## ops" in md and "## attention" in md and "## encoder" in md
+    train = [r for r in data["results"] if r["params"].get("kind") == "train"]
+    assert train and train[0]["variants"]["bertfast"]["tokens_per_s"] > 0
     assert len(out["results"]) == len(data["results"])
 
 
