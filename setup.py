@@ -32,7 +32,8 @@ if os.environ.get("BERTFAST_BUILD_EXT") == "1":
         CppExtension(
             "bertfast._C",
             sorted(glob.glob("csrc/cpu/*.cpp")),
-            extra_compile_args=_cpp.compile_flags(cap) + [f"-DBERTFAST_SOURCE_HASH={_cpp.source_hash('csrc/cpu')}"],
+            extra_compile_args=_cpp.compile_flags(cap) + ["-Wno-unknown-pragmas",
+                                                         f"-DBERTFAST_SOURCE_HASH={_cpp.source_hash('csrc/cpu')}"],
             extra_link_args=["-fopenmp"],
         )
     ]
