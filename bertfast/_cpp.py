@@ -226,9 +226,15 @@ def load() -> None:
     with _lock:
         if _LOADED is not None:
             return
+        key = None
         try:
             cap = capability()
             src = source_dir()
+            key = (src, cap, source_hash(src) if src else None)
+            # Every op's backend loader calls load(): a build that failed for these very sources
+            # fails again at once instead of recompiling once per op.
+            if _state.get("state") == "failed" and _state.get("key") == key:
+                raise RuntimeError(_state["error"])
             why_not_prebuilt = _try_prebuilt(src, cap)
             if why_not_prebuilt is not None:
                 if src is None:
@@ -236,7 +242,9 @@ def load() -> None:
                 _jit_build(src, cap)
             _bind_ops()
         except Exception as e:
-            _state.update(state="failed", reason=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+            if not (_state.get("state") == "failed" and _state.get("key") == key):
+                _state.update(state="failed", key=key, error=str(e).splitlines()[0][:300],
+                              reason=f"{type(e).__name__}: {e}".splitlines()[0][:300])
             raise
 
 
@@ -250,7 +258,7 @@ def _bind_ops() -> None:
 def status() -> dict:
     """For `bertfast info`: state (not loaded / prebuilt / cached / built / failed), reason,
     build_seconds (this process's build, if any), path and capability of the library."""
-    return dict(_state)
+    return {k: v for k, v in _state.items() if k not in ("key", "error")}
 
 
 def _reference(op: str):

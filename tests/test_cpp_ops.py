@@ -314,6 +314,15 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     assert torch.equal(y1, y2)
     st = cpp.status()
     assert st["state"] == "failed" and "deliberately broken" in st["reason"]
+    # another op: its own single warning, from the remembered failure (no second compile)
+    calls = []
+    monkeypatch.setattr(cpp, "_jit_build", lambda *a: calls.append(a))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with bertfast.use_backend("cpp"):
+            ops.gelu_layernorm(x, b, b, b)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "deliberately broken" in msgs[0] and not calls, (msgs, calls)
     # strict mode turns the same fallback into an error
     backend.reset()
     monkeypatch.setenv("BERTFAST_STRICT", "1")
