@@ -661,8 +661,7 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
             best = None
             for c in candidates(kernel, head_dim, dtype, dropout, family):
                 try:
-                    t = do_bench(lambda c=c: _launch_one(fn, c, grid_of, args_of, constexprs),
-                                                warmup=5, rep=20)
+                    t = do_bench(lambda c=c: _launch_one(fn, c, grid_of, args_of, constexprs), warmup=5, rep=20)
                 except Exception:  # noqa: BLE001 - a candidate that does not fit (shared memory) is skipped
                     continue
                 if best is None or t < best[0]:
@@ -870,8 +869,8 @@ def _aot_signature(kernel: str, dt: str) -> tuple:
             sig["sm_scale"] = f32
         sig.update({"seed_lo": i32, "seed_hi": i32, "drop_threshold": i32, "drop_scale": f32})
     # pointers come from the caching allocator; token/head strides are multiples of head_dim
-    div16 = [n for n, t in sig.items() if t.startswith("*") or (n.startswith("stride_") and n[-2] != "l"
-                                                                and n != "stride_biasb")]
+    div16 = [n for n, t in sig.items()
+             if t.startswith("*") or (n.startswith("stride_") and n not in ("stride_lb", "stride_lh", "stride_biasb"))]
     return sig, div16
 
 
