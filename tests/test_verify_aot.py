@@ -60,3 +60,14 @@ def test_verify_aot_rejects_bad_arch():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "sm_90a" in proc.stderr + proc.stdout
+
+
+@requires_triton
+def test_verify_aot_reexecs_without_interpreter():
+    """Under TRITON_INTERPRET=1 (as in this test session) verify --aot re-runs itself without it."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "bertfast", "verify", "--aot", "sm_90a", "--kernel", "_bias_gelu_fwd"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sum(line.startswith("bias_gelu._bias_gelu_fwd_kernel ") for line in proc.stdout.splitlines()) == 6
