@@ -1255,8 +1255,15 @@ def write_markdown(results: List[dict], meta: dict, path: str):
         f.write("\n".join(lines) + "\n")
 
 
+_PLOT_METRIC = {"ops": ("frac_copy_bw", "fraction of measured copy bandwidth"),
+                "attention": ("tflops", "TFLOP/s (useful FLOPs)"),
+                "encoder": ("tokens_per_s", "real tokens / s")}
+
+
 def write_plots(results: List[dict], meta: dict, out_dir: str, prefix: str) -> List[str]:
-    """One PNG per suite: bertfast's speedup over each baseline per case (log scale, 1x line)."""
+    """One PNG per suite: left, bertfast's speedup over each baseline per case (log scale, 1x
+    line); right, the absolute figure of every variant (fraction of copy bandwidth for the ops,
+    TFLOP/s for attention, tokens/s for the encoder)."""
     try:
         import matplotlib
 
@@ -1266,34 +1273,47 @@ def write_plots(results: List[dict], meta: dict, out_dir: str, prefix: str) -> L
         print(f"bench: no plots ({_reason(e)})", file=sys.stderr)
         return []
     paths = []
+    env = meta["environment"]
     for suite in SUITES:
-        rs = [r for r in results if r["suite"] == suite and r.get("speedup")]
+        rs = [r for r in results if r["suite"] == suite and r["variants"].get(SUBJECT, {}).get("status") == "ok"]
         if not rs:
             continue
-        bases = []
+        key, label = _PLOT_METRIC[suite]
+        variants = []
         for r in rs:
-            for k in r["speedup"]:
-                if k not in bases:
-                    bases.append(k)
+            for k, v in r["variants"].items():
+                if v.get("status") == "ok" and k not in variants:
+                    variants.append(k)
+        bases = [v for v in variants if v != SUBJECT]
+        palette = plt.get_cmap("tab10").colors
+        color = {v: ("k" if v == SUBJECT else palette[i % len(palette)]) for i, v in enumerate(bases + [SUBJECT])}
         n = len(rs)
-        fig, ax = plt.subplots(figsize=(11, max(3.0, 0.32 * n * max(1, len(bases)) ** 0.5 + 1.5)))
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(16, max(3.0, 0.45 * n + 1.8)), sharey=True)
         h = 0.8 / max(len(bases), 1)
         for j, b in enumerate(bases):
             ys = [i + (j - (len(bases) - 1) / 2) * h for i in range(n)]
-            xs = [r["speedup"].get(b, float("nan")) for r in rs]
-            ax.barh(ys, xs, height=h, label=f"vs {b}")
+            ax.barh(ys, [r["speedup"].get(b, float("nan")) for r in rs], height=h, label=f"vs {b}", color=color[b])
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_yticks(range(n))
         ax.set_yticklabels([r["name"] for r in rs], fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("speedup of bertfast (baseline time / bertfast time, log scale; >1 = faster)")
-        env = meta["environment"]
-        ax.set_title(f"bertfast {suite}: {env.get('device')} | torch {env['torch']} | {env['date'][:10]}", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.set_xlabel("speedup of bertfast (baseline time / bertfast time; >1 = bertfast faster)", fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
+        h2 = 0.8 / max(len(variants), 1)
+        for j, vname in enumerate(variants):
+            ys = [i + (j - (len(variants) - 1) / 2) * h2 for i in range(n)]
+            xs = [r["variants"].get(vname, {}).get(key, float("nan")) for r in rs]
+            ax2.barh(ys, xs, height=h2, label=vname, color=color[vname])
+        if suite == "ops":
+            ax2.axvline(1.0, color="r", lw=0.8)
+        ax2.set_xlabel(label, fontsize=8)
+        ax2.legend(fontsize=6, loc="lower right")
+        fig.suptitle(f"bertfast {suite}: {env.get('device')} | torch {env['torch']} | {env['date'][:10]} | "
+                     f"threads {env['torch_threads']}", fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{prefix}_{suite}.png")
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -1390,8 +1410,13 @@ class _Budget:
             for i, s in enumerate(suites):
                 self.per[s] = vals[i] if i < len(vals) else vals[-1]
 
+    total_deadline: Optional[float] = None
+
     def deadline(self, suite):
-        return time.time() + self.per[suite] if suite in self.per else None
+        d = time.time() + self.per[suite] if suite in self.per else None
+        if self.total_deadline is not None:
+            d = self.total_deadline if d is None else min(d, self.total_deadline)
+        return d
 
 
 def _resolve_text_case(case: Case, m: Models, res: dict):
@@ -1506,9 +1531,11 @@ def run(argv=None) -> dict:
     if args.budget is None and args.quick and device.type == "cpu":
         # keeps `make bench` under 5 minutes on a busy 2-core machine: what does not fit is
         # reported as skipped ("time budget"), never silently dropped
-        args.budget = "100,50,100"
+        args.budget = "90,45,100"
     meta["budget_s"] = args.budget
     budget = _Budget(args.budget, [s for s in SUITES if s in plans])
+    if args.quick and device.type == "cpu":
+        budget.total_deadline = t_start + 255  # whatever the suites' shares: 5 minutes with startup and plots
     results: List[dict] = []
     progress = _progress(total, args.no_progress)
     runner = Runner(device, plan, meta["ceilings"], None, progress)
