@@ -62,7 +62,9 @@ if torch.cuda.is_available():
 else:
     print("torch sees no CUDA device: the GPU tests skip and the bench runs on CPU")
 PY
-timeout "$T_INFO" $PY -m bertfast info 2>&1 | tail -n 40 || echo "bertfast info failed (rc $?)"
+timeout "$T_INFO" $PY -m bertfast info 2>&1 | tail -n 40
+INFO_RC=${PIPESTATUS[0]}
+[ "$INFO_RC" = 0 ] || echo "bertfast info: rc $INFO_RC (124 = cut off at ${T_INFO}s)"
 
 step "GPU tests: first those named/marked gpu, then the Triton kernel tests on CUDA; cap ${T_TESTS}s"
 # Two passes so the explicit GPU tests (bf16, big shapes, dropout statistics, determinism)
@@ -97,8 +99,8 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 env, c = d["environment"], d["ceilings"]
 print(f"device {env.get('device')} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit'][:12]}")
-print(f"ceilings: copy {c['copy_gbps']:.0f} GB/s, matmul " +
-      ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in c["matmul_tflops"].items() if v))
+print(f"ceilings: copy {c['copy_gbps']:.4g} GB/s, matmul " +
+      ", ".join(f"{k} {v:.4g} TFLOP/s" for k, v in c["matmul_tflops"].items() if v))
 for r in d["results"]:
     s = r["variants"].get("bertfast", {})
     if s.get("status") != "ok":
