@@ -10,7 +10,8 @@ forward and forward+backward at the issue-6 shapes (8192 tokens x {384, 768, 102
 bf16; BERTFAST_BENCH_QUICK=1 shrinks them to 2048 x 768 fp32) for the bertfast op (whatever
 backend serves it here: `extra_info["backend"]`) and its eager `_ref`; the inputs rotate
 through several sets, as in `bertfast bench`. `bertfast bench --suite ops` adds
-torch.compile, the copy-bandwidth ceiling and the ratios.
+torch.compile, the copy-bandwidth ceiling and the ratios. Threads: BERTFAST_BENCH_THREADS
+(default auto, as `bertfast bench --threads auto`).
 """
 import os
 
@@ -24,6 +25,8 @@ TOKENS = 2048 if QUICK else 8192
 HIDDEN = [768] if QUICK else [384, 768, 1024]
 DTYPES = ["fp32"] if QUICK else ["fp32", "bf16"]
 CPU = torch.device("cpu")
+# as `bertfast bench`: all cores, or 1 thread when other processes already fill them
+THREADS = bench._set_threads(os.environ.get("BERTFAST_BENCH_THREADS", "auto"))
 
 
 def _rotating_call(op, impl, tokens, hidden, dtype, backward):
@@ -53,7 +56,7 @@ def test_op(benchmark, op, dtype, hidden, pass_, impl):
     call()  # first call outside the timing: extension load, backend probe
     nbytes = bench.op_bytes(op, TOKENS, hidden, dt, backward)
     benchmark.group = f"{op} {pass_} {TOKENS}x{hidden} {dtype}"
-    benchmark.extra_info.update(bytes=nbytes, threads=torch.get_num_threads(),
+    benchmark.extra_info.update(bytes=nbytes, threads=torch.get_num_threads(), threads_choice=THREADS,
                                 backend=bench._served_by(op, CPU) if impl == "bertfast" else "eager _ref")
     benchmark.pedantic(call, rounds=15 if not QUICK else 5, iterations=1, warmup_rounds=2)
     benchmark.extra_info["gbps_median"] = nbytes / benchmark.stats.stats.median / 1e9
