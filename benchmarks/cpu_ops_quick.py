@@ -145,10 +145,13 @@ def main():
     for op in a.ops.split(","):
         fused = getattr(ops, op)
         ref = getattr(ops, op + "_ref")
-        compiled = None if a.no_compile else torch.compile(ref, dynamic=False)
         for dt in a.dtypes.split(","):
             dtype = getattr(torch, dt)
             for n in map(int, a.hidden.split(",")):
+                # A fresh compile per shape and dtype: one shared wrapper would hit dynamo's
+                # recompile limit and silently fall back to eager for the later shapes.
+                torch._dynamo.reset()
+                compiled = None if a.no_compile else torch.compile(ref, dynamic=False)
                 res = {"op": op, "dtype": dt, "hidden": n, "tokens": a.tokens}
                 for mode in ("fwd",) + (() if a.no_backward else ("fwdbwd",)):
                     grad = mode == "fwdbwd"
