@@ -223,6 +223,8 @@ def _load_or_train_tokenizer(args, rt: Runtime):
 
     if args.tokenizer:
         return Tokenizer.from_pretrained(args.tokenizer)
+    if args.init:
+        return Tokenizer.from_pretrained(args.init)
     folder = os.path.join(args.out, "tokenizer")
     if args.resume and os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return Tokenizer.from_pretrained(folder)
@@ -341,13 +343,21 @@ def pretrain(args) -> dict:
 
 
 def _validate_pretrain_args(args):
-    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "vocab_size"):
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "vocab_size", "eval_batches"):
         v = getattr(args, name)
-        if not isinstance(v, int) or v < 1:
+        if not isinstance(v, int) or v < (0 if name == "eval_batches" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if args.seq_len < 8:
         raise ValueError(f"--seq-len must be >= 8 (room for [CLS] A [SEP] B [SEP]), got {args.seq_len}")
-    check_corpus_files(args.train, "--train")
+    if args.eval_only:
+        if not args.eval or not args.init:
+            raise ValueError("--eval-only needs --init (the model folder) and --eval (corpus files)")
+    elif not args.train:
+        raise ValueError("--train must name at least one corpus file")
+    else:
+        check_corpus_files(args.train, "--train")
+    if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
+        raise ValueError(f"--init must be a model folder with config.json, got {args.init!r}")
     if args.eval:
         check_corpus_files(args.eval, "--eval")
     if not os.path.isfile(args.config):
@@ -357,6 +367,8 @@ def _validate_pretrain_args(args):
             raise ValueError(f"--config must be one of {sorted(PRESETS)} or a config.json path, got {args.config!r}")
     if args.tokenizer and not os.path.isdir(args.tokenizer):
         raise ValueError(f"--tokenizer must be a folder with tokenizer.json or vocab.txt, got {args.tokenizer!r}")
+    if not args.eval_only and not args.out:
+        raise ValueError("--out must name the output folder")
     if args.resume and _latest_checkpoint(args.out) is None:
         raise ValueError(f"--resume: no complete checkpoint under {os.path.join(args.out, 'checkpoints')}")
 
@@ -368,13 +380,17 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
     num_shards = args.num_shards or rt.world
     if num_shards % rt.world:
         raise ValueError(f"--num-shards must be a multiple of the world size {rt.world}, got {num_shards}")
+    if args.eval_only:
+        return _eval_only(args, rt, model_cls)
     if rt.main:
         os.makedirs(args.out, exist_ok=True)
     rt.barrier()
     tok = _load_or_train_tokenizer(args, rt)
-    config = _model_config(args, tok.vocab_size)
     torch.manual_seed(args.seed)
-    model = model_cls(config).to(rt.device)
+    if args.init:
+        model = model_cls.from_pretrained(args.init).to(rt.device)
+    else:
+        model = model_cls(_model_config(args, tok.vocab_size)).to(rt.device)
     model.train()
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.1 * args.max_steps)
@@ -414,15 +430,7 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
                                  short_seq_prob=args.short_seq_prob)
 
     iters = {s: batch_iterator(stream(s), args.batch_size, start=consumed[s]) for s in owned}
-    eval_batches = []
-    if args.eval and rt.main:
-        es = PretrainingStream(args.eval, tok, args.seq_len, seed=args.seed + 1, epochs=1,
-                               mlm_probability=args.mlm_probability, whole_word_mask=args.whole_word_mask,
-                               short_seq_prob=0.0)
-        for i, b in enumerate(batch_iterator(es, args.batch_size, drop_last=False)):
-            if i >= args.eval_batches:
-                break
-            eval_batches.append(b)
+    eval_batches = _eval_stream_batches(args, tok, args.eval_batches) if args.eval and rt.main else []
 
     def run_eval():
         rec = None
@@ -504,12 +512,39 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
     return last
 
 
+def _eval_stream_batches(args, tok, max_batches):
+    es = PretrainingStream(args.eval, tok, args.seq_len, seed=args.seed + 1, epochs=1,
+                           mlm_probability=args.mlm_probability, whole_word_mask=args.whole_word_mask,
+                           short_seq_prob=0.0)
+    out = []
+    for i, b in enumerate(batch_iterator(es, args.batch_size, drop_last=False)):
+        if max_batches and i >= max_batches:
+            break
+        out.append(b)
+    return out
+
+
+def _eval_only(args, rt: Runtime, model_cls) -> dict:
+    """MLM/NSP loss and accuracy of a saved model on held-out corpus files; writes nothing."""
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(args.tokenizer or args.init)
+    model = model_cls.from_pretrained(args.init).to(rt.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return evaluate_pretraining(model, _eval_stream_batches(args, tok, args.eval_batches), rt, not args.dense_mlm)
+
+
 def pretrain_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertfast pretrain", description="MLM + NSP pre-training from BERT-format text "
                                 "files (one sentence per line, a blank line between documents).")
-    p.add_argument("--train", nargs="+", required=True, help="corpus files")
+    p.add_argument("--train", nargs="+", help="corpus files (required unless --eval-only)")
     p.add_argument("--eval", nargs="+", help="held-out corpus files, evaluated every --eval-every steps")
-    p.add_argument("--out", required=True, help="output folder (model, tokenizer, metrics.jsonl, checkpoints/)")
+    p.add_argument("--out", help="output folder (model, tokenizer, metrics.jsonl, checkpoints/)")
+    p.add_argument("--init", help="start from this model folder (BertForPreTraining weights + tokenizer) instead "
+                   "of random weights")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate --init on --eval (MLM/NSP loss and "
+                   "accuracy, all --eval-batches of it; 0 = the whole corpus) and print the result")
     p.add_argument("--tokenizer", help="tokenizer folder; without it a WordPiece vocab is trained on --train")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--cased", action="store_true", help="keep case when training a vocabulary")

@@ -85,6 +85,12 @@ def test_pretraining_lowers_loss_and_writes_metrics(setup, tmp_path):
 
     BertForPreTraining.from_pretrained(str(out))
     Tokenizer.from_pretrained(str(out))
+    # --eval-only on the saved model reproduces the final evaluation
+    res = pretrain(pretrain_parser().parse_args(
+        ["--eval-only", "--init", str(out), "--eval", setup["corpus"], "--batch-size", "8", "--seq-len", "48",
+         "--eval-batches", "3", "--threads", "1"]))
+    assert res["eval_mlm_loss"] == pytest.approx(evals[1]["eval_mlm_loss"], rel=1e-4)
+    assert res["eval_nsp_acc"] == pytest.approx(evals[1]["eval_nsp_acc"])
 
 
 def test_resume_reproduces_losses(setup, tmp_path):
