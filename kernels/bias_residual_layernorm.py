@@ -4,11 +4,13 @@ Forward: one program normalises ROWS rows held in registers as a [ROWS, BLOCK_N]
 input byte is read once, statistics are fp32, the output is cast once on store, and the
 per-row mean/rstd (fp32) are stored for the backward.
 
-Backward: a fixed grid of G programs (a few per SM) strides over row tiles; each recomputes
+Backward: a persistent grid of G programs (as many as fit on the GPU at once, from the
+compiled kernel's register count: one wave, no tail) strides over row tiles; each recomputes
 h from x, bias, the regenerated dropout mask and residual, writes dx and dresidual, and
 keeps its share of the weight/ln_bias/bias gradients in fp32 registers. At the end each
 program writes one row of a (G, N) fp32 partial buffer, and a sum over G finishes the
-reduction: two stages, no contended atomics, deterministic.
+reduction: two stages, no contended atomics, deterministic. Recomputing h costs one more
+read of x and residual but saves the forward a write of h and the backward a read of it.
 
 This file also holds the launch-parameter helpers the other LayerNorm-family kernels reuse
 (embedding_layernorm, gelu_layernorm): one place decides BLOCK_N / ROWS / num_warps.
