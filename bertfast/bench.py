@@ -332,6 +332,7 @@ class Runner:
     def __init__(self, device, plan: TimingPlan, ceilings: dict, deadline: Optional[float], progress=None):
         self.device, self.plan, self.ceilings = device, plan, ceilings
         self.deadline = deadline
+        self.soft_deadline: Optional[float] = None
         self.progress = progress
 
     def run(self, case: Case) -> dict:
@@ -368,6 +369,9 @@ class Runner:
             return {"status": "skipped", "reason": factory}, None
         if self.deadline is not None and time.time() > self.deadline:
             return {"status": "skipped", "reason": "time budget of this suite used up"}, None
+        if "compile" in vname and self.soft_deadline is not None and time.time() > self.soft_deadline:
+            # compiling costs tens of seconds each: past half the budget they make way for the rest
+            return {"status": "skipped", "reason": "time budget: compile baselines dropped past half of it"}, None
         meta: dict = {}
         try:
             with warnings.catch_warnings():
@@ -405,7 +409,7 @@ class Runner:
                 return out
             from torch.utils.benchmark import Timer
 
-            return _time_cpu_interleaved(ready, plan, Timer, self._est)
+            return _time_cpu_interleaved(ready, plan, Timer, self._est, self.deadline)
 
     def _figures(self, case: Case, t, fn) -> dict:
         if isinstance(t, Exception):
@@ -428,7 +432,8 @@ class Runner:
         return out
 
 
-def _time_cpu_interleaved(ready: dict, plan: TimingPlan, Timer, ests: dict) -> Dict[str, Timing]:
+def _time_cpu_interleaved(ready: dict, plan: TimingPlan, Timer, ests: dict,
+                          deadline: Optional[float] = None) -> Dict[str, Timing]:
     """Block-interleaved CPU timing of several variants; median and IQR over each one's blocks.
     ests: seconds per call from the warm-up (measured again here where missing)."""
     ests = dict(ests)
@@ -444,13 +449,15 @@ def _time_cpu_interleaved(ready: dict, plan: TimingPlan, Timer, ests: dict) -> D
     timers = {v: Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
               for v, fn in ready.items()}
     times: Dict[str, List[float]] = {v: [] for v in ready}
-    for _ in range(repeats):
+    for r in range(repeats):
+        if r >= 2 and deadline is not None and time.time() > deadline:
+            break  # the suite's time budget is spent: keep the rounds measured so far (at least 2)
         for v, timer in timers.items():
             times[v].append(timer.timeit(numbers[v]).median * 1e3)
     out = {}
     for v, ts in times.items():
         q1, med, q3 = _quantiles(ts)
-        out[v] = Timing(med, q3 - q1, q1, q3, repeats * numbers[v], 0.0)
+        out[v] = Timing(med, q3 - q1, q1, q3, len(ts) * numbers[v], 0.0)
     return out
 
 
@@ -1019,15 +1026,15 @@ def _fixed_case(mname, device, dtype, B, S, compile_mode, quick=False) -> Case:
 
     variants: Dict[str, object] = {SUBJECT: variant("bertfast"), "bertfast_ref": variant("bertfast_ref"),
                                    "hf_sdpa": variant("hf_sdpa")}
+    if device.type == "cuda" and B <= 16:  # launch-bound latency: CUDA-graph replays of both
+        variants["bertfast_graph"] = variant("bertfast_graph")
+        variants["hf_graph"] = variant("hf_graph")
     if compile_mode == "none":
         variants["hf_compile"] = "not run: --compile none"
     elif quick and device.type == "cpu":
         variants["hf_compile"] = "not run: --quick on CPU (compiling the whole model takes minutes here)"
     else:
         variants["hf_compile"] = variant("hf_compile")
-    if device.type == "cuda" and B <= 16:
-        variants["bertfast_graph"] = variant("bertfast_graph")
-        variants["hf_graph"] = variant("hf_graph")
     case = Case("encoder", f"{mname} fixed b{B}x{S} {_dtype_name(dtype)}",
                 {"model": mname, "kind": "fixed", "batch": B, "seq": S, "fill": 1.0}, variants,
                 tokens=B * S, dtype=_dtype_name(dtype))
@@ -1163,6 +1170,10 @@ def summary_rows(results: List[dict]):
             ms = f"{s['median_ms']:.3g} ± {s['iqr_ms'] / 2:.2g}"
             if "frac_copy_bw" in s:
                 fig = f"{s['gbps']:.3g} GB/s ({100 * s['frac_copy_bw']:.0f}% copy)"
+            elif r["suite"] == "encoder" and "tokens_per_s" in s:
+                fig = f"{s['tokens_per_s']:.4g} tok/s"
+                if "frac_matmul" in s:
+                    fig += f" ({100 * s['frac_matmul']:.0f}% mm)"
             elif "frac_matmul" in s:
                 fig = f"{s['tflops']:.3g} TFLOP/s ({100 * s['frac_matmul']:.0f}% mm)"
             elif "tokens_per_s" in s:
@@ -1241,8 +1252,8 @@ def write_markdown(results: List[dict], meta: dict, path: str):
             for vname, v in r["variants"].items():
                 if v.get("status") == "ok":
                     fig = (f"{v['gbps']:.3g} GB/s" if "gbps" in v else
-                           f"{v['tflops']:.3g} TFLOP/s" if "tflops" in v else
-                           f"{v['tokens_per_s']:.4g} tok/s" if "tokens_per_s" in v else "")
+                           f"{v['tokens_per_s']:.4g} tok/s" if suite == "encoder" and "tokens_per_s" in v else
+                           f"{v['tflops']:.3g} TFLOP/s" if "tflops" in v else "")
                     if "peak_memory_mb" in v:
                         fig += f", peak {v['peak_memory_mb']:.0f} MB"
                     lines.append(f"| {r['name']} | {vname} | {v['median_ms']:.4g} | {v['iqr_ms']:.2g} | {fig} | "
@@ -1375,6 +1386,8 @@ def build_parser():
                                                   "list), e.g. 'text' or 'fwd 8192x768'")
     p.add_argument("--skip", default=None, help="variants not to run (comma list, e.g. bertfast_ref,hf_compile); "
                                                 "reported as skipped")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="measure nothing: rewrite the markdown and plots of an earlier run's JSON beside it")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -1463,8 +1476,25 @@ def _finish_encoder_result(case: Case, res: dict, ceilings):
                 v["frac_matmul"] = v["tflops"] / mm
 
 
+def render(path: str, plots: bool = True) -> dict:
+    """The markdown table and plots of an earlier run's JSON, written beside it."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    results = data.pop("results")
+    out_dir = os.path.dirname(os.path.abspath(path))
+    prefix = os.path.splitext(os.path.basename(path))[0]
+    md = os.path.join(out_dir, prefix + ".md")
+    write_markdown(results, data, md)
+    pngs = write_plots(results, data, out_dir, prefix) if plots else []
+    print_table(results)
+    print(f"\nbench: rendered {md} and {len(pngs)} plot(s) from {path}")
+    return {"results": results, "meta": data, "paths": {"json": path, "markdown": md, "plots": pngs}}
+
+
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.render:
+        return render(args.render, plots=not args.no_plots)
     threads_note = _set_threads(args.threads)
     dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev_name.startswith("cuda") and not torch.cuda.is_available():
@@ -1535,7 +1565,7 @@ def run(argv=None) -> dict:
     meta["budget_s"] = args.budget
     budget = _Budget(args.budget, [s for s in SUITES if s in plans])
     if args.quick and device.type == "cpu":
-        budget.total_deadline = t_start + 255  # whatever the suites' shares: 5 minutes with startup and plots
+        budget.total_deadline = t_start + 235  # whatever the suites' shares: 5 minutes with startup and plots
     results: List[dict] = []
     progress = _progress(total, args.no_progress)
     runner = Runner(device, plan, meta["ceilings"], None, progress)
@@ -1545,6 +1575,9 @@ def run(argv=None) -> dict:
             if suite not in plans:
                 continue
             runner.deadline = budget.deadline(suite)
+            runner.soft_deadline = None
+            if runner.deadline is not None:
+                runner.soft_deadline = time.time() + (runner.deadline - time.time()) / 2
             for case in plans[suite]:
                 if progress is not None:
                     progress.set_description(case.name[:40])
