@@ -89,7 +89,11 @@ TESTS="gpu-named $(verdict "$RC_A"), triton/cuda $(verdict "$RC_B")"
 step "bench: ops, attention, encoder on cuda (budgets ${BENCH_BUDGET}s), cap ${T_BENCH}s"
 DEVARG=cuda
 $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DEVARG=cpu
-timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --suite ops,attention,encoder \
+# bf16 everywhere first (the encoder runs in the first dtype); fp16 and fp32 at the target shape
+# of each op and attention case as the budgets allow
+DTYPES=bf16,fp16,fp32
+[ "$DEVARG" = cpu ] && DTYPES=fp32,bf16
+timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --dtype "$DTYPES" --suite ops,attention,encoder \
     --budget "$BENCH_BUDGET" --out "$DIR" --prefix bench --no-progress 2>&1 | grep -v "it/s\]" | tail -n 150
 BENCH_RC=${PIPESTATUS[0]}
 

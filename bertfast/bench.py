@@ -572,7 +572,8 @@ def ops_cases(device, dtypes, tokens_list, hiddens, compile_mode: str, backward_
     # the issue-3 target shape (most tokens, hidden 768, first dtype) first, so a time budget
     # that runs out cuts the least important cases
     order = sorted(((dt, t, h) for dt in dtypes for t in tokens_list for h in hiddens),
-                   key=lambda c: (c[0] != dtypes[0], c[2] != 768, -c[1], dtypes.index(c[0]), c[2]))
+                   key=lambda c: (not (c[2] == 768 and c[1] == max(tokens_list)), c[0] != dtypes[0], c[2] != 768,
+                                  -c[1], dtypes.index(c[0]), c[2]))
     for dt, tokens, hidden in order:
         for op in ops_list:
             for bwd in backward_modes:
@@ -1558,13 +1559,14 @@ def run(argv=None) -> dict:
                     if v in c.variants and v != SUBJECT:
                         c.variants[v] = "not run: --skip"
     total = sum(len(c.variants) for cs in plans.values() for c in cs)
-    if args.budget is None and args.quick and device.type == "cpu":
+    quick_cpu_default = args.budget is None and args.quick and device.type == "cpu"
+    if quick_cpu_default:
         # keeps `make bench` under 5 minutes on a busy 2-core machine: what does not fit is
         # reported as skipped ("time budget"), never silently dropped
         args.budget = "90,45,100"
     meta["budget_s"] = args.budget
     budget = _Budget(args.budget, [s for s in SUITES if s in plans])
-    if args.quick and device.type == "cpu":
+    if quick_cpu_default:
         budget.total_deadline = t_start + 235  # whatever the suites' shares: 5 minutes with startup and plots
     results: List[dict] = []
     progress = _progress(total, args.no_progress)
