@@ -118,6 +118,8 @@ for r in d["results"]:
         fig += f" {s['peak_memory_mb']:.0f}MB"
     sp = " ".join(f"{k}={v:.2f}x" for k, v in r["speedup"].items()
                   if k in ("eager_ref", "compile_ref", "sdpa", "hf_sdpa", "hf_compile", "hf_eager", "hf_graph"))
+    if r.get("speedup_graph"):
+        sp += " | graph " + " ".join(f"{k}={v:.2f}x" for k, v in r["speedup_graph"].items())
     print(f"{r['name'][:44]:<44} {fig:>14} {sp}")
 PY
 echo "files: $(ls "$DIR" | tr '\n' ' ')"

@@ -1247,6 +1247,10 @@ def write_markdown(results: List[dict], meta: dict, path: str):
                 else:
                     cells.append("-")
             lines.append(f"| {name} | {ms} | {backend} | {fig} | " + " | ".join(cells) + " |")
+        for r in rs:
+            if r.get("speedup_graph"):
+                lines += ["", f"- {r['name']}, bertfast as a CUDA graph: " + ", ".join(
+                    f"{v:.2f}x vs {k}" for k, v in r["speedup_graph"].items())]
         lines += ["", "<details><summary>every variant (median ms ± IQR/2, or why skipped)</summary>", "",
                   "| case | variant | median ms | IQR ms | figure | note |", "|---|---|---|---|---|---|"]
         for r in rs:
@@ -1469,6 +1473,10 @@ def _finish_encoder_result(case: Case, res: dict, ceilings):
     elif "_flops_model" in case.extra:
         S = case.extra["_flops_model"][1]
         res["flops"] = case.tokens * m.flops_per_token(S) * (3.0 if case.extra.get("_train") else 1.0)
+    g = res["variants"].get("bertfast_graph", {})
+    if g.get("status") == "ok":  # the latency target allows CUDA graphs: bertfast's graph vs each baseline
+        res["speedup_graph"] = {k: v["median_ms"] / g["median_ms"] for k, v in res["variants"].items()
+                                if k.startswith("hf") and v.get("status") == "ok"}
     mm = ceilings.get("matmul_tflops", {}).get(case.dtype or "fp32")
     for v in res["variants"].values():
         if v.get("status") == "ok" and res.get("flops"):
