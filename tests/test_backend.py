@@ -119,3 +119,26 @@ def test_cli_info_runs():
     out = subprocess.run([sys.executable, "-m", "bertfast", "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "bias_residual_layernorm@cpu" in out.stdout
+
+
+def test_backward_uses_the_backend_the_forward_was_asked_for():
+    calls = []
+    spec = backend._ops["bias_gelu"]
+    saved = dict(spec.impls)
+    ref = spec.impls["reference"]
+
+    def bwd(*a):
+        calls.append("bwd")
+        return ref.bwd(*a)
+
+    backend.register_impl("bias_gelu", "cuda", fwd=ref.fwd, bwd=bwd, devices=("cpu",))
+    try:
+        x = torch.randn(4, 8, requires_grad=True)
+        with bertfast.use_backend("cuda"):
+            y = ops.bias_gelu(x, torch.randn(8))
+        y.sum().backward()  # outside the block
+        assert calls == ["bwd"]
+    finally:
+        spec.impls.clear()
+        spec.impls.update(saved)
+        backend.reset()

@@ -69,13 +69,17 @@ class FusedOp:
             def forward(ctx, *inputs):
                 out = fwd_impl(*inputs)
                 setup_context(ctx, inputs, out)
+                # the backward runs on the backend the forward was asked for, even when it is
+                # called outside the caller's use_backend(...) block (loss.backward() usually is)
+                ctx.requested = backend.requested()
                 if n_nondiff_outputs:
                     ctx.mark_non_differentiable(*out[-n_nondiff_outputs:])
                 return out
 
             @staticmethod
             def backward(ctx, *grads):
-                return backward(ctx, grads, bwd_impl)
+                with backend.use_backend(ctx.requested):
+                    return backward(ctx, grads, bwd_impl)
 
         _Fn.__name__ = f"{name}_fn"
         self._fn = _Fn
