@@ -218,6 +218,16 @@ def _compile_job(item):
         return None, f"{type(e).__name__}: {e}".splitlines()[0][:200], time.time() - t0
 
 
+def _meant_for(spec: dict, arch: str, archs) -> bool:
+    """A spec that names the architectures its configuration is chosen for ("archs") is only
+    compiled for those: a launcher never runs a Hopper tile list on Ampere, so its spills
+    there would be noise. It is compiled for every requested arch when it names none of them."""
+    meant = spec.get("archs")
+    if not meant or not any(a in meant for a in archs):
+        return True
+    return arch in meant
+
+
 def verify_aot(archs, full=False, kernel_filter=None, jobs=1) -> int:
     mods = kernel_modules()
     specs = []
@@ -231,7 +241,7 @@ def verify_aot(archs, full=False, kernel_filter=None, jobs=1) -> int:
     if not specs:
         print("no aot_specs() entries found in bertfast.kernels", file=sys.stderr)
         return 1
-    work = [(name, idx, s, arch) for arch in archs for name, idx, s in specs]
+    work = [(name, idx, s, arch) for arch in archs for name, idx, s in specs if _meant_for(s, arch, archs)]
     items = [(name, idx, full, arch) for name, idx, _s, arch in work]
     if jobs > 1:
         # processes, not threads: most of a compile holds the GIL (MLIR passes, LLVM)
