@@ -328,9 +328,28 @@ def gelu_layernorm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approxim
     return _OPS["gelu_layernorm_bwd"](dout, x, bias, weight, ln_bias, mean, rstd, float(eps), approximate == "tanh")
 
 
+def _aten_flash_serves(q, k, key_bias, cu_q, p, causal) -> bool:
+    """ATen's CPU flash attention (what torch SDPA runs on CPU) beats this extension's kernel
+    about 2x forward and 1.15x backward on unmasked padded batches (measured on this 2-core
+    AVX512 box: 8x128x12x64 fp32, 8 vs 16 ms forward), and returns the same natural-log lse. It
+    serves those calls; the extension keeps what ATen cannot do the same way: packed varlen,
+    key masks (rows that see no key), dropout with the shared Philox stream, bottom-right causal
+    for Lq != Lk."""
+    return (cu_q is None and key_bias is None and p == 0.0 and q.dtype in (torch.float32, torch.bfloat16)
+            and not (causal and q.shape[1] != k.shape[1]))
+
+
+def _bhsd(t):
+    return t.transpose(1, 2)
+
+
 def attention_fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
     """Padded (B, S, H, D) with an fp32 (B, Sk) key bias, or varlen (total, H, D) with cu_seqlens;
     returns (out, lse) as bertfast.ops.attention's backend contract."""
+    if _aten_flash_serves(q, k, key_bias, cu_q, p, causal):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, bool(causal), scale=float(scale))[:2]
+        return _bhsd(out).contiguous(), lse.float().contiguous()
     if _f64(q):
         return _reference("attention")._fwd_reference(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
                                                       seed)
@@ -340,6 +359,10 @@ def attention_fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
 
 def attention_bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
     """FlashAttention-2's backward (P recomputed from the saved lse) in C++: returns (dq, dk, dv)."""
+    if _aten_flash_serves(q, k, key_bias, cu_q, p, causal):
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, 0.0, bool(causal), scale=float(scale))
+        return tuple(_bhsd(g).contiguous() for g in grads)
     if _f64(q):
         return _reference("attention")._bwd_reference(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p,
                                                       scale, causal, seed)

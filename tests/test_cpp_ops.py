@@ -429,3 +429,26 @@ def test_attention_deterministic_across_threads():
         torch.set_num_threads(prev)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmasked_padded_attention_served_by_aten_flash(monkeypatch, causal, dtype):
+    """Unmasked padded batches go to ATen's CPU flash kernel: same outputs, lse and grads."""
+    att = importlib.import_module("bertfast.ops.attention")
+    monkeypatch.setenv("BERTFAST_STRICT", "1")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 9, 3, 32, generator=g).to(dtype) for _ in range(3))
+    assert cpp._aten_flash_serves(q, k, None, None, 0.0, causal)
+    out, lse = cpp.attention_fwd(q, k, v, None, None, None, 9, 9, 0.0, 0.2, causal, 0)
+    ref_out, ref_lse = att._fwd_reference(q.double(), k.double(), v.double(), None, None, None, 9, 9, 0.0, 0.2,
+                                          causal, 0)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    got = cpp.attention_bwd(dout, q, k, v, out, lse, None, None, None, 9, 9, 0.0, 0.2, causal, 0)
+    ref = att._bwd_reference(dout.double(), q.double(), k.double(), v.double(), ref_out, ref_lse, None, None, None,
+                             9, 9, 0.0, 0.2, causal, 0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, atol=10 * tol, rtol=10 * tol)
