@@ -112,7 +112,8 @@ for r in d["results"]:
     # the issue targets: ops at 32768 x 768, attention at 12 x 64 heads, every encoder workload
     if (r["suite"] == "ops" and "32768x768" not in r["name"]) or (r["suite"] == "attention" and "h16" in r["name"]):
         continue
-    fig = (f"{100 * s['frac_copy_bw']:.0f}% bw" if "frac_copy_bw" in s else
+    bw = s.get("frac_copy_bw_interleaved", s.get("frac_copy_bw"))
+    fig = (f"{100 * bw:.0f}% bw" if bw is not None else
            f"{s['tflops']:.0f} TFLOP/s" if r["suite"] == "attention" else f"{s.get('tokens_per_s', 0):.3g} tok/s")
     if "peak_memory_mb" in s:
         fig += f" {s['peak_memory_mb']:.0f}MB"

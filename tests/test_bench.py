@@ -68,6 +68,8 @@ def test_bench_memory_bound_figures(tiny_run):
             continue
         v = r["variants"]["bertfast"]
         assert v["gbps"] > 0 and 0 < v["frac_copy_bw"] < 100
+        assert r["variants"]["copy_same_bytes"]["status"] == "ok" and v["frac_copy_bw_interleaved"] > 0
+        assert "copy_same_bytes" not in r["speedup"]  # a ceiling, not a baseline
 
 
 def test_op_bytes_counts_forward_and_backward():
