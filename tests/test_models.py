@@ -353,3 +353,16 @@ def test_import_is_lazy():
     with warnings.catch_warnings():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_training_step_under_autocast_matches_fp32():
+    hf, ours = hf_twin("BertForPreTraining")
+    ids, tt, mask = batch()
+    labels = _labels("BertForPreTraining", ids, mask)
+    ref = ours(ids, mask, tt, **labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(ids, mask, tt, **labels)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32
+    assert abs(out.loss.item() - ref.item()) < 0.05 * abs(ref.item())
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)

@@ -149,13 +149,18 @@ def bias_residual_layernorm(x: torch.Tensor, bias: Optional[torch.Tensor], resid
                             dropout_p: float = 0.0) -> torch.Tensor:
     """LayerNorm(dropout(x + bias) + residual) * weight + ln_bias over the last dimension.
 
-    x, residual: (..., hidden), same shape and dtype; bias, weight, ln_bias: (hidden,).
+    x, residual: (..., hidden), same shape (different float dtypes are promoted to the wider);
+    bias, weight, ln_bias: (hidden,).
     """
     check_float("x", x, min_ndim=1)
     check_float("residual", residual)
     check_same_shape("residual", residual, "x", x)
     if residual.dtype != x.dtype:
-        raise TypeError(f"residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+        # mixed precision (torch.autocast): the GEMM output x is bf16/fp16 while the residual
+        # stream stays fp32; compute and return in the wider dtype, as autocast's fp32
+        # LayerNorm would
+        wide = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(wide), residual.to(wide)
     n = x.shape[-1]
     if bias is not None:
         check_vector("bias", bias, n)
