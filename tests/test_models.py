@@ -166,6 +166,9 @@ def test_sequence_classification_problem_types():
     with pytest.raises(ValueError, match="labels"):
         ours3 = hf_twin("BertForSequenceClassification", num_labels=3)[1]
         ours3(ids, mask, labels=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match="labels"):
+        tagger = hf_twin("BertForTokenClassification")[1]
+        tagger(ids, mask, labels=torch.full(ids.shape, 5))
 
 
 def test_mlm_decoder_is_tied():

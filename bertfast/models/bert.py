@@ -512,6 +512,17 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         return SequenceClassifierOutput(loss, logits, out.hidden_states)
 
 
+def _checked_labels(name: str, labels: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """Flat class labels, each in [0, n) or the ignore index -100; a clear error otherwise (a GPU
+    cross entropy would only hit a device-side assert)."""
+    lab = labels.reshape(-1)
+    if can_sync():
+        bad = (lab != -100) & ((lab < 0) | (lab >= n))
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be in [0, {n}) ({what}) or -100, got {lab[bad][0].item()}")
+    return lab
+
+
 def _classifier_dropout(config: BertConfig) -> float:
     return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
 
@@ -547,11 +558,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
                 loss = F.mse_loss(logits.squeeze().float(), labels.squeeze().float()) if self.num_labels == 1 \
                     else F.mse_loss(logits.float(), labels.float())
             elif problem == "single_label_classification":
-                lab = labels.reshape(-1)
-                bad = (lab != -100) & ((lab < 0) | (lab >= self.num_labels))
-                if bool(bad.any()):
-                    raise ValueError(f"labels must be in [0, {self.num_labels}) (num_labels), got "
-                                     f"{lab[bad][0].item()}")
+                lab = _checked_labels("labels", labels, self.num_labels, "num_labels")
                 loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), lab)
             elif problem == "multi_label_classification":
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
@@ -576,7 +583,8 @@ class BertForTokenClassification(BertPreTrainedModel):
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), labels.reshape(-1))
+            lab = _checked_labels("labels", labels, self.num_labels, "num_labels")
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), lab)
         return TokenClassifierOutput(loss, logits, out.hidden_states)
 
 
