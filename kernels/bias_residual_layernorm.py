@@ -152,6 +152,19 @@ def aot_spec(fn, signature: dict, constexprs: dict, num_warps: int, config: str,
 # ---------------------------------------------------------------------------------------
 # kernels
 
+@triton.jit
+def layernorm_rows(h, mask, cols, cmask, W, LB, N, eps):
+    """LayerNorm of a (ROWS, BLOCK_N) fp32 tile whose masked lanes hold 0: (y, mean, rstd),
+    statistics in fp32 (shared by every forward kernel of the family)."""
+    mean = tl.sum(h, axis=1) / N
+    d = tl.where(mask, h - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / N
+    rstd = tl.math.rsqrt(var + eps)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    lb = tl.load(LB + cols, mask=cmask, other=0.0).to(tl.float32)
+    return d * rstd[:, None] * w[None, :] + lb[None, :], mean, rstd
+
+
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _brln_fwd_kernel(X, B, R, W, LB, Y, Mean, Rstd, M, N, eps, seed, threshold, scale,
                      HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -173,13 +186,7 @@ def _brln_fwd_kernel(X, B, R, W, LB, Y, Mean, Rstd, M, N, eps, seed, threshold, 
         # multiply (not where) so dropped elements are h * 0, bit-for-bit like the reference
         h = h * tl.where(keep, scale, 0.0)
     h += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(h, axis=1) / N
-    d = tl.where(mask, h - mean[:, None], 0.0)
-    var = tl.sum(d * d, axis=1) / N
-    rstd = tl.math.rsqrt(var + eps)
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    lb = tl.load(LB + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = d * rstd[:, None] * w[None, :] + lb[None, :]
+    y, mean, rstd = layernorm_rows(h, mask, cols, cmask, W, LB, N, eps)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + rows, mean, mask=rmask)
     tl.store(Rstd + rows, rstd, mask=rmask)

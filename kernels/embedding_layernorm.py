@@ -29,6 +29,7 @@ from ._rng import dropout_keep
 from .bias_residual_layernorm import (
     all_block_ns,
     aot_spec,
+    layernorm_rows,
     bwd_config,
     dropout_args,
     fwd_config,
@@ -60,13 +61,7 @@ def _emb_ln_fwd_kernel(Ids, TT, Pos, Word, PosEmb, TypeEmb, W, LB, Y, Mean, Rstd
     cmask = cols < N
     mask = rmask[:, None] & cmask[None, :]
     h, ids, tts, ps = _gather_sum(Ids, TT, Pos, Word, PosEmb, TypeEmb, rows, rmask, cols, mask, N)
-    mean = tl.sum(h, axis=1) / N
-    d = tl.where(mask, h - mean[:, None], 0.0)
-    var = tl.sum(d * d, axis=1) / N
-    rstd = tl.math.rsqrt(var + eps)
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    lb = tl.load(LB + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = d * rstd[:, None] * w[None, :] + lb[None, :]
+    y, mean, rstd = layernorm_rows(h, mask, cols, cmask, W, LB, N, eps)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]  # output offsets = dropout offsets
     if HAS_DROPOUT:
         seed = seed.to(tl.int64)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .bias_gelu import gelu, gelu_grad
-from .bias_residual_layernorm import all_block_ns, aot_spec, bwd_config, fwd_config, num_programs
+from .bias_residual_layernorm import all_block_ns, aot_spec, bwd_config, fwd_config, layernorm_rows, num_programs
 
 
 @triton.jit
@@ -30,13 +30,7 @@ def _gelu_ln_fwd_kernel(X, B, W, LB, Y, Mean, Rstd, M, N, eps, TANH: tl.constexp
     pre = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     pre += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     h = gelu(pre, TANH)  # GELU(0) = 0: padded lanes stay out of the sums
-    mean = tl.sum(h, axis=1) / N
-    d = tl.where(mask, h - mean[:, None], 0.0)
-    var = tl.sum(d * d, axis=1) / N
-    rstd = tl.math.rsqrt(var + eps)
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    lb = tl.load(LB + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = d * rstd[:, None] * w[None, :] + lb[None, :]
+    y, mean, rstd = layernorm_rows(h, mask, cols, cmask, W, LB, N, eps)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + rows, mean, mask=rmask)
     tl.store(Rstd + rows, rstd, mask=rmask)
