@@ -10,6 +10,7 @@
 #   bench.json      every measurement: medians, IQR, GB/s, TFLOP/s, fractions of the ceilings, ratios
 #   bench.md        the same as markdown tables
 #   bench_ops.png, bench_attention.png, bench_encoder.png   speedup plots
+#   profile.txt     benchmarks/gpu_profile.py: the encoder's heaviest kernels, host reads, op host cost
 # Each step runs under `timeout`, so a hung kernel or a slow compile cannot eat the budget;
 # the bench writes its JSON after every case and on SIGTERM, so a cut-off run still leaves
 # what it measured. The last lines printed are a short summary.
@@ -22,10 +23,12 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 export TRANSFORMERS_VERBOSITY=error
 PY=${PYTHON:-python3}
 T0=$(date +%s)
-# Budgets (seconds), sized so the whole script stays under 8 minutes (480 s) with margin.
+# Budgets (seconds), sized so the whole script stays under 8 minutes (480 s) with margin
+# (25 + 120 + 250 + 50 + summary).
 T_INFO=${T_INFO:-25}
 T_TESTS=${T_TESTS:-120}
 T_BENCH=${T_BENCH:-250}
+T_PROF=${T_PROF:-50}
 BENCH_BUDGET=${BENCH_BUDGET:-65,50,115}   # per suite: ops, attention, encoder
 
 dev=$($PY - <<'PY' 2>/dev/null
@@ -100,6 +103,9 @@ timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --dtype "$DTYP
     --budget "$BENCH_BUDGET" --out "$DIR" --prefix bench --no-progress 2>&1 | grep -v "it/s\]" | tail -n 150
 BENCH_RC=${PIPESTATUS[0]}
 
+step "profile: where the encoder's GPU time goes, host cost of one op call; cap ${T_PROF}s"
+timeout -k 5 "$T_PROF" $PY benchmarks/gpu_profile.py --out "$DIR" 2>&1 | grep -v "^USDT\|profiler_st" | tail -n 20
+
 step "summary"
 $PY - "$DIR/bench.json" <<'PY' || echo "no bench.json"
 import json, sys
@@ -123,7 +129,10 @@ for r in d["results"]:
     sp = " ".join(f"{k}={v:.2f}x" for k, v in r["speedup"].items()
                   if k in ("eager_ref", "compile_ref", "sdpa", "hf_sdpa", "hf_compile", "hf_eager", "hf_graph"))
     if r.get("speedup_graph"):
-        sp += " | graph " + " ".join(f"{k}={v:.2f}x" for k, v in r["speedup_graph"].items())
+        g = r["variants"].get("bertfast_graph", {})
+        gbw = g.get("frac_copy_bw_interleaved", g.get("frac_copy_bw"))
+        sp += " | graph" + (f" {100 * gbw:.0f}% bw" if r["suite"] == "ops" and gbw is not None else "") + " " + \
+            " ".join(f"{k}={v:.2f}x" for k, v in r["speedup_graph"].items())
     print(f"{r['name'][:44]:<44} {fig:>14} {sp}")
 PY
 echo "files: $(ls "$DIR" | tr '\n' ' ')"

@@ -9,7 +9,7 @@ differentiable.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -22,18 +22,29 @@ class PackedLayout(NamedTuple):
     seqlen: int
 
 
-def unpad_mask(attention_mask: torch.Tensor) -> PackedLayout:
-    """Packed layout of a (batch, seqlen) mask (nonzero = valid token). One host sync (max_seqlen)."""
+def unpad_mask(attention_mask: torch.Tensor, total: Optional[int] = None,
+               max_seqlen: Optional[int] = None) -> PackedLayout:
+    """Packed layout of a (batch, seqlen) mask (nonzero = valid token).
+
+    Reads the valid-token count and the longest row back to the host (one sync each); a
+    caller that already has both (BertModel reads them together with its input checks in
+    one transfer) passes them as `total` and `max_seqlen`, and then nothing is read back:
+    on a GPU every host read drains the queue of launched kernels."""
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be (batch, seqlen), got shape {tuple(attention_mask.shape)}")
     keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     batch, seqlen = keep.shape
     lens = keep.sum(dim=1, dtype=torch.int32)
-    indices = torch.nonzero(keep.reshape(-1), as_tuple=False).reshape(-1)
+    flat = keep.reshape(-1)
+    if total is None:
+        indices = torch.nonzero(flat, as_tuple=False).reshape(-1)
+    else:  # the output size is known: no host read for it
+        indices = torch.nonzero_static(flat, size=int(total)).reshape(-1)
     cu = torch.zeros(batch + 1, dtype=torch.int32, device=keep.device)
     torch.cumsum(lens, dim=0, dtype=torch.int32, out=cu[1:])
-    max_seqlen = int(lens.max().item()) if batch else 0
-    return PackedLayout(indices, cu, max_seqlen, batch, seqlen)
+    if max_seqlen is None:
+        max_seqlen = int(lens.max().item()) if batch else 0
+    return PackedLayout(indices, cu, int(max_seqlen), batch, seqlen)
 
 
 def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor):

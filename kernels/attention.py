@@ -719,6 +719,10 @@ def _dot_precision(dtype) -> str:
     return "tf32" if tf32 else "tf32x3"
 
 
+def _unit_last_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _strides(t, varlen):
     """(batch, token, head) strides; packed tensors have no batch stride (cu_seqlens locate rows)."""
     if varlen:
@@ -767,7 +771,8 @@ def attention_fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
 
         _fallback(reason)
         return _fwd_reference(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # the kernel reads any token/head/batch strides: views of a fused QKV projection need no copy
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     key_bias = key_bias.float().contiguous() if key_bias is not None else None
     varlen = cu_q is not None
     H = q.shape[-2]

@@ -285,6 +285,46 @@ def test_public_op_uses_triton_with_autograd():
         torch.testing.assert_close(a, r, atol=2e-5, rtol=1e-5)
 
 
+def test_triton_reads_fused_qkv_views_without_copy():
+    """q/k/v as views of one fused projection (token stride 3*H*D), as the encoder passes them:
+    the kernel reads the strides, and results equal those of contiguous copies."""
+    import bertfast
+    from bertfast.ops.attention import attention
+    from bertfast.padding import unpad_mask
+
+    g = _gen(12)
+    B, S, H, D = 2, 11, 2, 32
+    qkv = _rand((B, S, 3, H, D), torch.float32, g).requires_grad_()
+    mask = torch.ones(B, S, dtype=torch.int64, device=DEV)
+    mask[1, 6:] = 0
+    layout = unpad_mask(mask)
+    packed = qkv.reshape(B * S, 3, H, D).index_select(0, layout.indices)
+    K, _ = _mods()
+    calls = []  # the backend registry takes the spy at its first load (reset before each test)
+    orig = K.attention_fwd
+
+    def spy(q, k, v, *a):
+        calls.append(q.is_contiguous())
+        return orig(q, k, v, *a)
+
+    for views, kw in (((qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]), dict(attention_mask=mask)),
+                      ((packed[:, 0], packed[:, 1], packed[:, 2]), dict(cu_seqlens=layout))):
+        with bertfast.use_backend("triton"), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(K, "attention_fwd", spy)
+            out = attention(*views, **kw)
+            reached_as_view = calls[-1] is False
+            grads = torch.autograd.grad(out.square().sum(), qkv)
+        copies = [t.detach().contiguous().requires_grad_() for t in views]
+        with bertfast.use_backend("triton"):
+            ref = attention(*copies, **kw)
+            ref.square().sum().backward()
+        assert reached_as_view, calls  # the view reached the kernel as a view, not a copy
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        d = grads[0] if "attention_mask" in kw else grads[0].reshape(B * S, 3, H, D)[layout.indices]
+        for i, c in enumerate(copies):
+            torch.testing.assert_close(d.select(-3, i), c.grad, atol=1e-6, rtol=1e-6)
+
+
 def test_unsupported_inputs_raise_under_strict():
     K, _ = _mods()
     from bertfast.backend import BackendError

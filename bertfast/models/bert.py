@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..ops._common import can_sync
+from ..ops.embedding_layernorm import _embedding_layernorm, id_range_error
 from ..padding import PackedLayout, pad_input, unpad_mask
 from .config import FUSED_ACTS, BertConfig
 
@@ -103,11 +104,11 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout_p = config.hidden_dropout_prob
 
-    def forward(self, input_ids, token_type_ids, position_ids):
-        return ops.embedding_layernorm(
+    def forward(self, input_ids, token_type_ids, position_ids, ranges_checked: bool = False):
+        return _embedding_layernorm(
             input_ids, token_type_ids, position_ids, self.word_embeddings.weight, self.position_embeddings.weight,
             self.token_type_embeddings.weight, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
-            self.dropout_p if self.training else 0.0)
+            self.dropout_p if self.training else 0.0, ranges_checked=ranges_checked)
 
 
 class BertSelfAttention(nn.Module):
@@ -143,7 +144,7 @@ class BertSelfAttention(nn.Module):
         p = self.dropout_p if self.training else 0.0
         if layout is not None:  # packed rows (total, 3 * hidden)
             q, k, v = qkv.view(-1, 3, H, D).unbind(1)
-            ctx = ops.attention(q, k, v, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, dropout_p=p)
+            ctx = ops.attention(q, k, v, cu_seqlens=layout, dropout_p=p)  # the layout: no per-layer host read
             return ctx.reshape(-1, H * D)
         B, S = shape
         q, k, v = qkv.view(B, S, 3, H, D).unbind(2)
@@ -314,6 +315,34 @@ def _check_inputs(config: BertConfig, input_ids, attention_mask, token_type_ids,
                              f"got {tuple(position_ids.shape)}")
 
 
+def _read_back(config: BertConfig, input_ids, attention_mask, token_type_ids, position_ids):
+    """The values the forward needs on the host, in one device-to-host transfer: every id range
+    (a kernel must never gather outside its table) and, for the packed layout, the number of
+    valid tokens and the longest row. On a GPU each read drains the queue of launched kernels,
+    so one read per forward instead of one per check (and none per layer).
+    Returns (valid tokens, longest row); both are None without a mask."""
+    checks = [("input_ids", input_ids, config.vocab_size, "word_emb")]
+    if token_type_ids is not None:
+        checks.append(("token_type_ids", token_type_ids, config.type_vocab_size, "type_emb"))
+    if position_ids is not None:
+        checks.append(("position_ids", position_ids, config.max_position_embeddings, "pos_emb"))
+    vals = []
+    for _, t, _, _ in checks:
+        lo, hi = torch.aminmax(t)
+        vals += [lo.long(), hi.long()]
+    if attention_mask is not None:
+        lens = (attention_mask != 0).sum(1)
+        vals += [lens.sum(), lens.max()]
+    host = torch.stack(vals).tolist()
+    for i, (name, _, rows, table) in enumerate(checks):
+        err = id_range_error(name, host[2 * i], host[2 * i + 1], rows, table)
+        if err is not None:
+            raise err
+    if attention_mask is None:
+        return None, None
+    return host[-2], host[-1]
+
+
 class BertModel(BertPreTrainedModel):
     """BERT encoder: embeddings -> layers -> pooler, Hugging Face's BertModel interface."""
 
@@ -340,6 +369,7 @@ class BertModel(BertPreTrainedModel):
         cfg = self.config
         _check_inputs(cfg, input_ids, attention_mask, token_type_ids, position_ids)
         B, S = input_ids.shape
+        user_tt, user_pos = token_type_ids, position_ids
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device, dtype=input_ids.dtype).expand(B, S)
         else:
@@ -347,18 +377,23 @@ class BertModel(BertPreTrainedModel):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         layout, key_mask = None, None
-        if attention_mask is not None:
-            if not self.unpad or not can_sync():
-                # static shapes for the compiler: the padded layout with a key mask
-                key_mask = attention_mask
-            elif not bool(attention_mask.bool().all()):
-                layout = unpad_mask(attention_mask)  # once per batch, shared by every layer
+        checked = can_sync()
+        if checked:  # eager: everything the host must know, read back at once
+            total, max_len = _read_back(cfg, input_ids, attention_mask if self.unpad else None, user_tt, user_pos)
+            if attention_mask is not None:
+                if not self.unpad:
+                    key_mask = attention_mask  # the padded layout, kept for comparisons
+                elif total < B * S:
+                    layout = unpad_mask(attention_mask, total, max_len)  # once per batch, shared by every layer
+        elif attention_mask is not None:
+            # torch.compile / CUDA-graph capture: static shapes, the padded layout with a key mask
+            key_mask = attention_mask
         if layout is not None:  # only valid tokens are embedded
             idx = layout.indices
             hidden = self.embeddings(input_ids.reshape(-1)[idx], token_type_ids.reshape(-1)[idx],
-                                     position_ids.reshape(-1)[idx])
+                                     position_ids.reshape(-1)[idx], checked)
         else:
-            hidden = self.embeddings(input_ids, token_type_ids, position_ids).reshape(B * S, -1)
+            hidden = self.embeddings(input_ids, token_type_ids, position_ids, checked).reshape(B * S, -1)
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.encoder.layer:
             hidden = layer(hidden, layout, (B, S), key_mask)

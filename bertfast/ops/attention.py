@@ -41,6 +41,7 @@ from ._common import (
     seed_int,
     seed_tensor,
 )
+from ..padding import PackedLayout
 from ._rng import keep_mask
 
 OP = "attention"
@@ -286,7 +287,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
 
     Padded: q (B, Sq, H, D), k/v (B, Sk, H, D), attention_mask see module docstring.
     Varlen: q (total_q, H, D), k/v (total_k, H, D), cu_seqlens int32 (B+1,) or a pair,
-    max_seqlen int or a pair. Returns q.shape[:-1] + (v.shape[-1],) in q.dtype.
+    max_seqlen int or a pair; or cu_seqlens = the PackedLayout of bertfast.padding.unpad_mask
+    (max_seqlen from it; its offsets are not read back to be checked, so no host sync).
+    Returns q.shape[:-1] + (v.shape[-1],) in q.dtype.
     """
     check_float("q", q)
     check_float("k", k)
@@ -311,6 +314,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
     if varlen:
         if attention_mask is not None:
             raise ValueError("attention_mask must be None with cu_seqlens (packed sequences carry no padding)")
+        built = isinstance(cu_seqlens, PackedLayout)
+        if built:  # unpad_mask's layout: cu_seqlens and max_seqlen are right by construction
+            if max_seqlen is not None and int(max_seqlen) != cu_seqlens.max_seqlen:
+                raise ValueError(f"max_seqlen ({max_seqlen}) disagrees with the layout's ({cu_seqlens.max_seqlen})")
+            cu_seqlens, max_seqlen = cu_seqlens.cu_seqlens, cu_seqlens.max_seqlen
         cu_q, cu_k = _as_pair(cu_seqlens, "cu_seqlens")
         if max_seqlen is None:
             raise ValueError("max_seqlen is required with cu_seqlens")
@@ -321,8 +329,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
                                 f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
             if cu.device != q.device:
                 raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; expected the same device")
-            if can_sync():
-                first, last = cu[0].item(), cu[-1].item()
+            if not built and can_sync():  # one host read: a GPU waits for every queued kernel
+                first, last = cu[0::cu.numel() - 1].tolist()
                 if first != 0 or last != total:
                     raise ValueError(f"{name} must start at 0 and end at the number of packed tokens ({total}), "
                                      f"got {first} .. {last}")
@@ -332,7 +340,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
         max_q, max_k = int(max_q), int(max_k)
         if q.numel() == 0:
             return q.new_zeros(q.shape[:-1] + v.shape[-1:])
-        return _op(q.contiguous(), k.contiguous(), v.contiguous(), None, cu_q.contiguous(), cu_k.contiguous(),
+        # q/k/v go as they are (views of a fused QKV projection): each backend takes the layout it
+        # needs (the Triton kernels read any token/head strides, so the views cost no copy there)
+        return _op(q, k, v, None, cu_q.contiguous(), cu_k.contiguous(),
                    max_q, max_k, p, scale, bool(causal), seed_tensor(p))[0]
     B, Sq, H, _ = q.shape
     if k.shape[0] != B:
@@ -348,5 +358,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
                                  seed=seed_int(seed_tensor(p)))
     if q.numel() == 0 or k.shape[1] == 0:
         return q.new_zeros(q.shape[:-1] + v.shape[-1:])
-    return _op(q.contiguous(), k.contiguous(), v.contiguous(), key_bias, None, None, Sq, Sk, p, scale,
+    return _op(q, k, v, key_bias, None, None, Sq, Sk, p, scale,
                bool(causal), seed_tensor(p))[0]

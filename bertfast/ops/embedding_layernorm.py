@@ -160,9 +160,14 @@ def _check_ranges(checks) -> None:
         return
     for (name, ids, table, table_name), b in zip(checks, bad.tolist()):
         if b:
-            lo, hi = int(ids.min()), int(ids.max())
-            raise IndexError(f"{name} must be in [0, {table.shape[0]}) ({table_name} has {table.shape[0]} rows), "
-                             f"got {lo if lo < 0 else hi}")
+            raise id_range_error(name, int(ids.min()), int(ids.max()), table.shape[0], table_name)
+
+
+def id_range_error(name: str, lo: int, hi: int, rows: int, table_name: str) -> Optional[IndexError]:
+    """The error for ids spanning [lo, hi] against a table of `rows` rows, or None when they fit."""
+    if 0 <= lo and hi < rows:
+        return None
+    return IndexError(f"{name} must be in [0, {rows}) ({table_name} has {rows} rows), got {lo if lo < 0 else hi}")
 
 
 def embedding_layernorm(input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor],
@@ -173,8 +178,17 @@ def embedding_layernorm(input_ids: torch.Tensor, token_type_ids: Optional[torch.
 
     input_ids: int tensor of any shape (..., seq); token_type_ids defaults to zeros and
     position_ids to arange(seq) along the last dimension. Returns input_ids.shape + (hidden,)
-    in the tables' dtype.
+    in the tables' dtype. Every id is checked against its table (one host read for all three).
     """
+    return _embedding_layernorm(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, weight, bias,
+                                eps, dropout_p)
+
+
+def _embedding_layernorm(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, weight, bias,
+                         eps=1e-12, dropout_p=0.0, ranges_checked: bool = False):
+    """embedding_layernorm; ranges_checked=True skips reading the ids back to check their range,
+    for BertModel, which checked them already in the one host read of its forward (shapes,
+    dtypes and devices are still checked here)."""
     check_float("word_emb", word_emb, ndim=2)
     hidden = word_emb.shape[1]
     for name, t in (("pos_emb", pos_emb), ("type_emb", type_emb)):
@@ -205,7 +219,8 @@ def embedding_layernorm(input_ids: torch.Tensor, token_type_ids: Optional[torch.
         checks.append(("token_type_ids", token_type_ids, type_emb, "type_emb"))
     for name, ids, table, table_name in checks:
         _check_ids(name, ids, table, table_name, shape)
-    _check_ranges(checks)
+    if not ranges_checked:
+        _check_ranges(checks)
     eps, p = check_eps(eps), check_dropout(dropout_p)
     if input_ids.numel() == 0:
         return word_emb.new_empty(shape + (hidden,))
