@@ -29,6 +29,9 @@ T_INFO=${T_INFO:-25}
 T_TESTS=${T_TESTS:-120}
 T_BENCH=${T_BENCH:-250}
 T_PROF=${T_PROF:-50}
+# STEPS: which of tests, bench, profile to run (a rerun inside a short lease can skip some)
+STEPS=${STEPS:-tests bench profile}
+has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 BENCH_BUDGET=${BENCH_BUDGET:-65,50,115}   # per suite: ops, attention, encoder
 
 dev=$($PY - <<'PY' 2>/dev/null
@@ -69,19 +72,6 @@ timeout "$T_INFO" $PY -m bertfast info 2>&1 | tail -n 40
 INFO_RC=${PIPESTATUS[0]}
 [ "$INFO_RC" = 0 ] || echo "bertfast info: rc $INFO_RC (124 = cut off at ${T_INFO}s)"
 
-step "GPU tests: first those named/marked gpu, then the Triton kernel tests on CUDA; cap ${T_TESTS}s"
-# Two passes so the explicit GPU tests (bf16, big shapes, dropout statistics, determinism)
-# always run, even when the longer interpreter-parity files, which run on CUDA here, are cut off.
-# Kernel compilation dominates the test time: spread it over the cores when pytest-xdist is there.
-PAR=""
-$PY -c "import xdist" 2>/dev/null && PAR="-n ${T_WORKERS:-8}"
-T_A=$(( T_TESTS / 2 )); T_B=$(( T_TESTS - T_A ))
-timeout -k 10 "$T_A" $PY -m pytest tests -q $PAR -rfEs -p no:cacheprovider -k "gpu" -W ignore::DeprecationWarning \
-    2>&1 | tail -n 40
-RC_A=${PIPESTATUS[0]}
-timeout -k 10 "$T_B" $PY -m pytest tests -q $PAR -rfE -p no:cacheprovider -k "(cuda or triton) and not gpu" \
-    -W ignore::DeprecationWarning 2>&1 | tail -n 40
-RC_B=${PIPESTATUS[0]}
 verdict() {
     case $1 in
         0) echo "passed" ;;
@@ -90,21 +80,42 @@ verdict() {
         *) echo "FAILED (rc $1)" ;;
     esac
 }
-TESTS="gpu-named $(verdict "$RC_A"), triton/cuda $(verdict "$RC_B")"
+TESTS="not run (STEPS)"
+if has tests; then
+    step "GPU tests: first those named/marked gpu, then the Triton kernel tests on CUDA; cap ${T_TESTS}s"
+    # Two passes so the explicit GPU tests (bf16, big shapes, dropout statistics, determinism)
+    # always run, even when the longer interpreter-parity files, which run on CUDA here, are cut off.
+    # Kernel compilation dominates the test time: spread it over the cores when pytest-xdist is there.
+    PAR=""
+    $PY -c "import xdist" 2>/dev/null && PAR="-n ${T_WORKERS:-8}"
+    T_A=$(( T_TESTS / 2 )); T_B=$(( T_TESTS - T_A ))
+    timeout -k 10 "$T_A" $PY -m pytest tests -q $PAR -rfEs -p no:cacheprovider -k "gpu" -W ignore::DeprecationWarning \
+        2>&1 | tail -n 40
+    RC_A=${PIPESTATUS[0]}
+    timeout -k 10 "$T_B" $PY -m pytest tests -q $PAR -rfE -p no:cacheprovider -k "(cuda or triton) and not gpu" \
+        -W ignore::DeprecationWarning 2>&1 | tail -n 40
+    RC_B=${PIPESTATUS[0]}
+    TESTS="gpu-named $(verdict "$RC_A"), triton/cuda $(verdict "$RC_B")"
+fi
 
-step "bench: ops, attention, encoder on cuda (budgets ${BENCH_BUDGET}s), cap ${T_BENCH}s"
-DEVARG=cuda
-$PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DEVARG=cpu
-# bf16 everywhere first (the encoder runs in the first dtype); fp16 and fp32 at the target shape
-# of each op and attention case as the budgets allow
-DTYPES=bf16,fp16,fp32
-[ "$DEVARG" = cpu ] && DTYPES=fp32,bf16
-timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --dtype "$DTYPES" --suite ops,attention,encoder \
-    --budget "$BENCH_BUDGET" --out "$DIR" --prefix bench --no-progress 2>&1 | grep -v "it/s\]" | tail -n 150
-BENCH_RC=${PIPESTATUS[0]}
+BENCH_RC="not run (STEPS)"
+if has bench; then
+    step "bench: ops, attention, encoder on cuda (budgets ${BENCH_BUDGET}s), cap ${T_BENCH}s"
+    DEVARG=cuda
+    $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DEVARG=cpu
+    # bf16 everywhere first (the encoder runs in the first dtype); fp16 and fp32 at the target shape
+    # of each op and attention case as the budgets allow
+    DTYPES=bf16,fp16,fp32
+    [ "$DEVARG" = cpu ] && DTYPES=fp32,bf16
+    timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --dtype "$DTYPES" --suite ops,attention,encoder \
+        --budget "$BENCH_BUDGET" --out "$DIR" --prefix bench --no-progress 2>&1 | grep -v "it/s\]" | tail -n 150
+    BENCH_RC=${PIPESTATUS[0]}
+fi
 
-step "profile: where the encoder's GPU time goes, host cost of one op call; cap ${T_PROF}s"
-timeout -k 5 "$T_PROF" $PY benchmarks/gpu_profile.py --out "$DIR" 2>&1 | grep -v "^USDT\|profiler_st" | tail -n 20
+if has profile; then
+    step "profile: where the encoder's GPU time goes, host cost of one op call; cap ${T_PROF}s"
+    timeout -k 5 "$T_PROF" $PY benchmarks/gpu_profile.py --out "$DIR" 2>&1 | grep -v "^USDT\|profiler_st" | tail -n 20
+fi
 
 step "summary"
 $PY - "$DIR/bench.json" <<'PY' || echo "no bench.json"

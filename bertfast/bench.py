@@ -668,7 +668,11 @@ def _graphed(factory):
                 rot.fn(*st)
             graphs.append((g,))
         meta["cuda_graph"] = True
-        return Rotate(lambda g: g.replay(), graphs)
+
+        def replay(g, _inputs=rot):  # the graphs read rot's input tensors: keep them alive
+            g.replay()
+
+        return Rotate(replay, graphs)
 
     return graph_factory
 
