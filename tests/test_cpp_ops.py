@@ -174,7 +174,8 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=name)
     # The backend entry points themselves make their inputs contiguous.
     got = cpp.bias_gelu_fwd(x, b, "none")
-    torch.testing.assert_close(got, ops.bias_gelu_ref(x, b), atol=1e-6, rtol=1e-6)
+    # two fp32 erf approximations (ours rational, eager's oneDNN), each ~1e-6 from fp64 at worst
+    torch.testing.assert_close(got, ops.bias_gelu_ref(x, b), atol=3e-6, rtol=1e-6)
     out, mean, rstd = cpp.bias_residual_layernorm_fwd(x, b, r, w, lb, 1e-12, 0.0, 0)
     torch.testing.assert_close(out, ops.bias_residual_layernorm_ref(x, b, r, w, lb), atol=1e-5, rtol=1e-5)
 

@@ -15,9 +15,9 @@ void bias_gelu_fwd_kernel(const T* x, const float* bias, T* out, int64_t rows, i
       const T* xr = x + r * n;
       T* y = out + r * n;
       if (tanh_form) {
-        vloop(n, [&](int64_t i, int64_t c) { stT(gelu_tanh(ldT(xr + i, c) + ld(bias + i, c)), y + i, c); });
+        vloop4(n, [&](int64_t i, int64_t c) { stT(gelu_tanh(ldT(xr + i, c) + ld(bias + i, c)), y + i, c); });
       } else {
-        vloop(n, [&](int64_t i, int64_t c) { stT(gelu_erf(ldT(xr + i, c) + ld(bias + i, c)), y + i, c); });
+        vloop4(n, [&](int64_t i, int64_t c) { stT(gelu_erf(ldT(xr + i, c) + ld(bias + i, c)), y + i, c); });
       }
     }
   });
@@ -49,7 +49,7 @@ void bias_gelu_bwd_kernel(const T* dout, const T* x, const float* bias, T* dx, f
         const T* xr = x + r * n;
         const T* dy = dout + r * n;
         T* o = dx + r * n;
-        vloop(n, [&](int64_t i, int64_t c) {
+        vloop4(n, [&](int64_t i, int64_t c) {
           const Vec d = ldT(dy + i, c) * gelu_grad(ldT(xr + i, c) + ld(bias + i, c), tanh_form);
           stT(d, o + i, c);
           st(ld(db + i, c) + d, db + i, c);

@@ -109,6 +109,22 @@ inline void vloop(int64_t n, const F& f) {
   if (i < n) f(i, n - i);
 }
 
+// vloop with four vectors per iteration, for long dependency chains (GELU's division and
+// polynomials): four independent chains in one block keep the FMA and divide units busy.
+// Measured on AVX-512 (8192 x 384 fp32 bias+GELU): 1.3-1.4x faster than one vector per step.
+template <typename F>
+inline void vloop4(int64_t n, const F& f) {
+  int64_t i = 0;
+  for (; i + 4 * kVec <= n; i += 4 * kVec) {
+    f(i, kVec);
+    f(i + kVec, kVec);
+    f(i + 2 * kVec, kVec);
+    f(i + 3 * kVec, kVec);
+  }
+  for (; i + kVec <= n; i += kVec) f(i, kVec);
+  if (i < n) f(i, n - i);
+}
+
 // Load / store one vector of T as fp32 in registers (no row buffer): bf16 widening and
 // round-to-nearest-even narrowing with intrinsics where the ISA has them, a scalar loop elsewhere.
 template <typename T>
@@ -261,24 +277,30 @@ inline void ln_bwd_row(const float* h, const float* dy, const float* w, float me
 
 // ---- GELU (ATen's CPU formulas)
 
-// erf by Abramowitz-Stegun 7.1.26, the approximation ATen's Vectorized<float>::erf uses, but with
-// the inline polynomial exp_u20 instead of a Sleef call: GELU is compute-bound on AVX512 and the
-// call dominated it. Extra error <= ~1e-6 absolute (tests hold it to 2x eager's fp32 error + floor).
-inline Vec erf_u20(const Vec& x) {
-  const Vec one(1.0f);
-  const Vec t = one / at::vec::fmadd(Vec(0.3275911f), x.abs(), one);
-  Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
-  r = at::vec::fmadd(r, t, Vec(1.421413741f));
-  r = at::vec::fmadd(r, t, Vec(-0.284496736f));
-  r = at::vec::fmadd(r, t, Vec(0.254829592f));
-  const Vec e = (Vec(0.0f) - x * x).exp_u20();
-  const Vec y = one - r * t * e;
-  return (x & Vec(-0.0f)) ^ y;  // copy the sign of x
+// erf as x * P(x^2) / Q(x^2) on [-4, 4] (beyond, erf is +-1 in fp32): a rational fit made for
+// this file (minimax in absolute error over [0, 4], 5.8e-8 in exact arithmetic, <= 4.3e-7 when
+// evaluated in fp32). Only FMAs and one division: ATen's erf (Abramowitz-Stegun 7.1.26) needs an
+// exp as well, and GELU is compute-bound on AVX-512, so this is what sets the op's speed.
+// ATen's own F.gelu runs oneDNN's JIT kernel; eager bias+GELU is two passes on top of that.
+inline Vec erf_rational(const Vec& x_in) {
+  const Vec x = at::vec::minimum(at::vec::maximum(x_in, Vec(-4.0f)), Vec(4.0f));
+  const Vec t = x * x;
+  Vec p = at::vec::fmadd(Vec(1.9223373e-08f), t, Vec(-1.9902393e-06f));
+  p = at::vec::fmadd(p, t, Vec(1.5545241e-04f));
+  p = at::vec::fmadd(p, t, Vec(4.2892201e-03f));
+  p = at::vec::fmadd(p, t, Vec(5.2421723e-02f));
+  p = at::vec::fmadd(p, t, Vec(2.1384959e-01f));
+  p = at::vec::fmadd(p, t, Vec(1.1283786e+00f));
+  Vec q = at::vec::fmadd(Vec(1.0971266e-03f), t, Vec(1.5543449e-02f));
+  q = at::vec::fmadd(q, t, Vec(1.2076094e-01f));
+  q = at::vec::fmadd(q, t, Vec(5.2284700e-01f));
+  q = at::vec::fmadd(q, t, Vec(1.0f));
+  return x * p / q;
 }
 
 inline Vec gelu_erf(const Vec& x) {
   const Vec kAlpha(static_cast<float>(M_SQRT1_2));
-  return x * Vec(0.5f) * (Vec(1.0f) + erf_u20(x * kAlpha));
+  return x * Vec(0.5f) * (Vec(1.0f) + erf_rational(x * kAlpha));
 }
 inline Vec gelu_tanh(const Vec& x) {
   const Vec kBeta(static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5));
@@ -297,7 +319,7 @@ inline Vec gelu_grad(const Vec& x, bool tanh_form) {
     const Vec one(1.0f), half(0.5f);
     return half * (one + t) + half * x * (one - t * t) * k * (one + Vec(3.0f * 0.044715f) * x * x);
   }
-  const Vec cdf = Vec(0.5f) * (Vec(1.0f) + erf_u20(x * Vec(static_cast<float>(M_SQRT1_2))));
+  const Vec cdf = Vec(0.5f) * (Vec(1.0f) + erf_rational(x * Vec(static_cast<float>(M_SQRT1_2))));
   const Vec pdf = (Vec(-0.5f) * x * x).exp_u20() * Vec(static_cast<float>(1.0 / std::sqrt(2.0 * M_PI)));
   return cdf + x * pdf;
 }

@@ -10,9 +10,9 @@ namespace {
 
 inline void gelu_row(const float* x, const float* bias, int64_t n, bool tanh_form, float* h) {
   if (tanh_form) {
-    vloop(n, [&](int64_t i, int64_t c) { st(gelu_tanh(ld(x + i, c) + ld(bias + i, c)), h + i, c); });
+    vloop4(n, [&](int64_t i, int64_t c) { st(gelu_tanh(ld(x + i, c) + ld(bias + i, c)), h + i, c); });
   } else {
-    vloop(n, [&](int64_t i, int64_t c) { st(gelu_erf(ld(x + i, c) + ld(bias + i, c)), h + i, c); });
+    vloop4(n, [&](int64_t i, int64_t c) { st(gelu_erf(ld(x + i, c) + ld(bias + i, c)), h + i, c); });
   }
 }
 
@@ -25,7 +25,7 @@ void gln_fwd_kernel(const T* x, const float* bias, const float* w, const float* 
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * n;
       Vec sum(0.0f);
-      vloop(n, [&](int64_t i, int64_t c) {
+      vloop4(n, [&](int64_t i, int64_t c) {
         Vec v = gelu(ldT(xr + i, c) + ld(bias + i, c), tanh_form);
         if (c != kVec) v = Vec::set(Vec(0.0f), v, c);
         st(v, h + i, c);
@@ -74,13 +74,13 @@ void gln_bwd_kernel(const T* dout, const T* x, const float* bias, const float* w
       for (int64_t r = chunk * ch.size; r < rend; ++r) {
         const float* xr = load_row(x + r * n, bx, n);
         const float* dy = load_row(dout + r * n, bd, n);
-        vloop(n, [&](int64_t i, int64_t c) {
+        vloop4(n, [&](int64_t i, int64_t c) {
           const Vec v = ld(xr + i, c) + ld(bias + i, c);
           st(v, pre + i, c);
           st(gelu(v, tanh_form), h + i, c);
         });
         ln_bwd_row(h, dy, w, mean[r], rstd[r], n, dh, dw, dlb);
-        vloop(n, [&](int64_t i, int64_t c) {
+        vloop4(n, [&](int64_t i, int64_t c) {
           const Vec d = ld(dh + i, c) * gelu_grad(ld(pre + i, c), tanh_form);
           st(d, dh + i, c);
           st(ld(db + i, c) + d, db + i, c);
