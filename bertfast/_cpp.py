@@ -288,10 +288,11 @@ def embedding_layernorm_bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight,
                                            float(eps), float(p), int(seed))
 
 
-def bias_gelu_fwd(x, bias, approximate):
+def bias_gelu_fwd(x, bias, approximate, inplace=False):
+    """inplace=True writes the result over x when x is contiguous (bertfast.ops.bias_gelu(inplace=True))."""
     if _f64(x):
         return _reference("bias_gelu")._fwd_reference(x, bias, approximate)
-    return _OPS["bias_gelu_fwd"](x, bias, approximate == "tanh")
+    return _OPS["bias_gelu_fwd"](x, bias, approximate == "tanh", inplace)
 
 
 def bias_gelu_bwd(dout, x, bias, approximate):
@@ -300,10 +301,12 @@ def bias_gelu_bwd(dout, x, bias, approximate):
     return _OPS["bias_gelu_bwd"](dout, x, bias, approximate == "tanh")
 
 
-def bias_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps, p, seed):
+def bias_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps, p, seed, inplace=False):
+    """inplace=True writes the result over x when x is contiguous (see bias_gelu_fwd)."""
     if _f64(x):
         return _reference("bias_residual_layernorm")._fwd_reference(x, bias, residual, weight, ln_bias, eps, p, seed)
-    return _OPS["bias_residual_layernorm_fwd"](x, bias, residual, weight, ln_bias, float(eps), float(p), int(seed))
+    return _OPS["bias_residual_layernorm_fwd"](x, bias, residual, weight, ln_bias, float(eps), float(p), int(seed),
+                                               inplace)
 
 
 def bias_residual_layernorm_bwd(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed):

@@ -453,3 +453,31 @@ def test_unmasked_padded_attention_served_by_aten_flash(monkeypatch, causal, dty
                              9, 9, 0.0, 0.2, causal, 0)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.double(), b, atol=10 * tol, rtol=10 * tol)
+
+
+def test_inplace_writes_over_x_only_without_autograd():
+    """inplace=True (BertModel's inference path): the result lands in x's memory, equal to the
+    out-of-place result; with autograd x must survive for the backward, so no overwrite."""
+    g = torch.Generator().manual_seed(5)
+    x0, r = torch.randn(2, 9, 384, generator=g), torch.randn(2, 9, 384, generator=g)
+    b, w, lb = torch.randn(3, 384, generator=g).unbind(0)
+    for name, fn in (("bias_gelu", lambda x, **k: ops.bias_gelu(x, b, **k)),
+                     ("bias_residual_layernorm", lambda x, **k: ops.bias_residual_layernorm(x, b, r, w, lb, **k))):
+        with bertfast.use_backend("cpp"):
+            want = fn(x0.clone())
+            x = x0.clone()
+            got = fn(x, inplace=True)
+            assert got.data_ptr() == x.data_ptr(), name
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
+            xg = x0.clone().requires_grad_()
+            out = fn(xg, inplace=True)
+            assert out.data_ptr() != xg.data_ptr(), name
+            torch.testing.assert_close(xg.detach(), x0, atol=0, rtol=0)  # untouched
+            (gx,) = torch.autograd.grad(out.square().sum(), xg)
+        with bertfast.use_backend("reference"):
+            xr = x0.clone().requires_grad_()
+            (rx,) = torch.autograd.grad(fn(xr).square().sum(), xr)
+        torch.testing.assert_close(gx, rx, atol=1e-4, rtol=1e-4, msg=name)
+        with bertfast.use_backend("reference"):  # backends without an in-place path ignore it
+            x = x0.clone()
+            assert fn(x, inplace=True).data_ptr() != x.data_ptr()

@@ -160,9 +160,10 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, hidden, residual):
         # the GEMM without its bias: the bias add, dropout, residual add and LayerNorm are one op
+        # inplace: the fresh GEMM output is read by nothing else (used only without autograd)
         return ops.bias_residual_layernorm(F.linear(hidden, self.dense.weight), self.dense.bias, residual,
                                            self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
-                                           self.dropout_p if self.training else 0.0)
+                                           self.dropout_p if self.training else 0.0, inplace=True)
 
 
 class BertAttention(nn.Module):
@@ -184,7 +185,8 @@ class BertIntermediate(nn.Module):
 
     def forward(self, hidden):
         if self.act in FUSED_ACTS:
-            return ops.bias_gelu(F.linear(hidden, self.dense.weight), self.dense.bias, FUSED_ACTS[self.act])
+            return ops.bias_gelu(F.linear(hidden, self.dense.weight), self.dense.bias, FUSED_ACTS[self.act],
+                                 inplace=True)
         return self._act_fn(self.dense(hidden))
 
 

@@ -96,6 +96,19 @@ def impl(op: str, t: torch.Tensor) -> backend.Impl:
     return backend.select(op, t.device.type)
 
 
+def overwrite_impl(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> Optional[backend.Impl]:
+    """The backend implementation to call with inplace=True, or None when the result must go to
+    fresh memory: an autograd graph needs x, torch.compile is tracing, x is not contiguous, or
+    the serving backend has no in-place path (only the C++ CPU kernels have one: on a CPU a
+    fresh output costs first-touch page faults that take longer than the kernel itself)."""
+    if torch.compiler.is_compiling() or not x.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
+        return None
+    sel = impl(op, x)
+    return sel if sel.backend == "cpp" else None
+
+
 # ---------------------------------------------------------------------------------------
 # argument checks: every error names the argument and what was expected
 
@@ -220,8 +233,8 @@ def register_lazy(op: str, backend_name: str, module: str, devices) -> None:
             mod.load()
         fns["fwd"], fns["bwd"] = getattr(mod, f"{op}_fwd"), getattr(mod, f"{op}_bwd")
 
-    def fwd(*args):
-        return fns["fwd"](*args)
+    def fwd(*args, **kwargs):
+        return fns["fwd"](*args, **kwargs)
 
     def bwd(*args):
         return fns["bwd"](*args)

@@ -17,6 +17,7 @@ from ._common import (
     compare_close,
     gelu_grad,
     impl,
+    overwrite_impl,
     register_lazy,
 )
 
@@ -89,8 +90,11 @@ _op = FusedOp(
 )
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """GELU(x + bias) over the last dimension of x (any leading shape); bias: (hidden,)."""
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none", inplace: bool = False) -> torch.Tensor:
+    """GELU(x + bias) over the last dimension of x (any leading shape); bias: (hidden,).
+
+    inplace=True lets the result be written over x (x's values are then gone) where that saves
+    an allocation: without autograd, on the C++ CPU kernels; elsewhere it has no effect."""
     check_float("x", x, min_ndim=1)
     check_vector("bias", bias, x.shape[-1])
     check_same_device("x", x, bias=bias)
@@ -98,4 +102,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
         raise ValueError(f"approximate must be one of {APPROXIMATE}, got {approximate!r}")
     if x.numel() == 0:
         return x.new_empty(x.shape)
+    sel = overwrite_impl(OP, x, bias) if inplace else None
+    if sel is not None:
+        return sel.fwd(x, bias.contiguous(), approximate, inplace=True)
     return _op(x.contiguous(), bias.contiguous(), approximate)

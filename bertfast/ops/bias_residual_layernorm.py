@@ -25,6 +25,7 @@ from ._common import (
     check_vector,
     compare_close,
     impl,
+    overwrite_impl,
     layernorm_bwd_fp32,
     layernorm_fp32,
     register_lazy,
@@ -146,11 +147,12 @@ _op = FusedOp(
 
 def bias_residual_layernorm(x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor,
                             weight: torch.Tensor, ln_bias: torch.Tensor, eps: float = 1e-12,
-                            dropout_p: float = 0.0) -> torch.Tensor:
+                            dropout_p: float = 0.0, inplace: bool = False) -> torch.Tensor:
     """LayerNorm(dropout(x + bias) + residual) * weight + ln_bias over the last dimension.
 
     x, residual: (..., hidden), same shape (different float dtypes are promoted to the wider);
-    bias, weight, ln_bias: (hidden,).
+    bias, weight, ln_bias: (hidden,). inplace=True lets the result be written over x, as in
+    bias_gelu.
     """
     check_float("x", x, min_ndim=1)
     check_float("residual", residual)
@@ -171,6 +173,9 @@ def bias_residual_layernorm(x: torch.Tensor, bias: Optional[torch.Tensor], resid
     if x.numel() == 0:
         return x.new_empty(x.shape)
     shape = x.shape
-    out = _op(rows(x), None if bias is None else bias.contiguous(), rows(residual), weight.contiguous(),
-              ln_bias.contiguous(), eps, p, seed_tensor(p))[0]
-    return out.view(shape)
+    args = (None if bias is None else bias.contiguous(), rows(residual), weight.contiguous(), ln_bias.contiguous(),
+            eps, p)
+    sel = overwrite_impl(OP, x, bias, residual, weight, ln_bias) if inplace else None
+    if sel is not None:
+        return sel.fwd(rows(x), *args, seed_int(seed_tensor(p)), inplace=True)[0].view(shape)
+    return _op(rows(x), *args, seed_tensor(p))[0].view(shape)

@@ -23,12 +23,13 @@ void bias_gelu_fwd_kernel(const T* x, const float* bias, T* out, int64_t rows, i
   });
 }
 
-at::Tensor bias_gelu_fwd(const at::Tensor& x_, const at::Tensor& bias, bool tanh_form) {
+at::Tensor bias_gelu_fwd(const at::Tensor& x_, const at::Tensor& bias, bool tanh_form, bool inplace) {
   TORCH_CHECK(x_.dim() >= 1 && x_.device().is_cpu(), "x must be a CPU tensor with at least one dimension");
   const at::Tensor x = x_.contiguous();
   const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
   const at::Tensor b = vec_f32(bias);
-  at::Tensor out = at::empty_like(x);
+  // inplace: out overwrites x (see bias_residual_layernorm.cpp); elementwise, so always safe
+  at::Tensor out = inplace && x.is_same(x_) ? x_ : at::empty_like(x);
   BERTFAST_DISPATCH(x.scalar_type(), "bias_gelu", [&] {
     bias_gelu_fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), b.data_ptr<float>(), out.data_ptr<scalar_t>(), rows, n,
                                    tanh_form);
@@ -80,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dout_, const 
 }  // namespace bertfast_cpu
 
 TORCH_LIBRARY_FRAGMENT(bertfast, m) {
-  m.def("bias_gelu_cpu_fwd(Tensor x, Tensor bias, bool tanh) -> Tensor");
+  m.def("bias_gelu_cpu_fwd(Tensor x, Tensor bias, bool tanh, bool inplace=False) -> Tensor");
   m.def("bias_gelu_cpu_bwd(Tensor dout, Tensor x, Tensor bias, bool tanh) -> (Tensor, Tensor)");
 }
 
