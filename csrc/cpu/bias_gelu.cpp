@@ -29,7 +29,7 @@ at::Tensor bias_gelu_fwd(const at::Tensor& x_, const at::Tensor& bias, bool tanh
   const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
   const at::Tensor b = vec_f32(bias);
   // inplace: out overwrites x (see bias_residual_layernorm.cpp); elementwise, so always safe
-  at::Tensor out = inplace && x.is_same(x_) ? x_ : at::empty_like(x);
+  at::Tensor out = inplace && x.is_same(x_) ? x_ : new_output_like(x);
   BERTFAST_DISPATCH(x.scalar_type(), "bias_gelu", [&] {
     bias_gelu_fwd_kernel<scalar_t>(x.data_ptr<scalar_t>(), b.data_ptr<float>(), out.data_ptr<scalar_t>(), rows, n,
                                    tanh_form);
@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd(const at::Tensor& dout_, const 
   TORCH_CHECK(dout.sizes() == x.sizes(), "dout must have the shape of x");
   const int64_t n = x.size(-1), rows = n == 0 ? 0 : x.numel() / n;
   const at::Tensor b = vec_f32(bias);
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = new_output_like(x);
   const Chunks ch(rows);
   at::Tensor partial = at::zeros({std::max<int64_t>(ch.count, 1), 1, n}, x.options().dtype(at::kFloat));
   BERTFAST_DISPATCH(x.scalar_type(), "bias_gelu backward", [&] {

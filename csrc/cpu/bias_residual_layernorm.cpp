@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> brl_fwd(const at::Tensor& x_, con
   // inplace: the output overwrites x (a GEMM result nothing else reads, in inference): no
   // fresh allocation, whose first-touch page faults cost more than the kernel at these sizes.
   // Safe row by row: a row of x is read into the fp32 buffer before that row is written.
-  at::Tensor out = inplace && x.is_same(x_) ? x_ : at::empty_like(x);
+  at::Tensor out = inplace && x.is_same(x_) ? x_ : new_output_like(x);
   at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   BERTFAST_DISPATCH(x.scalar_type(), "bias_residual_layernorm", [&] {
@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> brl_bwd(
   const bool has_bias = bias_.has_value() && bias_->defined();
   const at::Tensor w = vec_f32(weight);
   const at::Tensor b = has_bias ? vec_f32(*bias_) : at::Tensor();
-  at::Tensor dx = at::empty_like(x), dres = at::empty_like(res);
+  at::Tensor dx = new_output_like(x), dres = new_output_like(res);
   const Chunks ch(rows);
   at::Tensor partial = at::empty({std::max<int64_t>(ch.count, 1), 3, n}, x.options().dtype(at::kFloat));
   if (ch.count == 0) partial.zero_();

@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emb_fwd(const at::Tensor& ids_, c
   const int64_t N = ids.numel();
   TORCH_CHECK(tt.numel() == N && pos.numel() == N, "ids, token_type_ids and position_ids must have one length");
   const at::Tensor w = vec_f32(weight), b = vec_f32(bias);
-  at::Tensor out = at::empty({N, n}, word.options());
+  at::Tensor out = new_output({N, n}, word.options());
   at::Tensor mean = at::empty({N}, word.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({N}, word.options().dtype(at::kFloat));
   BERTFAST_DISPATCH(word.scalar_type(), "embedding_layernorm", [&] {

@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gln_fwd(const at::Tensor& x_, con
   const at::Tensor x = x_.contiguous();
   const int64_t rows = x.size(0), n = x.size(1);
   const at::Tensor b = vec_f32(bias), w = vec_f32(weight), lb = vec_f32(ln_bias);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = new_output_like(x);
   at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   BERTFAST_DISPATCH(x.scalar_type(), "gelu_layernorm", [&] {
@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gln_bwd(
   const at::Tensor mean = mean_.contiguous().to(at::kFloat), rstd = rstd_.contiguous().to(at::kFloat);
   const int64_t rows = x.size(0), n = x.size(1);
   const at::Tensor b = vec_f32(bias), w = vec_f32(weight);
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = new_output_like(x);
   const Chunks ch(rows);
   at::Tensor partial = at::zeros({std::max<int64_t>(ch.count, 1), 3, n}, x.options().dtype(at::kFloat));
   BERTFAST_DISPATCH(x.scalar_type(), "gelu_layernorm backward", [&] {
