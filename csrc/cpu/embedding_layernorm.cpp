@@ -22,6 +22,17 @@ at::Tensor ids_i64(const at::Tensor& ids, int64_t table_rows, const char* name) 
   return out;
 }
 
+// The next token's word row is a random row of a table far larger than the caches: fetching it
+// while the current row is normalised hides the miss (measured: forward 1.02-1.23x ->
+// 1.22-1.60x torch.compile at 8192 tokens).
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0, bytes = n * static_cast<int64_t>(sizeof(T)); off < bytes; off += 64) {
+    __builtin_prefetch(p + off, 0, 3);
+  }
+}
+
 // h = (word + type) + pos for one row, fp32, from rows of T.
 template <typename T>
 inline void emb_h(const T* wr, const T* tr, const T* pr, float* bw, float* bt, float* bp, int64_t n, float* h) {
@@ -45,6 +56,7 @@ void emb_fwd_kernel(const int64_t* ids, const int64_t* tt, const int64_t* pos, c
       const T* wr = word + ids[r] * n;
       const T* tr = te + tt[r] * n;
       const T* pr = pe + pos[r] * n;
+      if (r + 1 < r1) prefetch_row(word + ids[r + 1] * n, n);
       Vec sum(0.0f);
       vloop(n, [&](int64_t i, int64_t c) {
         const Vec v = (ldT(wr + i, c) + ldT(tr + i, c)) + ldT(pr + i, c);  // HF's order
@@ -143,6 +155,7 @@ void emb_bwd_rows(const T* dout, const int64_t* ids, const int64_t* tt, const in
       std::fill(dw, dw + 2 * n, 0.0f);
       const int64_t rend = std::min(N, (chunk + 1) * ch.size);
       for (int64_t r = chunk * ch.size; r < rend; ++r) {
+        if (r + 1 < rend) prefetch_row(word + ids[r + 1] * n, n);
         emb_h(word + ids[r] * n, te + tt[r] * n, pe + pos[r] * n, bw, bt, bp, n, h);
         const float* d0 = load_row(dout + r * n, bd, n);
         const float* dy = d0;
