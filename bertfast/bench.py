@@ -359,8 +359,7 @@ class Runner:
             self.progress.update(len(case.variants))
         subj = res["variants"].get(SUBJECT, {})
         res["speedup"] = {}
-        # ops and attention: graph-replayed variants compare among themselves
-        graphed = case.suite in ("ops", "attention")
+        graphed = case.suite in GRAPHED_SUITES
         if subj.get("status") == "ok":
             for vname, v in res["variants"].items():
                 if vname not in (SUBJECT, COPY) and v.get("status") == "ok" and not (
@@ -648,6 +647,11 @@ def _op_case(op, tokens, hidden, dt, device, bwd, compile_mode, is_target) -> Ca
     name = f"{op} {'fwd+bwd' if bwd else 'fwd'} {tokens}x{hidden} {_dtype_name(dt)}"
     return Case("ops", name, {"op": op, "pass": "fwd+bwd" if bwd else "fwd", "tokens": tokens, "hidden": hidden},
                 variants, bytes=nbytes, dtype=_dtype_name(dt))
+
+
+# suites whose CUDA cases also run their variants from CUDA graphs (`<variant>_graph`); those
+# compare among themselves (speedup_graph), not with the eager variants
+GRAPHED_SUITES = ("ops", "attention")
 
 
 def _graphed(factory):
@@ -1286,7 +1290,7 @@ def summary_rows(results: List[dict]):
         backend = str(backend).split(" ")[0]
         sp = {k: v for k, v in r.get("speedup", {}).items()}
         g = r["variants"].get(SUBJECT + "_graph", {})
-        if r["suite"] in ("ops", "attention") and g.get("status") == "ok":
+        if r["suite"] in GRAPHED_SUITES and g.get("status") == "ok":
             bw = g.get("frac_copy_bw")
             fig += (f" | graphs: {g['median_ms']:.4g} ms" + (f" {100 * bw:.0f}% bw" if bw is not None else "")
                     + (f" {g['tflops']:.3g} TFLOP/s" if "tflops" in g else "")
@@ -1331,7 +1335,7 @@ def write_markdown(results: List[dict], meta: dict, path: str):
         for r in rs:
             for k in r["variants"]:
                 if k not in (SUBJECT, COPY) and k not in base_names and not (
-                        suite in ("ops", "attention") and k.endswith("_graph")):
+                        suite in GRAPHED_SUITES and k.endswith("_graph")):
                     base_names.append(k)
         lines += [f"## {suite}", "",
                   "| case | bertfast ms | served by | figure | " + " | ".join(f"vs {b}" for b in base_names) + " |",
