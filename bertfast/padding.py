@@ -34,6 +34,12 @@ def unpad_mask(attention_mask: torch.Tensor, total: Optional[int] = None,
         raise ValueError(f"attention_mask must be (batch, seqlen), got shape {tuple(attention_mask.shape)}")
     keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     batch, seqlen = keep.shape
+    # given counts are trusted (checking them would need the host read they save), but they
+    # must at least be possible for this mask's shape
+    if total is not None and not 0 <= int(total) <= batch * seqlen:
+        raise ValueError(f"total must be the number of valid tokens, in [0, {batch * seqlen}], got {total}")
+    if max_seqlen is not None and not 0 <= int(max_seqlen) <= seqlen:
+        raise ValueError(f"max_seqlen must be the longest row's length, in [0, {seqlen}], got {max_seqlen}")
     lens = keep.sum(dim=1, dtype=torch.int32)
     flat = keep.reshape(-1)
     if total is None:

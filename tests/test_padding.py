@@ -118,3 +118,30 @@ def test_forward_reads_back_once(monkeypatch):
     assert reads == ["tolist"], reads
     ref = model(ids, mask, torch.zeros_like(ids))  # unpatched: the same numbers
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
+
+
+def test_unpad_mask_with_given_counts():
+    mask = _masks()["right"]
+    full = unpad_mask(mask)
+    given = unpad_mask(mask, int(mask.sum()), full.max_seqlen)
+    assert torch.equal(given.indices, full.indices) and torch.equal(given.cu_seqlens, full.cu_seqlens)
+    assert given.max_seqlen == full.max_seqlen
+    B, S = mask.shape
+    with pytest.raises(ValueError, match="total"):
+        unpad_mask(mask, B * S + 1, full.max_seqlen)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        unpad_mask(mask, int(mask.sum()), S + 1)
+
+
+def test_attention_layout_must_match_token_count():
+    mask = _masks()["right"]
+    layout = unpad_mask(mask)
+    n = layout.indices.numel()
+    q = torch.randn(n, 2, 8)
+    out = bertfast.ops.attention(q, q, q, cu_seqlens=layout)
+    ref = bertfast.ops.attention(q, q, q, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen)
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="q has"):
+        bertfast.ops.attention(q[1:], q, q, cu_seqlens=layout)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        bertfast.ops.attention(q, q, q, cu_seqlens=layout, max_seqlen=layout.max_seqlen + 1)

@@ -318,6 +318,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
         if built:  # unpad_mask's layout: cu_seqlens and max_seqlen are right by construction
             if max_seqlen is not None and int(max_seqlen) != cu_seqlens.max_seqlen:
                 raise ValueError(f"max_seqlen ({max_seqlen}) disagrees with the layout's ({cu_seqlens.max_seqlen})")
+            total = cu_seqlens.indices.numel()  # the layout's token count, known on the host
+            for name, t in (("q", q), ("k", k)):
+                if t.shape[0] != total:
+                    raise ValueError(f"{name} has {t.shape[0]} packed tokens but the layout has {total}")
             cu_seqlens, max_seqlen = cu_seqlens.cu_seqlens, cu_seqlens.max_seqlen
         cu_q, cu_k = _as_pair(cu_seqlens, "cu_seqlens")
         if max_seqlen is None:
