@@ -414,6 +414,35 @@ def test_attention_bf16_and_public_op():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [17, 32, 40, 64])
+def test_attention_reads_fused_qkv_views_in_place(dtype, D):
+    """Q, K and V as views into one (tokens, 3, heads, head_dim) projection (BertModel's fused QKV)
+    are read at their token stride: the same bits as from contiguous copies, padded (with and
+    without a key bias) and packed, and within tolerance of the float64 reference. 75 queries
+    leave partial query blocks and GEMM row blocks; head_dim 17 and 40 partial vectors."""
+    A = importlib.import_module("bertfast.ops.attention")
+    B, S, H = 2, 75, 3
+    g = torch.Generator().manual_seed(D)
+    qkv = torch.randn(B, S, 3, H, D, generator=g).to(dtype)
+    bias = torch.zeros(B, S)
+    bias[1, 60:] = float("-inf")
+    cu = torch.tensor([0, 31, 2 * S], dtype=torch.int32)
+    fwd = cpp._OPS["attention_fwd"]  # the extension itself, whatever serves the public op
+    cases = [(qkv.unbind(2), (bias, None, None, S, S)), (qkv.unbind(2), (None, None, None, S, S)),
+             (qkv.view(B * S, 3, H, D).unbind(1), (None, cu, cu, 2 * S - 31, 2 * S - 31))]
+    for (q, k, v), geo in cases:
+        assert not q.is_contiguous() and q.stride(-3) == 3 * H * D
+        rest = (*geo, 0.0, D ** -0.5, False, 0)
+        out, lse = fwd(q, k, v, *rest)
+        want_out, want_lse = fwd(q.contiguous(), k.contiguous(), v.contiguous(), *rest)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+        ro, rl = A._fwd_reference(q.double(), k.double(), v.double(), *rest)
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double(), ro, atol=tol, rtol=tol)
+        torch.testing.assert_close(lse.double(), rl.double(), atol=1e-5, rtol=1e-5)
+
+
 def test_attention_deterministic_across_threads():
     lens = [50, 128, 77, 3]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
@@ -435,12 +464,15 @@ def test_attention_deterministic_across_threads():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unmasked_padded_attention_served_by_aten_flash(monkeypatch, causal, dtype):
-    """Unmasked padded batches go to ATen's CPU flash kernel: same outputs, lse and grads."""
+    """Unmasked padded batches go to ATen's CPU flash kernel forward, and backward in fp32 (in
+    bf16 this extension's backward is several times faster): same outputs, lse and grads, and an
+    ATen forward's lse serves this extension's backward."""
     att = importlib.import_module("bertfast.ops.attention")
     monkeypatch.setenv("BERTFAST_STRICT", "1")
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 9, 3, 32, generator=g).to(dtype) for _ in range(3))
     assert cpp._aten_flash_serves(q, k, None, None, 0.0, causal)
+    assert cpp._aten_flash_serves(q, k, None, None, 0.0, causal, backward=True) == (dtype == torch.float32)
     out, lse = cpp.attention_fwd(q, k, v, None, None, None, 9, 9, 0.0, 0.2, causal, 0)
     ref_out, ref_lse = att._fwd_reference(q.double(), k.double(), v.double(), None, None, None, 9, 9, 0.0, 0.2,
                                           causal, 0)

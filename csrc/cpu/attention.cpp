@@ -8,12 +8,14 @@
 // B * max_L^2, which is where it beats SDPA over a padded batch. A (b, h) pair owns its slice
 // of every output (dK and dV accumulate within the task), so results do not depend on the
 // thread count. Rows that see no key give zeros and lse = +inf.
+#include <ATen/cpu/vec/functional.h>
+
 #include "common.h"
 
 namespace bertfast_cpu {
 namespace {
 
-constexpr int64_t kBlockM = 64;  // queries per block: S (64 x Lk) stays in L2 for BERT lengths
+constexpr int64_t kBlockM = 72;  // queries per block (a multiple of the GEMM row blocks): S (72 x Lk) stays in L2
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -36,20 +38,42 @@ inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_
     for (int v = 0; v < NV; ++v) c[r][v].store(C + r * ldc + v * kVec);
 }
 
-template <int MR>
-inline void micro_row_block(int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                            int64_t ldc, bool acc) {
-  int64_t j = 0;
-  for (; j + 2 * kVec <= N; j += 2 * kVec) micro<MR, 2>(K, A, lda, B + j, ldb, C + j, ldc, acc);
-  for (; j < N; j += kVec) micro<MR, 1>(K, A, lda, B + j, ldb, C + j, ldc, acc);
+// Register blocking: MR rows x NV vectors of accumulators, sized to the register file (32
+// vector registers with AVX-512, 16 with AVX2): 24 (12) accumulators, NV loads of B and one
+// broadcast of A per k. Column panels of 4 vectors serve S = Q K^T (N = keys); panels of 2 or 1
+// vectors serve O = P V and the backward's products with head_dim 32/64 columns, where tall row
+// blocks keep the FMA units busy (an 8-accumulator 4x2 block ran attention at 0.75x ATen's).
+constexpr int kWideRegs = kVec >= 16;
+constexpr int kMR4 = kWideRegs ? 6 : 3;   // rows with 4-vector panels
+constexpr int kMR2 = kWideRegs ? 12 : 6;  // rows with 2-vector panels
+constexpr int kMR1 = kWideRegs ? 12 : 8;  // rows with 1-vector panels
+
+// rows [0, M) of one column panel: full MR blocks, then the remaining rows as one smaller block
+template <int MR, int NV>
+inline void panel_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                       int64_t ldc, bool acc) {
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) micro<MR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+  if constexpr (MR > 1) {
+    const int64_t rest = M - i;
+    if (rest > 0) {
+      constexpr int kHalf = MR / 2;
+      if (rest >= kHalf) {
+        micro<kHalf, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+        i += kHalf;
+      }
+      panel_rows<(kHalf > 1 ? kHalf : 1), NV>(M - i, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+    }
+  }
 }
 
 // C (M x N) (+)= A (M x K) * B (K x N), fp32, N a multiple of kVec (panels are zero padded).
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool acc) {
-  int64_t i = 0;
-  for (; i + 4 <= M; i += 4) micro_row_block<4>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
-  for (; i < M; ++i) micro_row_block<1>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+  int64_t j = 0;
+  for (; j + 4 * kVec <= N; j += 4 * kVec) panel_rows<kMR4, 4>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
+  for (; j + 2 * kVec <= N; j += 2 * kVec) panel_rows<kMR2, 2>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
+  for (; j < N; j += kVec) panel_rows<kMR1, 1>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
 }
 
 // Rows of one head: row r of the sequence is at base + r * stride (stride = H * D elements).
@@ -103,6 +127,7 @@ struct Geometry {
   float scale;
   double p;
   uint64_t seed;
+  int64_t sq, sk, sv;  // token (row) strides of q, k, v in elements; heads are packed within a row
   int64_t q_start(int64_t b) const { return varlen ? cu_q[b] : b * max_q; }
   int64_t k_start(int64_t b) const { return varlen ? cu_k[b] : b * max_k; }
   int64_t len_q(int64_t b) const { return varlen ? cu_q[b + 1] - cu_q[b] : max_q; }
@@ -144,6 +169,61 @@ inline float row_max(const float* s, int64_t n) {
   return m;
 }
 
+// Horizontal max / sum as a log2(kVec)-step shuffle tree (ATen's vec_reduce_all): a row of BERT
+// scores is only a few vectors long, and a scalar chain over 16 lanes cost as much as its exps.
+inline float tree_max(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+inline float tree_sum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
+}
+
+// Scores row i (local index, raw Q K^T) -> exp(scale * s + key_bias - max), unnormalised, in
+// place, zeros past the keys the row sees; two passes (max, then exp and sum) with the scale and
+// bias applied on the fly. Returns the sum l and sets *mx (the row's max scaled score); a row that
+// sees no key returns l = 0 and leaves zeros.
+inline float softmax_row_unnormalised(const Geometry& g, int64_t b, int64_t i, int64_t lk, int64_t Lkp, float* s,
+                                      float* mx_out) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  int64_t vis = lk;
+  if (g.causal) vis = std::max<int64_t>(0, std::min<int64_t>(lk, i + g.causal_shift(b) + 1));
+  const float* kb = g.key_bias ? g.key_bias + b * g.max_k : nullptr;
+  const Vec vs(g.scale);
+  Vec vm(kNegInf);
+  float mx;
+  if (kb) {
+    vloop(vis, [&](int64_t j, int64_t c) {
+      Vec x = ld(s + j, c) * vs + ld(kb + j, c);
+      if (c != kVec) x = Vec::set(Vec(kNegInf), x, c);
+      vm = at::vec::maximum(vm, x);
+    });
+    mx = tree_max(vm);
+  } else {  // scale > 0: the max of the raw scores, scaled once
+    vloop(vis, [&](int64_t j, int64_t c) {
+      Vec x = ld(s + j, c);
+      if (c != kVec) x = Vec::set(Vec(kNegInf), x, c);
+      vm = at::vec::maximum(vm, x);
+    });
+    mx = tree_max(vm) * g.scale;
+  }
+  *mx_out = mx;
+  if (vis == 0 || mx == kNegInf) {
+    std::fill(s, s + Lkp, 0.0f);
+    return 0.0f;
+  }
+  const Vec nmx(-mx);
+  Vec acc(0.0f);
+  vloop(vis, [&](int64_t j, int64_t c) {
+    const Vec x = kb ? ld(s + j, c) * vs + ld(kb + j, c) + nmx : at::vec::fmadd(ld(s + j, c), vs, nmx);
+    Vec e = x.exp_u20();
+    if (c != kVec) e = Vec::set(Vec(0.0f), e, c);
+    st(e, s + j, c);
+    acc += e;
+  });
+  std::fill(s + vis, s + Lkp, 0.0f);
+  return tree_sum(acc);
+}
+
 template <typename T>
 void attn_fwd_kernel(const Geometry& g, const T* q, const T* k, const T* v, T* out, float* lse) {
   const int64_t H = g.H, D = g.D, Dv = g.Dv;
@@ -151,56 +231,67 @@ void attn_fwd_kernel(const Geometry& g, const T* q, const T* k, const T* v, T* o
   const bool dropout = g.p > 0.0;
   const uint32_t thr = dropout_threshold(g.p);
   const float dscale = dropout_scale(g.p);
+  // fp32 Q is read and O written in place (token stride sq / H * Dv); other dtypes, and O rows
+  // that are not whole vectors, go through fp32 row buffers. K and V are always packed: read in
+  // place at the token stride of a fused QKV tensor (4.6 KB for MiniLM), V's rows for O = P V map
+  // to a few L1 sets and evict each other (that GEMM ran 20% slower than from a packed copy).
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  const bool direct_o = kF32 && Dv % kVec == 0;
   // task t -> (b = t % B, h = t / B): the two halves of the range each get every sequence,
   // which balances uneven sequence lengths across threads.
   at::parallel_for(0, g.B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> kt(D * Lkp_max), kr(g.max_k * D + kVec), vp(g.max_k * Dvp + kVec), qb(kBlockM * D),
-        sb(kBlockM * Lkp_max), ob(kBlockM * Dvp), drop(Lkp_max);
+    std::vector<float> kt(D * Lkp_max), kr(g.max_k * D + kVec), vp(g.max_k * Dvp + kVec), qb(kF32 ? 0 : kBlockM * D),
+        sb(kBlockM * Lkp_max), ob(direct_o ? 0 : kBlockM * Dvp), drop(Lkp_max), inv_l(kBlockM), row_mx(kBlockM),
+        row_l(kBlockM);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t % g.B, h = t / g.B;
       const int64_t lq = g.len_q(b), lk = g.len_k(b), qs = g.q_start(b), ks = g.k_start(b);
       if (lq <= 0) continue;
       const int64_t Lkp = round_up(std::max<int64_t>(lk, 1), 2 * kVec);
-      pack_cols(k + (ks * H + h) * D, H * D, lk, D, Lkp, kt.data(), kr.data(), D);
-      pack_rows(v + (ks * H + h) * Dv, H * Dv, lk, Dv, Dvp, vp.data());
+      pack_cols(k + ks * g.sk + h * D, g.sk, lk, D, Lkp, kt.data(), kr.data(), D);
+      pack_rows(v + ks * g.sv + h * Dv, g.sv, lk, Dv, Dvp, vp.data());
       for (int64_t i0 = 0; i0 < lq; i0 += kBlockM) {
         const int64_t m = std::min(kBlockM, lq - i0);
-        pack_rows(q + ((qs + i0) * H + h) * D, H * D, m, D, D, qb.data());
-        gemm(m, Lkp, D, qb.data(), D, kt.data(), Lkp, sb.data(), Lkp, false);
+        const float* qa;
+        if constexpr (kF32) {
+          qa = reinterpret_cast<const float*>(q + (qs + i0) * g.sq + h * D);
+        } else {
+          pack_rows(q + (qs + i0) * g.sq + h * D, g.sq, m, D, D, qb.data());
+          qa = qb.data();
+        }
+        gemm(m, Lkp, D, qa, kF32 ? g.sq : D, kt.data(), Lkp, sb.data(), Lkp, false);
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           float* s = sb.data() + r * Lkp;
-          const int64_t vis = mask_row(g, b, i, lk, s);
-          const float mx = row_max(s, vis);
-          float* lse_p = lse + g.lse_index(b, h, i);
-          if (vis == 0 || mx == -std::numeric_limits<float>::infinity()) {  // sees no key
-            *lse_p = std::numeric_limits<float>::infinity();
-            std::fill(s, s + Lkp, 0.0f);
-            continue;
+          const float l = softmax_row_unnormalised(g, b, i, lk, Lkp, s, &row_mx[r]);
+          row_l[r] = l;
+          if (l == 0.0f) continue;  // sees no key: zeros out, lse = +inf (below)
+          if (dropout) {  // dropped probabilities; l stays the undropped sum
+            dropout_row(g.seed, thr, dscale, ((b * H + h) * g.max_q + i) * g.max_k, lk, drop.data());
+            vloop(lk, [&](int64_t j, int64_t c) { st(ld(s + j, c) * ld(drop.data() + j, c), s + j, c); });
           }
-          const Vec vmx(mx);
-          Vec acc(0.0f);
-          vloop(vis, [&](int64_t j, int64_t c) {
-            Vec e = (ld(s + j, c) - vmx).exp_u20();
-            if (c != kVec) e = Vec::set(Vec(0.0f), e, c);
-            st(e, s + j, c);
-            acc += e;
-          });
-          const float l = hsum(acc);
-          *lse_p = mx + std::log(l);
-          const Vec inv(1.0f / l);
-          if (dropout) {
-            dropout_row(g.seed, thr, dscale, ((b * H + h) * g.max_q + i) * g.max_k, vis, drop.data());
-            vloop(vis, [&](int64_t j, int64_t c) { st(ld(s + j, c) * inv * ld(drop.data() + j, c), s + j, c); });
-          } else {
-            vloop(vis, [&](int64_t j, int64_t c) { st(ld(s + j, c) * inv, s + j, c); });
-          }
-          std::fill(s + vis, s + Lkp, 0.0f);
         }
-        gemm(m, Dvp, lk, sb.data(), Lkp, vp.data(), Dvp, ob.data(), Dvp, false);
+        // lse = max + log(l) for the block's rows at once (a vector log instead of m scalar ones)
+        vloop(m, [&](int64_t r, int64_t c) {
+          const Vec l = ld(row_l.data() + r, c);
+          const auto seen = l > Vec(0.0f);
+          const Vec lse_v = Vec::blendv(Vec(std::numeric_limits<float>::infinity()), ld(row_mx.data() + r, c) + l.log(), seen);
+          st(Vec::blendv(Vec(0.0f), Vec(1.0f) / l, seen), inv_l.data() + r, c);
+          st(lse_v, lse + g.lse_index(b, h, i0 + r), c);  // consecutive queries: consecutive lse
+        });
+        // O = (E V) / l: the 1/l of each row is applied to its Dv outputs, not to its lk weights
+        float* oc = direct_o ? reinterpret_cast<float*>(out + ((qs + i0) * H + h) * Dv) : ob.data();
+        const int64_t ldo = direct_o ? H * Dv : Dvp;
+        gemm(m, Dvp, lk, sb.data(), Lkp, vp.data(), Dvp, oc, ldo, false);
         for (int64_t r = 0; r < m; ++r) {
-          T* o = out + ((qs + i0 + r) * H + h) * Dv;
-          for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<T>(ob[r * Dvp + c]);
+          const Vec inv(inv_l[r]);
+          float* orow = oc + r * ldo;
+          if (direct_o) {
+            vloop(Dv, [&](int64_t c0, int64_t c) { st(ld(orow + c0, c) * inv, orow + c0, c); });
+          } else {
+            T* o = out + ((qs + i0 + r) * H + h) * Dv;
+            for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<T>(orow[c] * inv_l[r]);
+          }
         }
       }
     }
@@ -222,6 +313,9 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   g.p = p;
   g.seed = static_cast<uint64_t>(seed);
   g.key_bias = nullptr;
+  g.sq = q.stride(-3);
+  g.sk = k.stride(-3);
+  g.sv = v.stride(-3);
   if (g.varlen) {
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "varlen attention takes (total, heads, head_dim)");
     TORCH_CHECK(cu_k.has_value() && cu_k->defined(), "cu_k is required with cu_q");
@@ -262,20 +356,39 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return g;
 }
 
+// The forward reads tokens as rows of (heads, head_dim) at any token stride: Q, K and V as views
+// into one fused QKV projection ((tokens, 3, heads, head_dim) unbound) are used in place. Other
+// layouts (a strided head_dim, heads not packed, batches not evenly spaced) are copied.
+at::Tensor token_rows(const at::Tensor& t) {
+  const int64_t n = t.dim();
+  if (n < 3) return t.contiguous();  // make_geometry reports the rank
+  bool ok = (t.size(-1) == 1 || t.stride(-1) == 1) && (t.size(-2) == 1 || t.stride(-2) == t.size(-1)) &&
+            t.stride(-3) >= t.size(-2) * t.size(-1);
+  if (n == 4) ok = ok && (t.size(0) == 1 || t.stride(0) == t.size(1) * t.stride(1));
+  return ok ? t : t.contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                             const std::optional<at::Tensor>& key_bias,
                                             const std::optional<at::Tensor>& cu_q,
                                             const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
                                             double p, double scale, bool causal, int64_t seed) {
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous().to(q.scalar_type()), v = v_.contiguous().to(q.scalar_type());
+  const at::Tensor q = token_rows(q_), k = token_rows(k_.to(q_.scalar_type())), v = token_rows(v_.to(q_.scalar_type()));
   at::Tensor kb, cq, ck;
   std::vector<int64_t> klen;
   const Geometry g =
       make_geometry(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed, kb, cq, ck, klen);
   auto out_shape = q.sizes().vec();
   out_shape.back() = g.Dv;
-  // zeros: rows outside every sequence (none in a well-formed batch) and dead rows stay 0
-  at::Tensor out = at::zeros(out_shape, q.options());
+  // every row of every sequence is written (rows that see no key as zeros); only rows outside
+  // every sequence (varlen tokens before cu_q[0] or past cu_q[B], none in a well-formed batch)
+  // are zeroed here
+  at::Tensor out = new_output(out_shape, q.options());
+  if (g.varlen) {
+    const int64_t first = g.cu_q[0], last = g.cu_q[g.B];
+    if (first > 0) out.narrow(0, 0, std::min<int64_t>(first, g.total_q)).zero_();
+    if (last < g.total_q) out.narrow(0, last, g.total_q - last).zero_();
+  }
   at::Tensor lse = g.varlen ? at::empty({g.H, g.total_q}, q.options().dtype(at::kFloat))
                             : at::empty({g.B, g.H, g.max_q}, q.options().dtype(at::kFloat));
   BERTFAST_DISPATCH(q.scalar_type(), "attention", [&] {
