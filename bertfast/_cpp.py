@@ -334,17 +334,17 @@ def gelu_layernorm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approxim
 def _aten_flash_serves(q, k, key_bias, cu_q, p, causal, backward: bool = False) -> bool:
     """Which kernel serves an unmasked padded batch (no key mask, no dropout): ATen's CPU flash
     attention (what torch SDPA runs on CPU) or this extension's. Measured side by side on this
-    2-core AVX-512 box (8 x 128 x 12 heads, head_dim 32 and 64; 2 x 512 x 12 x 64), 2 threads:
-    forward fp32 0.96-1.15x ATen's time (a tie), forward bf16 ATen 1.3-1.6x faster (bf16 GEMMs),
-    backward fp32 ATen 1.03-1.19x faster, backward bf16 this extension 3.3-4.1x faster (ATen
-    takes 32-35 ms where this one takes 8-11). Both use the same (B, H, S) natural-log lse, so a
-    forward from ATen pairs with a backward from here. The extension keeps what ATen cannot do the
-    same way: packed varlen, key masks (rows that see no key), dropout with the shared Philox
-    stream, bottom-right causal for Lq != Lk."""
-    if backward and q.dtype != torch.float32:
+    2-core AVX-512 box, 2 threads, 12 heads (B x S x head_dim = 8x128x32 .. 32x128x64, 8x512x64):
+    forward fp32 this extension 1.0-1.35x faster; forward bf16 ATen 1.3-1.6x faster (bf16 GEMMs);
+    backward fp32 ATen 1.0-1.4x faster; backward bf16 this extension 3.3-4.1x faster (ATen takes
+    32-35 ms where this one takes 8-11 at 8x128). So ATen serves the bf16 forward and the fp32
+    backward. Both kernels use the same (B, H, S) natural-log lse and (B, S, H, D) output, so a
+    forward from either pairs with a backward from the other. The extension alone serves what
+    ATen cannot do the same way: packed varlen, key masks (rows that see no key), dropout with the
+    shared Philox stream, bottom-right causal for Lq != Lk."""
+    if q.dtype != (torch.float32 if backward else torch.bfloat16):
         return False
-    return (cu_q is None and key_bias is None and p == 0.0 and q.dtype in (torch.float32, torch.bfloat16)
-            and not (causal and q.shape[1] != k.shape[1]))
+    return cu_q is None and key_bias is None and p == 0.0 and not (causal and q.shape[1] != k.shape[1])
 
 
 def _bhsd(t):
