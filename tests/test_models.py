@@ -265,6 +265,57 @@ def test_config_presets_and_json(tmp_path):
 
 # ---- output options, compile, bad input ---------------------------------------------------
 
+@pytest.mark.parametrize("pad", [False, True])
+def test_cpu_inference_workspace(pad):
+    """CPU inference writes the layers' GEMM outputs into buffers kept per model and per thread:
+    the same values as without them (autograd on: no workspace), nothing returned aliases them, a
+    later call leaves an earlier result alone, threads do not share them, and the model still
+    pickles."""
+    import copy
+    import pickle
+    import threading
+
+    from bertfast.models import bert as bert_mod
+
+    torch.manual_seed(0)
+    m = bertfast.BertModel(BertConfig(**odd_config(num_hidden_layers=3))).eval()
+    inputs = [batch(pad=pad, seed=s) for s in (1, 2, 3)]
+    want = [m(ids, mask, tt) for ids, tt, mask in inputs]  # grad enabled: fresh tensors everywhere
+    want = [(w.last_hidden_state.detach(), w.pooler_output.detach()) for w in want]
+    with torch.no_grad():
+        got = [m(ids, mask, tt) for ids, tt, mask in inputs]
+    ws = bert_mod._workspace(m)
+    buffers = {t.untyped_storage().data_ptr() for t in ws.bufs.values()}
+    assert {k[0] for k in ws.bufs} == {"qkv", "attn", "inter", "out"}
+    for g, (w_last, w_pool) in zip(got, want):  # earlier results survive later calls
+        assert g.last_hidden_state.untyped_storage().data_ptr() not in buffers
+        torch.testing.assert_close(g.last_hidden_state, w_last, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(g.pooler_output, w_pool, atol=1e-6, rtol=1e-6)
+
+    results, errors = {}, []
+
+    def serve(i):
+        try:
+            ids, tt, mask = inputs[i]
+            with torch.no_grad():
+                results[i] = [m(ids, mask, tt).last_hidden_state for _ in range(5)]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, outs in results.items():
+        for o in outs:
+            torch.testing.assert_close(o, want[i][0], atol=1e-6, rtol=1e-6)
+    pickle.loads(pickle.dumps(copy.deepcopy(m)))
+    m.release_workspace()
+    assert m not in bert_mod._WORKSPACES.table
+
+
 def test_hidden_states_and_tuple_output():
     _, ours = hf_twin("BertModel")
     ids, tt, mask = batch()
