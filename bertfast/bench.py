@@ -34,7 +34,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -1467,6 +1467,13 @@ def _parse_list(s, conv=str):
     return [conv(x) for x in str(s).split(",") if x.strip()]
 
 
+def _parse_shape(text: str) -> Tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"bertfast bench: --shapes takes BATCHxSEQ with positive integers, e.g. 8x128; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="bertfast bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", default="ops,attention,encoder", help="comma list of ops, attention, encoder")
@@ -1478,6 +1485,9 @@ def build_parser():
     p.add_argument("--sizes", default=None, help="attention suite sequence lengths, comma list")
     p.add_argument("--ops", default=",".join(NORM_OPS), help="ops suite: which ops")
     p.add_argument("--models", default="minilm,base", help="encoder suite: minilm, base (comma list)")
+    p.add_argument("--shapes", default=None,
+                   help="encoder suite: fixed-length full batches as BATCHxSEQ, comma list (default: cuda 256x128,"
+                        "8x128; cpu 32x128, 4x128 with --quick)")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats: minutes on a 2-core CPU")
     p.add_argument("--out", default="bench_out", help="output folder (JSON, markdown, PNG)")
     p.add_argument("--prefix", default="bench", help="output file name prefix")
@@ -1662,8 +1672,11 @@ def run(argv=None) -> dict:
         tb = None
         if args.text_batches:
             tb = {k: int(v) for k, v in (x.split("=") for x in _parse_list(args.text_batches))}
+        fixed = None
+        if args.shapes:
+            fixed = [_parse_shape(x) for x in _parse_list(args.shapes)]
         plans["encoder"] = encoder_cases(device, dtypes[0], args.quick, compile_mode, models_list=models_list,
-                                         train=args.train, real_batches=tb)
+                                         train=args.train, real_batches=tb, fixed=fixed)
     if args.filter:
         subs = _parse_list(args.filter)
         plans = {k: [c for c in cs if any(x in c.name for x in subs)] for k, cs in plans.items()}

@@ -89,3 +89,18 @@ def test_varlen_lengths_fill():
     lens = bench.varlen_lengths(256, 512)
     fill = sum(lens) / (256 * 512)
     assert 0.5 < fill < 0.7 and max(lens) == 512 and min(lens) >= 1
+
+
+def test_encoder_shapes_option():
+    """--shapes picks the fixed-length encoder batches; a malformed shape is a clear error."""
+    from bertfast import bench
+
+    args = bench.build_parser().parse_args(["--suite", "encoder", "--shapes", "3x17,1x128"])
+    fixed = [bench._parse_shape(x) for x in bench._parse_list(args.shapes)]
+    assert fixed == [(3, 17), (1, 128)]
+    cases = bench.encoder_cases(torch.device("cpu"), torch.float32, False, "none", models_list=("minilm",),
+                                real_batches={}, fixed=fixed)
+    assert [c.params["batch"] for c in cases] == [3, 1] and [c.params["seq"] for c in cases] == [17, 128]
+    for bad in ("8", "8x", "0x128", "ax3"):
+        with pytest.raises(SystemExit, match="BATCHxSEQ"):
+            bench._parse_shape(bad)
