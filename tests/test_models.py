@@ -316,6 +316,28 @@ def test_cpu_inference_workspace(pad):
     assert m not in bert_mod._WORKSPACES.table
 
 
+def test_cpu_inference_workspace_limit(monkeypatch):
+    """BERTFAST_CPU_WORKSPACE_MB caps what a model keeps: a batch whose buffers would exceed it
+    runs without them (same values); a malformed value is an error that names the variable."""
+    from bertfast.models import bert as bert_mod
+
+    torch.manual_seed(0)
+    m = bertfast.BertModel(BertConfig(**odd_config())).eval()
+    ids, tt, mask = batch(pad=False)
+    want = m(ids, mask, tt).last_hidden_state.detach()
+    monkeypatch.setenv("BERTFAST_CPU_WORKSPACE_MB", "0")
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids, mask, tt).last_hidden_state, want, atol=1e-6, rtol=1e-6)
+    assert not bert_mod._workspace(m).bufs
+    monkeypatch.setenv("BERTFAST_CPU_WORKSPACE_MB", "1")  # 33 rows x 217 columns x 4 bytes fit
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids, mask, tt).last_hidden_state, want, atol=1e-6, rtol=1e-6)
+    assert bert_mod._workspace(m).bufs
+    monkeypatch.setenv("BERTFAST_CPU_WORKSPACE_MB", "lots")
+    with torch.no_grad(), pytest.raises(ValueError, match="BERTFAST_CPU_WORKSPACE_MB"):
+        m(ids, mask, tt)
+
+
 def test_hidden_states_and_tuple_output():
     _, ours = hf_twin("BertModel")
     ids, tt, mask = batch()

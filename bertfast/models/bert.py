@@ -8,6 +8,7 @@ back once at the end (zeros at padded positions). Without padding the same code 
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from dataclasses import dataclass, fields
@@ -34,7 +35,8 @@ class _Workspace:
     once glibc has handed freed memory back to the system (MiniLM 8x128: ~2.7k faults per forward,
     a few percent of its time). The last layer writes fresh memory: nothing returned to the
     caller aliases these buffers. Held: one layer's activations (e.g. 13.5 MB for MiniLM at 8 x 128
-    tokens); `BertModel.release_workspace()` frees them."""
+    tokens), up to BERTFAST_CPU_WORKSPACE_MB (512 by default; larger batches go without);
+    `BertModel.release_workspace()` frees them."""
 
     def __init__(self):
         self.bufs: dict = {}
@@ -59,6 +61,17 @@ def _workspace(model) -> _Workspace:
     if model not in table:
         table[model] = _Workspace()
     return table[model]
+
+
+def _workspace_limit() -> int:
+    """Bytes one model may keep per thread for CPU inference buffers: BERTFAST_CPU_WORKSPACE_MB
+    (default 512; 0 turns the workspace off). Larger batches allocate per call as before."""
+    raw = os.environ.get("BERTFAST_CPU_WORKSPACE_MB", "512")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"BERTFAST_CPU_WORKSPACE_MB must be a number of megabytes, got {raw!r}") from None
+    return int(mb * 2**20)
 
 
 def _linear(x, weight, bias=None, out: Optional[torch.Tensor] = None):
@@ -459,7 +472,9 @@ class BertModel(BertPreTrainedModel):
         # layer's output is returned)
         ws = None
         if hidden.device.type == "cpu" and not torch.is_grad_enabled() and all_hidden is None:
-            ws = _workspace(self)
+            need = hidden.shape[0] * (5 * cfg.hidden_size + cfg.intermediate_size) * hidden.element_size()
+            if need <= _workspace_limit():  # an occasional huge batch is not kept for the process' life
+                ws = _workspace(self)
         n = len(self.encoder.layer)
         for i, layer in enumerate(self.encoder.layer):
             hidden = layer(hidden, layout, (B, S), key_mask, ws, last=i == n - 1)
