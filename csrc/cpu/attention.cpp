@@ -125,10 +125,6 @@ inline void pack_cols_only(const T* base, int64_t stride, int64_t rows, int64_t 
   }
 }
 
-inline void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
-  transpose_into(src, lds, rows, cols, dst, ldd);
-}
-
 struct Geometry {
   int64_t B, H, D, Dv, max_q, max_k, total_q;
   bool varlen, causal;
@@ -165,20 +161,6 @@ inline int64_t mask_row(const Geometry& g, int64_t b, int64_t i, int64_t lk, flo
     vloop(visible, [&](int64_t j, int64_t c) { st(ld(s + j, c) * vs, s + j, c); });
   }
   return visible;
-}
-
-inline float row_max(const float* s, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  Vec vm(m);
-  vloop(n, [&](int64_t j, int64_t c) {
-    Vec v = ld(s + j, c);
-    if (c != kVec) v = Vec::set(Vec(m), v, c);
-    vm = at::vec::maximum(vm, v);
-  });
-  alignas(64) float tmp[kVec];
-  vm.store(tmp);
-  for (int64_t k = 0; k < kVec; ++k) m = std::max(m, tmp[k]);
-  return m;
 }
 
 // Horizontal max / sum as a log2(kVec)-step shuffle tree (ATen's vec_reduce_all): a row of BERT
@@ -474,9 +456,9 @@ void attn_bwd_kernel(const Geometry& g, const T* dout, const T* q, const T* k, c
           std::fill(dp + vis, dp + Lkp, 0.0f);
         }
         // dV += Pd^T dO ; dK += dS^T Q ; dQ = dS K
-        transpose(pb.data(), m, lk, Lkp, tb.data(), kBlockM);
+        transpose_into(pb.data(), Lkp, m, lk, tb.data(), kBlockM);
         gemm(lk, Dvp, m, tb.data(), kBlockM, dob.data(), Dvp, dvb.data(), Dvp, true);
-        transpose(dpb.data(), m, lk, Lkp, tb.data(), kBlockM);
+        transpose_into(dpb.data(), Lkp, m, lk, tb.data(), kBlockM);
         gemm(lk, Dp, m, tb.data(), kBlockM, qb.data(), Dp, dkb.data(), Dp, true);
         gemm(m, Dp, lk, dpb.data(), Lkp, kr.data(), Dp, dqb.data(), Dp, false);
         for (int64_t r = 0; r < m; ++r) {
