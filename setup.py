@@ -42,7 +42,8 @@ if os.environ.get("BERTFAST_BUILD_EXT") == "1":
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"bertfast.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"]},
+    package_data={"bertfast.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"],
+                  "bertfast": ["routing_tables/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

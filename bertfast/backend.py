@@ -7,8 +7,13 @@ a backward for an op, the device types it serves, and a loader that imports what
 needs (triton, the compiled extension) and raises with a reason when it cannot.
 
 Selection is per (op, device type) and cached, so the per-call cost is one dict lookup:
-- BERTFAST_BACKEND=auto (default): CUDA tensors try cuda -> triton -> reference, CPU tensors
+- BERTFAST_BACKEND=auto (default): CUDA tensors try triton -> reference, CPU tensors
   cpp -> reference; `triton` on CPU only when forced and TRITON_INTERPRET=1.
+  Where a measured routing table (bertfast/routing.py) routes some of an op's cases on CUDA to
+  another backend (the CUDA C++ kernels, say), auto serves each call by (direction, dtype,
+  width) from the table: the selected implementation is then a router over the table's
+  backends, and it costs one more dict lookup per call. A table without a measurement routes
+  nothing, and the backends it names are never loaded (no build for nothing).
 - BERTFAST_BACKEND=<name> or `with bertfast.use_backend(name):` forces one backend; when it
   cannot serve a call the reference serves it, with one warning naming the op and the reason.
 - BERTFAST_STRICT=1 turns every such fallback into an error.
@@ -27,7 +32,9 @@ from typing import Callable, Optional
 
 BACKENDS = ("triton", "cuda", "cpp", "reference")
 ANY_DEVICE = ("*",)  # the reference serves tensors on any device
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
+# device types on which auto consults the routing tables (tests add "cpu")
+_ROUTED_DEVICES = ("cuda",)
 
 
 class BackendError(RuntimeError):
@@ -59,6 +66,18 @@ class OpSpec:
     # compare(out_backend, out_reference) -> None or raises AssertionError
     compare: Callable
     impls: dict = field(default_factory=dict)
+    # route_key(direction, args) -> (dtype, width) of a backend call, for the routing table
+    route_key: Optional[Callable] = None
+
+
+def arg_route_key(fwd_index: int = 0, bwd_index: int = 1) -> Callable:
+    """A route_key reading (dtype, last dimension) of one tensor argument: args[fwd_index] of a
+    forward call, args[bwd_index] of a backward call (the default: x, and x after dout)."""
+    def key(direction, args):
+        t = args[fwd_index if direction == "fwd" else bwd_index]
+        return t.dtype, t.shape[-1]
+
+    return key
 
 
 _ops: dict[str, OpSpec] = {}
@@ -70,10 +89,12 @@ _local = threading.local()
 _lock = threading.Lock()
 
 
-def register_op(name: str, make_probe: Callable, compare: Callable) -> OpSpec:
+def register_op(name: str, make_probe: Callable, compare: Callable, route_key: Optional[Callable] = None) -> OpSpec:
+    """route_key: how the routing table reads (dtype, width) from the op's backend arguments
+    (default arg_route_key(): the first argument of a forward, the second of a backward)."""
     spec = _ops.get(name)
     if spec is None:
-        spec = _ops[name] = OpSpec(name, make_probe, compare)
+        spec = _ops[name] = OpSpec(name, make_probe, compare, route_key=route_key or arg_route_key())
     return spec
 
 
@@ -194,8 +215,9 @@ def select(op: str, device_type: str) -> Impl:
     with _lock:
         spec = _ops[op]
         if want == "auto":
+            table = _table(op, device_type)
             chosen = "reference"
-            for name in _AUTO_ORDER.get(device_type, ("reference",)):
+            for name in _auto_order(op, device_type, table):
                 reason = _why_not(spec, name, device_type)
                 if reason is None:
                     chosen = name
@@ -204,6 +226,11 @@ def select(op: str, device_type: str) -> Impl:
                 if impl is not None and _serves(impl, device_type):
                     # registered for this device but failed to load or probe: say so once
                     _fallback(op, name, reason)
+            if table is not None and chosen == table.default:
+                routed = _router(spec, table, chosen, device_type)
+                if routed is not None:
+                    _cache[key] = routed
+                    return routed
         else:
             reason = _why_not(spec, want, device_type)
             chosen = want
@@ -215,15 +242,72 @@ def select(op: str, device_type: str) -> Impl:
         return impl
 
 
+def _table(op: str, device_type: str):
+    if device_type not in _ROUTED_DEVICES:
+        return None
+    from . import routing
+
+    return routing.table_for(op)
+
+
+def _auto_order(op: str, device_type: str, table) -> tuple:
+    base = _AUTO_ORDER.get(device_type, ("reference",))
+    if table is None:
+        return base
+    return (table.default,) + tuple(b for b in base if b != table.default)
+
+
+def _router(spec: OpSpec, table, base: str, device_type: str) -> Optional[Impl]:
+    """An Impl that serves each call from the backend the routing table names for its
+    (direction, dtype, width), over `base` and every other backend of the table that loads and
+    probes here; None when the table routes nothing of this op away from `base`. A table's
+    backend that cannot serve falls back to `base` with one warning."""
+    impls = {base: spec.impls[base]}
+    for name in sorted(table.backends(spec.name) - {base}):
+        reason = _why_not(spec, name, device_type)
+        if reason is None:
+            impls[name] = spec.impls[name]
+        else:
+            _fallback(spec.name, name, f"{reason}; the routing table {table.name} asked for it")
+    if len(impls) == 1:
+        return None
+    op, route_key, lookup = spec.name, spec.route_key, table.lookup
+    memo: dict = {}
+
+    def pick(direction, args):
+        dtype, width = route_key(direction, args)
+        k = (direction, dtype, width)
+        impl = memo.get(k)
+        if impl is None:
+            impl = memo[k] = impls.get(lookup(op, direction, dtype, width)[0], impls[base])
+        return impl
+
+    def fwd(*args, **kwargs):
+        return pick("fwd", args).fwd(*args, **kwargs)
+
+    def bwd(*args):
+        return pick("bwd", args).bwd(*args)
+
+    name = "|".join([n for n in impls if n != base] + [base])  # e.g. "cuda|triton"
+    return Impl(op, name, fwd, bwd, spec.impls[base].devices, extra={"routes": impls, "table": table})
+
+
 def explain(op: str, device_type: str) -> tuple[str, str]:
-    """(backend, why) for `bertfast info`: which backend serves `op` and why the ones before it don't."""
+    """(backend, why) for `bertfast info`: which backend serves `op` and why the ones before it
+    don't; a routed op reads e.g. ("cuda|triton", "<the table's cases>")."""
     want = requested()
     spec = _ops[op]
-    order = _AUTO_ORDER.get(device_type, ("reference",)) if want == "auto" else (want, "reference")
+    table = _table(op, device_type) if want == "auto" else None
+    order = _auto_order(op, device_type, table) if want == "auto" else (want, "reference")
     notes = []
     for name in order:
         reason = _why_not(spec, name, device_type)
         if reason is None:
+            if table is not None and name == table.default:
+                routed = select(op, device_type)
+                if "routes" in routed.extra:
+                    return routed.backend, table.describe(op)
+                notes.append(table.describe(op))
             return name, "; ".join(notes) if notes else "first choice"
         notes.append(f"{name}: {reason}")
     return "reference", "; ".join(notes)
@@ -235,3 +319,6 @@ def reset() -> None:
     _load_state.clear()
     _probe_state.clear()
     _warned.clear()
+    from . import routing
+
+    routing.reset()

@@ -28,6 +28,7 @@ def test_wheel_layout(wheel):
     for mod in ("attention", "bias_gelu", "bias_residual_layernorm", "embedding_layernorm", "gelu_layernorm", "_rng"):
         assert f"bertfast/kernels/{mod}.py" in names
     assert any(n.startswith("bertfast/csrc/cpu/") and n.endswith(".cpp") for n in names)
+    assert "bertfast/routing_tables/layernorm_family.json" in names
 
 
 def test_installed_layout_imports(wheel, tmp_path):

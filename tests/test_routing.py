@@ -1,0 +1,169 @@
+"""Measured routing tables (bertfast/routing.py) and the auto backend's per-call routing."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import bertfast
+from bertfast import backend, ops, routing
+
+
+def _table(entries, source=None, default="triton", ops_=("bias_gelu",)):
+    return {"table": "t", "ops": list(ops_), "candidates": ["triton", "cuda"], "default": default,
+            "source": source, "entries": entries}
+
+
+SRC = {"device": "NVIDIA H200", "date": "2026-12-01"}
+
+
+def _entry(width, be, dtype="bf16", direction="fwd", op="bias_gelu"):
+    return {"op": op, "direction": direction, "dtype": dtype, "max_width": width, "backend": be}
+
+
+def test_committed_tables_parse_and_say_no_measurement():
+    routing.reset()
+    t = routing.table_for("bias_residual_layernorm")
+    assert t is not None and t.default == "triton"
+    for op in ("embedding_layernorm", "bias_gelu", "bias_residual_layernorm", "gelu_layernorm"):
+        be, why = routing.lookup(op, "fwd", torch.bfloat16, 768)
+        if routing.table_for(op).source is None:
+            assert be == "triton" and "no measurement" in why
+
+
+def test_width_buckets_pick_the_smallest_bound_that_holds():
+    t = routing.parse(_table([_entry(1024, "cuda"), _entry(4096, "triton"), _entry(8192, "cuda"),
+                              _entry(8192, "cuda", direction="bwd", dtype="fp16")], source=SRC))
+    assert t.lookup("bias_gelu", "fwd", torch.bfloat16, 1)[0] == "cuda"
+    assert t.lookup("bias_gelu", "fwd", torch.bfloat16, 1024)[0] == "cuda"
+    assert t.lookup("bias_gelu", "fwd", torch.bfloat16, 1025)[0] == "triton"
+    assert t.lookup("bias_gelu", "fwd", torch.bfloat16, 8192)[0] == "cuda"
+    be, why = t.lookup("bias_gelu", "fwd", torch.bfloat16, 9000)
+    assert be == "triton" and "no entry" in why
+    assert t.lookup("bias_gelu", "bwd", torch.bfloat16, 768)[0] == "triton"  # no bf16 bwd entry
+    assert t.lookup("bias_gelu", "bwd", torch.float16, 768)[0] == "cuda"
+    assert t.lookup("bias_gelu", "fwd", torch.float32, 768)[0] == "triton"
+    assert "H200" in t.lookup("bias_gelu", "fwd", torch.bfloat16, 8)[1]
+    assert "cuda for bf16 fwd width 1-1024" in t.describe("bias_gelu")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(default="sdpa"), "default"),
+    (dict(entries=[_entry(8, "cuda")]), "without a source"),
+    (dict(source=SRC, entries=[_entry(8, "cuda", direction="sideways")]), "direction"),
+    (dict(source=SRC, entries=[_entry(8, "cuda", dtype="int8")]), "dtype"),
+    (dict(source=SRC, entries=[_entry(8, "magic")]), "candidates"),
+    (dict(source=SRC, entries=[_entry(0, "cuda")]), "max_width"),
+    (dict(source=SRC, entries=[_entry(8, "cuda", op="attention")]), "not in ops"),
+    (dict(source=SRC, entries=[_entry(8, "cuda"), _entry(8, "triton")]), "second entry"),
+])
+def test_bad_tables_name_the_field(bad, match):
+    data = _table([])
+    data.update(bad)
+    with pytest.raises(ValueError, match=match):
+        routing.parse(data, "x.json")
+
+
+def test_two_tables_cannot_route_one_op(tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(_table([])))
+    monkeypatch.setenv("BERTFAST_ROUTING_DIR", str(tmp_path))
+    routing.reset()
+    try:
+        with pytest.raises(ValueError, match="both route 'bias_gelu'"):
+            routing.tables()
+    finally:
+        monkeypatch.delenv("BERTFAST_ROUTING_DIR")
+        routing.reset()
+
+
+@pytest.fixture
+def routed_cpu(tmp_path, monkeypatch):
+    """bias_gelu with two fake CPU backends, 'triton' (the table's default) and 'cuda', a table that
+    sends fp32 forwards of width <= 16 to 'cuda', and auto consulting tables for CPU tensors."""
+    calls = []
+    spec = backend._ops["bias_gelu"]
+    saved = dict(spec.impls)
+    ref = spec.impls["reference"]
+
+    def fake(name):
+        def fwd(*a, **k):
+            calls.append((name, "fwd", a[0].shape[-1]))
+            return ref.fwd(*a)
+
+        def bwd(*a):
+            calls.append((name, "bwd", a[1].shape[-1]))
+            return ref.bwd(*a)
+
+        backend.register_impl("bias_gelu", name, fwd=fwd, bwd=bwd, devices=("cpu",))
+
+    fake("triton")
+    fake("cuda")
+    (tmp_path / "t.json").write_text(json.dumps(_table([_entry(16, "cuda", dtype="fp32")], source=SRC)))
+    monkeypatch.setenv("BERTFAST_ROUTING_DIR", str(tmp_path))
+    monkeypatch.setattr(backend, "_ROUTED_DEVICES", ("cpu",))
+    monkeypatch.setattr(backend, "_AUTO_ORDER", {"cpu": ("triton", "reference")})
+    backend.reset()
+    try:
+        yield calls
+    finally:
+        spec.impls.clear()
+        spec.impls.update(saved)
+        monkeypatch.delenv("BERTFAST_ROUTING_DIR")
+        backend.reset()
+
+
+def test_auto_routes_each_call_by_width_and_direction(routed_cpu):
+    calls = routed_cpu
+    name, why = backend.explain("bias_gelu", "cpu")
+    assert name == "cuda|triton" and "cuda for fp32 fwd width 1-16" in why
+    calls.clear()  # explain probed both
+    for n in (8, 16, 17):
+        x = torch.randn(3, n, requires_grad=True)
+        ops.bias_gelu(x, torch.randn(n)).sum().backward()
+    assert calls == [("cuda", "fwd", 8), ("triton", "bwd", 8), ("cuda", "fwd", 16), ("triton", "bwd", 16),
+                     ("triton", "fwd", 17), ("triton", "bwd", 17)]
+    calls.clear()
+    with bertfast.use_backend("cuda"):  # forcing a backend bypasses the table
+        ops.bias_gelu(torch.randn(3, 17), torch.randn(17))
+    assert calls == [("cuda", "fwd", 17)]
+
+
+def test_a_routed_backend_that_cannot_load_falls_back_with_one_warning(routed_cpu):
+    def load():
+        raise RuntimeError("nvcc exploded")
+
+    spec = backend._ops["bias_gelu"]
+    c = spec.impls["cuda"]
+    backend.register_impl("bias_gelu", "cuda", fwd=c.fwd, bwd=c.bwd, devices=("cpu",), load=load)
+    with pytest.warns(RuntimeWarning, match="cannot use backend 'cuda' .*nvcc exploded.*routing table t"):
+        ops.bias_gelu(torch.randn(2, 8), torch.randn(8))
+    assert backend.select("bias_gelu", "cpu").backend == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.bias_gelu(torch.randn(2, 8), torch.randn(8))
+
+
+def test_a_table_without_measurement_never_loads_its_other_backends(tmp_path, monkeypatch):
+    loads = []
+    spec = backend._ops["bias_gelu"]
+    saved = dict(spec.impls)
+    ref = spec.impls["reference"]
+    for name in ("triton", "cuda"):
+        backend.register_impl("bias_gelu", name, fwd=ref.fwd, bwd=ref.bwd, devices=("cpu",),
+                              load=lambda name=name: loads.append(name))
+    (tmp_path / "t.json").write_text(json.dumps(_table([])))
+    monkeypatch.setenv("BERTFAST_ROUTING_DIR", str(tmp_path))
+    monkeypatch.setattr(backend, "_ROUTED_DEVICES", ("cpu",))
+    monkeypatch.setattr(backend, "_AUTO_ORDER", {"cpu": ("triton", "reference")})
+    backend.reset()
+    try:
+        ops.bias_gelu(torch.randn(2, 8), torch.randn(8))
+        assert loads == ["triton"]
+        name, why = backend.explain("bias_gelu", "cpu")
+        assert name == "triton" and "no measurement" in why
+    finally:
+        spec.impls.clear()
+        spec.impls.update(saved)
+        monkeypatch.delenv("BERTFAST_ROUTING_DIR")
+        backend.reset()
