@@ -442,3 +442,134 @@ def test_training_step_under_autocast_matches_fp32():
     assert out.loss.dtype == torch.float32
     assert abs(out.loss.item() - ref.item()) < 0.05 * abs(ref.item())
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+
+
+# ---- a row's result never depends on its batch's padding (amount or side) ----------------------
+
+def test_from_hf_without_pooler():
+    cfg = transformers.BertConfig(**odd_config(), attn_implementation="eager")
+    hf = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    ours = bertfast.from_hf(hf).eval()
+    assert ours.pooler is None and "pooler.dense.weight" not in ours.state_dict()
+    ids, tt, mask = batch()
+    out = ours(ids, mask, tt)
+    assert out.pooler_output is None
+    torch.testing.assert_close(out.last_hidden_state[mask.bool()], hf(ids, mask, tt).last_hidden_state[mask.bool()],
+                               atol=2e-5, rtol=1e-4)
+
+
+_LENGTHS = (7, 3)  # two rows of their own lengths
+
+
+def _row_labels(name, g, num_labels=5, vocab=101):
+    """Per-row labels: a list (one tensor per row) for token heads, a (B,) tensor or position pairs otherwise."""
+    if name in ("BertForPreTraining", "BertForMaskedLM", "BertForTokenClassification"):
+        hi = num_labels if name == "BertForTokenClassification" else vocab
+        rows = [torch.randint(0, hi, (n,), generator=g) for n in _LENGTHS]
+        for r in rows:
+            r[0] = -100
+        out = {"labels": rows}
+        if name == "BertForPreTraining":
+            out["next_sentence_label"] = torch.tensor([1, 0])
+        return out
+    if name == "BertForQuestionAnswering":
+        return {"start_positions": [2, 1], "end_positions": [5, 2]}
+    if name == "BertForNextSentencePrediction":
+        return {"labels": torch.tensor([1, 0])}
+    if name == "BertForSequenceClassification":
+        return {"labels": torch.tensor([4, 2])}
+    return {}
+
+
+def _place(name, rows, tts, labels, S, side):
+    """The rows padded to length S on `side` (left padding with position ids that start at the first token,
+    as a left-padded BERT batch must carry). Token labels on padded positions are set to a real class on
+    purpose: they must be ignored. Returns the model kwargs and each row's offset."""
+    B = len(rows)
+    ids = torch.zeros(B, S, dtype=torch.long)
+    tt = torch.zeros(B, S, dtype=torch.long)
+    mask = torch.zeros(B, S, dtype=torch.long)
+    pos = torch.zeros(B, S, dtype=torch.long)
+    offsets = []
+    kw = {}
+    for b, (r, t) in enumerate(zip(rows, tts)):
+        o = S - len(r) if side == "left" else 0
+        offsets.append(o)
+        ids[b, o:o + len(r)], tt[b, o:o + len(r)], mask[b, o:o + len(r)] = r, t, 1
+        pos[b, o:o + len(r)] = torch.arange(len(r))
+    for key, val in labels.items():
+        if isinstance(val, list) and isinstance(val[0], torch.Tensor):  # token labels
+            lab = torch.ones(B, S, dtype=torch.long)  # a real label on every padded position
+            for b, v in enumerate(val):
+                lab[b, offsets[b]:offsets[b] + len(v)] = v
+            kw[key] = lab
+        elif isinstance(val, list):  # span positions, moved with the row
+            kw[key] = torch.tensor([p + o for p, o in zip(val, offsets)])
+        else:
+            kw[key] = val
+    args = dict(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    if side == "left":
+        args["position_ids"] = pos
+    return {**args, **kw}, offsets
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_heads_ignore_padding_amount_and_side(name):
+    kw = {"num_labels": 2} if name == "BertForQuestionAnswering" else {}
+    _, ours = hf_twin(name, **kw)
+    ours.train()  # the loss paths (dropout is 0)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(1, 101, (n,), generator=g) for n in _LENGTHS]
+    tts = [torch.randint(0, 3, (n,), generator=g) for n in _LENGTHS]
+    labels = _row_labels(name, g, num_labels=kw.get("num_labels", 5))
+    results = []
+    for S, side in ((7, "right"), (12, "right"), (10, "left")):
+        args, offsets = _place(name, rows, tts, labels, S, side)
+        ours.zero_grad()
+        out = ours(**args)
+        per_row = {}
+        for key, y in _outputs(out).items():
+            if y.dim() >= 2 and y.shape[:2] == (2, S):  # token level: each row's own positions
+                per_row[key] = [y[b, o:o + n] for b, (o, n) in enumerate(zip(offsets, _LENGTHS))]
+            else:
+                per_row[key] = [y]
+        if name == "BertForQuestionAnswering":  # padded positions can never win the span
+            for key in ("start_logits", "end_logits"):
+                best = getattr(out, key).argmax(-1)
+                assert all(o <= int(i) < o + n for i, o, n in zip(best, offsets, _LENGTHS)), key
+        if getattr(out, "loss", None) is not None:
+            out.loss.backward()
+            per_row["loss"] = [out.loss.detach()]
+            per_row["grads"] = [p.grad.clone() for p in ours.parameters() if p.grad is not None]
+        else:
+            (out.last_hidden_state * args["attention_mask"].unsqueeze(-1)).sum().backward()
+            per_row["grads"] = [p.grad.clone() for p in ours.parameters() if p.grad is not None]
+        results.append(per_row)
+    first = results[0]
+    for other in results[1:]:
+        assert other.keys() == first.keys()
+        for key in first:
+            for x, y in zip(first[key], other[key]):
+                torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-4, msg=f"{name}.{key}")
+
+
+def test_question_answering_loss_of_a_row_ignores_padding():
+    """The issue's case: start/end logits of padded positions were exactly 0.0 and entered the span
+    softmax, so the loss and its gradients depended on the amount of padding."""
+    _, qa = hf_twin("BertForQuestionAnswering", num_labels=2)
+    ids = torch.randint(1, 101, (1, 6), generator=torch.Generator().manual_seed(0))
+    sp, ep = torch.tensor([1]), torch.tensor([3])
+    ref = qa(ids, torch.ones_like(ids), start_positions=sp, end_positions=ep)
+    for extra in (1, 9):
+        padded = torch.cat([ids, torch.zeros(1, extra, dtype=ids.dtype)], 1)
+        mask = (padded != 0).long()
+        out = qa(padded, mask, start_positions=sp, end_positions=ep)
+        torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+        assert (out.start_logits[0, 6:] == torch.finfo(torch.float32).min).all()
+    # a label on a padded position is ignored, like one beyond the sequence
+    two, two_mask = padded.expand(2, -1), mask.expand(2, -1)
+    out = qa(two, two_mask, start_positions=torch.tensor([8, 1]), end_positions=torch.tensor([3, 3]))
+    ref_ignored = qa(ids.expand(2, -1), torch.ones(2, 6, dtype=torch.long), start_positions=torch.tensor([99, 1]),
+                     end_positions=torch.tensor([3, 3]))
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, ref_ignored.loss, atol=1e-6, rtol=1e-6)

@@ -184,6 +184,25 @@ def test_tag_and_answer_plumbing(tiny):
         T.answer(qa, tok, "why " * 70, ctx, max_seq_len=64)
 
 
+def test_classify_is_batch_invariant(tiny):
+    """A text's labels and scores do not depend on the other texts of its batch (their lengths set its padding)."""
+    from bertfast import BertConfig, BertForSequenceClassification
+
+    _, _, tok, cfg = tiny
+    d = cfg.to_dict()
+    d.update(num_labels=3)
+    torch.manual_seed(0)
+    clf = BertForSequenceClassification(BertConfig.from_dict(d)).eval()
+    texts = ["short", "a much longer text about the licence and its copies and what they permit", "two words"]
+    pairs = ["a pair", "b", "the second text of a pair, longer than the others"]
+    for p in (None, pairs):
+        batched = T.classify(clf, tok, texts, p, top_k=3)
+        for i, t in enumerate(texts):
+            alone = T.classify(clf, tok, t, None if p is None else p[i], top_k=3)
+            assert [r["label"] for r in alone] == [r["label"] for r in batched[i]]
+            assert [r["score"] for r in alone] == pytest.approx([r["score"] for r in batched[i]], abs=1e-5)
+
+
 def test_qa_windows_cover_the_context(tiny):
     _, _, tok, _ = tiny
     ctx = " ".join(f"word{i}" for i in range(60))

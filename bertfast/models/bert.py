@@ -566,6 +566,14 @@ class BertPreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
+def _valid_labels(labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
+    """Token labels with padded positions set to the ignore index (-100): a label on a padded
+    position would make a row's loss depend on how much padding its batch has."""
+    if labels is None or attention_mask is None or tuple(labels.shape) != tuple(attention_mask.shape):
+        return labels
+    return labels.masked_fill(attention_mask == 0, -100)
+
+
 def _mlm_logits(model, out: BertModelOutput, labels: Optional[torch.Tensor], sparse: bool):
     """Vocabulary logits. With sparse=True and labels, only the labelled positions are projected
     (total_labelled, vocab): the decoder GEMM is most of an MLM step and ~85% of positions carry
@@ -587,7 +595,7 @@ class BertForPreTraining(BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 next_sentence_label=None, output_hidden_states=False, sparse_prediction=False):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
-        logits, lab = _mlm_logits(self, out, labels, sparse_prediction)
+        logits, lab = _mlm_logits(self, out, _valid_labels(labels, attention_mask), sparse_prediction)
         nsp = self.cls.seq_relationship(out.pooler_output)
         loss = None
         if labels is not None and next_sentence_label is not None:
@@ -606,7 +614,7 @@ class BertForMaskedLM(BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, sparse_prediction=False):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
-        logits, lab = _mlm_logits(self, out, labels, sparse_prediction)
+        logits, lab = _mlm_logits(self, out, _valid_labels(labels, attention_mask), sparse_prediction)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size).float(), lab.reshape(-1))
@@ -699,9 +707,19 @@ class BertForTokenClassification(BertPreTrainedModel):
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
-            lab = _checked_labels("labels", labels, self.num_labels, "num_labels")
+            lab = _checked_labels("labels", _valid_labels(labels, attention_mask), self.num_labels, "num_labels")
             loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), lab)
         return TokenClassifierOutput(loss, logits, out.hidden_states)
+
+
+def _span_labels(positions: torch.Tensor, padded: Optional[torch.Tensor], S: int) -> torch.Tensor:
+    """Start or end positions (batch,) clamped to [0, S] as HF does, S (the ignore index) also for a
+    position on padding: such a label would point at a token that is not there."""
+    pos = positions.reshape(-1).clamp(0, S)
+    if padded is None:
+        return pos
+    on_pad = padded.gather(1, pos.clamp(max=S - 1).view(-1, 1)).view(-1)
+    return pos.masked_fill(on_pad, S)
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):
@@ -717,13 +735,16 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits = self.qa_outputs(out.last_hidden_state)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        padded = None if attention_mask is None else attention_mask == 0
+        if padded is not None:  # padded positions never compete for the span, in the loss or in an argmax
+            lowest = torch.finfo(start_logits.dtype).min
+            start_logits, end_logits = start_logits.masked_fill(padded, lowest), end_logits.masked_fill(padded, lowest)
         loss = None
         if start_positions is not None and end_positions is not None:
-            ignored = start_logits.size(1)  # positions outside the sequence are ignored, as in HF
-            sp = start_positions.reshape(-1).clamp(0, ignored)
-            ep = end_positions.reshape(-1).clamp(0, ignored)
-            loss = (F.cross_entropy(start_logits.float(), sp, ignore_index=ignored)
-                    + F.cross_entropy(end_logits.float(), ep, ignore_index=ignored)) / 2
+            S = start_logits.size(1)  # positions outside the sequence, or on padding, are ignored
+            sp, ep = (_span_labels(p, padded, S) for p in (start_positions, end_positions))
+            loss = (F.cross_entropy(start_logits.float(), sp, ignore_index=S)
+                    + F.cross_entropy(end_logits.float(), ep, ignore_index=S)) / 2
         return QuestionAnsweringOutput(loss, start_logits, end_logits, out.hidden_states)
 
 

@@ -130,6 +130,8 @@ def from_hf(hf_model, **kwargs):
     cfg = hf_model.config.to_dict()
     config = BertConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")})
     model = HEADS[name](config)
+    if getattr(getattr(hf_model, "bert", hf_model), "pooler", None) is None:  # e.g. add_pooling_layer=False
+        getattr(model, "bert", model).pooler = None
     load_state(model, hf_model.state_dict(), strict=True, source=f"transformers {name}")
     p = next(hf_model.parameters())
     model.to(device=p.device, dtype=p.dtype)
