@@ -419,3 +419,127 @@ def batch_iterator(stream, batch_size: int, start: int = 0, pad_to_multiple_of: 
             buf = []
     if buf and not drop_last:
         yield collate_pretraining(buf, stream.tokenizer.pad_token_id, pad_to_multiple_of)
+
+
+# ---- sequence packing -----------------------------------------------------------------------
+
+
+def default_pairs_per_row(budget: int) -> int:
+    """Slots for NSP pairs per packed row when none is given: one per 32 tokens, at least 2."""
+    return max(2, budget // 32)
+
+
+def pack_pretraining(examples: Sequence[Dict[str, torch.Tensor]], rows: int, budget: int,
+                     max_pairs_per_row: Optional[int] = None, max_predictions_per_row: Optional[int] = None,
+                     pad_token_id: int = 0, mlm_probability: float = 0.15):
+    """Pack NSP + MLM examples (PretrainingStream's dicts) into `rows` rows of `budget` tokens,
+    several pairs per row (the MLPerf / Graphcore recipe), in stream order: each example goes to
+    the first row it fits (tokens, pair slots, masked-token slots); the first example that fits
+    no row ends the batch. Returns (batch, n_packed): the first n_packed examples are in it.
+
+    Every shape depends only on (rows, budget, max_pairs_per_row, max_predictions_per_row), so a
+    training step on packed batches can be captured in a CUDA graph. The batch (for
+    BertForPreTraining.forward_packed):
+      input_ids, token_type_ids, position_ids, labels   (rows, budget); position ids restart at
+          every pair; a row's tail after its pairs is filler (pad id, labels -100)
+      cu_seqlens        int32 (rows * (max_pairs_per_row + 1) + 1,) over the flat tokens: per row,
+                        its pairs, zero-length spare slots, then the filler as one sequence
+      next_sentence_label  (rows * (max_pairs_per_row + 1),): the pair's label, -100 elsewhere
+      masked_positions, masked_labels  (rows * max_predictions_per_row,): flat token index and
+                        label of every masked token (padding entries: position 0, label -100)
+    """
+    if not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be a positive int, got {rows!r}")
+    if not isinstance(budget, int) or budget < 2:
+        raise ValueError(f"budget (tokens per row) must be an int >= 2, got {budget!r}")
+    pairs = max_pairs_per_row if max_pairs_per_row is not None else default_pairs_per_row(budget)
+    if not isinstance(pairs, int) or pairs < 1:
+        raise ValueError(f"max_pairs_per_row must be a positive int, got {pairs!r}")
+    preds = max_predictions_per_row
+    if preds is None:  # the masker takes round(p * n) >= 1 per pair: p * budget + one per pair bounds it
+        preds = int(-(-mlm_probability * budget // 1)) + pairs
+    if not isinstance(preds, int) or preds < 1:
+        raise ValueError(f"max_predictions_per_row must be a positive int, got {preds!r}")
+    if not examples:
+        raise ValueError("examples must not be empty")
+    fill = [0] * rows  # tokens, pairs and masked tokens placed in each row
+    count = [0] * rows
+    npred = [0] * rows
+    placed: List[List[int]] = [[] for _ in range(rows)]
+    n_packed = 0
+    for i, ex in enumerate(examples):
+        n, m = len(ex["input_ids"]), int((ex["labels"] != IGNORE_INDEX).sum())
+        if n > budget or m > preds:
+            raise ValueError(f"example {i} has {n} tokens and {m} masked tokens; a row holds budget={budget} "
+                             f"tokens and max_predictions_per_row={preds} masked tokens")
+        row = next((r for r in range(rows) if fill[r] + n <= budget and count[r] < pairs and npred[r] + m <= preds),
+                   None)
+        if row is None:
+            break
+        fill[row] += n
+        count[row] += 1
+        npred[row] += m
+        placed[row].append(i)
+        n_packed += 1
+    slots = pairs + 1
+    ids = torch.full((rows, budget), pad_token_id, dtype=torch.long)
+    tt = torch.zeros((rows, budget), dtype=torch.long)
+    pos = torch.zeros((rows, budget), dtype=torch.long)
+    labels = torch.full((rows, budget), IGNORE_INDEX, dtype=torch.long)
+    lens = torch.zeros(rows * slots, dtype=torch.int32)
+    nsp = torch.full((rows * slots,), IGNORE_INDEX, dtype=torch.long)
+    mpos = torch.zeros(rows * preds, dtype=torch.long)
+    mlab = torch.full((rows * preds,), IGNORE_INDEX, dtype=torch.long)
+    for r in range(rows):
+        at, m_at = 0, r * preds
+        for k, i in enumerate(placed[r]):
+            ex = examples[i]
+            n = len(ex["input_ids"])
+            ids[r, at:at + n] = ex["input_ids"]
+            tt[r, at:at + n] = ex["token_type_ids"]
+            pos[r, at:at + n] = torch.arange(n)
+            labels[r, at:at + n] = ex["labels"]
+            lens[r * slots + k] = n
+            if "next_sentence_label" in ex:
+                nsp[r * slots + k] = int(ex["next_sentence_label"])
+            where = (ex["labels"] != IGNORE_INDEX).nonzero().squeeze(-1)
+            mpos[m_at:m_at + where.numel()] = r * budget + at + where
+            mlab[m_at:m_at + where.numel()] = ex["labels"][where]
+            m_at += where.numel()
+            at += n
+        lens[r * slots + pairs] = budget - at  # the filler: one sequence of pad tokens
+        pos[r, at:] = torch.arange(budget - at)
+    cu = torch.zeros(rows * slots + 1, dtype=torch.int32)
+    torch.cumsum(lens, 0, out=cu[1:])
+    batch = {"input_ids": ids, "token_type_ids": tt, "position_ids": pos, "labels": labels, "cu_seqlens": cu,
+             "next_sentence_label": nsp, "masked_positions": mpos, "masked_labels": mlab}
+    return batch, n_packed
+
+
+def packed_batch_iterator(stream, rows: int, budget: Optional[int] = None, start: int = 0,
+                          max_pairs_per_row: Optional[int] = None, max_predictions_per_row: Optional[int] = None):
+    """Packed batches (see pack_pretraining) from a PretrainingStream, beginning at example
+    `start`; yields (batch, n_examples). Each batch holds the next examples of the stream in
+    order, so a position in examples resumes it exactly. budget defaults to the stream's
+    max_seq_len (every pair fits a row)."""
+    budget = budget if budget is not None else stream.max_seq_len
+    if budget < stream.max_seq_len:
+        raise ValueError(f"budget must be >= the stream's max_seq_len ({stream.max_seq_len}) so every pair fits "
+                         f"a row, got {budget}")
+    pad = stream.tokenizer.pad_token_id
+    p = stream.masker.mlm_probability
+    pending: List[Dict[str, torch.Tensor]] = []
+    examples = stream.iter_from(start)
+    # at most rows * pairs examples fit one batch: read that many ahead
+    pairs = max_pairs_per_row if max_pairs_per_row is not None else default_pairs_per_row(budget)
+    while True:
+        while len(pending) < rows * pairs:
+            ex = next(examples, None)
+            if ex is None:
+                break
+            pending.append(ex)
+        if not pending:
+            return
+        batch, n = pack_pretraining(pending, rows, budget, max_pairs_per_row, max_predictions_per_row, pad, p)
+        pending = pending[n:]
+        yield batch, n

@@ -467,19 +467,7 @@ class BertModel(BertPreTrainedModel):
                                      position_ids.reshape(-1)[idx], checked)
         else:
             hidden = self.embeddings(input_ids, token_type_ids, position_ids, checked).reshape(B * S, -1)
-        all_hidden = [hidden] if output_hidden_states else None
-        # CPU inference: GEMM outputs go to buffers reused across layers and calls (not when every
-        # layer's output is returned)
-        ws = None
-        if hidden.device.type == "cpu" and not torch.is_grad_enabled() and all_hidden is None:
-            need = hidden.shape[0] * (5 * cfg.hidden_size + cfg.intermediate_size) * hidden.element_size()
-            if need <= _workspace_limit():  # an occasional huge batch is not kept for the process' life
-                ws = _workspace(self)
-        n = len(self.encoder.layer)
-        for i, layer in enumerate(self.encoder.layer):
-            hidden = layer(hidden, layout, (B, S), key_mask, ws, last=i == n - 1)
-            if all_hidden is not None:
-                all_hidden.append(hidden)
+        hidden, all_hidden = self._layers(hidden, layout, (B, S), key_mask, output_hidden_states)
 
         def padded(rows):
             if layout is not None:
@@ -495,11 +483,7 @@ class BertModel(BertPreTrainedModel):
         elif layout is None:
             first = last[:, 0]  # no padding: HF's pooler input, position 0
         else:  # the first valid token of each row ([CLS] also under left padding); zeros for empty rows
-            first = hidden.new_zeros(B, hidden.shape[-1])
-            nonempty = layout.cu_seqlens[1:] > layout.cu_seqlens[:-1]
-            starts = layout.cu_seqlens[:-1].long().clamp(max=max(hidden.shape[0] - 1, 0))
-            if hidden.shape[0]:
-                first = torch.where(nonempty.unsqueeze(-1), hidden.index_select(0, starts), first)
+            first = first_tokens(hidden, layout.cu_seqlens)
         out = BertModelOutput(
             last_hidden_state=last,
             pooler_output=self.pooler(first) if self.pooler is not None else None,
@@ -508,6 +492,109 @@ class BertModel(BertPreTrainedModel):
             layout=layout if return_packed else None,
         )
         return out if return_dict else out.to_tuple()
+
+    def _layers(self, hidden, layout: Optional[PackedLayout], shape, key_mask, output_hidden_states: bool):
+        """The encoder layers over (tokens, hidden) rows -> (last rows, every layer's rows or None)."""
+        cfg = self.config
+        all_hidden = [hidden] if output_hidden_states else None
+        # CPU inference: GEMM outputs go to buffers reused across layers and calls (not when every
+        # layer's output is returned)
+        ws = None
+        if hidden.device.type == "cpu" and not torch.is_grad_enabled() and all_hidden is None:
+            need = hidden.shape[0] * (5 * cfg.hidden_size + cfg.intermediate_size) * hidden.element_size()
+            if need <= _workspace_limit():  # an occasional huge batch is not kept for the process' life
+                ws = _workspace(self)
+        n = len(self.encoder.layer)
+        for i, layer in enumerate(self.encoder.layer):
+            hidden = layer(hidden, layout, shape, key_mask, ws, last=i == n - 1)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+        return hidden, all_hidden
+
+    def forward_packed(self, input_ids, cu_seqlens, max_seqlen: int, token_type_ids=None, position_ids=None,
+                       output_hidden_states: bool = False, pool: bool = True) -> BertModelOutput:
+        """Sequences already packed: input_ids (total,) holds them one after the other, int32
+        cu_seqlens (n + 1,) marks where each starts (zero-length sequences allowed), max_seqlen is
+        any host int >= the longest one (a fixed bound is fine: the attention kernels' grids follow
+        it, their results do not). position_ids default to 0, 1, ... restarting at every sequence.
+
+        Returns BertModelOutput(last_hidden_state (total, hidden) packed rows, pooler_output (n, hidden)
+        from each sequence's first token (zeros for empty ones), hidden_states packed too). Nothing
+        depends on host values of the inputs, so a CUDA graph can capture it; eager calls check the
+        ids and the offsets with one read-back. pool=False skips the pooler."""
+        ids, cu = _check_packed(self.config, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids)
+        total, n = ids.shape[0], cu.shape[0] - 1
+        if position_ids is None:
+            position_ids = packed_positions(cu, total)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(ids)
+        # the packed tokens are one row of `total`: indices are their flat positions in it
+        layout = PackedLayout(torch.arange(total, device=ids.device), cu, int(max_seqlen), n, total)
+        hidden = self.embeddings(ids, token_type_ids.reshape(-1), position_ids.reshape(-1), can_sync())
+        hidden, all_hidden = self._layers(hidden, layout, (1, total), None, output_hidden_states)
+        pooled = self.pooler(first_tokens(hidden, cu)) if self.pooler is not None and pool else None
+        return BertModelOutput(last_hidden_state=hidden, pooler_output=pooled,
+                               hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+                               packed_hidden_state=hidden, layout=layout)
+
+
+def first_tokens(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(n, hidden): the first packed row of each sequence of `cu_seqlens`, zeros for empty ones
+    (no host read: a graph can capture it)."""
+    n = cu_seqlens.shape[0] - 1
+    first = hidden.new_zeros(n, hidden.shape[-1])
+    if not hidden.shape[0]:
+        return first
+    nonempty = cu_seqlens[1:] > cu_seqlens[:-1]
+    starts = cu_seqlens[:-1].long().clamp(max=hidden.shape[0] - 1)
+    return torch.where(nonempty.unsqueeze(-1), hidden.index_select(0, starts), first)
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 (total,) position ids 0, 1, ... restarting at every sequence of `cu_seqlens`."""
+    t = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True)  # the sequence each token is in
+    return t - cu_seqlens.long().clamp(max=total).index_select(0, seq.clamp(max=cu_seqlens.shape[0] - 2))
+
+
+def _check_packed(config: BertConfig, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids):
+    """forward_packed's argument checks; the value checks (id ranges, offsets) in one read-back."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be an int64 or int32 tensor of packed token ids, got "
+                        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+    ids = input_ids.reshape(-1)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+            or cu_seqlens.numel() < 2:
+        raise TypeError(f"cu_seqlens must be an int32 tensor of shape (sequences + 1,), got "
+                        f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+                        f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if cu_seqlens.device != ids.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids is on {ids.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 1 <= max_seqlen:
+        raise ValueError(f"max_seqlen must be a positive int (a bound on the longest sequence), got {max_seqlen!r}")
+    if ids.numel() == 0:
+        raise ValueError("input_ids must hold at least one packed token, got none")
+    for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.numel() != ids.numel() or t.device != ids.device:
+            raise ValueError(f"{name} must hold one id per packed token ({ids.numel()}) on {ids.device}, "
+                             f"got shape {tuple(t.shape)} on {t.device}")
+    if can_sync():
+        _read_back(config, ids, None, token_type_ids, position_ids)
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        first, last, shortest, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1], lens.min(), lens.max()]).tolist()
+        if first != 0 or last != ids.numel() or shortest < 0:
+            raise ValueError(f"cu_seqlens must rise from 0 to the number of packed tokens ({ids.numel()}), "
+                             f"got {first} .. {last}" + (" with a decreasing step" if shortest < 0 else ""))
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen ({max_seqlen}) is shorter than the longest sequence ({longest})")
+        if longest > config.max_position_embeddings and position_ids is None:
+            raise ValueError(f"a sequence of {longest} tokens is longer than max_position_embeddings "
+                             f"({config.max_position_embeddings})")
+    return ids, cu_seqlens.contiguous()
 
 
 # --------------------------------------------------------------------------------------
@@ -601,6 +688,34 @@ class BertForPreTraining(BertPreTrainedModel):
         if labels is not None and next_sentence_label is not None:
             loss = (F.cross_entropy(logits.reshape(-1, self.config.vocab_size).float(), lab.reshape(-1))
                     + F.cross_entropy(nsp.reshape(-1, 2).float(), next_sentence_label.reshape(-1)))
+        return BertForPreTrainingOutput(loss, logits, nsp, out.hidden_states)
+
+    def forward_packed(self, input_ids, cu_seqlens, max_seqlen: int, token_type_ids=None, position_ids=None,
+                       masked_positions=None, masked_labels=None, labels=None, next_sentence_label=None):
+        """Packed pre-training (several NSP pairs per row of a fixed token budget): input_ids
+        (total,) or (rows, budget) flattened, int32 cu_seqlens over the flat tokens with one
+        sequence per pair (filler and zero-length sequences allowed), position_ids restarting per
+        pair (the default). NSP logits are read at each sequence's first token ([CLS]):
+        seq_relationship_logits (n, 2), next_sentence_label (n,) with -100 for sequences that are
+        not pairs. MLM: either masked_positions (m,) flat token indices with masked_labels (m,)
+        (-100 on padding entries: a fixed m keeps every shape static, for CUDA graphs), or labels
+        with one entry per token (-100 where not masked; every position is projected).
+        loss = mean MLM cross entropy over the labelled tokens + mean NSP cross entropy over the
+        labelled sequences: the loss of the same pairs run unpacked."""
+        ids = input_ids.reshape(-1)
+        out = self.bert.forward_packed(ids, cu_seqlens, max_seqlen, token_type_ids, position_ids)
+        hidden = out.last_hidden_state
+        if masked_positions is not None:
+            if masked_labels is None or masked_labels.shape != masked_positions.shape:
+                raise ValueError("masked_labels must be given with masked_positions, one label per position")
+            logits, lab = self.cls.predictions(hidden.index_select(0, masked_positions.reshape(-1))), masked_labels
+        else:
+            logits, lab = self.cls.predictions(hidden), labels
+        nsp = self.cls.seq_relationship(out.pooler_output)
+        loss = None
+        if lab is not None and next_sentence_label is not None:
+            loss = (F.cross_entropy(logits.float(), lab.reshape(-1))
+                    + F.cross_entropy(nsp.float(), next_sentence_label.reshape(-1)))
         return BertForPreTrainingOutput(loss, logits, nsp, out.hidden_states)
 
 
