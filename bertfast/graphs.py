@@ -27,6 +27,7 @@ of a packed pre-training batch (bertfast.data.pack_pretraining: every shape fixe
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -57,13 +58,14 @@ class GraphedEncoder:
     sequence slots (rows per batch); buckets: the token ladder (default: 64, 128, ... max_tokens);
     capture: record CUDA graphs (default: on CUDA devices); pad_chunk: the length of the dummy
     sequences that fill a bucket; pooler=False leaves pooler_output None (embeddings do not
-    need it: two launches fewer per call). Graphs are captured at construction (smallest bucket first)
-    into one shared memory pool; `memory_bytes` is what they and the static buffers hold.
-    The model must stay in eval mode with unchanged parameters while served (the graphs read the
-    parameters in place, so in-place updates are seen; replaced tensors are not)."""
+    need it: two launches fewer per call); lazy=True captures a bucket on its first batch
+    instead of every bucket at construction (smallest first). All graphs share one memory pool;
+    `memory_bytes` is what they and the static buffers hold, `report()` says which buckets ran.
+    The graphs use the parameters as they were at capture (the fused QKV weight is a copy made
+    then): after changing the model, release() and build a new GraphedEncoder."""
 
     def __init__(self, model, max_tokens: int = 4096, max_seqs: int = 64, buckets: Optional[Sequence[int]] = None,
-                 capture: Optional[bool] = None, pad_chunk: int = 64, pooler: bool = True):
+                 capture: Optional[bool] = None, pad_chunk: int = 64, pooler: bool = True, lazy: bool = False):
         model = getattr(model, "bert", model)
         if not hasattr(model, "forward_packed"):
             raise TypeError(f"model must be a bertfast BertModel (or a head with .bert), got {type(model).__name__}")
@@ -74,7 +76,8 @@ class GraphedEncoder:
             raise ValueError(f"buckets must be positive ints, got {buckets!r}")
         if not isinstance(pad_chunk, int) or pad_chunk < 1:
             raise ValueError(f"pad_chunk must be a positive int, got {pad_chunk!r}")
-        self.model = model.eval()
+        # the model, held strongly unless cached_encoder keeps this object beside it (weakly)
+        self._model_ref, self._model_keep = weakref.ref(model.eval()), model
         self.pooler = bool(pooler)
         cfg = model.config
         self.config = cfg
@@ -102,8 +105,15 @@ class GraphedEncoder:
         self.replays = {b: 0 for b in ladder}
         self.fallbacks = 0
         self.memory_bytes = self._ids.numel() * 24 + self._cu.numel() * 4
-        if self.capture:
-            self._capture_all()
+        self._pool = None
+        if self.capture and not lazy:
+            with torch.inference_mode():
+                for b in ladder:  # smallest first
+                    self._capture(b)
+
+    @property
+    def model(self):
+        return self._model_ref()
 
     # -- layout
 
@@ -145,27 +155,28 @@ class GraphedEncoder:
 
     # -- capture
 
-    def _capture_all(self):
+    def _capture(self, bucket: int):
+        """Warm-up runs (kernel compilation, cuBLAS set-up: nothing of it is captured) and the
+        capture of one bucket, on an all-dummy batch, into the shared pool; adds what it holds
+        to memory_bytes."""
         dev = self.device
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(dev)
-        self._pool = torch.cuda.graph_pool_handle()
-        empty_cu = torch.zeros(1, dtype=torch.int32, device=dev)
-        with torch.inference_mode():
-            for b in self.buckets:
-                none = torch.empty(0, dtype=torch.long, device=dev)
-                self._fill(b, 0, none, none, none, empty_cu)  # an all-dummy batch: valid inputs for warm-up
-                side = torch.cuda.Stream(dev)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):  # compiles the kernels, initialises cuBLAS: nothing of it is captured
-                    for _ in range(2):
-                        self._forward(b)
-                torch.cuda.current_stream(dev).wait_stream(side)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self._pool):
-                    self._outs[b] = self._forward(b)
-                self._graphs[b] = g
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        none = torch.empty(0, dtype=torch.long, device=dev)
+        self._fill(bucket, 0, none, none, none, torch.zeros(1, dtype=torch.int32, device=dev))
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(bucket)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            self._outs[bucket] = self._forward(bucket)
+        self._graphs[bucket] = g
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()  # the warm-ups' cached blocks; the graphs' private pool stays
         self.memory_bytes += max(0, torch.cuda.memory_reserved(dev) - before)
@@ -205,6 +216,8 @@ class GraphedEncoder:
             pos = idx % S  # the column, as the eager forward's arange(S)
         else:
             pos = position_ids.expand(B, S).reshape(-1).index_select(0, idx)
+        if self.capture and bucket not in self._graphs:  # lazy: captured on first use (it fills the buffers)
+            self._capture(bucket)
         self._fill(bucket, total, input_ids.reshape(-1).index_select(0, idx), tt, pos, layout.cu_seqlens)
         if self.capture:
             self._graphs[bucket].replay()
@@ -230,6 +243,31 @@ class GraphedEncoder:
         """Buckets, slots, replays per bucket, eager fallbacks and the memory held."""
         return {"buckets": list(self.buckets), "max_seqs": self.max_seqs, "captured": bool(self._graphs),
                 "replays": dict(self.replays), "fallbacks": self.fallbacks, "memory_bytes": int(self.memory_bytes)}
+
+
+_CACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _param_signature(model) -> tuple:
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+
+
+def cached_encoder(model, max_tokens: int, max_seqs: int) -> GraphedEncoder:
+    """A lazily captured GraphedEncoder (no pooler) kept beside `model` for as long as it lives,
+    for callers such as tasks.embed that serve many batches over several calls. Rebuilt when
+    the parameters changed since (moved, cast or updated in place) or the sizes grew."""
+    model = getattr(model, "bert", model)
+    sig = _param_signature(model)
+    hit = _CACHED.get(model)
+    if hit is not None:
+        enc, old = hit
+        if old == sig and enc.max_tokens >= max_tokens and enc.max_seqs >= max_seqs:
+            return enc
+        enc.release()
+    enc = GraphedEncoder(model, max_tokens=max_tokens, max_seqs=max_seqs, pooler=False, lazy=True)
+    enc._model_keep = None  # the cache must not keep the model alive
+    _CACHED[model] = (enc, sig)
+    return enc
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,10 +234,15 @@ def fill_mask(model, tokenizer, text, top_k: int = 5) -> List[List[dict]]:
 
 @torch.no_grad()
 def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch_size: int = 32,
-          max_length: Optional[int] = None, normalize: bool = False) -> torch.Tensor:
+          max_length: Optional[int] = None, normalize: bool = False,
+          cuda_graphs: Optional[bool] = None) -> torch.Tensor:
     """(N, hidden) float32 sentence embeddings. layer indexes hidden_states (0 = embeddings,
     -1 = last layer). Texts are sorted by length into batches, so padding (which the encoder
-    drops anyway) stays small; rows come back in input order."""
+    drops anyway) stays small; rows come back in input order.
+
+    cuda_graphs: serve the batches through CUDA graphs per total-token bucket (bertfast.graphs,
+    captured on first use and kept with the model); the default on CUDA for the last layer.
+    False runs the eager forward; True on a CPU runs the same bucketing eagerly."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
@@ -255,28 +260,40 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
     lengths = [len(e.ids) for e in tokenizer.encodings(texts, truncation=True, max_length=max_length)]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     out = torch.empty(len(texts), encoder.config.hidden_size)
+    want_all = layer != -1
+    run = encoder
+    if (dev.type == "cuda" if cuda_graphs is None else cuda_graphs) and not want_all \
+            and hasattr(encoder, "forward_packed"):
+        from .graphs import cached_encoder
+
+        run = cached_encoder(encoder, max_tokens=min(batch_size * max_length, 16384), max_seqs=batch_size)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         batch = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt").to(dev)
-        want_all = layer != -1
-        res = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                      output_hidden_states=want_all)
+        if run is encoder:
+            res = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                          output_hidden_states=want_all)
+        else:
+            res = run(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         hidden = res.hidden_states[layer] if want_all else res.last_hidden_state
         out[idx] = pool(hidden.float(), batch["attention_mask"], pooling).cpu()
     return F.normalize(out, dim=-1) if normalize else out
 
 
-def search(model, tokenizer, queries, corpus, k: int = 5, pooling: str = "mean", corpus_embeddings=None):
+def search(model, tokenizer, queries, corpus, k: int = 5, pooling: str = "mean", corpus_embeddings=None,
+           cuda_graphs: Optional[bool] = None):
     """Top-k cosine search of each query over the corpus texts: (scores, indices), (n_queries, k)."""
-    q = embed(model, tokenizer, queries, pooling)
-    c = corpus_embeddings if corpus_embeddings is not None else embed(model, tokenizer, corpus, pooling)
+    q = embed(model, tokenizer, queries, pooling, cuda_graphs=cuda_graphs)
+    c = corpus_embeddings if corpus_embeddings is not None else embed(model, tokenizer, corpus, pooling,
+                                                                     cuda_graphs=cuda_graphs)
     return cosine_topk(q, c, k)
 
 
-def cluster(model, tokenizer, texts, k: int, seed: int = 0, pooling: str = "mean"):
+def cluster(model, tokenizer, texts, k: int, seed: int = 0, pooling: str = "mean",
+            cuda_graphs: Optional[bool] = None):
     """k-means cluster ids (N,) of the texts' embeddings, and the centroids."""
-    return kmeans(embed(model, tokenizer, texts, pooling), k, seed=seed)
+    return kmeans(embed(model, tokenizer, texts, pooling, cuda_graphs=cuda_graphs), k, seed=seed)
 
 
 def _id2label(model) -> Dict[int, str]:
@@ -471,6 +488,9 @@ def cli_main(cmd: str, argv: Sequence[str]) -> int:
     else:
         print(f"bertfast: tasks handles fill-mask, embed, search, cluster, not {cmd!r}", file=sys.stderr)
         return 2
+    if cmd != "fill-mask":
+        p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="run the eager forward on CUDA (default: CUDA graphs per token bucket)")
     args = p.parse_args(list(argv))
     try:
         return _run_cli(cmd, args)
@@ -494,7 +514,8 @@ def _run_cli(cmd: str, args) -> int:
             raise ValueError(f"--out must name a .npy file, got {args.out!r}")
         texts = _texts_arg(args.inputs, "embed")
         model, tok = _load("BertModel", args.model)
-        emb = embed(model, tok, texts, args.pooling, args.layer, args.batch_size, normalize=args.normalize)
+        emb = embed(model, tok, texts, args.pooling, args.layer, args.batch_size, normalize=args.normalize,
+                    cuda_graphs=None if args.cuda_graphs else False)
         import numpy as np
 
         tmp = args.out + ".tmp.npy"
@@ -507,7 +528,8 @@ def _run_cli(cmd: str, args) -> int:
             raise ValueError(f"--k must be >= 1, got {args.k}")
         model, tok = _load("BertModel", args.model)
         queries = [" ".join(args.query)]
-        scores, idx = search(model, tok, queries, corpus, args.k, args.pooling)
+        scores, idx = search(model, tok, queries, corpus, args.k, args.pooling,
+                             cuda_graphs=None if args.cuda_graphs else False)
         for rank, (s, i) in enumerate(zip(scores[0].tolist(), idx[0].tolist()), 1):
             print(json.dumps({"rank": rank, "score": round(s, 6), "line": i + 1, "text": corpus[i]}))
     elif cmd == "cluster":
@@ -515,7 +537,8 @@ def _run_cli(cmd: str, args) -> int:
         if not 1 <= args.k <= len(texts):
             raise ValueError(f"--k must be in [1, {len(texts)}] (the number of lines), got {args.k}")
         model, tok = _load("BertModel", args.model)
-        labels, _ = cluster(model, tok, texts, args.k, args.seed, args.pooling)
+        labels, _ = cluster(model, tok, texts, args.k, args.seed, args.pooling,
+                            cuda_graphs=None if args.cuda_graphs else False)
         for i, (lab, t) in enumerate(zip(labels.tolist(), texts), 1):
             print(json.dumps({"line": i, "cluster": lab, "text": t}))
     return 0

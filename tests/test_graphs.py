@@ -56,8 +56,8 @@ def test_token_buckets():
 
 def test_graphed_encoder_matches_eager_forward_cpu():
     """The bucketed path (packing, empty slots, dummy sequences, copy-out) gives the eager
-    forward's rows and pooler output bit for bit, for every bucket, ragged and full batches,
-    empty rows and a batch exactly at a bucket."""
+    forward's rows and pooler output, for every bucket, ragged and full batches, empty rows and
+    a batch exactly at a bucket."""
     model = _model().eval()
     enc = GraphedEncoder(model, max_tokens=128, max_seqs=4, buckets=[16, 32, 64, 128], pad_chunk=8)
     assert not enc.capture
@@ -66,8 +66,11 @@ def test_graphed_encoder_matches_eager_forward_cpu():
         with torch.no_grad():
             ref = model(ids, mask, tt)
         got = enc(ids, mask, tt)
-        assert torch.equal(got.last_hidden_state, ref.last_hidden_state), (lens, S)
-        assert torch.equal(got.pooler_output, ref.pooler_output), (lens, S)
+        # the same kernels on the same rows; only the GEMM library's choice of kernel for another
+        # row count may round differently (the tiny model here is bit for bit on MKL)
+        torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-6)
+        assert (got.last_hidden_state[mask == 0] == 0).all()
     assert all(n > 0 for n in enc.replays.values())  # every bucket served
     assert enc.fallbacks == 0
     # position ids given by the caller are gathered like the eager forward's
