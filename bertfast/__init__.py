@@ -28,6 +28,7 @@ _LAZY = {
     "BertForTokenClassification": "bertfast.models",
     "BertForQuestionAnswering": "bertfast.models",
     "from_hf": "bertfast.models",
+    "accelerate": "bertfast.hf_accelerate",
     "Tokenizer": "bertfast.tokenizer",
     "use_backend": "bertfast.backend",
     "info": "bertfast._info",
