@@ -6,9 +6,9 @@ bertfast/_cpp.py); set BERTFAST_BUILD_EXT=1 at install time to prebuild it inste
 """
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-packages = ["bertfast", "bertfast.ops", "bertfast.models", "bertfast.kernels", "bertfast.csrc"]
+packages = find_packages(include=["bertfast", "bertfast.*"]) + ["bertfast.kernels", "bertfast.csrc"]
 # kernels/ -> bertfast.kernels; csrc/ -> bertfast.csrc (data only: the C++ sources the JIT
 # build compiles after a non-editable install).
 package_dir = {"bertfast.kernels": "kernels", "bertfast.csrc": "csrc"}

@@ -1,5 +1,5 @@
 """Thin wrapper: `python benchmarks/bench_attention.py [bertfast bench flags]` runs the attention suite of
-`bertfast bench` (bertfast/bench.py holds the one harness; see its --help)."""
+`bertfast bench` (bertfast/bench/ holds the one harness; see its --help)."""
 import os
 import sys
 

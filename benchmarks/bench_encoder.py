@@ -1,5 +1,5 @@
 """Thin wrapper: `python benchmarks/bench_encoder.py [bertfast bench flags]` runs the encoder suite of
-`bertfast bench` (bertfast/bench.py holds the one harness; see its --help)."""
+`bertfast bench` (bertfast/bench/ holds the one harness; see its --help)."""
 import os
 import sys
 

@@ -5,7 +5,7 @@ against eager `_ref` and torch.compile(`_ref`), measured side by side in one pro
                                        [--dtypes float32,bfloat16] [--tokens 8192] [--no-compile]
 
 Prints one line per (op, dtype, hidden): milliseconds and the ratios ref/cpp and compiled/cpp
-(> 1 means the C++ kernel is faster). The full benchmark suite lives in bertfast/bench.py.
+(> 1 means the C++ kernel is faster). The full benchmark suite lives in bertfast/bench/.
 """
 from __future__ import annotations
 

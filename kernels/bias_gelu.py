@@ -5,7 +5,7 @@ loaded once per tile), math in fp32, one cast on store. The backward writes dx a
 dbias in two stages: a fixed number G of programs per column tile stride over row tiles with
 an fp32 register accumulator, write one (G, N) partial row each, and a sum finishes it.
 
-The GELU helpers (`gelu`, `gelu_grad`) are also used by kernels/gelu_layernorm.py.
+The GELU math itself (`gelu`, `gelu_grad`) is kernels/_gelu.py, shared with gelu_layernorm.
 """
 from __future__ import annotations
 
@@ -15,37 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .bias_residual_layernorm import aot_spec, num_programs
+from ._gelu import gelu, gelu_grad
+from ._launch_params import aot_spec, num_programs
 
 TILE = 4096  # elements per program: 16 per thread at 8 warps (two 16-byte vectors of bf16)
-
-
-@triton.jit
-def _tanh(u):
-    # tanh(u) = 1 - 2 / (exp(2u) + 1): saturates cleanly at +-1 (exp -> inf or 0) and needs no
-    # libdevice call, so it runs the same in the interpreter and on every Triton version.
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-
-
-@triton.jit
-def gelu(h, TANH: tl.constexpr):
-    """GELU of fp32 h, as torch.nn.functional.gelu(approximate='tanh' if TANH else 'none').
-    Constants: 1/sqrt(2) = 0.70710678..., sqrt(2/pi) = 0.79788456..., 1/sqrt(2*pi) = 0.39894228..."""
-    if TANH:
-        return 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
-    else:
-        return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-
-
-@triton.jit
-def gelu_grad(h, TANH: tl.constexpr):
-    """d GELU(h) / dh for fp32 h (bertfast.ops._common.gelu_grad)."""
-    if TANH:
-        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
-        return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
 
 
 @triton.jit

@@ -12,158 +12,19 @@ program writes one row of a (G, N) fp32 partial buffer, and a sum over G finishe
 reduction: two stages, no contended atomics, deterministic. Recomputing h costs one more
 read of x and residual but saves the forward a write of h and the backward a read of it.
 
-This file also holds the launch-parameter helpers the other LayerNorm-family kernels reuse
-(embedding_layernorm, gelu_layernorm): one place decides BLOCK_N / ROWS / num_warps.
+The row tiling and `layernorm_rows` come from kernels/_layernorm.py (shared by the LayerNorm
+family), grid sizing and AOT entries from kernels/_launch_params.py.
 """
 from __future__ import annotations
 
-import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch_params import aot_spec, dropout_args, num_programs
+from ._layernorm import all_block_ns, bwd_config, fwd_config, layernorm_rows
 from ._rng import dropout_keep
-
-MAX_N = 8192
-# The smallest BLOCK_N: tiny hidden sizes only need to be correct, and a floor keeps the
-# number of compiled configurations (and the AOT table) small.
-MIN_BLOCK_N = 64
-# Target elements per program tile: small rows are packed several to a program so each
-# program still moves ~8-16 KB (and weight/bias loads are amortised over ROWS rows).
-TILE = 4096
-MAX_ROWS = 16
-BWD_TILE = 1024
-
-
-# ---------------------------------------------------------------------------------------
-# launch-parameter helpers (shared by the LayerNorm-family kernels)
-
-def block_n(n: int) -> int:
-    if not 1 <= n <= MAX_N:
-        raise ValueError(f"hidden size (last dimension) must be in [1, {MAX_N}] for the Triton kernels, got {n}")
-    return max(MIN_BLOCK_N, triton.next_power_of_2(n))
-
-
-@functools.lru_cache(maxsize=None)
-def fwd_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) of a forward row kernel: 16 elements per thread, so a
-    16-byte vector of fp16/bf16 per load and no spills up to 8192 columns."""
-    bn = block_n(n)
-    rows = max(1, min(MAX_ROWS, TILE // bn))
-    warps = max(4, min(16, rows * bn // 512))
-    return bn, rows, warps
-
-
-@functools.lru_cache(maxsize=None)
-def bwd_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) of a backward row kernel. It holds more live tensors than the
-    forward (dy, h, xhat, three fp32 gradient accumulators), so its tiles are smaller: 8 elements
-    per thread and BWD_TILE elements per iteration, which keeps programs small so many are
-    resident per SM and their load phases overlap; 16 elements per thread at 8192 columns
-    (16 warps: a 512-thread program may use 128 registers per thread; 32 warps would cap it at
-    64 and spill)."""
-    bn = block_n(n)
-    rows = max(1, min(MAX_ROWS, BWD_TILE // bn))
-    warps = max(4, min(16, rows * bn // 256))
-    return bn, rows, warps
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-_per_sm_cache: dict = {}
-
-
-def _programs_per_sm(kernel, args, constexprs: dict, num_warps: int, device: torch.device) -> int:
-    """How many programs of this kernel fit on one SM at once, from its real register count
-    (the fused-softmax tutorial's technique: compile without launching, read n_regs)."""
-    key = (kernel.__name__ if hasattr(kernel, "__name__") else id(kernel), tuple(sorted(constexprs.items())),
-           tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args), num_warps, device.index)
-    per_sm = _per_sm_cache.get(key)
-    if per_sm is None:
-        threads = 32 * num_warps
-        per_sm = max(1, 32 // num_warps)  # if the compiled kernel cannot be inspected
-        try:
-            compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **constexprs)
-            compiled._init_handles()
-            props = torch.cuda.get_device_properties(device)
-            regs = max(int(compiled.n_regs), 1) * threads
-            regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
-            threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
-            per_sm = max(1, min(regs_per_sm // regs, threads_per_sm // threads, 32))
-        except Exception:  # noqa: BLE001 - an estimate only; the heuristic above is safe
-            pass
-        _per_sm_cache[key] = per_sm
-    return per_sm
-
-
-def num_programs(device: torch.device, n_tiles: int, num_warps: int, kernel=None, args=(), constexprs=None) -> int:
-    """Grid size of a persistent backward kernel: exactly as many programs as can be resident
-    at once (one wave, no tail), never more than there are row tiles. `kernel`, `args` and
-    `constexprs` (any partial buffers may be placeholders) let it read the compiled register count."""
-    if device.type != "cuda":  # the interpreter: a few programs, so the partial-sum path is exercised
-        return max(1, min(4, n_tiles))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if kernel is not None:
-        per_sm = _programs_per_sm(kernel, args, constexprs or {}, num_warps, torch.device("cuda", index))
-    else:
-        per_sm = max(1, 32 // num_warps)
-    return max(1, min(_sm_count(index) * per_sm, n_tiles))
-
-
-def dropout_args(p: float):
-    """(threshold, scale) for a launch: threshold = ceil(p * 2**24) exactly as
-    bertfast/ops/_rng.dropout_threshold (kernels do not import ops; the tests compare the masks
-    bit for bit), scale = 1/(1-p), rounded to fp32 by the launch like the reference's."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
-    if p == 0.0:
-        return 0, 1.0
-    return int(math.ceil(p * 16777216.0)), 1.0 / (1.0 - p)
-
-
-def tl_type(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-            torch.int32: "i32", torch.int64: "i64"}[dtype]
-
-
-DIV16 = [["tt.divisibility", 16]]
-
-
-def aot_spec(fn, signature: dict, constexprs: dict, num_warps: int, config: str, div16=()) -> dict:
-    """One AOT entry: enough for triton.compile(ASTSource(fn, signature, constexprs, attrs),
-    target=GPUTarget('cuda', cc, 32), options={'num_warps': num_warps}). `div16` names the
-    arguments the JIT would see as 16-divisible (pointers from the caching allocator, hidden
-    sizes that are multiples of 16): without it the AOT build would not vectorise loads and
-    the register counts would not be those of the real launches."""
-    sig = dict(signature)
-    for k in constexprs:
-        sig[k] = "constexpr"
-    names = fn.arg_names
-    attrs = {(names.index(a),): DIV16 for a in div16}
-    return {"kernel": fn.__name__, "fn": fn, "signature": sig, "constexprs": dict(constexprs),
-            "attrs": attrs, "num_warps": num_warps, "config": config}
-
-
-# ---------------------------------------------------------------------------------------
-# kernels
-
-@triton.jit
-def layernorm_rows(h, mask, cols, cmask, W, LB, N, eps):
-    """LayerNorm of a (ROWS, BLOCK_N) fp32 tile whose masked lanes hold 0: (y, mean, rstd),
-    statistics in fp32 (shared by every forward kernel of the family)."""
-    mean = tl.sum(h, axis=1) / N
-    d = tl.where(mask, h - mean[:, None], 0.0)
-    var = tl.sum(d * d, axis=1) / N
-    rstd = tl.math.rsqrt(var + eps)
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    lb = tl.load(LB + cols, mask=cmask, other=0.0).to(tl.float32)
-    return d * rstd[:, None] * w[None, :] + lb[None, :], mean, rstd
-
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _brln_fwd_kernel(X, B, R, W, LB, Y, Mean, Rstd, M, N, eps, seed, threshold, scale,
@@ -302,14 +163,6 @@ def bias_residual_layernorm_bwd(dout, x, bias, residual, weight, ln_bias, mean, 
 
 # ---------------------------------------------------------------------------------------
 # ahead-of-time compile list
-
-def all_block_ns():
-    bn, out = MIN_BLOCK_N, []
-    while bn <= MAX_N:
-        out.append(bn)
-        bn *= 2
-    return out
-
 
 def aot_specs(full: bool = False) -> list:
     """Every (kernel, BLOCK_N/ROWS/num_warps) the launchers can choose, in bf16 with bias and

@@ -26,15 +26,8 @@ import triton
 import triton.language as tl
 
 from ._rng import dropout_keep
-from .bias_residual_layernorm import (
-    all_block_ns,
-    aot_spec,
-    layernorm_rows,
-    bwd_config,
-    dropout_args,
-    fwd_config,
-    num_programs,
-)
+from ._launch_params import aot_spec, dropout_args, num_programs
+from ._layernorm import all_block_ns, bwd_config, fwd_config, layernorm_rows
 
 MAX_TYPE_ROWS_IN_REGISTERS = 2
 

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .bias_gelu import gelu, gelu_grad
-from .bias_residual_layernorm import all_block_ns, aot_spec, bwd_config, fwd_config, layernorm_rows, num_programs
+from ._gelu import gelu, gelu_grad
+from ._launch_params import aot_spec, num_programs
+from ._layernorm import all_block_ns, bwd_config, fwd_config, layernorm_rows
 
 
 @triton.jit

@@ -8,6 +8,11 @@ import pytest
 import torch
 
 from bertfast import bench
+from bertfast.bench import attention as attention_suite
+from bertfast.bench import cli as bench_cli
+from bertfast.bench import encoder as encoder_suite
+from bertfast.bench import ops as ops_suite
+from bertfast.bench import timing
 
 
 @pytest.fixture(scope="module")
@@ -73,34 +78,32 @@ def test_bench_memory_bound_figures(tiny_run):
 
 
 def test_op_bytes_counts_forward_and_backward():
-    f = bench.op_bytes("bias_gelu", 1024, 768, torch.bfloat16, backward=False)
-    fb = bench.op_bytes("bias_gelu", 1024, 768, torch.bfloat16, backward=True)
+    f = ops_suite.op_bytes("bias_gelu", 1024, 768, torch.bfloat16, backward=False)
+    fb = ops_suite.op_bytes("bias_gelu", 1024, 768, torch.bfloat16, backward=True)
     assert f == pytest.approx(2 * 1024 * 768 * 2 + 768 * 2)
     assert fb > 2 * f
 
 
 def test_rotation_exceeds_cache():
     dev = torch.device("cpu")
-    assert bench.n_input_sets(1 << 40, dev) == 2
-    assert 2 <= bench.n_input_sets(1 << 20, dev) <= 8
+    assert timing.n_input_sets(1 << 40, dev) == 2
+    assert 2 <= timing.n_input_sets(1 << 20, dev) <= 8
 
 
 def test_varlen_lengths_fill():
-    lens = bench.varlen_lengths(256, 512)
+    lens = attention_suite.varlen_lengths(256, 512)
     fill = sum(lens) / (256 * 512)
     assert 0.5 < fill < 0.7 and max(lens) == 512 and min(lens) >= 1
 
 
 def test_encoder_shapes_option():
     """--shapes picks the fixed-length encoder batches; a malformed shape is a clear error."""
-    from bertfast import bench
-
     args = bench.build_parser().parse_args(["--suite", "encoder", "--shapes", "3x17,1x128"])
-    fixed = [bench._parse_shape(x) for x in bench._parse_list(args.shapes)]
+    fixed = [bench_cli.parse_shape(x) for x in bench_cli.parse_list(args.shapes)]
     assert fixed == [(3, 17), (1, 128)]
-    cases = bench.encoder_cases(torch.device("cpu"), torch.float32, False, "none", models_list=("minilm",),
+    cases = encoder_suite.encoder_cases(torch.device("cpu"), torch.float32, False, "none", models_list=("minilm",),
                                 real_batches={}, fixed=fixed)
     assert [c.params["batch"] for c in cases] == [3, 1] and [c.params["seq"] for c in cases] == [17, 128]
     for bad in ("8", "8x", "0x128", "ax3"):
         with pytest.raises(SystemExit, match="BATCHxSEQ"):
-            bench._parse_shape(bad)
+            bench_cli.parse_shape(bad)

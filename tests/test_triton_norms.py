@@ -327,7 +327,7 @@ def test_dropout_backward_consistent_with_forward():
 
 
 def test_launch_configs():
-    k = _kmod("bias_residual_layernorm")
+    k = _kmod("_layernorm")
     for n in (1, 17, 384, 768, 1000, 1024, 4096, 8192):
         for bn, rows, warps in (k.fwd_config(n), k.bwd_config(n)):
             assert bn >= n and bn & (bn - 1) == 0 and rows >= 1 and 1 <= warps <= 16
@@ -337,8 +337,9 @@ def test_launch_configs():
         k.fwd_config(8193)
     from bertfast.ops._rng import dropout_threshold
 
+    lp = _kmod("_launch_params")
     for p in (0.0, 1e-9, 0.1, 0.25, 0.3, 0.5, 0.9, 0.999999):
-        assert k.dropout_args(p)[0] == (dropout_threshold(p) if p else 0)
+        assert lp.dropout_args(p)[0] == (dropout_threshold(p) if p else 0)
     bg = _kmod("bias_gelu")
     assert bg.config(768)[1] == 256 and bg.config(3072)[1] == 1024 and bg.config(4096)[1] == 1024
 
@@ -356,7 +357,7 @@ def test_aot_specs_cover_launcher_configs():
     """Every config a launcher can choose for hidden sizes 1..8192 is in aot_specs()."""
     for op in ("bias_residual_layernorm", "gelu_layernorm", "embedding_layernorm"):
         km = _kmod(op)
-        brl = _kmod("bias_residual_layernorm")
+        brl = _kmod("_layernorm")
         cfgs = {(s["kernel"], s["constexprs"]["BLOCK_N"], s["constexprs"]["ROWS"], s["num_warps"])
                 for s in km.aot_specs()}
         for n in (1, 65, 384, 768, 1000, 2048, 3000, 8192):

@@ -3,7 +3,7 @@ from .bert import (BertForMaskedLM, BertForNextSentencePrediction, BertForPreTra
                    BertForSequenceClassification, BertForTokenClassification, BertModel, BertModelOutput,
                    BertPreTrainedModel)
 from .config import PRESETS, BertConfig
-from .hub import from_hf
+from .convert import from_hf
 
 __all__ = ["BertConfig", "BertModel", "BertModelOutput", "BertPreTrainedModel", "BertForPreTraining",
            "BertForMaskedLM", "BertForNextSentencePrediction", "BertForSequenceClassification",

@@ -5,6 +5,11 @@ packed once (only they are embedded), every layer runs on (total_tokens, hidden)
 variable-length attention on cu_seqlens computed once per batch, and the outputs are padded
 back once at the end (zeros at padded positions). Without padding the same code runs on the
 (batch * seq, hidden) rows with cu_seqlens = None (padded-layout attention, no mask).
+
+Why one file of over 500 lines: the encoder and the heads that read it belong together (as in
+transformers' modeling_bert.py and FlashAttention's models/bert.py): a head's forward calls into
+the encoder's packed layout, and a reader follows it without switching files. Checkpoint I/O is
+hub.py, conversion from transformers convert.py.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from ..ops._common import can_sync
 from ..ops.embedding_layernorm import _embedding_layernorm, id_range_error
 from ..padding import PackedLayout, pad_input, unpad_mask
 from .config import FUSED_ACTS, BertConfig
+from .hub import load_pretrained, save_pretrained
 
 _ACTS = {"relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh, "gelu": F.gelu}
 
@@ -331,13 +337,9 @@ class BertPreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str, config: Optional[BertConfig] = None, **kwargs):
-        from .hub import load_pretrained
-
         return load_pretrained(cls, folder, config=config, **kwargs)
 
     def save_pretrained(self, folder: str) -> None:
-        from .hub import save_pretrained
-
         save_pretrained(self, folder)
 
     @property

@@ -1,0 +1,229 @@
+"""Results out: the console table, the markdown report, the PNG plots and the JSON file."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import List
+
+
+from . import suites
+from .common import COPY, SUBJECT, reason
+
+
+
+def fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def summary_rows(results: List[dict]):
+    """(suite, case, bertfast ms, backend, figure, speedups...) per case, for the table and the markdown."""
+    rows = []
+    for r in results:
+        s = r["variants"].get(SUBJECT, {})
+        if s.get("status") == "ok":
+            ms = f"{s['median_ms']:.3g} ± {s['iqr_ms'] / 2:.2g}"
+            if "frac_copy_bw_interleaved" in s:
+                fig = f"{s['gbps']:.3g} GB/s ({100 * s['frac_copy_bw_interleaved']:.0f}% copy)"
+            elif "frac_copy_bw" in s:
+                fig = f"{s['gbps']:.3g} GB/s ({100 * s['frac_copy_bw']:.0f}% copy)"
+            elif r["suite"] == "encoder" and "tokens_per_s" in s:
+                fig = f"{s['tokens_per_s']:.4g} tok/s"
+                if "frac_matmul" in s:
+                    fig += f" ({100 * s['frac_matmul']:.0f}% mm)"
+            elif "frac_matmul" in s:
+                fig = f"{s['tflops']:.3g} TFLOP/s ({100 * s['frac_matmul']:.0f}% mm)"
+            elif "tokens_per_s" in s:
+                fig = f"{s['tokens_per_s']:.4g} tok/s"
+            else:
+                fig = ""
+            if s.get("fill") is not None:
+                fig += f" fill {s['fill']:.2f}"
+            if "peak_memory_mb" in s:
+                fig += f" peak {s['peak_memory_mb']:.0f} MB"
+        else:
+            ms, fig = s.get("status", "?"), s.get("reason", "")[:60]
+        backend = s.get("backend", "")
+        if isinstance(backend, dict):
+            backend = ",".join(sorted({str(v).split(" ")[0] for v in backend.values()}))
+        backend = str(backend).split(" ")[0]
+        sp = {k: v for k, v in r.get("speedup", {}).items()}
+        g = r["variants"].get(SUBJECT + "_graph", {})
+        if suites.graphed(r["suite"]) and g.get("status") == "ok":
+            bw = g.get("frac_copy_bw")
+            fig += (f" | graphs: {g['median_ms']:.4g} ms" + (f" {100 * bw:.0f}% bw" if bw is not None else "")
+                    + (f" {g['tflops']:.3g} TFLOP/s" if "tflops" in g else "")
+                    + "".join(f" {k}={v:.2f}x" for k, v in r.get("speedup_graph", {}).items()))
+        rows.append((r["suite"], r["name"], ms, backend, fig, sp))
+    return rows
+
+
+def print_table(results: List[dict], file=sys.stdout):
+    rows = summary_rows(results)
+    if not rows:
+        return
+    print("\nspeedup = baseline time / bertfast time (>1: bertfast faster), medians, same run", file=file)
+    suite = None
+    for s, name, ms, backend, fig, sp in rows:
+        if s != suite:
+            suite = s
+            print(f"\n[{s}]", file=file)
+            print(f"{'case':<48} {'bertfast ms':>16} {'backend':>9}  figure / speedups", file=file)
+        sps = "  ".join(f"{k}={v:.2f}x" for k, v in sp.items())
+        print(f"{name:<48} {ms:>16} {backend:>9}  {fig}  {sps}", file=file)
+
+
+def write_markdown(results: List[dict], meta: dict, path: str):
+    env, ceil = meta["environment"], meta["ceilings"]
+    lines = [f"# bertfast bench: {env.get('device')}", "",
+             f"- date {env['date']}, commit `{env['git_commit']}`",
+             f"- torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+             f"threads {env['torch_threads']} of {env['cpu_count']} CPUs, load average at start "
+             f"{env.get('hostname_load_avg')}",
+             f"- command: `{meta['command']}`",
+             f"- ceilings measured in this run: copy {ceil.get('copy_gbps', 0):.3g} GB/s (read + write), matmul "
+             + ", ".join(f"{k} {fmt(v)} TFLOP/s" for k, v in ceil.get("matmul_tflops", {}).items()),
+             "- times are medians (± half the inter-quartile range) over rotated input sets; "
+             "speedup = baseline median / bertfast median, measured side by side in this run (>1: bertfast faster)",
+             ""]
+    for suite in suites.SUITES:
+        rs = [r for r in results if r["suite"] == suite]
+        if not rs:
+            continue
+        base_names = []
+        for r in rs:
+            for k in r["variants"]:
+                if k not in (SUBJECT, COPY) and k not in base_names and not (
+                        suites.graphed(suite) and k.endswith("_graph")):
+                    base_names.append(k)
+        lines += [f"## {suite}", "",
+                  "| case | bertfast ms | served by | figure | " + " | ".join(f"vs {b}" for b in base_names) + " |",
+                  "|---|---|---|---|" + "---|" * len(base_names)]
+        for (s, name, ms, backend, fig, sp), r in zip(summary_rows(rs), rs):
+            cells = []
+            for b in base_names:
+                v = r["variants"].get(b, {})
+                if b in sp:
+                    cells.append(f"{sp[b]:.2f}x")
+                elif v.get("status") in ("skipped", "error"):
+                    cells.append("skip")
+                else:
+                    cells.append("-")
+            lines.append(f"| {name} | {ms} | {backend} | {fig} | " + " | ".join(cells) + " |")
+        for r in rs:
+            if r.get("speedup_graph"):
+                lines += ["", f"- {r['name']}, bertfast as a CUDA graph: " + ", ".join(
+                    f"{v:.2f}x vs {k}" for k, v in r["speedup_graph"].items())]
+        lines += ["", "<details><summary>every variant (median ms ± IQR/2, or why skipped)</summary>", "",
+                  "| case | variant | median ms | IQR ms | figure | note |", "|---|---|---|---|---|---|"]
+        for r in rs:
+            for vname, v in r["variants"].items():
+                if v.get("status") == "ok":
+                    fig = (f"{v['gbps']:.3g} GB/s" if "gbps" in v else
+                           f"{v['tokens_per_s']:.4g} tok/s" if suite == "encoder" and "tokens_per_s" in v else
+                           f"{v['tflops']:.3g} TFLOP/s" if "tflops" in v else "")
+                    if "peak_memory_mb" in v:
+                        fig += f", peak {v['peak_memory_mb']:.0f} MB"
+                    lines.append(f"| {r['name']} | {vname} | {v['median_ms']:.4g} | {v['iqr_ms']:.2g} | {fig} | "
+                                 f"first call {v.get('first_call_s', 0):.1f} s |")
+                else:
+                    reason = str(v.get("reason", "")).replace("|", "/")[:160]
+                    lines.append(f"| {r['name']} | {vname} | {v.get('status')} | | | {reason} |")
+        lines += ["", "</details>", ""]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_plots(results: List[dict], meta: dict, out_dir: str, prefix: str) -> List[str]:
+    """One PNG per suite: left, bertfast's speedup over each baseline per case (log scale, 1x
+    line); right, the absolute figure of every variant (fraction of copy bandwidth for the ops,
+    TFLOP/s for attention, tokens/s for the encoder)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"bench: no plots ({reason(e)})", file=sys.stderr)
+        return []
+    paths = []
+    env = meta["environment"]
+    for suite in suites.SUITES:
+        rs = [r for r in results if r["suite"] == suite and r["variants"].get(SUBJECT, {}).get("status") == "ok"]
+        if not rs:
+            continue
+        key, label = suites.get(suite).PLOT_METRIC
+        if suite == "ops" and any("frac_copy_bw_interleaved" in r["variants"][SUBJECT] for r in rs):
+            key, label = "frac_copy_bw_interleaved", "fraction of copy bandwidth (copy of the same bytes, interleaved)"
+        variants = []
+        for r in rs:
+            for k, v in r["variants"].items():
+                if v.get("status") == "ok" and k not in variants:
+                    variants.append(k)
+        variants = [v for v in variants if v != COPY]
+        bases = [v for v in variants if v != SUBJECT]
+        palette = plt.get_cmap("tab10").colors
+        color = {v: ("k" if v == SUBJECT else palette[i % len(palette)]) for i, v in enumerate(bases + [SUBJECT])}
+        n = len(rs)
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(16, max(3.0, 0.45 * n + 1.8)), sharey=True)
+        h = 0.8 / max(len(bases), 1)
+        for j, b in enumerate(bases):
+            ys = [i + (j - (len(bases) - 1) / 2) * h for i in range(n)]
+            ax.barh(ys, [r["speedup"].get(b, float("nan")) for r in rs], height=h, label=f"vs {b}", color=color[b])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yticks(range(n))
+        ax.set_yticklabels([r["name"] for r in rs], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("speedup of bertfast (baseline time / bertfast time; >1 = bertfast faster)", fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
+        h2 = 0.8 / max(len(variants), 1)
+        for j, vname in enumerate(variants):
+            ys = [i + (j - (len(variants) - 1) / 2) * h2 for i in range(n)]
+            xs = [r["variants"].get(vname, {}).get(key, float("nan")) for r in rs]
+            ax2.barh(ys, xs, height=h2, label=vname, color=color[vname])
+        if suite == "ops":
+            ax2.axvline(1.0, color="r", lw=0.8)
+        ax2.set_xlabel(label, fontsize=8)
+        ax2.legend(fontsize=6, loc="lower right")
+        fig.suptitle(f"bertfast {suite}: {env.get('device')} | torch {env['torch']} | {env['date'][:10]} | "
+                     f"threads {env['torch_threads']}", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{prefix}_{suite}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _jsonable(results):
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+
+
+def save(results: List[dict], meta: dict, out_dir: str, prefix: str = "bench", plots: bool = True) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, f"{prefix}.json"), "markdown": os.path.join(out_dir, f"{prefix}.md")}
+    tmp = paths["json"] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({**meta, "results": _jsonable(results)}, f, indent=1, default=str)
+    os.replace(tmp, paths["json"])  # a run killed mid-write still leaves the last complete file
+    write_markdown(results, meta, paths["markdown"])
+    if plots:
+        paths["plots"] = write_plots(results, meta, out_dir, prefix)
+    return paths
+
+
+def render(path: str, plots: bool = True) -> dict:
+    """The markdown table and plots of an earlier run's JSON, written beside it."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    results = data.pop("results")
+    out_dir = os.path.dirname(os.path.abspath(path))
+    prefix = os.path.splitext(os.path.basename(path))[0]
+    md = os.path.join(out_dir, prefix + ".md")
+    write_markdown(results, data, md)
+    pngs = write_plots(results, data, out_dir, prefix) if plots else []
+    print_table(results)
+    print(f"\nbench: rendered {md} and {len(pngs)} plot(s) from {path}")
+    return {"results": results, "meta": data, "paths": {"json": path, "markdown": md, "plots": pngs}}
+

@@ -1,0 +1,27 @@
+"""`bertfast pretrain` and `bertfast finetune`: parse, run, print the last metrics as JSON."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+
+from ..data import CorpusError
+from .finetune import finetune, finetune_parser
+from .pretrain import pretrain, pretrain_parser
+
+def cli_main(cmd: str, argv: Sequence[str]) -> int:
+    parser = {"pretrain": pretrain_parser, "finetune": finetune_parser}.get(cmd)
+    if parser is None:
+        print(f"bertfast: train handles pretrain and finetune, not {cmd!r}", file=sys.stderr)
+        return 2
+    args = parser().parse_args(list(argv))
+    try:
+        result = pretrain(args) if cmd == "pretrain" else finetune(args)
+    except (CorpusError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"bertfast {cmd}: error: {e}", file=sys.stderr)
+        return 1
+    if result and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return 0

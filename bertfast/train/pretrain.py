@@ -1,0 +1,348 @@
+"""MLM + NSP pre-training: tokenizer and config set-up, the loop with exact resume, evaluation,
+and the `bertfast pretrain` argument parser."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..data import IGNORE_INDEX, PretrainingStream, batch_iterator, check_corpus_files, derive_seed
+from .runtime import (MetricsLog, Runtime, build_optimizer, latest_checkpoint, progress_bar, save_checkpoint,
+                      set_rng_state, warmup_linear_schedule)
+
+# ---- pre-training ---------------------------------------------------------------------------
+
+
+def _load_or_train_tokenizer(args, rt: Runtime):
+    from ..tokenizer import Tokenizer
+
+    if args.tokenizer:
+        return Tokenizer.from_pretrained(args.tokenizer)
+    if args.init:
+        return Tokenizer.from_pretrained(args.init)
+    folder = os.path.join(args.out, "tokenizer")
+    if args.resume and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return Tokenizer.from_pretrained(folder)
+    if rt.main:
+        tok = Tokenizer.train(args.train, vocab_size=args.vocab_size, lowercase=not args.cased)
+        tmp = folder + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    rt.barrier()
+    return Tokenizer.from_pretrained(folder)
+
+
+def _model_config(args, vocab_size: int):
+    from ..models import BertConfig
+
+    over = {"vocab_size": vocab_size, "max_position_embeddings": max(512, args.seq_len)}
+    if args.dropout is not None:
+        over.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    if args.attention_dropout is not None:
+        over["attention_probs_dropout_prob"] = args.attention_dropout
+    if os.path.isfile(args.config):
+        cfg = BertConfig.from_json_file(args.config).to_dict()
+        cfg.update(over)
+        return BertConfig.from_dict(cfg)
+    return BertConfig.preset(args.config, **over)
+
+
+def _pretraining_losses(model, batch, sparse: bool):
+    """(loss, mlm_loss, nsp_loss, mlm_correct, mlm_count, nsp_correct, nsp_count), computed here
+    rather than by the head so the two losses can be logged apart."""
+    labels = batch["labels"]
+    out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=labels,
+                sparse_prediction=sparse)
+    logits = out.prediction_logits
+    if sparse:
+        lab = labels.reshape(-1)[labels.reshape(-1) != IGNORE_INDEX]
+    else:
+        sel = labels.reshape(-1) != IGNORE_INDEX
+        logits, lab = logits.reshape(-1, logits.shape[-1])[sel], labels.reshape(-1)[sel]
+    mlm = F.cross_entropy(logits.float(), lab) if lab.numel() else logits.sum() * 0.0
+    nsp_logits = out.seq_relationship_logits.float()
+    nsp_lab = batch["next_sentence_label"].reshape(-1)
+    nsp = F.cross_entropy(nsp_logits, nsp_lab)
+    with torch.no_grad():
+        mc = (logits.argmax(-1) == lab).sum().item()
+        nc = (nsp_logits.argmax(-1) == nsp_lab).sum().item()
+    return mlm + nsp, mlm, nsp, mc, lab.numel(), nc, nsp_lab.numel()
+
+
+@torch.no_grad()
+def evaluate_pretraining(model, batches, rt: Runtime, sparse: bool = True) -> dict:
+    was = model.training
+    model.eval()
+    tot = {"mlm": 0.0, "nsp": 0.0, "mc": 0, "mn": 0, "nc": 0, "nn": 0, "b": 0}
+    for batch in batches:
+        batch = {k: v.to(rt.device) for k, v in batch.items()}
+        with rt.autocast():
+            _, mlm, nsp, mc, mn, nc, nn_ = _pretraining_losses(model, batch, sparse)
+        tot["mlm"] += mlm.item() * mn
+        tot["nsp"] += nsp.item() * nn_
+        tot["mc"] += mc
+        tot["mn"] += mn
+        tot["nc"] += nc
+        tot["nn"] += nn_
+    model.train(was)
+    return {"eval_mlm_loss": tot["mlm"] / max(1, tot["mn"]), "eval_mlm_acc": tot["mc"] / max(1, tot["mn"]),
+            "eval_nsp_loss": tot["nsp"] / max(1, tot["nn"]), "eval_nsp_acc": tot["nc"] / max(1, tot["nn"]),
+            "eval_examples": tot["nn"]}
+
+
+def pretrain(args) -> dict:
+    """Run pre-training from parsed arguments (see `pretrain_parser`). Returns the last metrics."""
+    from ..models import BertForPreTraining
+
+    rt = Runtime(args.device)
+    try:
+        return _pretrain(args, rt, BertForPreTraining)
+    finally:
+        rt.close()
+
+
+def _validate_pretrain_args(args):
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "vocab_size", "eval_batches"):
+        v = getattr(args, name)
+        if not isinstance(v, int) or v < (0 if name == "eval_batches" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    if args.seq_len < 8:
+        raise ValueError(f"--seq-len must be >= 8 (room for [CLS] A [SEP] B [SEP]), got {args.seq_len}")
+    if args.eval_only:
+        if not args.eval or not args.init:
+            raise ValueError("--eval-only needs --init (the model folder) and --eval (corpus files)")
+    elif not args.train:
+        raise ValueError("--train must name at least one corpus file")
+    else:
+        check_corpus_files(args.train, "--train")
+    if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
+        raise ValueError(f"--init must be a model folder with config.json, got {args.init!r}")
+    if args.eval:
+        check_corpus_files(args.eval, "--eval")
+    if not os.path.isfile(args.config):
+        from ..models.config import PRESETS
+
+        if args.config not in PRESETS:
+            raise ValueError(f"--config must be one of {sorted(PRESETS)} or a config.json path, got {args.config!r}")
+    if args.tokenizer and not os.path.isdir(args.tokenizer):
+        raise ValueError(f"--tokenizer must be a folder with tokenizer.json or vocab.txt, got {args.tokenizer!r}")
+    if not args.eval_only and not args.out:
+        raise ValueError("--out must name the output folder")
+    if args.resume and latest_checkpoint(args.out) is None:
+        raise ValueError(f"--resume: no complete checkpoint under {os.path.join(args.out, 'checkpoints')}")
+
+
+def _pretrain(args, rt: Runtime, model_cls) -> dict:
+    _validate_pretrain_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    num_shards = args.num_shards or rt.world
+    if num_shards % rt.world:
+        raise ValueError(f"--num-shards must be a multiple of the world size {rt.world}, got {num_shards}")
+    if args.eval_only:
+        return _eval_only(args, rt, model_cls)
+    if rt.main:
+        os.makedirs(args.out, exist_ok=True)
+    rt.barrier()
+    tok = _load_or_train_tokenizer(args, rt)
+    torch.manual_seed(args.seed)
+    if args.init:
+        model = model_cls.from_pretrained(args.init).to(rt.device)
+    else:
+        model = model_cls(_model_config(args, tok.vocab_size)).to(rt.device)
+    model.train()
+    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(0.1 * args.max_steps)
+    scheduler = warmup_linear_schedule(optimizer, warmup, args.max_steps)
+
+    owned = [s for s in range(num_shards) if s % rt.world == rt.rank]
+    consumed = {s: 0 for s in range(num_shards)}  # examples read from each shard
+    step, tokens_seen = 0, 0
+    ckpt = latest_checkpoint(args.out) if args.resume else None
+    if ckpt:
+        from ..models.hub import load_state, read_state_dict
+
+        load_state(model, read_state_dict(ckpt), strict=True, source=ckpt)
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, tokens_seen = state["step"], state.get("tokens_seen", 0)
+        consumed.update({int(k): v for k, v in state["consumed"].items()})
+        if state["num_shards"] != num_shards:
+            raise ValueError(f"--num-shards {num_shards} differs from the checkpoint's {state['num_shards']}")
+        if state["world_size"] == rt.world:
+            set_rng_state(state["rng"][rt.rank])
+        elif rt.main:
+            warnings.warn(f"resuming on {rt.world} ranks a checkpoint saved on {state['world_size']}: "
+                          "data and dropout continue exactly, other RNG streams restart", stacklevel=2)
+    metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.main, step if ckpt else None)
+
+    ddp_model = model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    def stream(shard):
+        return PretrainingStream(args.train, tok, args.seq_len, seed=args.seed, shard=shard, num_shards=num_shards,
+                                 mlm_probability=args.mlm_probability, whole_word_mask=args.whole_word_mask,
+                                 short_seq_prob=args.short_seq_prob)
+
+    iters = {s: batch_iterator(stream(s), args.batch_size, start=consumed[s]) for s in owned}
+    eval_batches = _eval_stream_batches(args, tok, args.eval_batches) if args.eval and rt.main else []
+
+    def run_eval():
+        rec = None
+        if rt.main and eval_batches:
+            rec = {"step": step, **evaluate_pretraining(model, eval_batches, rt, not args.dense_mlm)}
+            metrics.write(rec)
+        rt.barrier()
+        return rec
+
+    extra_state = lambda: {"consumed": consumed, "num_shards": num_shards, "tokens_seen": tokens_seen,  # noqa: E731
+                           "args": vars(args)}
+    if step == 0 and args.eval_every:
+        run_eval()
+    bar = progress_bar(args.max_steps, step, rt.main and not args.no_progress, "pretrain")
+    window = {"mlm": 0.0, "nsp": 0.0, "mc": 0, "mn": 0, "nc": 0, "nn": 0, "tok": 0, "n": 0, "t": time.perf_counter()}
+    last = {}
+    while step < args.max_steps:
+        micro_total = args.grad_accum
+        for j in range(micro_total):
+            m = step * micro_total + j
+            shard = owned[m % len(owned)]
+            batch = next(iters[shard])
+            consumed_local = args.batch_size
+            batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+            # Dropout is reseeded from (step, shard): the same micro-batch gets the same masks
+            # whichever rank or process runs it and after any resume.
+            torch.manual_seed(derive_seed(args.seed, "dropout", step, shard))
+            sync = j == micro_total - 1 or not rt.distributed
+            ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
+            with ctx:
+                with rt.autocast():
+                    loss, mlm, nsp, mc, mn, nc, nn_ = _pretraining_losses(ddp_model, batch, not args.dense_mlm)
+                (loss / micro_total).backward()
+            window["mlm"] += mlm.item()
+            window["nsp"] += nsp.item()
+            window["mc"] += mc
+            window["mn"] += mn
+            window["nc"] += nc
+            window["nn"] += nn_
+            window["tok"] += int(batch["attention_mask"].sum())
+            window["n"] += 1
+            # Every rank advances every shard's counter the same way, so rank 0 can save all of them.
+            for r in range(rt.world):
+                r_owned = [s for s in range(num_shards) if s % rt.world == r]
+                consumed[r_owned[m % len(r_owned)]] += consumed_local
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.max_steps:
+            n = window["n"]
+            mlm_l, nsp_l = rt.all_mean([window["mlm"] / n, window["nsp"] / n])
+            mc, mn, nc, nn_, toks = rt.all_sum([window["mc"], window["mn"], window["nc"], window["nn"], window["tok"]])
+            dt = time.perf_counter() - window["t"]
+            tokens_seen += int(toks)
+            last = {"step": step, "mlm_loss": mlm_l, "nsp_loss": nsp_l, "mlm_acc": mc / max(1, mn),
+                    "nsp_acc": nc / max(1, nn_), "lr": lr, "grad_norm": float(grad_norm),
+                    "tokens_per_s": toks / max(dt, 1e-9), "tokens_seen": tokens_seen}
+            metrics.write(last)
+            bar.set_postfix(mlm=f"{mlm_l:.3f}", nsp=f"{nsp_l:.3f}", lr=f"{lr:.1e}")
+            window = {k: 0 for k in window}
+            window["t"] = time.perf_counter()
+        if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
+            rec = run_eval()
+            if rec:
+                last.update(rec)
+        if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
+            save_checkpoint(args.out, step, model, optimizer, scheduler, rt, extra_state(), args.keep_checkpoints)
+        if window["n"] == 0:  # evaluation and saving do not count against training throughput
+            window["t"] = time.perf_counter()
+    bar.close()
+    if rt.main:
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+    rt.barrier()
+    return last
+
+
+def _eval_stream_batches(args, tok, max_batches):
+    es = PretrainingStream(args.eval, tok, args.seq_len, seed=args.seed + 1, epochs=1,
+                           mlm_probability=args.mlm_probability, whole_word_mask=args.whole_word_mask,
+                           short_seq_prob=0.0)
+    out = []
+    for i, b in enumerate(batch_iterator(es, args.batch_size, drop_last=False)):
+        if max_batches and i >= max_batches:
+            break
+        out.append(b)
+    return out
+
+
+def _eval_only(args, rt: Runtime, model_cls) -> dict:
+    """MLM/NSP loss and accuracy of a saved model on held-out corpus files; writes nothing."""
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(args.tokenizer or args.init)
+    model = model_cls.from_pretrained(args.init).to(rt.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return evaluate_pretraining(model, _eval_stream_batches(args, tok, args.eval_batches), rt, not args.dense_mlm)
+
+
+def pretrain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bertfast pretrain", description="MLM + NSP pre-training from BERT-format text "
+                                "files (one sentence per line, a blank line between documents).")
+    p.add_argument("--train", nargs="+", help="corpus files (required unless --eval-only)")
+    p.add_argument("--eval", nargs="+", help="held-out corpus files, evaluated every --eval-every steps")
+    p.add_argument("--out", help="output folder (model, tokenizer, metrics.jsonl, checkpoints/)")
+    p.add_argument("--init", help="start from this model folder (BertForPreTraining weights + tokenizer) instead "
+                   "of random weights")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate --init on --eval (MLM/NSP loss and "
+                   "accuracy, all --eval-batches of it; 0 = the whole corpus) and print the result")
+    p.add_argument("--tokenizer", help="tokenizer folder; without it a WordPiece vocab is trained on --train")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--cased", action="store_true", help="keep case when training a vocabulary")
+    p.add_argument("--config", default="tiny", help="tiny | mini | base | large, or a config.json path")
+    p.add_argument("--dropout", type=float, help="override hidden and attention dropout")
+    p.add_argument("--attention-dropout", type=float, help="override attention dropout only (0 skips the "
+                   "attention-probability masks, the costliest part of a small model's CPU step)")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per rank")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, help="default: 10%% of --max-steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--mlm-probability", type=float, default=0.15)
+    p.add_argument("--whole-word-mask", action="store_true")
+    p.add_argument("--short-seq-prob", type=float, default=0.1)
+    p.add_argument("--dense-mlm", action="store_true", help="project every position to the vocabulary "
+                   "(default: only the masked ones)")
+    p.add_argument("--num-shards", type=int, help="data shards (default: world size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/latest")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="torch CPU threads per process")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
