@@ -247,7 +247,8 @@ def _table(op: str, device_type: str):
         return None
     from . import routing
 
-    return routing.table_for(op)
+    t = routing.table_for(op)
+    return t if t is not None and t.level == "call" else None  # "op" tables are the op's own business
 
 
 def _auto_order(op: str, device_type: str, table) -> tuple:
@@ -297,6 +298,17 @@ def explain(op: str, device_type: str) -> tuple[str, str]:
     don't; a routed op reads e.g. ("cuda|triton", "<the table's cases>")."""
     want = requested()
     spec = _ops[op]
+    name, why = _explain(op, device_type, want, spec)
+    if want == "auto" and device_type in _ROUTED_DEVICES:
+        from . import routing
+
+        t = routing.table_for(op)
+        if t is not None and t.level == "op":  # the op routes some calls before its backends
+            why = (why + "; " if why != "first choice" else "") + "before the backends: " + t.describe(op)
+    return name, why
+
+
+def _explain(op: str, device_type: str, want: str, spec: OpSpec) -> tuple[str, str]:
     table = _table(op, device_type) if want == "auto" else None
     order = _auto_order(op, device_type, table) if want == "auto" else (want, "reference")
     notes = []

@@ -22,7 +22,18 @@ File format (every key required unless marked optional):
       ]
     }
 
-direction is "fwd" or "bwd"; dtype is "fp32", "fp16" or "bf16"; max_width is the inclusive
+Optional, for ops whose cases need more than a width (attention):
+      "level": "call" (default) | "op"        # top level. "call": the auto backend's per-call router
+                                              #   chooses among bertfast's backends (backend.py);
+                                              #   "op": the op itself routes a call before it reaches
+                                              #   its backends, to implementations outside them
+                                              #   (PyTorch's own kernels); backend.py ignores the table
+      entry "layout": "padded" | "varlen"      # exact match when the caller names a layout
+      entry "max_seq": 512                     # inclusive bucket bound on the sequence length, like
+                                              #   max_width; absent = any length
+
+direction is "fwd" or "bwd" ("fwd+bwd": a forward whose backward will run, for ops whose two
+passes must come from one implementation); dtype is "fp32", "fp16" or "bf16"; max_width is the inclusive
 upper bound of a width bucket: a call of width w uses the entry with the smallest max_width >= w
 for its (op, direction, dtype). What "width" means is the op's choice (the hidden size for the
 LayerNorm family; attention may key on head_dim); the op says how to read it from its backend
@@ -41,7 +52,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
-DIRECTIONS = ("fwd", "bwd")
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+LEVELS = ("call", "op")
 DTYPES = ("fp32", "fp16", "bf16")
 _DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
                 "torch.float64": "fp64"}
@@ -60,25 +72,34 @@ class Table:
     default: str
     source: Optional[dict]
     path: str
-    # (op, direction, dtype) -> sorted [(max_width, backend, measured)]
+    level: str = "call"
+    # (op, direction, dtype) -> sorted [(max_width, backend, measured, layout, max_seq)]
     buckets: dict = field(default_factory=dict)
     _memo: dict = field(default_factory=dict)
 
-    def lookup(self, op: str, direction: str, dtype, width: int) -> tuple[str, str]:
-        """(backend, why) for one call; memoised per distinct key."""
-        key = (op, direction, dtype, width)
+    def lookup(self, op: str, direction: str, dtype, width: int, layout: Optional[str] = None,
+               seq: Optional[int] = None) -> tuple[str, str]:
+        """(backend, why) for one call; memoised per distinct key. layout/seq: for tables whose
+        entries name a layout or a sequence-length bucket (an entry with a layout matches only
+        calls that name the same one; one with max_seq only calls whose seq is given and fits)."""
+        key = (op, direction, dtype, width, layout, seq)
         hit = self._memo.get(key)
         if hit is None:
-            hit = self._memo[key] = self._lookup(op, direction, dtype_name(dtype), int(width))
+            hit = self._memo[key] = self._lookup(op, direction, dtype_name(dtype), int(width), layout, seq)
         return hit
 
-    def _lookup(self, op, direction, dt, width):
+    def _lookup(self, op, direction, dt, width, layout, seq):
         if self.source is None:
             return self.default, f"routing table {self.name}: no measurement, {self.default} by default"
-        for max_w, backend, measured in self.buckets.get((op, direction, dt), ()):
-            if width <= max_w:
-                fig = f" ({_fmt(measured)})" if measured else ""
-                return backend, f"routing table {self.name} ({_src(self.source)}): width <= {max_w}{fig}"
+        for max_w, backend, measured, e_layout, max_seq in self.buckets.get((op, direction, dt), ()):
+            if width > max_w or (e_layout is not None and e_layout != layout):
+                continue
+            if max_seq is not None and (seq is None or seq > max_seq):
+                continue
+            fig = f" ({_fmt(measured)})" if measured else ""
+            where = f"width <= {max_w}" + (f", {e_layout}" if e_layout else "") + (
+                f", seq <= {max_seq}" if max_seq is not None else "")
+            return backend, f"routing table {self.name} ({_src(self.source)}): {where}{fig}"
         return self.default, f"routing table {self.name} ({_src(self.source)}): no entry, {self.default} by default"
 
     def backends(self, op: str) -> set:
@@ -86,7 +107,7 @@ class Table:
         out = {self.default}
         for (o, _, _), rows in self.buckets.items():
             if o == op:
-                out.update(b for _, b, _ in rows)
+                out.update(r[1] for r in rows)
         return out
 
     def describe(self, op: str) -> str:
@@ -97,11 +118,18 @@ class Table:
         for (o, d, dt), rows in sorted(self.buckets.items()):
             if o != op:
                 continue
-            lo = 0
-            for max_w, b, _ in rows:
+            lo, runs = 0, []
+            for max_w, b, _, layout, max_seq in rows:
+                if runs and runs[-1][:4] == (b, layout, max_w, lo):  # adjacent length buckets, one backend
+                    runs[-1] = (b, layout, max_w, lo, max_seq)
+                else:
+                    runs.append((b, layout, max_w, lo, max_seq))
+                if layout is None and max_seq is None:
+                    lo = max_w
+            for b, layout, max_w, w_lo, max_seq in runs:
                 if b != self.default:
-                    parts.append(f"{b} for {dt} {d} width {lo + 1}-{max_w}")
-                lo = max_w
+                    parts.append(f"{b} for {dt} {d} width {w_lo + 1}-{max_w}" + (f" {layout}" if layout else "")
+                                 + (f" seq <= {max_seq}" if max_seq is not None else ""))
         chosen = "; ".join(parts) if parts else f"{self.default} everywhere"
         return f"routing table {self.name} ({_src(self.source)}): {chosen}; else {self.default}"
 
@@ -129,7 +157,10 @@ def parse(data: dict, path: str = "<dict>") -> Table:
         raise bad("source must be null or an object naming the GPU run")
     if data["source"] is None and data["entries"]:
         raise bad("entries without a source: name the GPU run they were measured on")
-    t = Table(str(data["table"]), tuple(data["ops"]), cands, data["default"], data["source"], path)
+    level = data.get("level", "call")
+    if level not in LEVELS:
+        raise bad(f"level must be one of {LEVELS}, got {level!r}")
+    t = Table(str(data["table"]), tuple(data["ops"]), cands, data["default"], data["source"], path, level)
     for i, e in enumerate(data["entries"]):
         for k in ("op", "direction", "dtype", "max_width", "backend"):
             if k not in e:
@@ -144,13 +175,20 @@ def parse(data: dict, path: str = "<dict>") -> Table:
             raise bad(f"entry {i}: backend {e['backend']!r} is not one of the candidates {cands}")
         if not isinstance(e["max_width"], int) or e["max_width"] < 1:
             raise bad(f"entry {i}: max_width must be a positive int, got {e['max_width']!r}")
+        layout, max_seq = e.get("layout"), e.get("max_seq")
+        if layout is not None and layout not in ("padded", "varlen"):
+            raise bad(f"entry {i}: layout must be 'padded' or 'varlen', got {layout!r}")
+        if max_seq is not None and (not isinstance(max_seq, int) or max_seq < 1):
+            raise bad(f"entry {i}: max_seq must be a positive int, got {max_seq!r}")
         rows = t.buckets.setdefault((e["op"], e["direction"], e["dtype"]), [])
-        if any(r[0] == e["max_width"] for r in rows):
+        if any(r[0] == e["max_width"] and r[3] == layout and r[4] == max_seq for r in rows):
             raise bad(f"entry {i}: a second entry for {e['op']} {e['direction']} {e['dtype']} "
-                      f"max_width {e['max_width']}")
-        rows.append((e["max_width"], e["backend"], e.get("measured") or {}))
+                      f"max_width {e['max_width']}" + (f" {layout}" if layout else "")
+                      + (f" max_seq {max_seq}" if max_seq is not None else ""))
+        rows.append((e["max_width"], e["backend"], e.get("measured") or {}, layout, max_seq))
     for rows in t.buckets.values():
-        rows.sort(key=lambda r: r[0])
+        # the smallest bucket that holds a call wins: by width, then by sequence length
+        rows.sort(key=lambda r: (r[0], r[4] if r[4] is not None else float("inf")))
     return t
 
 
@@ -185,10 +223,11 @@ def table_for(op: str) -> Optional[Table]:
     return tables().get(op)
 
 
-def lookup(op: str, direction: str, dtype, width: int) -> Optional[tuple[str, str]]:
+def lookup(op: str, direction: str, dtype, width: int, layout: Optional[str] = None,
+           seq: Optional[int] = None) -> Optional[tuple[str, str]]:
     """(backend, why) from the table that routes `op`, or None when no table does."""
     t = table_for(op)
-    return None if t is None else t.lookup(op, direction, dtype, width)
+    return None if t is None else t.lookup(op, direction, dtype, width, layout, seq)
 
 
 def reset() -> None:

@@ -1,5 +1,11 @@
 """The attention suite: padded and variable-length attention against the reference, its
-compiled form and every SDPA backend that runs."""
+compiled form, every SDPA backend that runs and, for varlen, PyTorch's bundled FlashAttention-2
+varlen kernel (torch.nn.attention.varlen.varlen_attn, torch 2.10+).
+
+`bertfast` is what a user gets (the auto backend: where the committed routing table says one of
+PyTorch's kernels is faster for the case, that kernel, see bertfast/ops/_attention_torch.py);
+on CUDA `bertfast_triton` times bertfast's own kernel forced, so a run measures both and
+`python -m bertfast.bench.routes` turns its CUDA-graph figures into the next routing table."""
 from __future__ import annotations
 
 import contextlib
@@ -17,14 +23,20 @@ PLOT_METRIC = ("tflops", "TFLOP/s (useful FLOPs)")
 
 
 def plan_cases(opts: SuiteOptions) -> List[Case]:
-    """Padded and varlen attention at each sequence length, 12x64 and 16x64 heads (12x64 only
-    with --quick), a fixed token count per batch; forward only on a CPU with --quick."""
+    """Padded and varlen attention at each sequence length, a fixed token count per batch.
+    CUDA: head_dim 64 and 128 (12x64, 8x128), varlen at fill 0.6 and 0.4. CPU: 12x64 and 16x64
+    heads (12x64 only with --quick), fill 0.6; forward only with --quick."""
     device, quick = opts.device, opts.quick
+    cuda = device.type == "cuda"
     dtypes = [d for d in opts.dtypes if not (device.type == "cpu" and d == torch.float16)]
-    heads = [(12, 64), (16, 64)] if not quick else [(12, 64)]
-    tpb = 16384 if device.type == "cuda" else (1024 if quick else 4096)
+    if cuda:
+        heads = [(12, 64), (8, 128)] if not quick else [(12, 64)]
+    else:
+        heads = [(12, 64), (16, 64)] if not quick else [(12, 64)]
+    fills = (0.6, 0.4) if cuda else (0.6,)
+    tpb = 16384 if cuda else (1024 if quick else 4096)
     return attention_cases(device, dtypes[:1] if quick else dtypes, opts.sizes, heads, tpb, opts.compile_mode,
-                           backward_modes=(False,) if quick and device.type == "cpu" else (False, True))
+                           backward_modes=(False,) if quick and not cuda else (False, True), fills=fills)
 
 
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -67,7 +79,7 @@ def _attn_flops(lens, heads, head_dim, backward: bool) -> float:
 
 
 def attention_cases(device, dtypes, seqs, head_cfgs, tokens_per_batch, compile_mode, backward_modes=(False, True),
-                    varlen=True) -> List[Case]:
+                    varlen=True, fills=(0.6,)) -> List[Case]:
     cases = []
     for dt in dtypes:
         for heads, hd in head_cfgs:
@@ -75,25 +87,31 @@ def attention_cases(device, dtypes, seqs, head_cfgs, tokens_per_batch, compile_m
                 B = max(1, tokens_per_batch // S)
                 for bwd in backward_modes:
                     cases.append(_attn_case(device, dt, B, S, heads, hd, bwd, compile_mode, None))
-                    if varlen:
-                        cases.append(_attn_case(device, dt, B, S, heads, hd, bwd, compile_mode, "varlen"))
+                    for fill in fills if varlen else ():
+                        cases.append(_attn_case(device, dt, B, S, heads, hd, bwd, compile_mode, "varlen", fill))
     return cases
 
 
-def varlen_lengths(B: int, S: int, seed: int = 0) -> List[int]:
-    """A realistic length mix: lengths uniform in [0.2 S, S] (mean fill ~0.6), the skewed-to-
-    short shape of real sentence batches without their extremes."""
+def varlen_lengths(B: int, S: int, seed: int = 0, fill: float = 0.6) -> List[int]:
+    """A realistic length mix of mean fill `fill` (real tokens / padded tokens): lengths uniform
+    in [(2 fill - 1) S, S] for fill >= 0.5 (0.6: [0.2 S, S], the skewed-to-short shape of real
+    sentence batches without their extremes), in [1, 2 fill S] below; one row of length S (the
+    batch is padded to its longest)."""
+    if not 0.0 < fill <= 1.0:
+        raise ValueError(f"fill must be in (0, 1], got {fill}")
     g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(max(1, int(0.2 * S)), S + 1, (B,), generator=g)
-    lens[0] = S  # the batch is padded to its longest
+    lo, hi = (max(1, int((2 * fill - 1) * S)), S) if fill >= 0.5 else (1, max(1, int(2 * fill * S)))
+    lens = torch.randint(lo, hi + 1, (B,), generator=g)
+    lens[0] = S
     return [int(x) for x in lens]
 
 
-def _attn_case(device, dt, B, S, H, D, bwd, compile_mode, layout) -> Case:
+def _attn_case(device, dt, B, S, H, D, bwd, compile_mode, layout, fill_target=0.6) -> Case:
+    from .. import backend
     from .. import padding as _padding
     from ..ops import attention, attention_ref
 
-    lens = varlen_lengths(B, S) if layout == "varlen" else [S] * B
+    lens = varlen_lengths(B, S, fill=fill_target) if layout == "varlen" else [S] * B
     fill = sum(lens) / (B * S)
     set_bytes = 4 * B * S * H * D * torch.empty((), dtype=dt).element_size()
 
@@ -115,10 +133,14 @@ def _attn_case(device, dt, B, S, H, D, bwd, compile_mode, layout) -> Case:
             for _ in range(n_input_sets(set_bytes, device)):
                 q, k, v, dout = inputs(gen)
                 sets.append((q, k, v, dout))
-            if fn_kind == "bertfast":
-                meta["backend"] = served_by("attention", device)
+            if fn_kind in ("bertfast", "bertfast_triton"):
+                meta["backend"] = served_by("attention", device) if fn_kind == "bertfast" else "triton (forced)"
+                forced = fn_kind == "bertfast_triton"
 
                 def f(q, k, v):
+                    if forced:
+                        with backend.use_backend("triton"):
+                            return attention(q, k, v, attention_mask=mask)
                     return attention(q, k, v, attention_mask=mask)
             elif fn_kind in ("eager_ref", "compile_ref"):
                 kb = None if mask is None else torch.zeros(B, S, device=device).masked_fill(~mask, float("-inf"))
@@ -149,7 +171,10 @@ def _attn_case(device, dt, B, S, H, D, bwd, compile_mode, layout) -> Case:
 
         return factory
 
-    def packed(meta):
+    def packed_factory(kind):
+        return lambda meta: packed(meta, kind)
+
+    def packed(meta, kind="bertfast"):
         gen = torch.Generator(device=device).manual_seed(0)
         total = sum(lens)
         cu = torch.zeros(B + 1, dtype=torch.int32)
@@ -161,23 +186,47 @@ def _attn_case(device, dt, B, S, H, D, bwd, compile_mode, layout) -> Case:
                        for _ in range(3))
             dout = torch.randn(total, H, D, generator=gen, device=device).to(dt) if bwd else None
             sets.append((q, k, v, dout))
-        meta["backend"] = served_by("attention", device)
+        meta["backend"] = {"bertfast": served_by("attention", device), "bertfast_triton": "triton (forced)",
+                           "varlen_attn": "torch.nn.attention.varlen.varlen_attn"}[kind]
         meta["input_sets"] = len(sets)
         # the encoder's way: the layout of unpad_mask (computed once per batch), whose offsets the
         # op does not read back to check; that also makes the call capturable in a CUDA graph
         layout = _padding.PackedLayout(torch.arange(total, device=device), cu, S, B, S)
 
+        if kind == "varlen_attn":
+            from ..ops import _attention_torch
+
+            scale = D ** -0.5
+
+            def f(q, k, v):
+                return _attention_torch.varlen(q, k, v, cu, cu, S, S, scale, False)
+        elif kind == "bertfast_triton":
+            def f(q, k, v):
+                with backend.use_backend("triton"):
+                    return attention(q, k, v, cu_seqlens=layout)
+        else:
+            def f(q, k, v):
+                return attention(q, k, v, cu_seqlens=layout)
+
         def call(q, k, v, dout):
-            out = attention(q, k, v, cu_seqlens=layout)
+            out = f(q, k, v)
             if dout is not None:
                 return torch.autograd.grad(out, (q, k, v), dout)
             return out
 
+        q, k, v, _ = sets[0]
+        with torch.no_grad():
+            f(q.detach(), k.detach(), v.detach())  # raises here when the kernel refuses the inputs
         return Rotate(call, sets)
 
-    variants: Dict[str, object] = {SUBJECT: packed if layout == "varlen" else padded("bertfast")}
+    variants: Dict[str, object] = {SUBJECT: packed_factory("bertfast") if layout == "varlen" else padded("bertfast")}
+    if device.type == "cuda":  # bertfast's own kernel, whatever the routing table says
+        variants["bertfast_triton"] = packed_factory("bertfast_triton") if layout == "varlen" \
+            else padded("bertfast_triton")
     if layout == "varlen":
         variants["bertfast_padded"] = padded("bertfast")
+        variants["varlen_attn"] = (packed_factory("varlen_attn") if device.type == "cuda"
+                                   else "varlen_attn runs on CUDA only")
     variants["eager_ref"] = padded("eager_ref")
     is_target = S == 512 and dt in (torch.bfloat16, torch.float32) and layout is None
     if compile_mode == "all" or (compile_mode == "some" and is_target):
@@ -191,11 +240,13 @@ def _attn_case(device, dt, B, S, H, D, bwd, compile_mode, layout) -> Case:
         else:
             variants[f"sdpa_{be}"] = padded(f"sdpa_{be}")
     if device.type == "cuda":  # kernels without host overhead between them (see graphed)
-        for vname in (SUBJECT, "sdpa"):
-            if callable(variants[vname]):
+        for vname in (SUBJECT, "bertfast_triton", "sdpa", "varlen_attn"):
+            if callable(variants.get(vname)):
                 variants[vname + "_graph"] = graphed(variants[vname])
     kind = "varlen" if layout == "varlen" else "padded"
     name = f"{kind} {'fwd+bwd' if bwd else 'fwd'} b{B}xs{S} h{H}x{D} {dtype_name(dt)}"
+    if layout == "varlen" and fill_target != 0.6:
+        name += f" fill{fill_target:g}"
     return Case(NAME, name, {"layout": kind, "pass": "fwd+bwd" if bwd else "fwd", "batch": B, "seq": S,
                                     "heads": H, "head_dim": D, "fill": round(fill, 3)},
                 variants, flops=_attn_flops(lens, H, D, bwd), dtype=dtype_name(dt), tokens=sum(lens),

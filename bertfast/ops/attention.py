@@ -42,6 +42,7 @@ from ._common import (
     seed_tensor,
 )
 from ..padding import PackedLayout
+from . import _attention_torch as torch_routes
 from ._rng import keep_mask
 
 OP = "attention"
@@ -272,6 +273,11 @@ def _key_bias(attention_mask, B, Sq, Sk, H, device):
     raise ValueError(f"attention_mask must be {_SUPPORTED_MASKS}; got shape {tuple(m.shape)} and dtype {m.dtype}")
 
 
+def _training(q, k, v) -> bool:
+    """Will autograd run this call's backward? (Then both passes must come from one implementation.)"""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def _as_pair(x, name):
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
@@ -344,6 +350,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
         max_q, max_k = int(max_q), int(max_k)
         if q.numel() == 0:
             return q.new_zeros(q.shape[:-1] + v.shape[-1:])
+        # a case where PyTorch's own kernel measured faster (bertfast/ops/_attention_torch.py)
+        if p == 0.0 and (not causal or cu_q is cu_k) and torch_routes.route(
+                q, "varlen", max_q, _training(q, k, v)) == "varlen_attn":
+            return torch_routes.varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, bool(causal))
         # q/k/v go as they are (views of a fused QKV projection): each backend takes the layout it
         # needs (the Triton kernels read any token/head strides, so the views cost no copy there)
         return _op(q, k, v, None, cu_q.contiguous(), cu_k.contiguous(),
@@ -362,5 +372,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
                                  seed=seed_int(seed_tensor(p)))
     if q.numel() == 0 or k.shape[1] == 0:
         return q.new_zeros(q.shape[:-1] + v.shape[-1:])
+    if p == 0.0 and key_bias is None and (not causal or Sq == Sk) and torch_routes.route(
+            q, "padded", max(Sq, Sk), _training(q, k, v)) == "sdpa":
+        return torch_routes.sdpa(q, k, v, scale, bool(causal))
     return _op(q, k, v, key_bias, None, None, Sq, Sk, p, scale,
                bool(causal), seed_tensor(p))[0]
