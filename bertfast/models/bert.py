@@ -216,6 +216,24 @@ class BertSelfAttention(nn.Module):
         return ops.attention(q, k, v, key_mask, dropout_p=p).reshape(B * S, H * D)
 
 
+def dense_add_norm(hidden, dense: nn.Linear, residual, norm: nn.LayerNorm, dropout_p: float,
+                   out: Optional[torch.Tensor] = None):
+    """LayerNorm(dropout(dense(hidden)) + residual): the GEMM without its bias, then the bias add,
+    dropout, residual add and LayerNorm as one op. `out`: a workspace buffer for the GEMM; inplace,
+    because the fresh GEMM output is read by nothing else (used only without autograd)."""
+    return ops.bias_residual_layernorm(_linear(hidden, dense.weight, out=out), dense.bias, residual, norm.weight,
+                                       norm.bias, norm.eps, dropout_p, inplace=True)
+
+
+def dense_act(hidden, dense: nn.Linear, act: str, ws: Optional[_Workspace] = None):
+    """act(dense(hidden)), the FFN's first half: bias and GELU fused after the GEMM (written into the
+    workspace's "inter" buffer when given); other activations in PyTorch."""
+    if act in FUSED_ACTS:
+        out = ws.get("inter", hidden.shape[0], dense.weight.shape[0], hidden) if ws else None
+        return ops.bias_gelu(_linear(hidden, dense.weight, out=out), dense.bias, FUSED_ACTS[act], inplace=True)
+    return _act(act)(dense(hidden))
+
+
 class BertSelfOutput(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -224,11 +242,8 @@ class BertSelfOutput(nn.Module):
         self.dropout_p = config.hidden_dropout_prob
 
     def forward(self, hidden, residual, out: Optional[torch.Tensor] = None):
-        # the GEMM without its bias: the bias add, dropout, residual add and LayerNorm are one op
-        # inplace: the fresh GEMM output is read by nothing else (used only without autograd)
-        return ops.bias_residual_layernorm(_linear(hidden, self.dense.weight, out=out), self.dense.bias, residual,
-                                           self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
-                                           self.dropout_p if self.training else 0.0, inplace=True)
+        return dense_add_norm(hidden, self.dense, residual, self.LayerNorm, self.dropout_p if self.training else 0.0,
+                              out)
 
 
 class BertAttention(nn.Module):
@@ -247,14 +262,10 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = config.hidden_act
-        self._act_fn = _act(config.hidden_act)
+        _act(config.hidden_act)  # an unknown name fails here, not in the first forward
 
     def forward(self, hidden, ws: Optional[_Workspace] = None):
-        if self.act in FUSED_ACTS:
-            out = ws.get("inter", hidden.shape[0], self.dense.weight.shape[0], hidden) if ws else None
-            return ops.bias_gelu(_linear(hidden, self.dense.weight, out=out), self.dense.bias, FUSED_ACTS[self.act],
-                                 inplace=True)
-        return self._act_fn(self.dense(hidden))
+        return dense_act(hidden, self.dense, self.act, ws)
 
 
 class BertOutput(BertSelfOutput):
@@ -299,12 +310,16 @@ class BertPooler(nn.Module):
 
 class BertPreTrainedModel(nn.Module):
     config_class = BertConfig
-    base_model_prefix = "bert"
+    base_model_prefix = "bert"  # the encoder's attribute in every head (HF's name)
+    # state-dict keys that share another parameter (tie_weights): not saved, not missing when absent
+    tied_weight_keys = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    # pre-training heads a checkpoint may carry that a model without them drops silently, as HF does
+    pretraining_heads = ("cls",)
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        if not isinstance(config, BertConfig):
-            raise TypeError(f"config must be a BertConfig, got {type(config).__name__}")
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
 
     def init_weights(self):
@@ -414,9 +429,11 @@ def _read_back(config: BertConfig, input_ids, attention_mask, token_type_ids, po
 class BertModel(BertPreTrainedModel):
     """BERT encoder: embeddings -> layers -> pooler, Hugging Face's BertModel interface."""
 
+    embeddings_class = BertEmbeddings  # a family member's own embeddings (RoBERTa's, ELECTRA's)
+
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__(config)
-        self.embeddings = BertEmbeddings(config)
+        self.embeddings = self.embeddings_class(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         # padding-free execution when the mask has padding; False runs the padded layout with a
@@ -433,6 +450,11 @@ class BertModel(BertPreTrainedModel):
         table = getattr(_WORKSPACES, "table", None)
         if table is not None:
             table.pop(self, None)
+
+    def _embed(self, input_ids, token_type_ids, position_ids, ranges_checked: bool):
+        """The encoder's input rows from the (packed or padded) ids; a family member whose
+        embeddings differ (ELECTRA's projection to the hidden width) overrides this."""
+        return self.embeddings(input_ids, token_type_ids, position_ids, ranges_checked)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 output_hidden_states: bool = False, return_packed: bool = False,
@@ -465,10 +487,10 @@ class BertModel(BertPreTrainedModel):
             key_mask = attention_mask
         if layout is not None:  # only valid tokens are embedded
             idx = layout.indices
-            hidden = self.embeddings(input_ids.reshape(-1)[idx], token_type_ids.reshape(-1)[idx],
-                                     position_ids.reshape(-1)[idx], checked)
+            hidden = self._embed(input_ids.reshape(-1)[idx], token_type_ids.reshape(-1)[idx],
+                                 position_ids.reshape(-1)[idx], checked)
         else:
-            hidden = self.embeddings(input_ids, token_type_ids, position_ids, checked).reshape(B * S, -1)
+            hidden = self._embed(input_ids, token_type_ids, position_ids, checked).reshape(B * S, -1)
         hidden, all_hidden = self._layers(hidden, layout, (B, S), key_mask, output_hidden_states)
 
         def padded(rows):
@@ -532,7 +554,7 @@ class BertModel(BertPreTrainedModel):
             token_type_ids = torch.zeros_like(ids)
         # the packed tokens are one row of `total`: indices are their flat positions in it
         layout = PackedLayout(torch.arange(total, device=ids.device), cu, int(max_seqlen), n, total)
-        hidden = self.embeddings(ids, token_type_ids.reshape(-1), position_ids.reshape(-1), can_sync())
+        hidden = self._embed(ids, token_type_ids.reshape(-1), position_ids.reshape(-1), can_sync())
         hidden, all_hidden = self._layers(hidden, layout, (1, total), None, output_hidden_states)
         pooled = self.pooler(first_tokens(hidden, cu)) if self.pooler is not None and pool else None
         return BertModelOutput(last_hidden_state=hidden, pooler_output=pooled,
@@ -603,19 +625,24 @@ def _check_packed(config: BertConfig, input_ids, cu_seqlens, max_seqlen, token_t
 # heads
 
 
+def dense_act_layernorm(hidden, dense: nn.Linear, act: str, norm: nn.LayerNorm):
+    """LayerNorm(act(dense(hidden))), the MLM heads' transform: one fused op after the GEMM for GELU."""
+    if act in FUSED_ACTS:
+        return ops.gelu_layernorm(F.linear(hidden, dense.weight), dense.bias, norm.weight, norm.bias, norm.eps,
+                                  FUSED_ACTS[act])
+    return norm(_act(act)(dense(hidden)))
+
+
 class BertPredictionHeadTransform(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.act = config.hidden_act
-        self._act_fn = _act(config.hidden_act)
+        _act(config.hidden_act)
 
     def forward(self, hidden):
-        if self.act in FUSED_ACTS:
-            return ops.gelu_layernorm(F.linear(hidden, self.dense.weight), self.dense.bias, self.LayerNorm.weight,
-                                      self.LayerNorm.bias, self.LayerNorm.eps, FUSED_ACTS[self.act])
-        return self.LayerNorm(self._act_fn(self.dense(hidden)))
+        return dense_act_layernorm(hidden, self.dense, self.act, self.LayerNorm)
 
 
 class BertLMPredictionHead(nn.Module):
@@ -663,15 +690,15 @@ def _valid_labels(labels: Optional[torch.Tensor], attention_mask: Optional[torch
     return labels.masked_fill(attention_mask == 0, -100)
 
 
-def _mlm_logits(model, out: BertModelOutput, labels: Optional[torch.Tensor], sparse: bool):
+def _mlm_logits(predict, out: BertModelOutput, labels: Optional[torch.Tensor], sparse: bool):
     """Vocabulary logits. With sparse=True and labels, only the labelled positions are projected
     (total_labelled, vocab): the decoder GEMM is most of an MLM step and ~85% of positions carry
     no label."""
     if sparse and labels is not None:
         sel = (labels.reshape(-1) != -100).nonzero().squeeze(-1)
         rows = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1]).index_select(0, sel)
-        return model.cls.predictions(rows), labels.reshape(-1).index_select(0, sel)
-    return model.cls.predictions(out.last_hidden_state), labels
+        return predict(rows), labels.reshape(-1).index_select(0, sel)
+    return predict(out.last_hidden_state), labels
 
 
 class BertForPreTraining(BertPreTrainedModel):
@@ -684,7 +711,7 @@ class BertForPreTraining(BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 next_sentence_label=None, output_hidden_states=False, sparse_prediction=False):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
-        logits, lab = _mlm_logits(self, out, _valid_labels(labels, attention_mask), sparse_prediction)
+        logits, lab = _mlm_logits(self.cls.predictions, out, _valid_labels(labels, attention_mask), sparse_prediction)
         nsp = self.cls.seq_relationship(out.pooler_output)
         loss = None
         if labels is not None and next_sentence_label is not None:
@@ -731,7 +758,7 @@ class BertForMaskedLM(BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, sparse_prediction=False):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
-        logits, lab = _mlm_logits(self, out, _valid_labels(labels, attention_mask), sparse_prediction)
+        logits, lab = _mlm_logits(self.cls.predictions, out, _valid_labels(labels, attention_mask), sparse_prediction)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size).float(), lab.reshape(-1))
@@ -768,6 +795,66 @@ def _classifier_dropout(config: BertConfig) -> float:
     return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
 
 
+def sequence_classification_loss(config: BertConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF's loss of a sequence classifier: config.problem_type, else regression (MSE) for one label,
+    single-label cross entropy for integer labels, multi-label BCE with logits otherwise."""
+    num_labels = config.num_labels
+    problem = config.problem_type
+    if problem is None:
+        if num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        return F.mse_loss(logits.squeeze().float(), labels.squeeze().float()) if num_labels == 1 \
+            else F.mse_loss(logits.float(), labels.float())
+    if problem == "single_label_classification":
+        lab = _checked_labels("labels", labels, num_labels, "num_labels")
+        return F.cross_entropy(logits.reshape(-1, num_labels).float(), lab)
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    raise ValueError(f"config.problem_type must be regression, single_label_classification or "
+                     f"multi_label_classification, got {problem!r}")
+
+
+def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int,
+                              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross entropy over the labelled tokens; labels on padding are ignored (_valid_labels)."""
+    lab = _checked_labels("labels", _valid_labels(labels, attention_mask), num_labels, "num_labels")
+    return F.cross_entropy(logits.reshape(-1, num_labels).float(), lab)
+
+
+def _span_labels(positions: torch.Tensor, padded: Optional[torch.Tensor], S: int) -> torch.Tensor:
+    """Start or end positions (batch,) clamped to [0, S] as HF does, S (the ignore index) also for a
+    position on padding: such a label would point at a token that is not there."""
+    pos = positions.reshape(-1).clamp(0, S)
+    if padded is None:
+        return pos
+    on_pad = padded.gather(1, pos.clamp(max=S - 1).view(-1, 1)).view(-1)
+    return pos.masked_fill(on_pad, S)
+
+
+def span_outputs(logits: torch.Tensor, attention_mask=None, start_positions=None, end_positions=None):
+    """(start_logits, end_logits, loss) of an extractive-QA head from its (batch, seq, 2) logits.
+    Padded positions never compete for the span, in the loss or in an argmax: their logits are the
+    dtype's lowest value and a label on padding is ignored. The loss (mean of the start and end
+    cross entropies) only when both positions are given."""
+    start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+    padded = None if attention_mask is None else attention_mask == 0
+    if padded is not None:
+        lowest = torch.finfo(start_logits.dtype).min
+        start_logits, end_logits = start_logits.masked_fill(padded, lowest), end_logits.masked_fill(padded, lowest)
+    loss = None
+    if start_positions is not None and end_positions is not None:
+        S = start_logits.size(1)  # positions outside the sequence, or on padding, are ignored
+        sp, ep = (_span_labels(p, padded, S) for p in (start_positions, end_positions))
+        loss = (F.cross_entropy(start_logits.float(), sp, ignore_index=S)
+                + F.cross_entropy(end_logits.float(), ep, ignore_index=S)) / 2
+    return start_logits, end_logits, loss
+
+
 class BertForSequenceClassification(BertPreTrainedModel):
     """Sentence (or sentence-pair) classification on the pooled [CLS]: single-label (cross
     entropy), multi-label (BCE with logits) or regression (MSE), chosen as HF does from
@@ -785,27 +872,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
                 output_hidden_states=False):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits = self.classifier(self.dropout(out.pooler_output))
-        loss = None
-        if labels is not None:
-            problem = self.config.problem_type
-            if problem is None:
-                if self.num_labels == 1:
-                    problem = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    problem = "single_label_classification"
-                else:
-                    problem = "multi_label_classification"
-            if problem == "regression":
-                loss = F.mse_loss(logits.squeeze().float(), labels.squeeze().float()) if self.num_labels == 1 \
-                    else F.mse_loss(logits.float(), labels.float())
-            elif problem == "single_label_classification":
-                lab = _checked_labels("labels", labels, self.num_labels, "num_labels")
-                loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), lab)
-            elif problem == "multi_label_classification":
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-            else:
-                raise ValueError(f"config.problem_type must be regression, single_label_classification or "
-                                 f"multi_label_classification, got {problem!r}")
+        loss = None if labels is None else sequence_classification_loss(self.config, logits, labels)
         return SequenceClassifierOutput(loss, logits, out.hidden_states)
 
 
@@ -822,21 +889,9 @@ class BertForTokenClassification(BertPreTrainedModel):
                 output_hidden_states=False):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None
-        if labels is not None:
-            lab = _checked_labels("labels", _valid_labels(labels, attention_mask), self.num_labels, "num_labels")
-            loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), lab)
+        loss = None if labels is None else token_classification_loss(logits, labels, self.num_labels, attention_mask)
         return TokenClassifierOutput(loss, logits, out.hidden_states)
 
-
-def _span_labels(positions: torch.Tensor, padded: Optional[torch.Tensor], S: int) -> torch.Tensor:
-    """Start or end positions (batch,) clamped to [0, S] as HF does, S (the ignore index) also for a
-    position on padding: such a label would point at a token that is not there."""
-    pos = positions.reshape(-1).clamp(0, S)
-    if padded is None:
-        return pos
-    on_pad = padded.gather(1, pos.clamp(max=S - 1).view(-1, 1)).view(-1)
-    return pos.masked_fill(on_pad, S)
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):
@@ -850,18 +905,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, start_positions=None,
                 end_positions=None, output_hidden_states=False):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
-        logits = self.qa_outputs(out.last_hidden_state)
-        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
-        padded = None if attention_mask is None else attention_mask == 0
-        if padded is not None:  # padded positions never compete for the span, in the loss or in an argmax
-            lowest = torch.finfo(start_logits.dtype).min
-            start_logits, end_logits = start_logits.masked_fill(padded, lowest), end_logits.masked_fill(padded, lowest)
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            S = start_logits.size(1)  # positions outside the sequence, or on padding, are ignored
-            sp, ep = (_span_labels(p, padded, S) for p in (start_positions, end_positions))
-            loss = (F.cross_entropy(start_logits.float(), sp, ignore_index=S)
-                    + F.cross_entropy(end_logits.float(), ep, ignore_index=S)) / 2
+        start_logits, end_logits, loss = span_outputs(self.qa_outputs(out.last_hidden_state), attention_mask,
+                                                      start_positions, end_positions)
         return QuestionAnsweringOutput(loss, start_logits, end_logits, out.hidden_states)
 
 

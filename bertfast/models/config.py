@@ -69,13 +69,13 @@ class BertConfig:
                      "max_position_embeddings", "type_vocab_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "num_hidden_layers" else 1):
-                raise ValueError(f"BertConfig.{name} must be a positive int, got {v!r}")
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {v!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"BertConfig.hidden_size ({self.hidden_size}) must be a multiple of "
+            raise ValueError(f"{type(self).__name__}.hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads})")
         if self.position_embedding_type != "absolute":
-            raise ValueError(f"BertConfig.position_embedding_type must be 'absolute' (the only kind bertfast "
-                             f"implements), got {self.position_embedding_type!r}")
+            raise ValueError(f"{type(self).__name__}.position_embedding_type must be 'absolute' (the only kind "
+                             f"bertfast implements), got {self.position_embedding_type!r}")
 
     @property
     def head_dim(self) -> int:
@@ -98,8 +98,9 @@ class BertConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
         d = dict(d)
-        if d.get("model_type", "bert") not in ("bert",):
-            raise ValueError(f"config model_type must be 'bert', got {d.get('model_type')!r}")
+        if d.get("model_type", cls.model_type) != cls.model_type:  # the BERT family's configs are subclasses
+            raise ValueError(f"config model_type must be {cls.model_type!r} for {cls.__name__}, got "
+                             f"{d.get('model_type')!r}")
         return cls(**d)
 
     @classmethod
@@ -121,7 +122,7 @@ class BertConfig:
             d["id2label"] = {str(k): v for k, v in d["id2label"].items()}
         if self.architectures:
             d["architectures"] = list(self.architectures)
-        d["model_type"] = "bert"
+        d["model_type"] = self.model_type
         return d
 
     def save_pretrained(self, folder: str, architecture: Optional[str] = None) -> None:

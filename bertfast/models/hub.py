@@ -40,19 +40,21 @@ def _rename_legacy(key: str) -> str:
 
 
 def convert_state_dict(state: dict, model: torch.nn.Module) -> dict:
-    """Map checkpoint keys onto `model`'s names: legacy gamma/beta, and the `bert.` prefix
-    that head checkpoints carry and bare BertModel checkpoints don't (either direction)."""
+    """Map checkpoint keys onto `model`'s names: legacy gamma/beta, and the encoder's prefix
+    (`bert.`, `roberta.`, ... : model.base_model_prefix) that head checkpoints carry and bare
+    encoder checkpoints don't (either direction)."""
     own = model.state_dict()
-    has_prefix = any(k.startswith("bert.") for k in own)
+    prefix = getattr(model, "base_model_prefix", "bert") + "."
+    has_prefix = any(k.startswith(prefix) for k in own)
     out = {}
     for key, value in state.items():
         key = _rename_legacy(key)
         if _IGNORED.search(key):
             continue
-        if has_prefix and not key.startswith(("bert.", "cls.")) and f"bert.{key}" in own:
-            key = f"bert.{key}"
-        elif not has_prefix and key.startswith("bert."):
-            key = key[len("bert."):]
+        if has_prefix and not key.startswith(prefix) and prefix + key in own:
+            key = prefix + key
+        elif not has_prefix and key.startswith(prefix):
+            key = key[len(prefix):]
         out[key] = value
     return out
 
@@ -62,14 +64,15 @@ def load_state(model: torch.nn.Module, state: dict, *, strict: bool = False, sou
     instead of silently keeping freshly initialised weights. Returns (missing, unexpected)."""
     state = convert_state_dict(state, model)
     own = model.state_dict()
-    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    tied = set(getattr(model, "tied_weight_keys", ()))
+    heads = tuple(h + "." for h in getattr(model, "pretraining_heads", ()) if not hasattr(model, h))
     for key, value in state.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
             raise ValueError(f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
                              f"{tuple(own[key].shape)} (does config.json match the weights?)")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in tied]
-    unexpected = [k for k in result.unexpected_keys if not k.startswith("cls.") or hasattr(model, "cls")]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(heads)]
     dropped_heads = [k for k in result.unexpected_keys if k not in unexpected]
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -92,9 +95,10 @@ def load_pretrained(cls, folder: str, config: Optional[BertConfig] = None, *, st
         raise FileNotFoundError(f"from_pretrained: {folder!r} is not a folder (expected config.json + "
                                 f"{WEIGHTS_SAFE} or {WEIGHTS_BIN}); nothing is downloaded")
     if config is None:
-        cfg = BertConfig.from_pretrained(folder).to_dict()
+        config_class = getattr(cls, "config_class", BertConfig)  # RobertaConfig for RobertaModel, ...
+        cfg = config_class.from_pretrained(folder).to_dict()
         cfg.update(config_overrides)
-        config = BertConfig.from_dict(cfg)
+        config = config_class.from_dict(cfg)
     model = cls(config)
     missing, unexpected = load_state(model, read_state_dict(folder), strict=strict, source=folder)
     if dtype is not None or device is not None:
@@ -113,8 +117,9 @@ def save_pretrained(model, folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     model.config.save_pretrained(folder, architecture=type(model).__name__)
     state = model.state_dict()
-    for key in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+    for key in getattr(model, "tied_weight_keys", ()):
         state.pop(key, None)
     tmp = os.path.join(folder, WEIGHTS_SAFE + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(folder, WEIGHTS_SAFE))  # atomic: never a half-written checkpoint
+

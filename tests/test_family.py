@@ -1,0 +1,255 @@
+"""The BERT family (RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA) against transformers: random-weight
+checkpoints that transformers writes here, loaded by bertfast; every hidden state, every head's
+logits, loss and parameter gradients on a padded batch with ragged rows; checkpoints both ways."""
+import json
+
+import pytest
+import torch
+
+import bertfast
+from bertfast.models import convert
+
+transformers = pytest.importorskip("transformers")
+
+B, S, VOCAB = 3, 11, 101
+LENGTHS = (7, 11, 4)  # ragged rows: the packed varlen path runs
+DROPOUT_OFF = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# small odd sizes: hidden 48 = 3 heads x 16, intermediate 37, vocab 101
+FAMILIES = {
+    "roberta": ("Roberta", dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                intermediate_size=37, max_position_embeddings=S + 3, type_vocab_size=1,
+                                layer_norm_eps=1e-5, **DROPOUT_OFF)),
+    "xlm-roberta": ("XLMRoberta", dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                       intermediate_size=37, max_position_embeddings=S + 3, type_vocab_size=1,
+                                       layer_norm_eps=1e-5, **DROPOUT_OFF)),
+    "distilbert": ("DistilBert", dict(vocab_size=VOCAB, dim=48, n_layers=2, n_heads=3, hidden_dim=37,
+                                      max_position_embeddings=20, dropout=0.0, attention_dropout=0.0,
+                                      qa_dropout=0.0, seq_classif_dropout=0.0)),
+    "electra": ("Electra", dict(vocab_size=VOCAB, embedding_size=24, hidden_size=48, num_hidden_layers=2,
+                                num_attention_heads=3, intermediate_size=37, max_position_embeddings=20,
+                                type_vocab_size=2, **DROPOUT_OFF)),
+}
+HEADS = {
+    "roberta": ["Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+                "ForQuestionAnswering"],
+    "distilbert": ["Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+                   "ForQuestionAnswering"],
+    "electra": ["Model", "ForPreTraining", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+                "ForQuestionAnswering"],
+}
+HEADS["xlm-roberta"] = HEADS["roberta"]
+CASES = [(family, head) for family in FAMILIES for head in HEADS[family]]
+
+
+def hf_config(family, **overrides):
+    prefix, kw = FAMILIES[family]
+    cfg_cls = getattr(transformers, f"{prefix}Config")
+    return cfg_cls(**{**kw, **overrides}, attn_implementation="eager")
+
+
+def hf_model(family, head, **overrides):
+    name = FAMILIES[family][0] + head
+    num_labels = 2 if head == "ForQuestionAnswering" else 3
+    torch.manual_seed(0)
+    model = getattr(transformers, name)(hf_config(family, num_labels=num_labels, **overrides))
+    with torch.no_grad():  # random LayerNorm affine parameters and biases too (HF initialises them to 1 / 0)
+        for pname, p in model.named_parameters():
+            if "LayerNorm" in pname or "layer_norm" in pname or pname.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def batch(family, pad=True, seed=0):
+    """ids (no padding id among the valid tokens), attention mask, token types where the family has them."""
+    g = torch.Generator().manual_seed(seed)
+    pad_id = 1 if "roberta" in family else 0
+    ids = torch.randint(3, VOCAB, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if pad:
+        for row, n in enumerate(LENGTHS):
+            mask[row, n:] = 0
+        ids[mask == 0] = pad_id
+    kw = dict(input_ids=ids, attention_mask=mask)
+    if family == "electra":
+        kw["token_type_ids"] = torch.randint(0, 2, (B, S), generator=g)
+    return kw
+
+
+def labels_for(head, mask):
+    g = torch.Generator().manual_seed(1)
+    pad = mask == 0
+    if head == "ForMaskedLM":
+        lab = torch.randint(0, VOCAB, (B, S), generator=g).masked_fill(pad, -100)
+        lab[:, ::2] = -100
+        return dict(labels=lab)
+    if head == "ForSequenceClassification":
+        return dict(labels=torch.randint(0, 3, (B,), generator=g))
+    if head == "ForTokenClassification":
+        return dict(labels=torch.randint(0, 3, (B, S), generator=g).masked_fill(pad, -100))
+    if head == "ForQuestionAnswering":
+        return dict(start_positions=torch.tensor([1, 5, 2]), end_positions=torch.tensor([3, 20, 2]))
+    if head == "ForPreTraining":
+        return dict(labels=torch.randint(0, 2, (B, S), generator=g))
+    return {}
+
+
+def max_diff(a, b):
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+@pytest.mark.parametrize("family,head", CASES)
+def test_family_head_matches_transformers(tmp_path, family, head):
+    name = FAMILIES[family][0] + head
+    hf = hf_model(family, head)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = getattr(bertfast, name).from_pretrained(str(tmp_path / "hf"), strict=True)
+    assert type(ours).__name__ == name
+    # QA's loss is a softmax over every position, padded ones included (as in HF): no padding there
+    inputs = batch(family, pad=head != "ForQuestionAnswering")
+    labels = labels_for(head, inputs["attention_mask"])
+    hf.train(), ours.train()  # dropout is 0: train mode only exercises the training code paths
+    a = hf(**inputs, **labels, output_hidden_states=True)
+    b = ours(**inputs, **labels, output_hidden_states=True)
+    valid = inputs["attention_mask"].bool()
+    diffs = {"hidden": 0.0, "logits": 0.0, "loss": 0.0, "grad": 0.0}
+    assert len(b.hidden_states) == len(a.hidden_states) == 3
+    for i, (x, y) in enumerate(zip(a.hidden_states, b.hidden_states)):
+        torch.testing.assert_close(y[valid], x[valid], atol=2e-5, rtol=1e-4, msg=f"{name} hidden state {i}")
+        diffs["hidden"] = max(diffs["hidden"], max_diff(y[valid], x[valid]))
+    assert (b.hidden_states[-1][~valid] == 0).all()  # padded positions are zeros
+    for key in ("last_hidden_state", "logits", "start_logits", "end_logits"):
+        y = getattr(b, key, None)
+        if y is None:
+            continue
+        x = getattr(a, key)
+        if y.dim() >= 2 and y.shape[:2] == valid.shape:  # token-level: valid tokens only
+            x, y = x[valid], y[valid]
+        torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-4, msg=f"{name}.{key}")
+        diffs["logits" if key != "last_hidden_state" else "hidden"] = max(
+            diffs["logits" if key != "last_hidden_state" else "hidden"], max_diff(y, x))
+    if labels:
+        torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=1e-5, msg=f"{name} loss")
+        diffs["loss"] = max_diff(b.loss, a.loss)
+        a.loss.backward()
+        b.loss.backward()
+    else:
+        a.last_hidden_state[valid].square().sum().backward()
+        b.last_hidden_state[valid].square().sum().backward()
+    hp = dict(hf.named_parameters(remove_duplicate=False))
+    n = 0
+    for pname, p in ours.named_parameters():
+        q = hp[pname]
+        assert p.shape == q.shape, pname
+        if q.grad is None:
+            assert p.grad is None or p.grad.abs().max() == 0, pname
+            continue
+        torch.testing.assert_close(p.grad, q.grad, atol=3e-5, rtol=1e-4, msg=f"{name}: grad of {pname}")
+        diffs["grad"] = max(diffs["grad"], max_diff(p.grad, q.grad))
+        n += 1
+    assert n >= len(hp) // 2 and n > 10
+    print(f"PARITY {family:12s} {head:26s} " + " ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
+
+
+@pytest.mark.parametrize("family,head", [("roberta", "ForMaskedLM"), ("xlm-roberta", "ForSequenceClassification"),
+                                         ("distilbert", "ForMaskedLM"), ("electra", "ForMaskedLM"),
+                                         ("electra", "ForPreTraining")])
+def test_family_checkpoint_loads_in_transformers(tmp_path, family, head):
+    """from_hf, save_pretrained, transformers' from_pretrained: the same outputs, config.json right."""
+    name = FAMILIES[family][0] + head
+    hf = hf_model(family, head)
+    ours = bertfast.from_hf(hf)
+    assert type(ours).__name__ == name
+    ours.save_pretrained(tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert cfg["model_type"] == family and cfg["architectures"] == [name]
+    hf2 = getattr(transformers, name).from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    inputs = batch(family)
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        x, y = hf(**inputs).logits, hf2(**inputs).logits
+    if x.shape[:2] == valid.shape:
+        x, y = x[valid], y[valid]
+    torch.testing.assert_close(y, x, atol=0, rtol=0)  # the very same weights
+    assert set(hf.state_dict()) == set(hf2.state_dict())
+
+
+def test_registry_maps_transformers_names():
+    for family, (prefix, _) in FAMILIES.items():
+        assert convert.MODEL_TYPES[family].__name__ == f"{prefix}Config"
+        for head in HEADS[family]:
+            assert convert.model_class(getattr(transformers, prefix + head)) is getattr(bertfast, prefix + head)
+    with pytest.raises(TypeError, match="hf_model"):
+        convert.model_class(transformers.GPT2Model)
+    with pytest.raises(ValueError, match="model_type"):
+        convert.config_from_hf({"model_type": "gpt2"})
+
+
+def test_family_from_pretrained_picks_the_class(tmp_path):
+    hf = hf_model("electra", "ForTokenClassification")
+    hf.save_pretrained(tmp_path / "m")
+    model = convert.from_pretrained(str(tmp_path / "m"))
+    assert type(model).__name__ == "ElectraForTokenClassification"
+    # a bare encoder loads from a head checkpoint, dropping the head with a warning (as transformers does)
+    with pytest.warns(UserWarning, match="not used by ElectraModel"):
+        enc = bertfast.ElectraModel.from_pretrained(str(tmp_path / "m"))
+    assert enc.embeddings_project.weight.shape == (48, 24)
+    # model_type is checked: a RoBERTa class refuses an ELECTRA checkpoint
+    with pytest.raises(ValueError, match="model_type"):
+        bertfast.RobertaModel.from_pretrained(str(tmp_path / "m"))
+
+
+def test_roberta_positions_count_past_padding():
+    """left padding: positions follow the non-padding tokens, so a row's outputs do not depend
+    on how much padding precedes it."""
+    hf = hf_model("roberta", "Model")
+    ours = bertfast.from_hf(hf).eval()
+    ids = torch.randint(3, VOCAB, (1, 6))
+    left = torch.cat([torch.ones(1, 4, dtype=torch.long), ids], 1)
+    mask = (left != 1).long()
+    with torch.no_grad():
+        alone = ours(ids).last_hidden_state
+        padded = ours(left, mask).last_hidden_state
+        ref = hf(input_ids=left, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(padded[:, 4:], alone, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(padded[:, 4:], ref[:, 4:], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="padding_idx"):
+        ours(torch.randint(3, VOCAB, (1, S + 2)))
+
+
+def test_electra_without_projection_and_distilbert_variants(tmp_path):
+    """embedding_size == hidden_size: no embeddings_project; DistilBERT with sinusoidal positions
+    and ReLU; DistilBERT refuses token types."""
+    hf = hf_model("electra", "Model", embedding_size=48)
+    ours = bertfast.from_hf(hf)
+    assert not hasattr(ours, "embeddings_project")
+    hf2 = hf_model("distilbert", "ForSequenceClassification", sinusoidal_pos_embds=True, activation="relu")
+    ours2 = bertfast.from_hf(hf2)
+    for h, o, fam in ((hf, ours, "electra"), (hf2, ours2, "distilbert")):
+        inputs = batch(fam)
+        valid = inputs["attention_mask"].bool()
+        with torch.no_grad():
+            x = h(**inputs, output_hidden_states=True).hidden_states[-1][valid]
+            y = o(**inputs, output_hidden_states=True).hidden_states[-1][valid]
+        torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-4)
+    fresh = bertfast.DistilBertModel(bertfast.DistilBertConfig(**FAMILIES["distilbert"][1], sinusoidal_pos_embds=True))
+    torch.testing.assert_close(fresh.embeddings.position_embeddings.weight,
+                               transformers.DistilBertModel(hf_config("distilbert", sinusoidal_pos_embds=True))
+                               .embeddings.position_embeddings.weight)
+    with pytest.raises(ValueError, match="token_type_ids"):
+        ours2(**batch("distilbert"), token_type_ids=torch.zeros(B, S, dtype=torch.long))
+
+
+def test_family_configs_round_trip(tmp_path):
+    cfg = bertfast.DistilBertConfig(dim=64, n_layers=3, n_heads=4, hidden_dim=100)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.dim) == (64, 3, 64)
+    d = cfg.to_dict()
+    assert d["model_type"] == "distilbert" and d["dim"] == 64 and "hidden_size" not in d
+    assert transformers.DistilBertConfig(**d).hidden_dim == 100
+    assert bertfast.DistilBertConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match="model_type"):
+        bertfast.RobertaConfig.from_dict({"model_type": "bert"})
+    with pytest.raises(ValueError, match="embedding_size"):
+        bertfast.ElectraConfig(embedding_size=0)
+    with pytest.raises(TypeError, match="RobertaConfig"):
+        bertfast.RobertaModel(bertfast.ElectraConfig())
+    assert bertfast.XLMRobertaConfig().to_dict()["model_type"] == "xlm-roberta"
