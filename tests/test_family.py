@@ -135,6 +135,11 @@ def test_family_head_matches_transformers(tmp_path, family, head):
     else:
         a.last_hidden_state[valid].square().sum().backward()
         b.last_hidden_state[valid].square().sum().backward()
+        with torch.inference_mode():  # the CPU inference path: GEMMs into reused buffers, ops in place
+            for _ in range(2):
+                y = ours.eval()(**inputs).last_hidden_state
+                torch.testing.assert_close(y[valid], a.last_hidden_state[valid].detach(), atol=2e-5, rtol=1e-4)
+                assert (y[~valid] == 0).all()
     hp = dict(hf.named_parameters(remove_duplicate=False))
     n = 0
     for pname, p in ours.named_parameters():
@@ -253,3 +258,87 @@ def test_family_configs_round_trip(tmp_path):
     with pytest.raises(TypeError, match="RobertaConfig"):
         bertfast.RobertaModel(bertfast.ElectraConfig())
     assert bertfast.XLMRobertaConfig().to_dict()["model_type"] == "xlm-roberta"
+
+
+def _place(family, rows, tts, labels, S, side):
+    """The same rows in a batch of length S, right- or left-padded; token labels moved with their
+    row and a real label on every padded position (it must be ignored)."""
+    pad_id = 1 if "roberta" in family else 0
+    n_rows = len(rows)
+    ids = torch.full((n_rows, S), pad_id, dtype=torch.long)
+    tt, mask, pos = (torch.zeros(n_rows, S, dtype=torch.long) for _ in range(3))
+    offsets = [S - len(r) if side == "left" else 0 for r in rows]
+    for b, (r, t, o) in enumerate(zip(rows, tts, offsets)):
+        ids[b, o:o + len(r)], tt[b, o:o + len(r)], mask[b, o:o + len(r)] = r, t, 1
+        pos[b, o:o + len(r)] = torch.arange(len(r))
+    args = dict(input_ids=ids, attention_mask=mask)
+    if family == "electra":
+        args["token_type_ids"] = tt
+    if side == "left" and "roberta" not in family:  # RoBERTa counts its positions past the padding itself
+        args["position_ids"] = pos
+    for key, val in labels.items():
+        if isinstance(val, list) and isinstance(val[0], torch.Tensor):  # token labels
+            lab = torch.ones(n_rows, S, dtype=torch.long)
+            for b, (v, o) in enumerate(zip(val, offsets)):
+                lab[b, o:o + len(v)] = v
+            args[key] = lab
+        elif isinstance(val, list):  # span positions, moved with the row
+            args[key] = torch.tensor([p + o for p, o in zip(val, offsets)])
+        else:
+            args[key] = val
+    return args, offsets
+
+
+# the heads' forward and losses are shared by the family (heads.py): each member's encoder, and each
+# kind of loss, once or twice
+PAD_CASES = [("roberta", "ForSequenceClassification"), ("roberta", "ForQuestionAnswering"),
+             ("xlm-roberta", "ForMaskedLM"), ("distilbert", "ForTokenClassification"),
+             ("distilbert", "ForQuestionAnswering"), ("electra", "ForPreTraining"), ("electra", "ForMaskedLM"),
+             ("electra", "ForSequenceClassification")]
+
+
+@pytest.mark.parametrize("family,head", PAD_CASES)
+def test_family_heads_ignore_padding_amount_and_side(family, head):
+    """A row's outputs, loss and gradients are the same whatever padding its batch has; the encoder
+    runs its packed (padding-free) path whenever there is padding."""
+    ours = bertfast.from_hf(hf_model(family, head)).train()  # the loss paths (dropout is 0)
+    lengths = (5, 7)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+    tts = [torch.randint(0, 2, (n,), generator=g) for n in lengths]
+    labels = {"ForMaskedLM": {"labels": [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]},
+              "ForPreTraining": {"labels": [torch.randint(0, 2, (n,), generator=g) for n in lengths]},
+              "ForTokenClassification": {"labels": [torch.randint(0, 3, (n,), generator=g) for n in lengths]},
+              "ForSequenceClassification": {"labels": torch.tensor([0, 2])},
+              "ForQuestionAnswering": {"start_positions": [1, 2], "end_positions": [3, 6]}}.get(head, {})
+    base = getattr(ours, ours.base_model_prefix, ours)
+    results = []
+    for S, side in ((7, "right"), (12, "right"), (10, "left")):
+        args, offsets = _place(family, rows, tts, labels, S, side)
+        enc_args = {k: v for k, v in args.items() if k in ("input_ids", "attention_mask", "token_type_ids",
+                                                            "position_ids")}
+        with torch.no_grad():
+            packed = base(**enc_args, return_packed=True)
+        assert (packed.layout is not None) == bool((args["attention_mask"] == 0).any()), "padding-free path"
+        ours.zero_grad()
+        out = ours(**args)
+        per_row = {}
+        for key in ("last_hidden_state", "logits", "start_logits", "end_logits"):
+            y = getattr(out, key, None)
+            if y is None:
+                continue
+            if y.dim() >= 2 and y.shape[:2] == (2, S):  # token level: each row's own positions
+                per_row[key] = [y[b, o:o + n] for b, (o, n) in enumerate(zip(offsets, lengths))]
+            else:
+                per_row[key] = [y]
+        loss = out.loss if getattr(out, "loss", None) is not None else \
+            (out.last_hidden_state * args["attention_mask"].unsqueeze(-1)).square().sum()
+        loss.backward()
+        per_row["loss"] = [loss.detach()]
+        per_row["grads"] = [p.grad.clone() for p in ours.parameters() if p.grad is not None]
+        results.append(per_row)
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        for key in results[0]:
+            for x, y in zip(results[0][key], other[key]):
+                torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-4, msg=f"{family} {head}.{key}")
