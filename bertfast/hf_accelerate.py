@@ -46,21 +46,29 @@ class EncoderSwap:
     output_class: str  # the transformers.modeling_outputs class the transformers encoder returns
 
 
-def _build_bert(hf_encoder: nn.Module) -> nn.Module:
-    from .models import BertConfig, BertModel
+def _build_family(hf_encoder: nn.Module) -> nn.Module:
+    """The bertfast encoder of the transformers encoder's model_type (models.registry): BertModel,
+    RobertaModel, XLMRobertaModel, DistilBertModel, ElectraModel; without a pooler where it has none."""
+    from .models.registry import BASE_MODELS, config_from_hf
 
     cfg = hf_encoder.config
     if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
-        raise ValueError("accelerate: a BertModel configured as a decoder (is_decoder / add_cross_attention) is not "
-                         "served; bertfast's encoder is bidirectional")
+        raise ValueError(f"accelerate: a {type(hf_encoder).__name__} configured as a decoder (is_decoder / "
+                         f"add_cross_attention) is not served; bertfast's encoder is bidirectional")
     with torch.device("meta"):
-        config = BertConfig.from_dict({k: v for k, v in cfg.to_dict().items() if not k.startswith("_")})
-        return BertModel(config, add_pooling_layer=getattr(hf_encoder, "pooler", None) is not None)
+        twin = BASE_MODELS[cfg.model_type](config_from_hf(cfg))
+    if getattr(twin, "pooler", None) is not None and getattr(hf_encoder, "pooler", None) is None:
+        twin.pooler = None  # add_pooling_layer=False
+    return twin
 
 
-# transformers config.model_type -> bertfast encoder (the BERT family adds its members here)
+# transformers config.model_type -> bertfast encoder
 ENCODERS: Dict[str, EncoderSwap] = {
-    "bert": EncoderSwap(_build_bert, "BaseModelOutputWithPoolingAndCrossAttentions"),
+    "bert": EncoderSwap(_build_family, "BaseModelOutputWithPoolingAndCrossAttentions"),
+    "roberta": EncoderSwap(_build_family, "BaseModelOutputWithPoolingAndCrossAttentions"),
+    "xlm-roberta": EncoderSwap(_build_family, "BaseModelOutputWithPoolingAndCrossAttentions"),
+    "distilbert": EncoderSwap(_build_family, "BaseModelOutput"),
+    "electra": EncoderSwap(_build_family, "BaseModelOutputWithPastAndCrossAttentions"),
 }
 
 
@@ -194,7 +202,8 @@ def _encoders(model: nn.Module):
 def accelerate(model):
     """Run every transformers encoder inside `model` on bertfast's kernels, in place, and return `model`.
 
-    `model`: a transformers BertModel or BertFor* head, a sentence_transformers SentenceTransformer
+    `model`: a transformers model of the BERT family (Bert, Roberta, XLMRoberta, DistilBert, Electra:
+    the base model or a head), a sentence_transformers SentenceTransformer
     (or CrossEncoder) whose transformer module holds one, or any nn.Module containing them. Parameters
     are shared, not copied. Calling it again rebuilds the twins (after replacing layers by hand)."""
     if not isinstance(model, nn.Module):

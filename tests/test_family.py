@@ -342,3 +342,48 @@ def test_family_heads_ignore_padding_amount_and_side(family, head):
         for key in results[0]:
             for x, y in zip(results[0][key], other[key]):
                 torch.testing.assert_close(y, x, atol=2e-5, rtol=1e-4, msg=f"{family} {head}.{key}")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_accelerate_serves_the_family(family, monkeypatch):
+    """bertfast.accelerate on a transformers head of each member: bertfast's encoder runs (the
+    transformers encoder's forward is made to fail), outputs, loss and gradients as transformers'."""
+    import copy
+
+    head = "ForTokenClassification"
+    hf = hf_model(family, head)
+    fast = bertfast.accelerate(copy.deepcopy(hf))
+    inputs = batch(family)
+    labels = labels_for(head, inputs["attention_mask"])
+    a = hf(**inputs, **labels)
+    encoder_cls = getattr(transformers, FAMILIES[family][0] + "Model")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the transformers encoder ran")
+
+    monkeypatch.setattr(encoder_cls, "forward", refuse)
+    b = fast(**inputs, **labels)
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(b.logits[valid], a.logits[valid], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=1e-5)
+    a.loss.backward()
+    b.loss.backward()
+    grads = dict(fast.named_parameters())
+    for name, p in hf.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, atol=3e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_forward_packed_matches_padded_forward(family):
+    """forward_packed (the graphs' entry point) on each member: the packed rows of forward's."""
+    ours = bertfast.from_hf(hf_model(family, "Model")).eval()
+    inputs = batch(family)
+    valid = inputs["attention_mask"].bool()
+    lengths = inputs["attention_mask"].sum(1)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    kw = {"token_type_ids": inputs["token_type_ids"][valid]} if "token_type_ids" in inputs else {}
+    with torch.no_grad():
+        packed = ours.forward_packed(inputs["input_ids"][valid], cu, int(lengths.max()), **kw)
+        padded = ours(**inputs)
+    torch.testing.assert_close(packed.last_hidden_state, padded.last_hidden_state[valid], atol=2e-5, rtol=1e-4)
