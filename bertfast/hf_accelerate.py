@@ -47,9 +47,9 @@ class EncoderSwap:
 
 
 def _build_family(hf_encoder: nn.Module) -> nn.Module:
-    """The bertfast encoder of the transformers encoder's model_type (models.registry): BertModel,
+    """The bertfast encoder of the transformers encoder's model_type (models.convert): BertModel,
     RobertaModel, XLMRobertaModel, DistilBertModel, ElectraModel; without a pooler where it has none."""
-    from .models.registry import BASE_MODELS, config_from_hf
+    from .models.convert import BASE_MODELS, config_from_hf
 
     cfg = hf_encoder.config
     if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
