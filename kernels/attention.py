@@ -124,11 +124,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, stride_ks, stride_vs
                qk_scale, drop_base, max_k, seed_lo, seed_hi, drop_threshold,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-               DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+               DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, DESC: tl.constexpr):
+    # DESC: k_ptrs/v_ptrs are tensor descriptors of this sequence's keys/values (TMA loads on Hopper;
+    # rows past len_k and columns past HEAD_DIM read 0 without masks)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        k = _load_tile(k_ptrs + start_n * stride_ks, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if DESC:
+            k = k_ptrs.load([start_n, 0])
+        else:
+            k = _load_tile(k_ptrs + start_n * stride_ks, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if HAS_BIAS or MASKED:
             s = qk * qk_scale
@@ -158,7 +163,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, stride_ks, stride_vs
         # the softmax denominator counts every probability, dropped or not (dropout acts after it)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_tile(v_ptrs + start_n * stride_vs, cols, len_k, offs_dv, HEAD_DIM_V, BLOCK_DV, MASKED)
+        if DESC:
+            v = v_ptrs.load([start_n, 0])
+        else:
+            v = _load_tile(v_ptrs + start_n * stride_vs, cols, len_k, offs_dv, HEAD_DIM_V, BLOCK_DV, MASKED)
         if DROPOUT:
             offs = drop_base + offs_m[:, None].to(tl.int64) * max_k + cols[None, :]
             p = tl.where(dropout_keep(seed_lo, seed_hi, offs, drop_threshold), p, 0.0)
@@ -175,7 +183,7 @@ def _attn_fwd(Q, K, V, Out, Lse, KeyBias, CU_Q, CU_K,
               H, max_q, max_k, n_mblocks, qk_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-              CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+              CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, DESC: tl.constexpr = False):
     # 1-D grid, query blocks fastest: neighbouring programs share one head's K/V in L2, and the
     # grid is not limited by the 65535 cap of the second grid dimension
     pid = tl.program_id(0)
@@ -200,7 +208,22 @@ def _attn_fwd(Q, K, V, Out, Lse, KeyBias, CU_Q, CU_K,
     v_ptrs = V + (b64 * stride_vb + k_start * stride_vs + h64 * stride_vh) + offs_n[:, None] * stride_vs \
         + offs_dv[None, :]
     bias_ptrs = KeyBias + b64 * stride_biasb
-    q = _load_tile(q_ptrs, offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    if DESC:
+        # Hopper's TMA: one descriptor per sequence and head, bounded by its length, so the loads
+        # need no masks and read 0 past the sequence (as the masked pointer loads do); the launcher
+        # checks the 16-byte alignment TMA needs and uses the pointer path otherwise
+        q_desc = tl.make_tensor_descriptor(Q + (b64 * stride_qb + q_start * stride_qs + h64 * stride_qh),
+                                           shape=[len_q, HEAD_DIM], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_ptrs = tl.make_tensor_descriptor(K + (b64 * stride_kb + k_start * stride_ks + h64 * stride_kh),
+                                           shape=[len_k, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_ptrs = tl.make_tensor_descriptor(V + (b64 * stride_vb + k_start * stride_vs + h64 * stride_vh),
+                                           shape=[len_k, HEAD_DIM_V], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
+        q = q_desc.load([m0, 0])
+    else:
+        q = _load_tile(q_ptrs, offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -220,12 +243,12 @@ def _attn_fwd(Q, K, V, Out, Lse, KeyBias, CU_Q, CU_K,
                                offs_m, offs_n, offs_d, offs_dv, 0, full_end, len_q, len_k,
                                qk_scale, drop_base, max_k, seed_lo, seed_hi, drop_threshold,
                                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                               False, HAS_BIAS, CAUSAL, DROPOUT, DOT_PREC)
+                               False, HAS_BIAS, CAUSAL, DROPOUT, DOT_PREC, DESC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, bias_ptrs, stride_ks, stride_vs,
                                offs_m, offs_n, offs_d, offs_dv, full_end, hi, len_q, len_k,
                                qk_scale, drop_base, max_k, seed_lo, seed_hi, drop_threshold,
                                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                               True, HAS_BIAS, CAUSAL, DROPOUT, DOT_PREC)
+                               True, HAS_BIAS, CAUSAL, DROPOUT, DOT_PREC, DESC)
 
     # rows that saw no key: l = 0, acc = 0 -> output 0 and lse = +inf (the contract)
     dead = l_i == 0.0
@@ -493,6 +516,7 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    desc: bool = False  # forward only: K/V/Q loads through tensor descriptors (TMA on Hopper)
 
 
 C = Config
@@ -568,6 +592,17 @@ DROPOUT_CONFIGS = {
     },
 }
 ARCHS = {"sm90": "sm_90a", "sm80": "sm_80"}  # family -> the architecture its lists are verified for
+# Hopper variants of the forward whose loads go through tensor descriptors (TMA), 16-bit only.
+# Not the default: the launcher serves them when BERTFAST_ATTN_DESC=1 (or the autotuner, with
+# BERTFAST_AUTOTUNE=1, measures them faster) and the tensors meet TMA's 16-byte alignment.
+# benchmarks/attention_variants.py times each against the pointer-load configs on a GPU.
+DESC_CONFIGS = {
+    "sm90": {"fwd": {32: [C(128, 64, 4, 3, True), C(128, 128, 8, 3, True), C(64, 64, 4, 3, True)],
+                     64: [C(128, 64, 4, 3, True), C(128, 128, 8, 3, True), C(64, 64, 4, 3, True),
+                          C(128, 64, 4, 4, True)],
+                     128: [C(128, 64, 8, 3, True), C(128, 128, 8, 2, True), C(64, 64, 4, 3, True)],
+                     256: [C(64, 64, 8, 2, True)]}},
+}
 # fp32 runs its dots as 3xTF32 (three tensor-core products that recover fp32 accuracy), whose
 # operand splitting needs about twice the registers of a 16-bit dot: 32 x 32 tiles or smaller.
 # fp32 is the accurate path, not the fast one: it compiles without spills at head_dim 64 and 128
@@ -605,8 +640,14 @@ def device_family(device) -> str:
     return _family(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def candidates(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool = False, family: str = "sm90") -> list:
-    """Every configuration of `kernel` for this head_dim (padded), dtype, dropout flag and GPU family."""
+def candidates(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool = False, family: str = "sm90",
+               desc: bool = False) -> list:
+    """Every configuration of `kernel` for this head_dim (padded), dtype, dropout flag and GPU family;
+    desc=True: the tensor-descriptor forward variants (an empty list where there are none)."""
+    if desc:
+        if dtype == torch.float32:
+            return []
+        return DESC_CONFIGS.get(family, {}).get(kernel, {}).get(_block_d(head_dim), [])
     if dtype == torch.float32:
         return CONFIGS_FP32[kernel][_block_d(head_dim)]
     table = DROPOUT_CONFIGS if dropout and kernel != "pre" else CONFIGS
@@ -614,12 +655,14 @@ def candidates(kernel: str, head_dim: int, dtype: torch.dtype, dropout: bool = F
 
 
 def pick_config(kernel: str, head_dim: int, dtype: torch.dtype, max_q: int, max_k: int, dropout: bool = False,
-                family: str = "sm90", interpret=None) -> Config:
+                family: str = "sm90", interpret=None, desc: bool = False) -> Config:
     """The heuristic: the first (tuned default) candidate whose tiles are not larger than the
     sequences they cover, so short sequences do not compute on mostly-empty tiles."""
     if _interpret() if interpret is None else interpret:
-        return INTERPRET_CONFIGS[kernel]
-    cands = candidates(kernel, head_dim, dtype, dropout, family)
+        cfg = INTERPRET_CONFIGS[kernel]
+        return Config(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, desc) if desc else cfg
+    cands = candidates(kernel, head_dim, dtype, dropout, family, desc) or candidates(kernel, head_dim, dtype,
+                                                                                       dropout, family)
     lim_m = max(16, triton.next_power_of_2(max(max_q, 1)))
     lim_n = max(16, triton.next_power_of_2(max(max_k, 1)))
     for c in cands:
@@ -644,7 +687,41 @@ def _launch_one(fn, cfg: Config, grid_of, args_of, constexprs):
     meta["BLOCK_M"] = cfg.block_m
     if "BLOCK_N" in fn.arg_names:
         meta["BLOCK_N"] = cfg.block_n
+    if cfg.desc:
+        _ensure_allocator()
+        meta["DESC"] = True
     fn[grid_of(cfg)](*args_of(cfg), **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+_allocator_set = False
+
+
+def _ensure_allocator():
+    """Device-side tensor descriptors live in a small global scratch that Triton asks the host to
+    allocate per launch: route that through torch's caching allocator (CUDA-graph safe)."""
+    global _allocator_set
+    if not _allocator_set:
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+        triton.set_allocator(alloc)
+        _allocator_set = True
+
+
+_forced: dict = {}  # kernel -> Config: benchmarks/attention_variants.py times one configuration at a time
+
+
+def desc_aligned(*tensors) -> bool:
+    """TMA's rules for a descriptor over these tensors' rows: 16-byte aligned base and strides."""
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
+            return False
+    return True
+
+
+def _desc_wanted() -> bool:
+    return os.environ.get("BERTFAST_ATTN_DESC", "0") == "1"
 
 
 def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, dtype, max_q: int, max_k: int,
@@ -653,8 +730,12 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
     candidate for (kernel, head_dim, dtype, sequence-length buckets, constexpr flags), timed once
     on the real arguments and cached (every kernel here overwrites its outputs, so that is safe).
     grid_of(cfg) / args_of(cfg): the grid and the arguments depend on the tile sizes."""
-    cfg = None
+    cfg = _forced.get(kernel)
     dropout = bool(constexprs.get("DROPOUT", False))
+    desc = bool(constexprs.pop("_DESC_OK", False))
+    if cfg is not None:
+        _launch_one(fn, cfg, grid_of, args_of, constexprs)
+        return
     if _autotune_on():
         key = (kernel, family, _block_d(head_dim), dtype, _seq_bucket(max_q), _seq_bucket(max_k),
                tuple(sorted(constexprs.items())))
@@ -663,7 +744,8 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
             from triton.testing import do_bench
 
             best = None
-            for c in candidates(kernel, head_dim, dtype, dropout, family):
+            for c in candidates(kernel, head_dim, dtype, dropout, family) + (
+                    candidates(kernel, head_dim, dtype, dropout, family, desc=True) if desc else []):
                 try:
                     t = do_bench(lambda c=c: _launch_one(fn, c, grid_of, args_of, constexprs), warmup=5, rep=20)
                 except Exception:  # noqa: BLE001 - a candidate that does not fit (shared memory) is skipped
@@ -672,14 +754,14 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
                     best = (t, c)
             cfg = _tuned[key] = best[1] if best else pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family)
     if cfg is None:
-        cfg = pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family)
+        cfg = pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family, desc=desc and _desc_wanted())
         # a GPU of the family with less shared memory per block (sm_86/89/120: ~99 KB) cannot
         # run the biggest tiles: the first launch finds out, later launches reuse the answer
         cfg = _shrunk.get((kernel, family, cfg, dtype, tuple(sorted(constexprs.items()))), cfg)
     try:
         _launch_one(fn, cfg, grid_of, args_of, constexprs)
     except triton.runtime.errors.OutOfResources:
-        cands = candidates(kernel, head_dim, dtype, dropout, family)
+        cands = candidates(kernel, head_dim, dtype, dropout, family, desc=cfg.desc)
         key = (kernel, family, cfg, dtype, tuple(sorted(constexprs.items())))
         for smaller in cands[cands.index(cfg) + 1 if cfg in cands else len(cands):]:
             try:
@@ -795,9 +877,14 @@ def attention_fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             c["stride_lb"], c["stride_lh"], c["stride_bias"], H, max_q, max_k)
     tail = (scale * LOG2E,) + c["seeds"]
+    cx = dict(c["constexprs"])
+    fam = device_family(q.device)
+    # the tensor-descriptor variants: Hopper (or the interpreter), 16-bit, TMA-aligned tensors
+    cx["_DESC_OK"] = q.dtype != torch.float32 and fam == "sm90" and (q.is_cuda or _interpret()) and desc_aligned(
+        q, k, v)
     _launch("fwd", _attn_fwd, lambda cfg: (triton.cdiv(max_q, cfg.block_m) * B * H,),
             lambda cfg: head + (triton.cdiv(max_q, cfg.block_m),) + tail,
-            c["constexprs"], c["head_dim"], q.dtype, max_q, max_k, device_family(q.device))
+            cx, c["head_dim"], q.dtype, max_q, max_k, fam)
     return out, lse
 
 
@@ -896,6 +983,8 @@ def aot_spec(kernel: str, cfg: Config, dt: str, head_dim: int, varlen=False, has
         cx = {"HEAD_DIM": head_dim, "HEAD_DIM_V": dv, "BLOCK_D": _block_d(head_dim), "BLOCK_DV": _block_d(dv),
               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "VARLEN": varlen, "HAS_BIAS": has_bias,
               "CAUSAL": causal, "DROPOUT": dropout, "DOT_PREC": "tf32x3" if dt == "fp32" else "tf32"}
+        if kernel == "fwd":
+            cx["DESC"] = cfg.desc
     assert set(sig) | set(cx) == set(fn.arg_names), (kernel, set(fn.arg_names) ^ (set(sig) | set(cx)))
     full_sig = {n: (sig[n] if n in sig else "constexpr") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): _DIV16 for n in div16}
@@ -903,7 +992,7 @@ def aot_spec(kernel: str, cfg: Config, dt: str, head_dim: int, varlen=False, has
                                         f"dropout={int(dropout)}")
     config = (f"{dt} d={head_dim}{'' if dv == head_dim else f'/{dv}'} BLOCK_M={cfg.block_m}"
               f"{'' if kernel == 'pre' else f' BLOCK_N={cfg.block_n}'} warps={cfg.num_warps} "
-              f"stages={cfg.num_stages}{flags}")
+              f"stages={cfg.num_stages}{' tma' if cfg.desc else ''}{flags}")
     spec = {"kernel": fn.__name__, "fn": fn, "signature": full_sig, "constexprs": cx, "attrs": attrs,
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "config": config}
     if family is not None:  # the lists of a GPU family are launched (and verified) on its architecture only
@@ -929,6 +1018,12 @@ def aot_specs(full: bool = False) -> list:
                     for cfg in cfgs:
                         for dt in (("bf16", "fp16") if full else ("bf16",)):
                             specs.append(aot_spec(kernel, cfg, dt, d, dropout=dropout, family=family))
+            for d, cfgs in DESC_CONFIGS.get(family, {}).get(kernel, {}).items():
+                for cfg in cfgs:  # TMA variants: no dropout (the serving case they are for)
+                    specs.append(aot_spec(kernel, cfg, "bf16", d, dropout=False, family=family))
+                    if full:
+                        specs.append(aot_spec(kernel, cfg, "bf16", d, varlen=True, has_bias=False, dropout=False,
+                                              family=family))
             if full:
                 cfg = CONFIGS[family][kernel][64][0]
                 specs.append(aot_spec(kernel, cfg, "bf16", 64, varlen=True, has_bias=False, causal=True, dropout=False,

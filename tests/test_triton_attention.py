@@ -346,7 +346,7 @@ def test_configs_enumerable_and_aot_specs_complete():
     specs = K.aot_specs()
     names = {s["kernel"] for s in specs}
     assert names == {"_attn_fwd", "_attn_bwd_pre", "_attn_bwd_dkdv", "_attn_bwd_dq"}
-    n_cfgs = sum(len(c) for table in (K.CONFIGS, K.DROPOUT_CONFIGS) for fam in table.values()
+    n_cfgs = sum(len(c) for table in (K.CONFIGS, K.DROPOUT_CONFIGS, K.DESC_CONFIGS) for fam in table.values()
                  for kern in fam.values() for c in kern.values())
     assert len(specs) == n_cfgs
     for s in specs:
@@ -429,16 +429,19 @@ from bertfast.kernels import attention as K
 from bertfast.verify import compile_spec
 out = []
 for kernel in sys.argv[1].split(","):
-    spec = K.aot_spec(kernel, K.CONFIGS["sm90"][kernel][64][0], "bf16", 64, dropout=False, family="sm90")
+    table = K.DESC_CONFIGS if kernel == "fwd_tma" else K.CONFIGS
+    kernel = kernel.replace("_tma", "")
+    spec = K.aot_spec(kernel, table["sm90"][kernel][64][0], "bf16", 64, dropout=False, family="sm90")
     out.append(compile_spec(spec, 90))
 print(json.dumps(out))
 """
 
 
 def test_aot_compile_sm90_no_spills():
-    """The default head_dim-64 bf16 configurations compile for sm_90a without a GPU and do not
-    spill (bertfast verify --aot compiles every configuration). In a subprocess: the tests run
-    with TRITON_INTERPRET=1, under which @triton.jit functions cannot be compiled."""
+    """The default head_dim-64 bf16 configurations, and the forward's TMA variant, compile for
+    sm_90a without a GPU and do not spill (bertfast verify --aot compiles every configuration).
+    In a subprocess: the tests run with TRITON_INTERPRET=1, under which @triton.jit functions
+    cannot be compiled."""
     import json
     import os
     import subprocess
@@ -451,7 +454,7 @@ def test_aot_compile_sm90_no_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "fwd,dq"], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "fwd,dq,fwd_tma"], env=env, capture_output=True, text=True,
                        timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     for usage in json.loads(r.stdout.strip().splitlines()[-1]):
@@ -459,8 +462,108 @@ def test_aot_compile_sm90_no_spills():
         assert 0 < usage["REG"] <= 255, usage
 
 
+def _spy_launches(monkeypatch, K):
+    seen = []
+    real = K._launch_one
+
+    def launch(fn, cfg, *a):
+        seen.append((fn.__name__, cfg))
+        return real(fn, cfg, *a)
+
+    monkeypatch.setattr(K, "_launch_one", launch)
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["fused_qkv", "varlen", "bias", "causal"])
+def test_tma_descriptor_forward_equals_pointer_loads(monkeypatch, layout):
+    """BERTFAST_ATTN_DESC=1: the forward loads Q/K/V through tensor descriptors bounded by each
+    sequence (TMA on Hopper); same bits as the masked pointer loads, at a padded head_dim (40)."""
+    from bertfast import backend, ops
+
+    K, A = _mods()
+    g = _gen(11)
+    D, H = 40, 2
+    kw = {}
+    if layout == "varlen":
+        qkv = _rand((45, 3, H, D), torch.float16, g)
+        kw = {"cu_seqlens": torch.tensor([0, 17, 17, 45], dtype=torch.int32, device=DEV), "max_seqlen": 28}
+    else:
+        qkv = _rand((2, 33, 3, H, D), torch.float16, g)
+        if layout == "bias":
+            mask = torch.ones(2, 33, dtype=torch.bool, device=DEV)
+            mask[1, 9:] = False
+            kw = {"attention_mask": mask}
+        elif layout == "causal":
+            kw = {"causal": True}
+    q, k, v = qkv.unbind(-3)
+    assert K.desc_aligned(q, k, v)
+    seen = _spy_launches(monkeypatch, K)
+    with backend.use_backend("triton"):
+        monkeypatch.setenv("BERTFAST_ATTN_DESC", "0")
+        plain = ops.attention(q, k, v, **kw)
+        monkeypatch.setenv("BERTFAST_ATTN_DESC", "1")
+        desc = ops.attention(q, k, v, **kw)
+    fwd = [cfg for name, cfg in seen if name == "_attn_fwd"]
+    assert [c.desc for c in fwd[-2:]] == [False, True]
+    assert torch.equal(plain, desc)
+
+
+def test_tma_needs_aligned_rows():
+    K, _ = _mods()
+    x = torch.zeros(10, 3, 16, dtype=torch.float16)
+    assert K.desc_aligned(x[:, 0], x[:, 1])  # 96-byte token stride, 32-byte head offset
+    odd = torch.zeros(10, 3, 12, dtype=torch.float16)  # a 24-byte row offset: not 16-byte aligned
+    assert not K.desc_aligned(odd[:, 1])
+    assert K.candidates("fwd", 64, torch.float32, desc=True) == []
+
+
+def test_forced_config_is_launched(monkeypatch):
+    """K._forced (benchmarks/attention_variants.py times one configuration at a time)."""
+    K, A = _mods()
+    seen = _spy_launches(monkeypatch, K)
+    cfg = K.Config(32, 16, 4, 1)
+    monkeypatch.setattr(K, "_forced", {"fwd": cfg})
+    g = _gen(12)
+    q, k, v = (_rand((1, 20, 1, 32), torch.float16, g) for _ in range(3))
+    out, _ = K.attention_fwd(q, k, v, None, None, None, 20, 20, 0.0, 0.3, False, 0)
+    ref, _ = A._fwd_reference(q, k, v, None, None, None, 20, 20, 0.0, 0.3, False, 0)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+    assert seen == [("_attn_fwd", cfg)]
+
+
+def test_attention_variants_plan():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "benchmarks/attention_variants.py", "--dry-run"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stdout.split("\n")
+    assert r.returncode == 0 and lines[0] == "bucket padded 64 128" and len([x for x in lines if x]) == 12
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU only
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_tma_forward_equals_pointer_loads(monkeypatch, D):
+    from bertfast import backend, ops
+
+    K, _ = _mods()
+    g = _gen(13)
+    qkv = _rand((8, 256, 3, 8, D), torch.bfloat16, g)
+    q, k, v = qkv.unbind(-3)
+    with backend.use_backend("triton"):
+        monkeypatch.setenv("BERTFAST_ATTN_DESC", "0")
+        plain = ops.attention(q, k, v)
+        monkeypatch.setenv("BERTFAST_ATTN_DESC", "1")
+        desc = ops.attention(q, k, v)
+    if K.device_family(q.device) == "sm90":
+        torch.testing.assert_close(desc, plain, atol=0, rtol=0)
 
 
 @requires_cuda
