@@ -462,6 +462,16 @@ def _load(cls_name: str, folder: str):
     return model.to(dev).eval(), tok
 
 
+def _embed_to_folder(out: str) -> bool:
+    """embed's --out: a .npy file, or a folder (an existing one, or a name without an extension) of shards."""
+    folder = os.path.isdir(out) or not os.path.splitext(out)[1]
+    if not folder and not out.endswith(".npy"):
+        raise ValueError(f"--out must name a .npy file or a folder (no extension), got {out!r}")
+    if not folder and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"--out must be a folder under torchrun (shards per process), got {out!r}")
+    return folder
+
+
 def cli_main(cmd: str, argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog=f"bertfast {cmd}")
     p.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer)")
@@ -474,7 +484,9 @@ def cli_main(cmd: str, argv: Sequence[str]) -> int:
         p.add_argument("--layer", type=int, default=-1)
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--normalize", action="store_true")
-        p.add_argument("--out", required=True, help="output .npy file (N, hidden) float32")
+        p.add_argument("--out", required=True, help="a .npy file (N, hidden) float32, or a folder: shards + "
+                       "index.json, split over torchrun's processes, resumable (see bertfast.embed_shards)")
+        p.add_argument("--shard-size", type=int, help="texts per shard of a folder --out (default: one per process)")
     elif cmd == "search":
         p.add_argument("--corpus", required=True, help="file with one text per line")
         p.add_argument("--query", required=True, nargs="+")
@@ -510,9 +522,15 @@ def _run_cli(cmd: str, args) -> int:
                 print(json.dumps({"mask": i, "token": c["token"], "score": round(c["score"], 6),
                                   "sequence": c["sequence"]}))
     elif cmd == "embed":
-        if not args.out.endswith(".npy"):
-            raise ValueError(f"--out must name a .npy file, got {args.out!r}")
+        to_folder = _embed_to_folder(args.out)
         texts = _texts_arg(args.inputs, "embed")
+        if to_folder:
+            from .embed_shards import run
+
+            summary = run(args, texts, lambda: _load("BertModel", args.model))
+            if summary:  # rank 0's
+                print(json.dumps(summary))
+            return 0
         model, tok = _load("BertModel", args.model)
         emb = embed(model, tok, texts, args.pooling, args.layer, args.batch_size, normalize=args.normalize,
                     cuda_graphs=None if args.cuda_graphs else False)
