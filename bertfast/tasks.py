@@ -360,7 +360,7 @@ def tag(model, tokenizer, text, max_length: Optional[int] = None) -> dict:
     id2label = _id2label(model)
     word_ids = list(enc.word_ids)
     # word ids restart per sequence; one text has one sequence, so they are word indices
-    wl = [id2label[i] for i in word_labels(logits.argmax(-1).tolist(), word_ids)]
+    wl = [id2label[i] for i in word_labels(piece_tags(model, logits, word_ids), word_ids)]
     words = words[:len(wl)]
     spans = bio_spans(wl)
     for s in spans:
@@ -370,6 +370,20 @@ def tag(model, tokenizer, text, max_length: Optional[int] = None) -> dict:
         else:
             s["text"] = " ".join(words[s["start"]:s["end"]])
     return {"words": words, "labels": wl, "spans": spans}
+
+
+def piece_tags(model, logits: torch.Tensor, word_ids: Sequence[Optional[int]]) -> List[int]:
+    """A tag id per word piece of one sequence's (S, labels) logits: the argmax of each piece, or
+    for a model with a CRF head (config.use_crf) the Viterbi path over the first piece of each
+    word (other pieces get -100; word_labels reads first pieces only)."""
+    if getattr(model, "crf", None) is None:
+        return logits.argmax(-1).tolist()
+    seen, first = set(), []
+    for w in word_ids:
+        first.append(w is not None and w not in seen)
+        seen.add(w)
+    dev = _device(model)
+    return model.decode(logits[None].to(dev), torch.tensor([first], device=dev))[0].tolist()
 
 
 def qa_windows(tokenizer, question: str, context: str, max_seq_len: int = 384, doc_stride: int = 128) -> List[dict]:

@@ -239,6 +239,54 @@ def test_finetune_csv_nli_ner_qa_run(base_model, tmp_path):
     assert res["eval_exact_match"] == 1.0
 
 
+def _capitalised_runs(documents, n):
+    """NER-style rows from real sentences: each run of capitalised words after a sentence's first
+    word is a NAME span (B-NAME I-NAME ...), everything else O."""
+    rows = []
+    for doc in documents:
+        for sent in doc:
+            words = [w.strip(".,;:()[]\"'") for w in sent.split()]
+            words = [w for w in words if w][:20]
+            if len(words) < 4:
+                continue
+            tags, prev = [], False
+            for i, w in enumerate(words):
+                cap = i > 0 and w[:1].isupper()
+                tags.append(("I-NAME" if prev else "B-NAME") if cap else "O")
+                prev = cap
+            rows.append({"tokens": words, "tags": tags})
+            if len(rows) == n:
+                return rows
+    return rows
+
+
+def test_finetune_ner_with_crf_from_the_command_line(base_model, tmp_path, capsys):
+    from bertfast import BertForTokenClassification, Tokenizer
+    from bertfast.cli import main
+    from bertfast.tasks import tag
+
+    rows = _capitalised_runs(system_documents(limit=6, include_docs=False), 48)
+    assert any("B-NAME" in r["tags"] for r in rows) and any("I-NAME" in r["tags"] for r in rows)
+    f = _write_jsonl(tmp_path / "ner.jsonl", rows)
+    out = tmp_path / "ner_crf"
+    assert main(["finetune", "--task", "ner", "--crf", "--model", base_model, "--train", f, "--eval", f, "--out",
+                 str(out), "--epochs", "3", "--batch-size", "8", "--lr", "3e-3", "--no-progress", "--threads", "1",
+                 "--max-seq-len", "48", "--log-every", "2"]) == 0
+    capsys.readouterr()
+    losses = [r["loss"] for r in read_metrics(str(out / "metrics.jsonl")) if "loss" in r]
+    assert losses[-1] < losses[0], losses
+    model = BertForTokenClassification.from_pretrained(str(out))
+    assert model.crf is not None and model.config.crf_constraints == "bio"
+    tok = Tokenizer.from_pretrained(str(out))
+    for r in rows[:12]:
+        labels = tag(model, tok, r["tokens"])["labels"]
+        assert len(labels) == len(r["tokens"]) and labels[0] != "I-NAME"
+        assert all(not (b == "I-NAME" and a == "O") for a, b in zip(labels, labels[1:])), labels
+    assert main(["finetune", "--task", "cls", "--crf", "--model", base_model, "--train", f, "--out",
+                 str(tmp_path / "x")]) == 1
+    assert "--crf is a sequence-labelling head" in capsys.readouterr().err
+
+
 def test_finetune_rejects_unknown_eval_label(base_model, tmp_path):
     tr = _write_jsonl(tmp_path / "tr.jsonl", [{"text": "x y", "label": "a"}, {"text": "y z", "label": "b"}])
     ev = _write_jsonl(tmp_path / "ev.jsonl", [{"text": "x y", "label": "c"}])

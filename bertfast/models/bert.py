@@ -877,20 +877,49 @@ class BertForSequenceClassification(BertPreTrainedModel):
 
 
 class BertForTokenClassification(BertPreTrainedModel):
+    """Token labels from a linear layer over each token (HF's head), or, with config.use_crf,
+    a linear-chain CRF over those scores: the loss is then the CRF's negative log-likelihood of
+    the labelled positions of each row (labels != -100, e.g. the first piece of each word), and
+    `decode` gives the Viterbi tags (config.crf_constraints = "bio": never an invalid BIO
+    transition)."""
+
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=False)
         self.dropout = nn.Dropout(_classifier_dropout(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.crf = None
+        if getattr(config, "use_crf", False):
+            from .crf import CRF, bio_constraints
+
+            kind = getattr(config, "crf_constraints", None)
+            if kind not in (None, "bio"):
+                raise ValueError(f"BertConfig.crf_constraints must be None or 'bio', got {kind!r}")
+            if kind == "bio" and not config.id2label:
+                raise ValueError("BertConfig.crf_constraints='bio' needs config.id2label (the BIO label names)")
+            self.crf = CRF(config.num_labels, bio_constraints(config.id2label) if kind == "bio" else None)
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None if labels is None else token_classification_loss(logits, labels, self.num_labels, attention_mask)
+        loss = None
+        if labels is not None and self.crf is not None:
+            lab = _checked_labels("labels", _valid_labels(labels, attention_mask), self.num_labels, "num_labels")
+            lab = lab.view(labels.shape)
+            loss = self.crf.nll(logits, lab.clamp_min(0), lab != -100)
+        elif labels is not None:
+            loss = token_classification_loss(logits, labels, self.num_labels, attention_mask)
         return TokenClassifierOutput(loss, logits, out.hidden_states)
+
+    def decode(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, S) tag ids at the positions `mask` marks (-100 elsewhere): Viterbi with a CRF,
+        else the argmax of each position."""
+        if self.crf is not None:
+            return self.crf.decode(logits, mask)
+        return logits.argmax(-1).masked_fill(~mask.bool(), -100)
 
 
 

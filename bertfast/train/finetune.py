@@ -233,7 +233,8 @@ def evaluate_finetune(task: str, model, feats: List[dict], tok, rt: Runtime, bat
         elif task == "ner":
             logits = out.logits.float().cpu()
             for f, lg in zip(chunk, logits):
-                pred_words = T.word_labels(lg[:len(f["input_ids"])].argmax(-1).tolist(), f["word_ids"])
+                pred_words = T.word_labels(T.piece_tags(model, lg[:len(f["input_ids"])], f["word_ids"]),
+                                           f["word_ids"])
                 n = len(pred_words)
                 gold_tags = [id2label[t] for t in f["tags"][:n]]
                 pred_tags = [id2label[p] for p in pred_words]
@@ -286,6 +287,8 @@ def _finetune(args, rt: Runtime) -> dict:
 
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {args.task!r}")
+    if getattr(args, "crf", False) and args.task != "ner":
+        raise ValueError(f"--crf is a sequence-labelling head: it needs --task ner, got --task {args.task}")
     if not os.path.isdir(args.model):
         raise ValueError(f"--model must be a checkpoint folder (config.json + weights), got {args.model!r}")
     for name in ("epochs", "batch_size", "max_seq_len"):
@@ -314,6 +317,8 @@ def _finetune(args, rt: Runtime) -> dict:
         cfg.update(num_labels=2, id2label=None, label2id=None)
     if args.task == "cls":
         cfg["problem_type"] = "multi_label_classification" if multi else "single_label_classification"
+    if args.task == "ner" and getattr(args, "crf", False):
+        cfg.update(use_crf=True, crf_constraints=_crf_constraints(getattr(args, "crf_constraints", "auto"), labels))
     cls = {"cls": BertForSequenceClassification, "nli": BertForSequenceClassification,
            "ner": BertForTokenClassification, "qa": BertForQuestionAnswering}[args.task]
     torch.manual_seed(args.seed)
@@ -381,6 +386,14 @@ def _finetune(args, rt: Runtime) -> dict:
     return last
 
 
+def _crf_constraints(given: str, labels: List[str]) -> Optional[str]:
+    """'bio' or None for config.crf_constraints; 'auto' is 'bio' when every label is O, B-X or I-X."""
+    if given == "auto":
+        bio = all(lab == "O" or (lab[:2] in ("B-", "I-") and len(lab) > 2) for lab in labels)
+        return "bio" if bio else None
+    return None if given == "none" else given
+
+
 def finetune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertfast finetune", description="Fine-tune a checkpoint for a task. Data "
                                 "formats: see `python -c 'import bertfast.train as t; print(t.__doc__)'`.")
@@ -392,6 +405,9 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="comma-separated label set (default: those of --train)")
     p.add_argument("--multi-label", action="store_true", help="cls: several labels per text (sigmoid + BCE)")
     p.add_argument("--threshold", type=float, default=0.5, help="multi-label decision threshold")
+    p.add_argument("--crf", action="store_true", help="ner: a linear-chain CRF head (Viterbi decoding)")
+    p.add_argument("--crf-constraints", choices=["auto", "bio", "none"], default="auto",
+                   help="ner --crf: forbid invalid BIO transitions when decoding (auto: when the labels are BIO)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, default=128)
