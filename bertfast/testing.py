@@ -1,6 +1,6 @@
-"""Fixtures shared by tests, benchmarks and checks: the packaged MiniLM checkpoint and real
-English text that ships with the machine (Debian's licence texts and package docs).
-Nothing here downloads anything."""
+"""Fixtures shared by tests, benchmarks and checks: the packaged MiniLM checkpoint, real
+English text that ships with the machine (Debian's licence texts and package docs), and the
+gradient comparison of a bertfast model with its transformers twin. Nothing here downloads anything."""
 from __future__ import annotations
 
 import glob
@@ -84,3 +84,23 @@ def system_sentences(limit: int = 2000, include_docs: bool = True) -> List[str]:
         if len(out) >= limit:
             break
     return out[:limit]
+
+
+def assert_grads_match(ours, hf, atol: float = 3e-5, rtol: float = 1e-4, label: str = "") -> tuple:
+    """Every parameter gradient of `ours` against the parameter of the same name in `hf` (a model
+    with the same module tree, after both ran backward). A parameter `hf` left without a gradient
+    must have none (or zeros) here too. Returns (gradients compared, their max abs difference)."""
+    import torch
+
+    theirs = dict(hf.named_parameters(remove_duplicate=False))
+    n, worst = 0, 0.0
+    for name, p in ours.named_parameters():
+        q = theirs[name]
+        assert p.shape == q.shape, name
+        if q.grad is None:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, atol=atol, rtol=rtol, msg=f"{label}grad of {name}")
+        worst = max(worst, (p.grad.double() - q.grad.double()).abs().max().item())
+        n += 1
+    return n, worst

@@ -8,6 +8,7 @@ import torch
 
 import bertfast
 from bertfast.models import convert
+from bertfast.testing import assert_grads_match
 
 transformers = pytest.importorskip("transformers")
 
@@ -140,18 +141,8 @@ def test_family_head_matches_transformers(tmp_path, family, head):
                 y = ours.eval()(**inputs).last_hidden_state
                 torch.testing.assert_close(y[valid], a.last_hidden_state[valid].detach(), atol=2e-5, rtol=1e-4)
                 assert (y[~valid] == 0).all()
-    hp = dict(hf.named_parameters(remove_duplicate=False))
-    n = 0
-    for pname, p in ours.named_parameters():
-        q = hp[pname]
-        assert p.shape == q.shape, pname
-        if q.grad is None:
-            assert p.grad is None or p.grad.abs().max() == 0, pname
-            continue
-        torch.testing.assert_close(p.grad, q.grad, atol=3e-5, rtol=1e-4, msg=f"{name}: grad of {pname}")
-        diffs["grad"] = max(diffs["grad"], max_diff(p.grad, q.grad))
-        n += 1
-    assert n >= len(hp) // 2 and n > 10
+    n, diffs["grad"] = assert_grads_match(ours, hf, label=f"{name}: ")
+    assert n >= len(dict(hf.named_parameters())) // 2 and n > 10
     print(f"PARITY {family:12s} {head:26s} " + " ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
 
 
@@ -368,9 +359,7 @@ def test_accelerate_serves_the_family(family, monkeypatch):
     torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=1e-5)
     a.loss.backward()
     b.loss.backward()
-    grads = dict(fast.named_parameters())
-    for name, p in hf.named_parameters():
-        torch.testing.assert_close(grads[name].grad, p.grad, atol=3e-5, rtol=1e-4, msg=name)
+    assert assert_grads_match(fast, hf)[0] > 10
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -387,3 +376,27 @@ def test_forward_packed_matches_padded_forward(family):
         packed = ours.forward_packed(inputs["input_ids"][valid], cu, int(lengths.max()), **kw)
         padded = ours(**inputs)
     torch.testing.assert_close(packed.last_hidden_state, padded.last_hidden_state[valid], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "electra"])
+def test_mlm_decoder_tied_unless_config_says_not(tmp_path, family):
+    prefix = FAMILIES[family][0]
+    tied = bertfast.from_hf(hf_model(family, "ForMaskedLM"))
+    words = tied.get_parameter(f"{tied.base_model_prefix}.embeddings.word_embeddings.weight")
+    decoder = {"roberta": "lm_head.decoder", "distilbert": "vocab_projector", "electra": "generator_lm_head"}[family]
+    assert tied.get_parameter(decoder + ".weight") is words
+    hf = hf_model(family, "ForMaskedLM", tie_word_embeddings=False)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = getattr(bertfast, prefix + "ForMaskedLM").from_pretrained(str(tmp_path / "hf"), strict=True)
+    assert ours.get_parameter(decoder + ".weight") is not ours.get_parameter(
+        f"{ours.base_model_prefix}.embeddings.word_embeddings.weight")
+    ours.save_pretrained(tmp_path / "ours")
+    from safetensors.torch import load_file
+
+    saved = {d: set(load_file(tmp_path / d / "model.safetensors")) for d in ("ours", "hf")}
+    assert saved["ours"] == saved["hf"]
+    back = getattr(transformers, prefix + "ForMaskedLM").from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    back.eval()
+    inputs = batch(family)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).logits, hf(**inputs).logits, atol=0, rtol=0)

@@ -149,10 +149,7 @@ class DistilBertPreTrainedModel(BertPreTrainedModel):
     config_class = DistilBertConfig
     base_model_prefix = "distilbert"
     pretraining_heads = ("vocab_transform", "vocab_layer_norm", "vocab_projector")
-
-    @property
-    def tied_weight_keys(self):
-        return ("vocab_projector.weight",) if getattr(self.config, "tie_word_embeddings", True) else ()
+    tied_weight_keys = ()
 
     def init_weights(self):
         super().init_weights()
@@ -162,10 +159,6 @@ class DistilBertPreTrainedModel(BertPreTrainedModel):
                     with torch.no_grad():
                         w = m.position_embeddings.weight
                         w.copy_(sinusoidal_positions(w.shape[0], w.shape[1]))
-
-    def tie_weights(self):
-        if hasattr(self, "vocab_projector") and getattr(self.config, "tie_word_embeddings", True):
-            self.vocab_projector.weight = self.distilbert.embeddings.word_embeddings.weight
 
 
 class DistilBertModel(DistilBertPreTrainedModel, BertModel):
@@ -203,6 +196,8 @@ class DistilBertModel(DistilBertPreTrainedModel, BertModel):
 
 
 class DistilBertForMaskedLM(MaskedLMHead, DistilBertPreTrainedModel):
+    tied_weights = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
+
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
         self.distilbert = DistilBertModel(config)

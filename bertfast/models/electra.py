@@ -62,14 +62,7 @@ class ElectraPreTrainedModel(BertPreTrainedModel):
     config_class = ElectraConfig
     base_model_prefix = "electra"
     pretraining_heads = ("generator_predictions", "generator_lm_head", "discriminator_predictions")
-
-    @property
-    def tied_weight_keys(self):
-        return ("generator_lm_head.weight",) if getattr(self.config, "tie_word_embeddings", True) else ()
-
-    def tie_weights(self):
-        if hasattr(self, "generator_lm_head") and getattr(self.config, "tie_word_embeddings", True):
-            self.generator_lm_head.weight = self.electra.embeddings.word_embeddings.weight
+    tied_weight_keys = ()  # the generator's (ElectraForMaskedLM's) are MaskedLMHead's
 
 
 class ElectraModel(ElectraPreTrainedModel, BertModel):
@@ -148,6 +141,8 @@ class ElectraForPreTraining(_FamilyHead, ElectraPreTrainedModel):
 
 class ElectraForMaskedLM(MaskedLMHead, ElectraPreTrainedModel):
     """The generator."""
+
+    tied_weights = {"generator_lm_head.weight": "electra.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: ElectraConfig):
         super().__init__(config)

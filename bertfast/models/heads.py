@@ -44,7 +44,25 @@ class _FamilyHead:
 class MaskedLMHead(_FamilyHead):
     """`predict(rows)` -> vocabulary logits. sparse_prediction=True with labels projects only the
     labelled positions (as BertForMaskedLM does): logits (labelled, vocab), same loss. Labels on
-    padding are ignored."""
+    padding are ignored.
+
+    `tied_weights`: HF's _tied_weights_keys, target -> source state-dict names (the decoder shares
+    the word embeddings), all of them off when config.tie_word_embeddings is False, as in HF. Tied
+    targets are not saved and not missing when a checkpoint lacks them (hub.py reads tied_weight_keys)."""
+
+    tied_weights: dict = {}
+
+    def _ties(self) -> dict:
+        return self.tied_weights if getattr(self.config, "tie_word_embeddings", True) else {}
+
+    @property
+    def tied_weight_keys(self):
+        return tuple(self._ties())
+
+    def tie_weights(self):
+        for target, source in self._ties().items():
+            module, _, name = target.rpartition(".")
+            setattr(self.get_submodule(module), name, self.get_parameter(source))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, sparse_prediction=False):

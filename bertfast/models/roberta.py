@@ -53,19 +53,7 @@ class RobertaPreTrainedModel(BertPreTrainedModel):
     config_class = RobertaConfig
     base_model_prefix = "roberta"
     pretraining_heads = ("lm_head",)
-
-    @property
-    def tied_weight_keys(self):
-        if not getattr(self.config, "tie_word_embeddings", True):
-            return ()
-        return ("lm_head.decoder.weight", "lm_head.decoder.bias")
-
-    def tie_weights(self):
-        head = getattr(self, "lm_head", None)
-        if head is not None:
-            if getattr(self.config, "tie_word_embeddings", True):
-                head.decoder.weight = self.roberta.embeddings.word_embeddings.weight
-            head.decoder.bias = head.bias
+    tied_weight_keys = ()
 
     def _encoder(self, add_pooling_layer: bool):
         cls = XLMRobertaModel if isinstance(self.config, XLMRobertaConfig) else RobertaModel
@@ -106,8 +94,7 @@ class RobertaLMHead(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder.bias = self.bias
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # decoder.bias, when tied (tie_weights)
 
     def forward(self, hidden):
         return self.decoder(dense_act_layernorm(hidden, self.dense, "gelu", self.layer_norm))
@@ -127,6 +114,9 @@ class RobertaClassificationHead(nn.Module):
 
 
 class RobertaForMaskedLM(MaskedLMHead, RobertaPreTrainedModel):
+    tied_weights = {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
+                    "lm_head.decoder.bias": "lm_head.bias"}
+
     def __init__(self, config: RobertaConfig):
         super().__init__(config)
         self.roberta = self._encoder(add_pooling_layer=False)
