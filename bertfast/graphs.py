@@ -62,10 +62,14 @@ class GraphedEncoder:
     instead of every bucket at construction (smallest first). All graphs share one memory pool;
     `memory_bytes` is what they and the static buffers hold, `report()` says which buckets ran.
     The graphs use the parameters as they were at capture (the fused QKV weight is a copy made
-    then): after changing the model, release() and build a new GraphedEncoder."""
+    then): after changing the model, release() and build a new GraphedEncoder.
+    max_seqlen: the longest row the graphs serve (default: max_position_embeddings; longer rows
+    run eagerly). The attention kernels' tiles are chosen for it, so a server that truncates
+    to a shorter length should say so."""
 
     def __init__(self, model, max_tokens: int = 4096, max_seqs: int = 64, buckets: Optional[Sequence[int]] = None,
-                 capture: Optional[bool] = None, pad_chunk: int = 64, pooler: bool = True, lazy: bool = False):
+                 capture: Optional[bool] = None, pad_chunk: int = 64, pooler: bool = True, lazy: bool = False,
+                 max_seqlen: Optional[int] = None):
         model = getattr(model, "bert", model)
         if not hasattr(model, "forward_packed"):
             raise TypeError(f"model must be a bertfast BertModel (or a head with .bert), got {type(model).__name__}")
@@ -84,7 +88,11 @@ class GraphedEncoder:
         self.buckets = ladder
         self.max_tokens = ladder[-1]
         self.max_seqs = max_seqs
-        self.chunk = min(pad_chunk, cfg.max_position_embeddings)
+        self.max_seqlen = cfg.max_position_embeddings if max_seqlen is None else max_seqlen
+        if not isinstance(self.max_seqlen, int) or not 1 <= self.max_seqlen <= cfg.max_position_embeddings:
+            raise ValueError(f"max_seqlen must be an int in [1, {cfg.max_position_embeddings}] "
+                             f"(max_position_embeddings), got {max_seqlen!r}")
+        self.chunk = min(pad_chunk, self.max_seqlen)
         self.device = model.device
         self.capture = _capturing_default(self.device) if capture is None else bool(capture)
         if self.capture and self.device.type != "cuda":
@@ -125,9 +133,9 @@ class GraphedEncoder:
         return None
 
     def _max_seqlen(self, bucket: int) -> int:
-        # a bound on every sequence of the bucket (real rows <= S <= max positions, dummies <= chunk):
+        # a bound on every sequence of the bucket (real rows <= self.max_seqlen, dummies <= chunk):
         # the attention grid follows it, not the batch's longest row
-        return min(bucket, self.config.max_position_embeddings)
+        return min(bucket, self.max_seqlen)
 
     def _fill(self, bucket: int, total: int, ids, tt, pos, cu):
         """Writes a packed batch (total tokens, cu of B + 1 offsets) into the static buffers of
@@ -206,7 +214,7 @@ class GraphedEncoder:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         total, longest = _read_back(cfg, input_ids, mask, token_type_ids, position_ids)  # one host read
         bucket = self.bucket_for(total)
-        if bucket is None or total == 0:
+        if bucket is None or total == 0 or longest > self.max_seqlen:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
         layout = unpad_mask(mask, total, longest)
         idx = layout.indices
@@ -252,7 +260,7 @@ def _param_signature(model) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
 
 
-def cached_encoder(model, max_tokens: int, max_seqs: int) -> GraphedEncoder:
+def cached_encoder(model, max_tokens: int, max_seqs: int, max_seqlen: Optional[int] = None) -> GraphedEncoder:
     """A lazily captured GraphedEncoder (no pooler) kept beside `model` for as long as it lives,
     for callers such as tasks.embed that serve many batches over several calls. Rebuilt when
     the parameters changed since (moved, cast or updated in place) or the sizes grew."""
@@ -261,10 +269,12 @@ def cached_encoder(model, max_tokens: int, max_seqs: int) -> GraphedEncoder:
     hit = _CACHED.get(model)
     if hit is not None:
         enc, old = hit
-        if old == sig and enc.max_tokens >= max_tokens and enc.max_seqs >= max_seqs:
+        if old == sig and enc.max_tokens >= max_tokens and enc.max_seqs >= max_seqs and enc.max_seqlen == (
+                max_seqlen or model.config.max_position_embeddings):
             return enc
         enc.release()
-    enc = GraphedEncoder(model, max_tokens=max_tokens, max_seqs=max_seqs, pooler=False, lazy=True)
+    enc = GraphedEncoder(model, max_tokens=max_tokens, max_seqs=max_seqs, pooler=False, lazy=True,
+                         max_seqlen=max_seqlen)
     enc._model_keep = None  # the cache must not keep the model alive
     _CACHED[model] = (enc, sig)
     return enc

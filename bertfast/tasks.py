@@ -266,7 +266,8 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
             and hasattr(encoder, "forward_packed"):
         from .graphs import cached_encoder
 
-        run = cached_encoder(encoder, max_tokens=min(batch_size * max_length, 16384), max_seqs=batch_size)
+        run = cached_encoder(encoder, max_tokens=min(batch_size * max_length, 16384), max_seqs=batch_size,
+                             max_seqlen=min(max_length, encoder.config.max_position_embeddings))
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         batch = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length,

@@ -103,6 +103,11 @@ def test_graphed_encoder_interpreted_kernels_cpu():
 def test_graphed_encoder_falls_back_and_releases():
     model = _model().eval()
     enc = GraphedEncoder(model, max_tokens=32, max_seqs=2, buckets=[16, 32])
+    enc_short = GraphedEncoder(model, max_tokens=32, max_seqs=2, buckets=[16, 32], max_seqlen=8)
+    ids, mask, tt = _batch([9, 2], 9)  # a row longer than max_seqlen
+    with torch.no_grad():
+        torch.testing.assert_close(enc_short(ids, mask, tt).last_hidden_state, model(ids, mask, tt).last_hidden_state)
+    assert enc_short.fallbacks == 1
     for lens, S in (([20, 20], 20), ([1, 1, 1], 3)):  # too many tokens; too many rows
         ids, mask, tt = _batch(lens, S)
         with torch.no_grad():
@@ -125,6 +130,8 @@ def test_graphed_encoder_bad_arguments():
     model = _model()
     with pytest.raises(ValueError, match="max_seqs"):
         GraphedEncoder(model, max_seqs=0)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        GraphedEncoder(model, max_seqlen=CFG["max_position_embeddings"] + 1)
     with pytest.raises(ValueError, match="buckets"):
         GraphedEncoder(model, buckets=[0, 16])
     with pytest.raises(ValueError, match="capture=True needs"):
