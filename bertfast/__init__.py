@@ -60,6 +60,8 @@ _LAZY = {
     "info": "bertfast._info",
     "ops": "bertfast.ops",
     "padding": "bertfast.padding",
+    "GraphedEncoder": "bertfast.graphs",
+    "graphs": "bertfast.graphs",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

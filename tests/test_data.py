@@ -6,7 +6,8 @@ import torch
 
 from bertfast import data as D
 from bertfast.data import (IGNORE_INDEX, CorpusError, Masker, MLMCollator, PretrainingStream, batch_iterator,
-                           collate_pretraining, iter_documents, write_corpus)
+                           collate_pretraining, iter_documents, pack_pretraining, packed_batch_iterator,
+                           write_corpus)
 from bertfast.testing import system_documents
 
 
@@ -274,3 +275,81 @@ def test_write_corpus_round_trips(tmp_path):
     p = write_corpus(docs, str(tmp_path / "c.txt"))
     assert list(iter_documents([p])) == [["one sentence.", "two"], ["three"]]
     assert not os.path.exists(p + ".tmp")
+
+
+# ---- packing ----------------------------------------------------------------------------------
+
+
+def _packable(n, seed=0, vocab=120):
+    """NSP + MLM examples shaped like PretrainingStream's, of varied lengths."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        la, lb = (int(x) for x in torch.randint(2, 14, (2,), generator=g))
+        ids = torch.cat([torch.tensor([2]), torch.randint(5, vocab, (la,), generator=g), torch.tensor([3]),
+                         torch.randint(5, vocab, (lb,), generator=g), torch.tensor([3])])
+        tt = torch.zeros_like(ids)
+        tt[la + 2:] = 1
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        pick = torch.randperm(len(ids) - 1, generator=g)[:max(1, len(ids) // 7)] + 1
+        labels[pick] = ids[pick]
+        out.append({"input_ids": ids, "token_type_ids": tt, "labels": labels,
+                    "next_sentence_label": torch.tensor(int(torch.randint(0, 2, (), generator=g)))})
+    return out
+
+
+def test_pack_pretraining_layout():
+    exs = _packable(12)
+    batch, n = pack_pretraining(exs, rows=3, budget=40, max_pairs_per_row=3)
+    assert 0 < n <= 9
+    slots = 4
+    cu = batch["cu_seqlens"]
+    assert cu.dtype == torch.int32 and cu.shape == (3 * slots + 1,) and cu[-1] == 3 * 40
+    lens = (cu[1:] - cu[:-1]).view(3, slots)
+    assert (lens.sum(1) == 40).all()  # each row: its pairs, spare empty slots, the filler
+    # every example is somewhere, in order of the stream, with positions restarting at 0
+    flat_ids, flat_pos = batch["input_ids"].reshape(-1), batch["position_ids"].reshape(-1)
+    found = 0
+    for s in range(3 * slots):
+        a, b = int(cu[s]), int(cu[s + 1])
+        if b > a:
+            assert torch.equal(flat_pos[a:b], torch.arange(b - a))
+        if s % slots != slots - 1 and b > a:
+            found += 1
+            assert int(batch["next_sentence_label"][s]) in (0, 1)
+            assert any(torch.equal(flat_ids[a:b], e["input_ids"]) for e in exs[:n])
+        else:
+            assert int(batch["next_sentence_label"][s]) == IGNORE_INDEX
+    assert found == n
+    # the masked positions hold exactly the labelled tokens
+    real = batch["masked_labels"] != IGNORE_INDEX
+    labels = batch["labels"].reshape(-1)
+    assert torch.equal(labels[batch["masked_positions"][real]], batch["masked_labels"][real])
+    assert int(real.sum()) == int((labels != IGNORE_INDEX).sum()) == sum(int((e["labels"] != -100).sum())
+                                                                          for e in exs[:n])
+    # static shapes whatever the examples
+    other, _ = pack_pretraining(_packable(3, seed=1), rows=3, budget=40, max_pairs_per_row=3)
+    assert {k: v.shape for k, v in other.items()} == {k: v.shape for k, v in batch.items()}
+    with pytest.raises(ValueError, match="budget=8"):
+        pack_pretraining(exs, rows=1, budget=8)
+    with pytest.raises(ValueError, match="rows"):
+        pack_pretraining(exs, rows=0, budget=40)
+
+
+def test_packed_batches_follow_the_stream_and_resume(corpus, tok):
+    stream = PretrainingStream([corpus], tok, max_seq_len=48, seed=0, short_seq_prob=0.5)
+    it = packed_batch_iterator(stream, rows=3, budget=96)
+    got = [next(it) for _ in range(3)]
+    assert all(n > 3 for _, n in got)  # several pairs per row on average
+    # the examples of the batches are the stream's, in order
+    flat = list(stream.iter_from(0))[:sum(n for _, n in got)]
+    b0, n0 = got[0]
+    cu = b0["cu_seqlens"]
+    firsts = [b0["input_ids"].reshape(-1)[int(cu[s]):int(cu[s + 1])] for s in range(cu.numel() - 1)]
+    for ex in flat[:n0]:
+        assert any(torch.equal(ex["input_ids"], f) for f in firsts)
+    # resuming at the first batch's end gives the second batch
+    b1, n1 = next(packed_batch_iterator(stream, rows=3, budget=96, start=n0))
+    assert n1 == got[1][1] and all(torch.equal(b1[k], got[1][0][k]) for k in b1)
+    with pytest.raises(ValueError, match="budget"):
+        next(packed_batch_iterator(stream, rows=3, budget=32))

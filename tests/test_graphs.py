@@ -204,44 +204,6 @@ def _examples(n, seed=0):
     return out
 
 
-def test_pack_pretraining_layout():
-    exs = _examples(12)
-    batch, n = pack_pretraining(exs, rows=3, budget=40, max_pairs_per_row=3)
-    assert 0 < n <= 9
-    slots = 4
-    cu = batch["cu_seqlens"]
-    assert cu.dtype == torch.int32 and cu.shape == (3 * slots + 1,) and cu[-1] == 3 * 40
-    lens = (cu[1:] - cu[:-1]).view(3, slots)
-    assert (lens.sum(1) == 40).all()  # each row: its pairs, spare empty slots, the filler
-    # every example is somewhere, in order of the stream, with positions restarting at 0
-    flat_ids, flat_pos = batch["input_ids"].reshape(-1), batch["position_ids"].reshape(-1)
-    found = 0
-    for s in range(3 * slots):
-        a, b = int(cu[s]), int(cu[s + 1])
-        if b > a:
-            assert torch.equal(flat_pos[a:b], torch.arange(b - a))
-        if s % slots != slots - 1 and b > a:
-            found += 1
-            assert int(batch["next_sentence_label"][s]) in (0, 1)
-            assert any(torch.equal(flat_ids[a:b], e["input_ids"]) for e in exs[:n])
-        else:
-            assert int(batch["next_sentence_label"][s]) == IGNORE_INDEX
-    assert found == n
-    # the masked positions hold exactly the labelled tokens
-    real = batch["masked_labels"] != IGNORE_INDEX
-    labels = batch["labels"].reshape(-1)
-    assert torch.equal(labels[batch["masked_positions"][real]], batch["masked_labels"][real])
-    assert int(real.sum()) == int((labels != IGNORE_INDEX).sum()) == sum(int((e["labels"] != -100).sum())
-                                                                          for e in exs[:n])
-    # static shapes whatever the examples
-    other, _ = pack_pretraining(_examples(3, seed=1), rows=3, budget=40, max_pairs_per_row=3)
-    assert {k: v.shape for k, v in other.items()} == {k: v.shape for k, v in batch.items()}
-    with pytest.raises(ValueError, match="budget=8"):
-        pack_pretraining(exs, rows=1, budget=8)
-    with pytest.raises(ValueError, match="rows"):
-        pack_pretraining(exs, rows=0, budget=40)
-
-
 @pytest.mark.parametrize("sparse", [True, False], ids=["masked_positions", "token_labels"])
 def test_packed_pretraining_equals_unpacked(sparse):
     """Loss and every gradient of a packed batch equal those of the same pairs run unpacked."""
@@ -354,4 +316,4 @@ def test_gpu_graphed_train_step_matches_eager():
         torch.testing.assert_close(a["loss"], e["loss"], rtol=1e-5, atol=1e-6)
     assert graphed.graph is not None
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=2e-5, msg=name)
