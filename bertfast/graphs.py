@@ -212,7 +212,11 @@ class GraphedEncoder:
         if B > self.max_seqs or B * S == 0 or not self.buckets:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        total, longest = _read_back(cfg, input_ids, mask, token_type_ids, position_ids)  # one host read
+        # the model's own default positions (BERT: the column; RoBERTa: counted past padding_idx),
+        # range-checked with the ids
+        pos_full = position_ids.expand(B, S) if position_ids is not None else \
+            self.model.default_position_ids(input_ids)
+        total, longest = _read_back(cfg, input_ids, mask, token_type_ids, pos_full)  # one host read
         bucket = self.bucket_for(total)
         if bucket is None or total == 0 or longest > self.max_seqlen:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
@@ -220,10 +224,7 @@ class GraphedEncoder:
         idx = layout.indices
         tt = token_type_ids.reshape(-1).index_select(0, idx) if token_type_ids is not None else \
             torch.zeros(total, dtype=torch.long, device=input_ids.device)
-        if position_ids is None:
-            pos = idx % S  # the column, as the eager forward's arange(S)
-        else:
-            pos = position_ids.expand(B, S).reshape(-1).index_select(0, idx)
+        pos = pos_full.reshape(-1).index_select(0, idx)
         if self.capture and bucket not in self._graphs:  # lazy: captured on first use (it fills the buffers)
             self._capture(bucket)
         self._fill(bucket, total, input_ids.reshape(-1).index_select(0, idx), tt, pos, layout.cu_seqlens)

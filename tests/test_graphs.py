@@ -100,6 +100,26 @@ def test_graphed_encoder_interpreted_kernels_cpu():
     assert enc.fallbacks == 0 and all(n > 0 for n in enc.replays.values())
 
 
+def test_graphed_encoder_uses_the_models_default_positions():
+    """Left and right padding, BERT (positions = columns, as HF) and RoBERTa (counted past
+    padding_idx): the bucketed rows equal the eager forward's."""
+    from bertfast.models.roberta import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    roberta = RobertaModel(RobertaConfig(**{**CFG, "max_position_embeddings": 70})).eval()
+    for model in (_model().eval(), roberta):
+        enc = GraphedEncoder(model, max_tokens=64, max_seqs=3, buckets=[32, 64], pad_chunk=8)
+        ids, mask, tt = _batch([9, 4, 0], 9)
+        ids[mask == 0] = model.config.pad_token_id
+        left = mask.flip(1)
+        ids_left = torch.where(left.bool(), ids.flip(1), torch.full_like(ids, model.config.pad_token_id))
+        for i, m in ((ids, mask), (ids_left, left)):
+            with torch.no_grad():
+                ref = model(i, m, tt)
+            torch.testing.assert_close(enc(i, m, tt).last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-6)
+        assert enc.fallbacks == 0
+
+
 def test_graphed_encoder_falls_back_and_releases():
     model = _model().eval()
     enc = GraphedEncoder(model, max_tokens=32, max_seqs=2, buckets=[16, 32])

@@ -535,6 +535,12 @@ class BertModel(BertPreTrainedModel):
                 all_hidden.append(hidden)
         return hidden, all_hidden
 
+    def default_position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The (batch, seq) position ids forward uses when none are given: the column index, also
+        under left padding, as Hugging Face's BertModel. (CUDA-graph serving gathers them.)"""
+        B, S = input_ids.shape
+        return torch.arange(S, device=input_ids.device, dtype=input_ids.dtype).expand(B, S)
+
     def forward_packed(self, input_ids, cu_seqlens, max_seqlen: int, token_type_ids=None, position_ids=None,
                        output_hidden_states: bool = False, pool: bool = True) -> BertModelOutput:
         """Sequences already packed: input_ids (total,) holds them one after the other, int32

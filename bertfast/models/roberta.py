@@ -78,6 +78,10 @@ class RobertaModel(RobertaPreTrainedModel, BertModel):
         return super().forward(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                                return_packed, return_dict)
 
+    def default_position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """forward's positions when none are given: counted past padding_idx over the non-pad tokens."""
+        return roberta_position_ids(input_ids, self.config.pad_token_id)
+
     def forward_packed(self, input_ids, cu_seqlens, max_seqlen: int, token_type_ids=None, position_ids=None,
                        output_hidden_states: bool = False, pool: bool = True):
         """BertModel.forward_packed; default positions padding_idx + 1, + 2, ... restarting at every
