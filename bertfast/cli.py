@@ -2,6 +2,7 @@
 this file only routes, so `bertfast --help` stays fast (nothing heavy is imported)."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -17,7 +18,25 @@ COMMANDS = {
     "cluster": ("bertfast.tasks", "k-means over sentence embeddings"),
     "classic": ("bertfast.classic.cli", "word2vec, TextCNN, ELMo, RNN seq2seq, Transformer, GPT: train and use"),
     "compare": ("bertfast.classic.cli", "classic sentence classifiers vs BERT fine-tuned on the same real task"),
+    "classify": ("bertfast.tasks", "labels of texts or pairs with a fine-tuned cls/nli model (JSONL in and out)"),
+    "tag": ("bertfast.tasks", "word labels and entity spans with a fine-tuned ner model (JSONL in and out)"),
+    "answer": ("bertfast.tasks", "answer questions from a context with a fine-tuned qa model (JSONL in and out)"),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's --help: each option's default after its help, unless there is none to show
+    (required options, unset optionals, off switches); epilogs keep their line breaks."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if action.required or d is None or d is False or d == argparse.SUPPRESS or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(argparse.HelpFormatter._fill_text(self, para, width, indent) if para.strip() else ""
+                         for para in text.split("\n"))
 
 
 def _usage() -> str:

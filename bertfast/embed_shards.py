@@ -130,7 +130,7 @@ def run(args, texts: List[str], load_model) -> dict:
         out = args.out
         job = {"model": os.path.abspath(args.model), "corpus_sha256": fingerprint(texts), "texts": len(texts),
                "pooling": args.pooling, "layer": args.layer, "normalize": bool(args.normalize),
-               "max_length": getattr(args, "max_length", None)}
+               "max_length": getattr(args, "max_length", None), "long_texts": getattr(args, "long_texts", "truncate")}
         if os.path.exists(out) and not os.path.isdir(out):
             raise ValueError(f"--out {out!r} is a file; a sharded embedding needs a folder (or a .npy name)")
         fresh = _read_index(out) is None
@@ -152,7 +152,8 @@ def run(args, texts: List[str], load_model) -> dict:
             for s in mine:
                 emb = embed(model, tok, texts[s["start"]:s["end"]], args.pooling, args.layer, args.batch_size,
                             max_length=getattr(args, "max_length", None), normalize=args.normalize,
-                            cuda_graphs=None if getattr(args, "cuda_graphs", True) else False)
+                            cuda_graphs=None if getattr(args, "cuda_graphs", True) else False,
+                            long_texts=job["long_texts"])
                 path = os.path.join(out, s["file"])
                 tmp = f"{path}.tmp{os.getpid()}.npy"
                 np.save(tmp, emb.numpy().astype(np.float32))

@@ -19,6 +19,7 @@ import os
 import re
 import string
 import sys
+import warnings
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -202,14 +203,46 @@ def _device(model):
     return next(model.parameters()).device
 
 
+class TruncationWarning(UserWarning):
+    """Texts longer than the model's limit were cut to it (the command line prints these as notes)."""
+
+
+def _warn_truncated(task: str, n_cut: int, total: int, max_length: int, remedy: str = "") -> None:
+    if n_cut:
+        warnings.warn(f"{task}: {n_cut} of {total} texts are longer than {max_length} tokens (the model's limit) "
+                      f"and were cut to it{remedy}", TruncationWarning, stacklevel=3)
+
+
+def _max_length(model, tokenizer, max_length: Optional[int]) -> int:
+    encoder = getattr(model, "bert", model)
+    return max_length or min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+
+
+def _batch_tensors(rows: Sequence[Sequence[int]], pad_id: int, device, type_rows=None):
+    """Right-padded (ids, attention_mask, token_type_ids) int64 tensors of token id lists."""
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    tt = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+        if type_rows is not None:
+            tt[i, :len(r)] = torch.tensor(type_rows[i], dtype=torch.long)
+    return ids.to(device), mask.to(device), tt.to(device)
+
+
 def fill_mask(model, tokenizer, text, top_k: int = 5) -> List[List[dict]]:
     """For each [MASK] of `text` (a str, or a list of str), the top_k replacements:
-    [{'token', 'token_id', 'score', 'sequence'}]. Returns one list per mask of one text, or a list of
-    those per text for a list input."""
+    [{'token', 'token_id', 'score', 'sequence'}]; 'sequence' fills that mask and keeps the text's
+    other masks as [MASK]. Returns one list per mask of one text, or a list of those per text for a
+    list input."""
     single = isinstance(text, str)
     texts = [text] if single else list(text)
     results = []
     model.eval()
+    # the text's own markers are dropped from 'sequence', its other [MASK]s are kept
+    frame = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
     for t in texts:
         if tokenizer.mask_token not in t:
             raise ValueError(f"fill_mask: the text has no {tokenizer.mask_token} token: {t!r}")
@@ -225,20 +258,33 @@ def fill_mask(model, tokenizer, text, top_k: int = 5) -> List[List[dict]]:
                                exclude=sorted(tokenizer.special_ids))
         for pos, cands in zip(where.tolist(), per_mask):
             for c in cands:
-                filled = ids.clone()
+                filled = ids.tolist()
                 filled[pos] = c["token_id"]
-                c["sequence"] = tokenizer.decode(filled.tolist())
+                c["sequence"] = tokenizer.decode([i for i in filled if i not in frame], skip_special_tokens=False)
         results.append(per_mask)
     return results[0] if single else results
 
 
+def _windows(ids: List[int], size: int, stride: int) -> List[List[int]]:
+    """Windows of `size` tokens every `stride` tokens, the last one ending at the text's end."""
+    if len(ids) <= size:
+        return [ids]
+    starts = list(range(0, len(ids) - size, stride)) + [len(ids) - size]
+    return [ids[a:a + size] for a in starts]
+
+
 @torch.no_grad()
 def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch_size: int = 32,
-          max_length: Optional[int] = None, normalize: bool = False,
-          cuda_graphs: Optional[bool] = None) -> torch.Tensor:
+          max_length: Optional[int] = None, normalize: bool = False, long_texts: str = "truncate",
+          window_stride: Optional[int] = None, cuda_graphs: Optional[bool] = None) -> torch.Tensor:
     """(N, hidden) float32 sentence embeddings. layer indexes hidden_states (0 = embeddings,
     -1 = last layer). Texts are sorted by length into batches, so padding (which the encoder
     drops anyway) stays small; rows come back in input order.
+
+    A text longer than max_length tokens (default: the model's limit) is cut to it, with one
+    TruncationWarning saying how many were (long_texts='truncate'), or embedded whole
+    (long_texts='windows') as the mean of the pooled embeddings of overlapping windows of
+    max_length tokens, one every window_stride content tokens (default: half a window).
 
     cuda_graphs: serve the batches through CUDA graphs per total-token bucket (bertfast.graphs,
     captured on first use and kept with the model); the default on CUDA for the last layer.
@@ -250,16 +296,34 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
         raise ValueError("texts must hold at least one text")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if long_texts not in ("truncate", "windows"):
+        raise ValueError(f"long_texts must be 'truncate' or 'windows', got {long_texts!r}")
     encoder = getattr(model, "bert", model)
     n_layers = encoder.config.num_hidden_layers
     if not -(n_layers + 1) <= layer <= n_layers:
         raise ValueError(f"layer must be in [{-(n_layers + 1)}, {n_layers}] for a {n_layers}-layer model, got {layer}")
     encoder.eval()
     dev = _device(encoder)
-    max_length = max_length or min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
-    lengths = [len(e.ids) for e in tokenizer.encodings(texts, truncation=True, max_length=max_length)]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    out = torch.empty(len(texts), encoder.config.hidden_size)
+    max_length = _max_length(encoder, tokenizer, max_length)
+    size = max_length - 2  # content tokens per row, between [CLS] and [SEP]
+    if size < 1:
+        raise ValueError(f"max_length must leave room for [CLS], [SEP] and one token, got {max_length}")
+    stride = window_stride or max(1, size // 2)
+    if not 1 <= stride <= size:
+        raise ValueError(f"window_stride must be in [1, {size}] (the content tokens of a window), got {window_stride}")
+    rows, owner = [], []
+    n_long = 0
+    for i, enc in enumerate(tokenizer.encodings(texts, add_special_tokens=False)):
+        n_long += len(enc.ids) > size
+        pieces = _windows(enc.ids, size, stride) if long_texts == "windows" else [enc.ids[:size]]
+        rows += [[tokenizer.cls_token_id] + w + [tokenizer.sep_token_id] for w in pieces]
+        owner += [i] * len(pieces)
+    if long_texts == "truncate":
+        _warn_truncated("embed", n_long, len(texts), max_length,
+                        "; long_texts='windows' (--long-texts windows) embeds them whole as the mean over "
+                        "overlapping windows")
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    pooled = torch.empty(len(rows), encoder.config.hidden_size)
     want_all = layer != -1
     run = encoder
     if (dev.type == "cuda" if cuda_graphs is None else cuda_graphs) and not want_all \
@@ -270,31 +334,33 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
                              max_seqlen=min(max_length, encoder.config.max_position_embeddings))
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        batch = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt").to(dev)
-        if run is encoder:
-            res = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                          output_hidden_states=want_all)
-        else:
-            res = run(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        ids, mask, tt = _batch_tensors([rows[j] for j in idx], tokenizer.pad_token_id, dev)
+        res = encoder(ids, mask, tt, output_hidden_states=want_all) if run is encoder else run(ids, mask, tt)
         hidden = res.hidden_states[layer] if want_all else res.last_hidden_state
-        out[idx] = pool(hidden.float(), batch["attention_mask"], pooling).cpu()
+        pooled[idx] = pool(hidden.float(), mask, pooling).cpu()
+    if len(rows) == len(texts):
+        out = pooled
+    else:  # windows: each text the mean of its windows
+        who = torch.tensor(owner)
+        out = torch.zeros(len(texts), pooled.shape[1]).index_add_(0, who, pooled)
+        out /= torch.bincount(who, minlength=len(texts)).unsqueeze(1).to(out.dtype)
     return F.normalize(out, dim=-1) if normalize else out
 
 
 def search(model, tokenizer, queries, corpus, k: int = 5, pooling: str = "mean", corpus_embeddings=None,
-           cuda_graphs: Optional[bool] = None):
+           cuda_graphs: Optional[bool] = None, long_texts: str = "truncate"):
     """Top-k cosine search of each query over the corpus texts: (scores, indices), (n_queries, k)."""
-    q = embed(model, tokenizer, queries, pooling, cuda_graphs=cuda_graphs)
+    q = embed(model, tokenizer, queries, pooling, cuda_graphs=cuda_graphs, long_texts=long_texts)
     c = corpus_embeddings if corpus_embeddings is not None else embed(model, tokenizer, corpus, pooling,
-                                                                     cuda_graphs=cuda_graphs)
+                                                                     cuda_graphs=cuda_graphs, long_texts=long_texts)
     return cosine_topk(q, c, k)
 
 
 def cluster(model, tokenizer, texts, k: int, seed: int = 0, pooling: str = "mean",
-            cuda_graphs: Optional[bool] = None):
+            cuda_graphs: Optional[bool] = None, long_texts: str = "truncate"):
     """k-means cluster ids (N,) of the texts' embeddings, and the centroids."""
-    return kmeans(embed(model, tokenizer, texts, pooling, cuda_graphs=cuda_graphs), k, seed=seed)
+    return kmeans(embed(model, tokenizer, texts, pooling, cuda_graphs=cuda_graphs, long_texts=long_texts), k,
+                  seed=seed)
 
 
 def _id2label(model) -> Dict[int, str]:
@@ -307,14 +373,20 @@ def classify(model, tokenizer, texts, text_pairs=None, multi_label: Optional[boo
              top_k: Optional[int] = None, max_length: Optional[int] = None, batch_size: int = 32):
     """Labels of a BertForSequenceClassification: softmax (best label and score) or, for a
     multi-label model (config.problem_type == 'multi_label_classification', or multi_label=True),
-    every label with sigmoid >= threshold."""
+    every label with sigmoid >= threshold. Texts (pairs) over max_length tokens are cut to it, with
+    one TruncationWarning."""
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
     if text_pairs is not None:
         text_pairs = [text_pairs] if isinstance(text_pairs, str) else list(text_pairs)
     if multi_label is None:
         multi_label = getattr(model.config, "problem_type", None) == "multi_label_classification"
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     model.eval()
+    max_length = _max_length(model, tokenizer, max_length)
+    full = tokenizer.encodings(texts, text_pairs)
+    _warn_truncated("classify", sum(len(e.ids) > max_length for e in full), len(texts), max_length)
     out = []
     for i in range(0, len(texts), batch_size):
         pairs = text_pairs[i:i + batch_size] if text_pairs is not None else None
@@ -330,39 +402,34 @@ def nli(model, tokenizer, premises, hypotheses, **kw):
     return classify(model, tokenizer, premises, hypotheses, multi_label=False, **kw)
 
 
-@torch.no_grad()
-def tag(model, tokenizer, text, max_length: Optional[int] = None) -> dict:
-    """Token classification of one text (a str, split by the tokenizer's pre-tokenizer, or a list
-    of words): {'words', 'labels' (one per word), 'spans' ([{'type', 'start', 'end', 'text'}], BIO
-    merged; with a str input, start/end are character offsets into it)}."""
-    model.eval()
-    max_length = max_length or tokenizer.model_max_length
+def _tag_encode(tokenizer, text, max_length: int):
+    """(encoding, words, char spans of the words or None, untruncated piece count) of one text for tagging."""
     if isinstance(text, str):
+        full = tokenizer.encodings(text)[0]
         enc = tokenizer.encodings(text, truncation=True, max_length=max_length)[0]
         # word ids from the pre-tokenizer; char span of each word from its pieces' offsets
         spans_of: Dict[int, List[int]] = {}
-        for w, (a, b) in zip(enc.word_ids, enc.offsets):
+        for w, (a, b) in zip(full.word_ids, full.offsets):
             if w is not None:
                 spans_of.setdefault(w, [a, b])[1] = b
         words = [text[spans_of[w][0]:spans_of[w][1]] for w in sorted(spans_of)]
-        char = [tuple(spans_of[w]) for w in sorted(spans_of)]
-    else:
-        words = [str(w) for w in text]
-        raw = tokenizer._tok
-        raw.enable_truncation(max_length)
-        try:
-            enc = raw.encode(words, is_pretokenized=True)
-        finally:
-            raw.no_truncation()
-        char = None
-    ids = torch.tensor([enc.ids], device=_device(model))
-    tt = torch.tensor([enc.type_ids], device=_device(model))
-    logits = model(ids, torch.ones_like(ids), tt).logits[0].cpu()
-    id2label = _id2label(model)
-    word_ids = list(enc.word_ids)
+        return enc, words, [tuple(spans_of[w]) for w in sorted(spans_of)], len(full.ids)
+    words = [str(w) for w in text]
+    raw = tokenizer._tok
+    full = raw.encode(words, is_pretokenized=True)
+    raw.enable_truncation(max_length)
+    try:
+        enc = raw.encode(words, is_pretokenized=True)
+    finally:
+        raw.no_truncation()
+    return enc, words, None, len(full.ids)
+
+
+def _tag_decode(model, logits: torch.Tensor, enc, words, char, text, id2label) -> dict:
     # word ids restart per sequence; one text has one sequence, so they are word indices
+    word_ids = list(enc.word_ids)
     wl = [id2label[i] for i in word_labels(piece_tags(model, logits, word_ids), word_ids)]
-    words = words[:len(wl)]
+    words = words[:len(wl)]  # words cut by truncation get no label
     spans = bio_spans(wl)
     for s in spans:
         if char is not None:
@@ -385,6 +452,36 @@ def piece_tags(model, logits: torch.Tensor, word_ids: Sequence[Optional[int]]) -
         seen.add(w)
     dev = _device(model)
     return model.decode(logits[None].to(dev), torch.tensor([first], device=dev))[0].tolist()
+
+
+@torch.no_grad()
+def tag_batch(model, tokenizer, texts, max_length: Optional[int] = None, batch_size: int = 32) -> List[dict]:
+    """tag() of each text (a str or a list of words), batch_size texts per forward. Words past
+    max_length tokens get no label; one TruncationWarning says how many texts lost some."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    model.eval()
+    max_length = _max_length(model, tokenizer, max_length)
+    coded = [_tag_encode(tokenizer, t, max_length) for t in texts]
+    _warn_truncated("tag", sum(c[3] > max_length for c in coded), len(coded), max_length,
+                    " (their last words get no label)")
+    id2label = _id2label(model)
+    out = []
+    for i in range(0, len(coded), batch_size):
+        chunk = coded[i:i + batch_size]
+        ids, mask, tt = _batch_tensors([c[0].ids for c in chunk], tokenizer.pad_token_id, _device(model),
+                                       [c[0].type_ids for c in chunk])
+        logits = model(ids, mask, tt).logits.cpu()
+        for row, (enc, words, char, _), text in zip(logits, chunk, texts[i:i + batch_size]):
+            out.append(_tag_decode(model, row[:len(enc.ids)], enc, words, char, text, id2label))
+    return out
+
+
+def tag(model, tokenizer, text, max_length: Optional[int] = None) -> dict:
+    """Token classification of one text (a str, split by the tokenizer's pre-tokenizer, or a list
+    of words): {'words', 'labels' (one per word), 'spans' ([{'type', 'start', 'end', 'text'}], BIO
+    merged; with a str input, start/end are character offsets into it)}."""
+    return tag_batch(model, tokenizer, [text], max_length)[0]
 
 
 def qa_windows(tokenizer, question: str, context: str, max_seq_len: int = 384, doc_stride: int = 128) -> List[dict]:
@@ -416,43 +513,137 @@ def qa_windows(tokenizer, question: str, context: str, max_seq_len: int = 384, d
 
 
 @torch.no_grad()
+def answer_batch(model, tokenizer, pairs, max_answer_len: int = 30, max_seq_len: int = 384, doc_stride: int = 128,
+                 batch_size: int = 32) -> List[dict]:
+    """answer() of each (question, context) pair; the windows of all pairs go through the model
+    batch_size at a time (right-padded: padding is never a context token, so never an answer)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    model.eval()
+    wins = [(n, w) for n, (q, c) in enumerate(pairs) for w in qa_windows(tokenizer, q, c, max_seq_len, doc_stride)]
+    best: List[Optional[Tuple[int, int, float]]] = [None] * len(pairs)
+    for i in range(0, len(wins), batch_size):
+        chunk = wins[i:i + batch_size]
+        ids, mask, tt = _batch_tensors([w["input_ids"] for _, w in chunk], tokenizer.pad_token_id, _device(model),
+                                       [w["token_type_ids"] for _, w in chunk])
+        out = model(ids, mask, tt)
+        for row, (n, w) in enumerate(chunk):
+            k = len(w["input_ids"])
+            span = best_span(out.start_logits[row, :k].cpu(), out.end_logits[row, :k].cpu(),
+                             torch.tensor(w["is_context"]), max_answer_len)
+            if span is not None and (best[n] is None or span[2] > best[n][2]):
+                best[n] = (w["offsets"][span[0]][0], w["offsets"][span[1]][1], span[2])
+    res = []
+    for (_, context), b in zip(pairs, best):
+        if b is None:
+            res.append({"answer": "", "start": 0, "end": 0, "score": float("-inf")})
+        else:
+            res.append({"answer": context[b[0]:b[1]], "start": b[0], "end": b[1], "score": b[2]})
+    return res
+
+
 def answer(model, tokenizer, question: str, context: str, max_answer_len: int = 30, max_seq_len: int = 384,
            doc_stride: int = 128) -> dict:
     """Extractive QA: the best span (start <= end, at most max_answer_len tokens, inside the context)
     over all windows of the context: {'answer', 'start', 'end' (char offsets in context), 'score'}."""
-    model.eval()
-    best = None
-    for w in qa_windows(tokenizer, question, context, max_seq_len, doc_stride):
-        ids = torch.tensor([w["input_ids"]], device=_device(model))
-        out = model(ids, torch.ones_like(ids), torch.tensor([w["token_type_ids"]], device=ids.device))
-        span = best_span(out.start_logits[0].cpu(), out.end_logits[0].cpu(), torch.tensor(w["is_context"]),
-                         max_answer_len)
-        if span is not None and (best is None or span[2] > best[2]):
-            a, b = w["offsets"][span[0]][0], w["offsets"][span[1]][1]
-            best = (a, b, span[2])
-    if best is None:
-        return {"answer": "", "start": 0, "end": 0, "score": float("-inf")}
-    return {"answer": context[best[0]:best[1]], "start": best[0], "end": best[1], "score": best[2]}
+    return answer_batch(model, tokenizer, [(question, context)], max_answer_len, max_seq_len, doc_stride)[0]
 
 
 # ---- CLI ------------------------------------------------------------------------------------
+# Inputs never guess: positional arguments are files (one text per line, or JSONL records),
+# `-` is standard input, literal texts go through --text (--query for search). A path that does
+# not exist is an error, never a text.
+
+CLI_COMMANDS = ("fill-mask", "embed", "search", "cluster", "classify", "tag", "answer")
+
+# JSONL input fields of classify/tag/answer: the fine-tuning formats' (bertfast finetune --help)
+CLASSIFY_TEXT = ("text", "sentence", "premise", "sentence1")
+CLASSIFY_PAIR = ("text_pair", "hypothesis", "sentence2")
+TAG_WORDS = ("tokens", "words")
+
+_EPILOG = {
+    "embed": "Texts longer than the model's limit are cut to it, with a note saying how many; --long-texts "
+             "windows embeds them whole (the mean over overlapping windows).",
+    "classify": "input: JSONL records {\"text\": ...} with an optional \"text_pair\" (or \"premise\"/\"hypothesis\", "
+                "as fine-tuned for nli), or --text. output: one JSON line per record, the record plus \"label\" and "
+                "\"score\" (multi-label models, or --top-k: \"labels\", a list of {label, score}). Label names are "
+                "those saved by `bertfast finetune`.",
+    "tag": "input: JSONL records {\"text\": ...} or {\"tokens\": [...]} (pre-split words), or --text. output: the "
+           "record plus \"words\", \"labels\" (one per word) and \"spans\" (BIO-merged entities).",
+    "answer": "input: JSONL records {\"question\": ..., \"context\": ...}, or --question with --context. output: "
+              "the record plus \"answer\", \"start\", \"end\" (character offsets in the context) and \"score\"; a "
+              "long context is read in overlapping windows.",
+}
 
 
 def _read_lines(path: str, what: str) -> List[str]:
-    if not os.path.isfile(path):
-        raise ValueError(f"{what}: {path!r} is not a file")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
+    """Non-blank lines of a file (`-`: standard input), stripped."""
+    if path == "-":
+        lines = [ln.strip() for ln in sys.stdin if ln.strip()]
+    else:
+        if not os.path.isfile(path):
+            raise ValueError(f"{what}: no such file {path!r} (texts go through --text or standard input: -)")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
     if not lines:
-        raise ValueError(f"{what}: {path!r} holds no non-blank lines")
+        raise ValueError(f"{what}: {'standard input' if path == '-' else repr(path)} holds no non-blank lines")
     return lines
 
 
-def _texts_arg(values: List[str], what: str) -> List[str]:
-    """A single existing file argument is read as one text per line; otherwise the values are texts."""
-    if len(values) == 1 and os.path.isfile(values[0]):
-        return _read_lines(values[0], what)
-    return values
+def _nonempty(values: Sequence[str], flag: str) -> List[str]:
+    for v in values:
+        if not v.strip():
+            raise ValueError(f"{flag} must not be empty")
+    return list(values)
+
+
+def _texts(args, what: str) -> List[str]:
+    """--text values, then the lines of each input file, in order; at least one text."""
+    texts = _nonempty(args.text or [], "--text")
+    for path in args.inputs:
+        texts += _read_lines(path, what)
+    if not texts:
+        raise ValueError("no input: name files with one text per line, - for standard input, or give --text")
+    return texts
+
+
+def _read_records(sources: Sequence[str], what: str) -> List[dict]:
+    """JSON objects, one per non-blank line, of each source (`-`: standard input)."""
+    recs = []
+    for src in sources:
+        if src != "-" and not os.path.isfile(src):
+            raise ValueError(f"{what}: no such file {src!r} (JSONL records; - reads standard input)")
+        f = sys.stdin if src == "-" else open(src, encoding="utf-8")
+        try:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{what}: {src} line {i} is not JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{what}: {src} line {i} must be a JSON object, got {type(rec).__name__}")
+                recs.append((f"{src} line {i}", rec))
+        finally:
+            if f is not sys.stdin:
+                f.close()
+    return recs
+
+
+def _field(where: str, rec: dict, names: Sequence[str], kind=str, required: bool = True):
+    for n in names:
+        v = rec.get(n)
+        if v is None:
+            continue
+        if kind is str and (not isinstance(v, str) or not v.strip()):
+            raise ValueError(f"{where}: {n!r} must be a non-empty string, got {v!r}")
+        if kind is list and (not isinstance(v, list) or not v):
+            raise ValueError(f"{where}: {n!r} must be a non-empty list of words, got {v!r}")
+        return v
+    if required:
+        raise ValueError(f"{where}: the record has no {' or '.join(map(repr, names))} field")
+    return None
 
 
 def _load(cls_name: str, folder: str):
@@ -461,18 +652,31 @@ def _load(cls_name: str, folder: str):
 
     if not os.path.isdir(folder):
         raise ValueError(f"--model must be a checkpoint folder (config.json + weights + tokenizer), got {folder!r}")
-    tok = Tokenizer.from_pretrained(folder)
+    try:
+        tok = Tokenizer.from_pretrained(folder)
+    except FileNotFoundError:
+        raise ValueError(f"--model {folder!r} has no tokenizer (tokenizer.json or vocab.txt): save it beside the "
+                         f"weights, e.g. model.save_pretrained(folder, tokenizer=tok)") from None
     cls = getattr(models, cls_name)
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, info = cls.from_pretrained(folder, output_loading_info=True)
-    if cls_name == "BertForMaskedLM" and any(k.startswith("cls.predictions") for k in info["missing_keys"]):
-        raise ValueError(f"--model {folder!r} has no MLM head (cls.predictions.*): fill-mask needs a "
-                         f"pre-trained BertForPreTraining/BertForMaskedLM checkpoint")
+    heads = {"BertForMaskedLM": ("cls.predictions", "fill-mask needs a pre-trained BertForPreTraining/"
+                                 "BertForMaskedLM checkpoint"),
+             "BertForSequenceClassification": ("classifier", "classify needs a model from `bertfast finetune --task "
+                                               "cls` or `--task nli`"),
+             "BertForTokenClassification": ("classifier", "tag needs a model from `bertfast finetune --task ner`"),
+             "BertForQuestionAnswering": ("qa_outputs", "answer needs a model from `bertfast finetune --task qa`")}
+    if cls_name in heads:
+        prefix, hint = heads[cls_name]
+        if any(k.startswith(prefix) for k in info["missing_keys"]):
+            raise ValueError(f"--model {folder!r} has no {prefix}.* head: {hint}")
+    # embeddings never read the pooler: a checkpoint without one (MLM, fine-tuned tagger) is complete for them
+    quiet = cls_name == "BertModel" and info["missing_keys"] and all(
+        k.startswith("pooler.") for k in info["missing_keys"])
     for w in caught:  # only now: a refused model should give one error line, not warnings first
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not (quiet and "were not in the checkpoint" in str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(dev).eval(), tok
 
@@ -487,58 +691,121 @@ def _embed_to_folder(out: str) -> bool:
     return folder
 
 
-def cli_main(cmd: str, argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog=f"bertfast {cmd}")
+def _write_jsonl(rows, out: Optional[str]) -> None:
+    """JSON lines to standard output, or to `out` written whole and then renamed (never half a file)."""
+    if out is None:
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False))
+        return
+    tmp = out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+
+
+def _parser(cmd: str) -> argparse.ArgumentParser:
+    from .cli import COMMANDS, HelpFormatter
+
+    p = argparse.ArgumentParser(prog=f"bertfast {cmd}", description=COMMANDS[cmd][1], epilog=_EPILOG.get(cmd),
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer)")
+    pooling = dict(default="mean", choices=["mean", "cls", "max"], help="sentence vector: token mean, [CLS] or max")
+    long_texts = dict(default="truncate", choices=["truncate", "windows"],
+                      help="texts over the model's limit: cut them (a note says how many), or embed each whole as "
+                           "the mean over overlapping windows")
     if cmd == "fill-mask":
-        p.add_argument("text", nargs="+", help="text(s) with [MASK]")
-        p.add_argument("--top-k", type=int, default=5)
-    elif cmd == "embed":
-        p.add_argument("inputs", nargs="+", help="texts, or one file with a text per line")
-        p.add_argument("--pooling", default="mean", choices=["mean", "cls", "max"])
-        p.add_argument("--layer", type=int, default=-1)
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--normalize", action="store_true")
-        p.add_argument("--out", required=True, help="a .npy file (N, hidden) float32, or a folder: shards + "
-                       "index.json, split over torchrun's processes, resumable (see bertfast.embed_shards)")
-        p.add_argument("--shard-size", type=int, help="texts per shard of a folder --out (default: one per process)")
+        p.add_argument("text", nargs="+", help="texts with [MASK], one per argument")
+        p.add_argument("--top-k", type=int, default=5, help="candidates per mask")
+    elif cmd in ("embed", "cluster"):
+        p.add_argument("inputs", nargs="*", metavar="FILE", help="files with one text per line; - is standard input")
+        p.add_argument("--text", action="append", help="a text (repeatable), embedded before the files' lines")
+        p.add_argument("--pooling", **pooling)
+        p.add_argument("--long-texts", **long_texts)
+        p.add_argument("--batch-size", type=int, default=32, help="texts per forward")
+        if cmd == "embed":
+            p.add_argument("--layer", type=int, default=-1, help="hidden state to pool: 0 embeddings, -1 last layer")
+            p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+            p.add_argument("--out", required=True, help="a .npy file (N, hidden) float32, rows in input order, or "
+                           "a folder: shards + index.json, split over torchrun's processes, resumable (see "
+                           "bertfast.embed_shards)")
+            p.add_argument("--shard-size", type=int, help="texts per shard of a folder --out (default: one per "
+                           "process)")
+        else:
+            p.add_argument("--k", type=int, required=True, help="number of clusters")
+            p.add_argument("--seed", type=int, default=0, help="k-means++ seed")
     elif cmd == "search":
-        p.add_argument("--corpus", required=True, help="file with one text per line")
-        p.add_argument("--query", required=True, nargs="+")
-        p.add_argument("--k", type=int, default=5)
-        p.add_argument("--pooling", default="mean", choices=["mean", "cls", "max"])
-    elif cmd == "cluster":
-        p.add_argument("file", help="file with one text per line")
-        p.add_argument("--k", type=int, required=True)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--pooling", default="mean", choices=["mean", "cls", "max"])
-    else:
-        print(f"bertfast: tasks handles fill-mask, embed, search, cluster, not {cmd!r}", file=sys.stderr)
-        return 2
-    if cmd != "fill-mask":
+        p.add_argument("--corpus", required=True, help="file with one text per line (- is standard input)")
+        p.add_argument("--query", action="append", help="a query (repeatable: each is searched on its own)")
+        p.add_argument("--queries", help="file with one query per line (- is standard input)")
+        p.add_argument("--k", type=int, default=5, help="hits per query")
+        p.add_argument("--pooling", **pooling)
+        p.add_argument("--long-texts", **long_texts)
+    else:  # classify, tag, answer: JSONL in, JSONL out
+        p.add_argument("inputs", nargs="*", metavar="FILE", help="JSONL files, one record per line; - is "
+                       "standard input")
+        if cmd == "answer":
+            p.add_argument("--question", help="a question (with --context), answered before the files' records")
+            p.add_argument("--context", help="the text --question is answered from")
+            p.add_argument("--max-answer-len", type=int, default=30, help="longest answer, in tokens")
+            p.add_argument("--max-seq-len", type=int, default=384, help="tokens per window (question + context)")
+            p.add_argument("--doc-stride", type=int, default=128, help="context tokens shared by adjacent windows")
+        else:
+            p.add_argument("--text", action="append", help="a text (repeatable), before the files' records")
+        if cmd == "classify":
+            p.add_argument("--top-k", type=int, help="the k best labels with scores instead of the best one")
+            p.add_argument("--threshold", type=float, default=0.5, help="multi-label models: sigmoid cut-off")
+        p.add_argument("--batch-size", type=int, default=32, help="texts (answer: context windows) per forward")
+        p.add_argument("--out", help="output .jsonl file (default: standard output)")
+    if cmd in ("embed", "search", "cluster"):
         p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="run the eager forward on CUDA (default: CUDA graphs per token bucket)")
-    args = p.parse_args(list(argv))
+    return p
+
+
+def cli_main(cmd: str, argv: Sequence[str]) -> int:
+    if cmd not in CLI_COMMANDS:
+        print(f"bertfast: tasks handles {', '.join(CLI_COMMANDS)}, not {cmd!r}", file=sys.stderr)
+        return 2
+    args = _parser(cmd).parse_args(list(argv))
+    notes: list = []
     try:
-        return _run_cli(cmd, args)
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", TruncationWarning)
+            return _run_cli(cmd, args)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"bertfast {cmd}: error: {e}", file=sys.stderr)
         return 1
+    finally:  # outside the recording context: truncation notes as plain lines, others as Python shows them
+        for w in notes:
+            if issubclass(w.category, TruncationWarning):
+                print(f"bertfast {cmd}: note: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _positive(args, *names) -> None:
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
 
 
 def _run_cli(cmd: str, args) -> int:
+    _positive(args, "batch_size", "top_k", "k", "max_answer_len", "max_seq_len", "shard_size")
     if cmd == "fill-mask":
-        text = " ".join(args.text)
-        if "[MASK]" not in text:
-            raise ValueError(f"the text has no [MASK] token: {text!r}")
+        for i, t in enumerate(args.text):
+            if "[MASK]" not in t:
+                raise ValueError(f"text {i + 1} has no [MASK] token: {t!r}")
         model, tok = _load("BertForMaskedLM", args.model)
-        for i, cands in enumerate(fill_mask(model, tok, text, args.top_k)):
-            for c in cands:
-                print(json.dumps({"mask": i, "token": c["token"], "score": round(c["score"], 6),
-                                  "sequence": c["sequence"]}))
+        for n, per_mask in enumerate(fill_mask(model, tok, list(args.text), args.top_k)):
+            for i, cands in enumerate(per_mask):
+                for c in cands:
+                    print(json.dumps({"text": n, "mask": i, "token": c["token"], "score": round(c["score"], 6),
+                                      "sequence": c["sequence"]}, ensure_ascii=False))
     elif cmd == "embed":
         to_folder = _embed_to_folder(args.out)
-        texts = _texts_arg(args.inputs, "embed")
+        texts = _texts(args, "embed")
         if to_folder:
             from .embed_shards import run
 
@@ -548,7 +815,7 @@ def _run_cli(cmd: str, args) -> int:
             return 0
         model, tok = _load("BertModel", args.model)
         emb = embed(model, tok, texts, args.pooling, args.layer, args.batch_size, normalize=args.normalize,
-                    cuda_graphs=None if args.cuda_graphs else False)
+                    cuda_graphs=None if args.cuda_graphs else False, long_texts=args.long_texts)
         import numpy as np
 
         tmp = args.out + ".tmp.npy"
@@ -556,22 +823,72 @@ def _run_cli(cmd: str, args) -> int:
         os.replace(tmp, args.out)  # never a half-written output
         print(json.dumps({"out": args.out, "shape": list(emb.shape)}))
     elif cmd == "search":
+        queries = _nonempty(args.query or [], "--query")
+        if args.queries:
+            queries += _read_lines(args.queries, "--queries")
+        if not queries:
+            raise ValueError("no query: give --query TEXT (repeatable) or --queries FILE")
+        if args.queries == "-" and args.corpus == "-":
+            raise ValueError("--corpus and --queries cannot both read standard input")
         corpus = _read_lines(args.corpus, "--corpus")
-        if args.k < 1:
-            raise ValueError(f"--k must be >= 1, got {args.k}")
         model, tok = _load("BertModel", args.model)
-        queries = [" ".join(args.query)]
         scores, idx = search(model, tok, queries, corpus, args.k, args.pooling,
-                             cuda_graphs=None if args.cuda_graphs else False)
-        for rank, (s, i) in enumerate(zip(scores[0].tolist(), idx[0].tolist()), 1):
-            print(json.dumps({"rank": rank, "score": round(s, 6), "line": i + 1, "text": corpus[i]}))
+                             cuda_graphs=None if args.cuda_graphs else False, long_texts=args.long_texts)
+        for qn, (q, row_s, row_i) in enumerate(zip(queries, scores.tolist(), idx.tolist())):
+            for rank, (s, i) in enumerate(zip(row_s, row_i), 1):
+                print(json.dumps({"query": qn, "query_text": q, "rank": rank, "score": round(s, 6), "line": i + 1,
+                                  "text": corpus[i]}, ensure_ascii=False))
     elif cmd == "cluster":
-        texts = _read_lines(args.file, "cluster")
+        texts = _texts(args, "cluster")
         if not 1 <= args.k <= len(texts):
-            raise ValueError(f"--k must be in [1, {len(texts)}] (the number of lines), got {args.k}")
+            raise ValueError(f"--k must be in [1, {len(texts)}] (the number of texts), got {args.k}")
         model, tok = _load("BertModel", args.model)
-        labels, _ = cluster(model, tok, texts, args.k, args.seed, args.pooling,
-                            cuda_graphs=None if args.cuda_graphs else False)
+        labels, _ = kmeans(embed(model, tok, texts, args.pooling, batch_size=args.batch_size,
+                                 cuda_graphs=None if args.cuda_graphs else False, long_texts=args.long_texts),
+                           args.k, seed=args.seed)
         for i, (lab, t) in enumerate(zip(labels.tolist(), texts), 1):
-            print(json.dumps({"line": i, "cluster": lab, "text": t}))
+            print(json.dumps({"line": i, "cluster": lab, "text": t}, ensure_ascii=False))
+    else:
+        _run_head_cli(cmd, args)
     return 0
+
+
+def _run_head_cli(cmd: str, args) -> None:
+    """classify / tag / answer: every record is checked before the model is loaded."""
+    recs = []
+    if cmd == "answer":
+        if (args.question is None) != (args.context is None):
+            raise ValueError("--question and --context go together")
+        if args.question is not None:
+            recs.append(("--question", {"question": args.question, "context": args.context}))
+    else:
+        recs += [("--text", {"text": t}) for t in _nonempty(args.text or [], "--text")]
+    recs += _read_records(args.inputs, cmd)
+    if not recs:
+        raise ValueError("no input: name JSONL files, - for standard input, or give "
+                         + ("--question and --context" if cmd == "answer" else "--text"))
+    rows = [rec for _, rec in recs]
+    if cmd == "classify":
+        texts = [_field(w, r, CLASSIFY_TEXT) for w, r in recs]
+        pairs = [_field(w, r, CLASSIFY_PAIR, required=False) for w, r in recs]
+        # as fine-tuning encodes them: when any record has a pair, the others get an empty one
+        pairs = [p or "" for p in pairs] if any(pairs) else None
+        model, tok = _load("BertForSequenceClassification", args.model)
+        preds = classify(model, tok, texts, pairs, threshold=args.threshold, top_k=args.top_k,
+                         batch_size=args.batch_size)
+        out = [{**r, **(p if isinstance(p, dict) else {"labels": p})} for r, p in zip(rows, preds)]
+    elif cmd == "tag":
+        inputs = []
+        for w, r in recs:
+            words = _field(w, r, TAG_WORDS, kind=list, required=False)
+            inputs.append([str(x) for x in words] if words is not None else _field(w, r, ("text",)))
+        model, tok = _load("BertForTokenClassification", args.model)
+        out = [{**r, **t} for r, t in zip(rows, tag_batch(model, tok, inputs, batch_size=args.batch_size))]
+    else:
+        pairs = [(_field(w, r, ("question",)), _field(w, r, ("context",))) for w, r in recs]
+        model, tok = _load("BertForQuestionAnswering", args.model)
+        preds = answer_batch(model, tok, pairs, args.max_answer_len, args.max_seq_len, args.doc_stride,
+                             args.batch_size)
+        # no span at all scores -inf, which JSON cannot hold: null
+        out = [{**r, **a, "score": a["score"] if a["answer"] else None} for r, a in zip(rows, preds)]
+    _write_jsonl(out, args.out)

@@ -1,5 +1,6 @@
 """Inference tasks: hand-made decoding cases, then the model plumbing (MiniLM for embeddings,
 tiny random heads for fill-mask, tagging and QA) and the CLI."""
+import io
 import json
 import os
 
@@ -267,19 +268,19 @@ def test_search_and_cluster_on_minilm(minilm):
     assert labels[0] == labels[2] == labels[4] and labels[1] == labels[3] == labels[5] and labels[0] != labels[1]
 
 
-def test_cli_fill_mask_embed_search_cluster(tiny, minilm, tmp_path, capsys):
+def test_cli_fill_mask_embed_search_cluster(tiny, minilm, tmp_path, capsys, monkeypatch):
     from bertfast.cli import main
 
     folder = tiny[0]
-    assert main(["fill-mask", "--model", folder, "--top-k", "2", "the", "[MASK]", "applies"]) == 0
+    assert main(["fill-mask", "--model", folder, "--top-k", "2", "the [MASK] applies"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert len(lines) == 2 and lines[0]["score"] >= lines[1]["score"]
+    assert len(lines) == 2 and lines[0]["score"] >= lines[1]["score"] and lines[0]["text"] == 0
     assert main(["fill-mask", "--model", folder, "no mask"]) == 1
     err = capsys.readouterr().err
     assert "[MASK]" in err and len(err.strip().splitlines()) == 1
     path = minilm[0]
     assert main(["fill-mask", "--model", path, "a [MASK]"]) == 1
-    assert "no MLM head" in capsys.readouterr().err
+    assert "no cls.predictions.* head" in capsys.readouterr().err
 
     texts = tmp_path / "texts.txt"
     texts.write_text("The cat sat on the mat.\nStock markets fell sharply today.\n\nA kitten sleeps on the rug.\n")
@@ -287,18 +288,220 @@ def test_cli_fill_mask_embed_search_cluster(tiny, minilm, tmp_path, capsys):
     assert main(["embed", "--model", path, "--pooling", "cls", str(texts), "--out", str(out)]) == 0
     assert np.load(out).shape == (3, 384)
     capsys.readouterr()
-    assert main(["embed", "--model", path, "one text", "another", "--out", str(tmp_path / "e.npy")]) == 0
+    assert main(["embed", "--model", path, "--text", "one text", "--text", "another", "--out",
+                 str(tmp_path / "e.npy")]) == 0
     assert np.load(tmp_path / "e.npy").shape == (2, 384)
-    assert main(["embed", "--model", path, "x", "--out", str(tmp_path / "e.txt")]) == 1
-    assert main(["embed", "--model", str(tmp_path / "nope"), "x", "--out", str(tmp_path / "f.npy")]) == 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\n\nand again\n"))
+    assert main(["embed", "--model", path, "-", "--out", str(tmp_path / "s.npy")]) == 0
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "s.npy")),
+                               T.embed(minilm[1], minilm[2], ["from stdin", "and again"]))
+    assert main(["embed", "--model", path, "--text", "x", "--out", str(tmp_path / "e.txt")]) == 1
+    assert main(["embed", "--model", str(tmp_path / "nope"), "--text", "x", "--out", str(tmp_path / "f.npy")]) == 1
     assert not os.path.exists(tmp_path / "f.npy")
     capsys.readouterr()
+    # a path that does not exist is an error, never embedded as the text "nosuch.txt"
+    assert main(["embed", "--model", path, "nosuch.txt", "--out", str(tmp_path / "g.npy")]) == 1
+    assert "no such file 'nosuch.txt'" in capsys.readouterr().err and not os.path.exists(tmp_path / "g.npy")
+    assert main(["embed", "--model", path, "--out", str(tmp_path / "g.npy")]) == 1
+    assert main(["embed", "--model", path, "--text", " ", "--out", str(tmp_path / "g.npy")]) == 1
+    assert "--text must not be empty" in capsys.readouterr().err
 
-    assert main(["search", "--model", path, "--corpus", str(texts), "--query", "a", "small", "cat", "--k", "2"]) == 0
+    # every --query is searched on its own; words after one --query are not joined into it
+    assert main(["search", "--model", path, "--corpus", str(texts), "--query", "a small cat", "--query",
+                 "shares fell", "--k", "2"]) == 0
     hits = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert len(hits) == 2 and hits[0]["line"] in (1, 3) and "Stock" not in hits[0]["text"]
+    assert [(h["query"], h["rank"]) for h in hits] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert hits[0]["line"] in (1, 3) and hits[2]["line"] == 2 and hits[2]["query_text"] == "shares fell"
+    with pytest.raises(SystemExit):
+        main(["search", "--model", path, "--corpus", str(texts), "--query", "a", "small"])
+    capsys.readouterr()
+    assert main(["search", "--model", path, "--corpus", str(texts), "--query", ""]) == 1
+    assert "--query must not be empty" in capsys.readouterr().err
+    assert main(["search", "--model", path, "--corpus", str(texts)]) == 1
+    assert "no query" in capsys.readouterr().err
+
     assert main(["cluster", "--model", path, str(texts), "--k", "2"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(rows) == 3 and rows[0]["cluster"] == rows[2]["cluster"] != rows[1]["cluster"]
     assert main(["cluster", "--model", path, str(texts), "--k", "9"]) == 1
     assert "--k must be in [1, 3]" in capsys.readouterr().err
+    assert main(["cluster", "--model", path, str(tmp_path / "missing.txt"), "--k", "2"]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_help_shows_defaults(capsys):
+    from bertfast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["embed", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert "(default: mean)" in out and "(default: 32)" in out and "(default: None)" not in out
+
+
+def test_fill_mask_keeps_the_other_masks_and_loads_pretraining_checkpoints_quietly(tiny, tmp_path):
+    import warnings
+
+    from bertfast import BertForMaskedLM, BertForPreTraining
+
+    _, _, tok, cfg = tiny
+    torch.manual_seed(1)
+    folder = str(tmp_path / "pre")
+    BertForPreTraining(cfg).save_pretrained(folder, tokenizer=tok)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlm = BertForMaskedLM.from_pretrained(folder)
+    assert not caught, [str(w.message) for w in caught]  # unused pooler/NSP weights are expected
+    first, second = T.fill_mask(mlm, tok, "the licence [MASK] apply to [MASK] copies", top_k=2)
+    for cands, kept_before in ((first, False), (second, True)):
+        for c in cands:
+            seq = c["sequence"].split()
+            assert seq.count("[MASK]") == 1, c["sequence"]
+            assert (seq.index("[MASK]") < len(seq) // 2) == kept_before
+
+
+def test_embed_counts_truncated_texts_and_windows_long_ones(tiny):
+    _, mlm, tok, _ = tiny
+    model = mlm.bert
+    long_text = " ".join(f"the licence number {i} is here" for i in range(20))  # > 64 tokens
+    texts = ["short text", long_text]
+    with pytest.warns(T.TruncationWarning, match="1 of 2 texts are longer than 64 tokens"):
+        cut = T.embed(model, tok, texts, max_length=64)
+    ids = tok._tok.encode(long_text, add_special_tokens=False).ids
+    assert len(ids) > 62 + 31
+    # windows: the mean of each 62-content-token window's embedding, every 31 tokens, the last at the end
+    starts = list(range(0, len(ids) - 62, 31)) + [len(ids) - 62]
+    win = []
+    for a in starts:
+        row = torch.tensor([[tok.cls_token_id] + ids[a:a + 62] + [tok.sep_token_id]])
+        with torch.no_grad():
+            win.append(T.pool(model(row).last_hidden_state, torch.ones_like(row)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", T.TruncationWarning)  # windows cut nothing
+        whole = T.embed(model, tok, texts, max_length=64, long_texts="windows", batch_size=2)
+    torch.testing.assert_close(whole[1], torch.cat(win).mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(whole[0], cut[0])  # short texts are not affected
+    assert not torch.allclose(whole[1], cut[1], atol=1e-3)
+    with pytest.raises(ValueError, match="long_texts"):
+        T.embed(model, tok, texts, long_texts="split")
+
+
+def test_cli_notes_truncation(tiny, tmp_path, capsys):
+    from bertfast.cli import main
+
+    folder = tiny[0]  # max_position_embeddings 128: the limit
+    long_text = "the licence " * 100
+    assert main(["embed", "--model", folder, "--text", long_text, "--text", "short", "--out",
+                 str(tmp_path / "e.npy")]) == 0
+    err = capsys.readouterr().err
+    assert "note: embed: 1 of 2 texts are longer than 128 tokens" in err and "--long-texts windows" in err
+    assert main(["embed", "--model", folder, "--text", long_text, "--long-texts", "windows", "--out",
+                 str(tmp_path / "w.npy")]) == 0
+    assert "note" not in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def heads(tiny, tmp_path_factory):
+    """Tiny random classification / tagging / QA models saved with label names and their tokenizer."""
+    from bertfast import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification
+
+    _, _, tok, cfg = tiny
+    d = tmp_path_factory.mktemp("heads")
+    out = {}
+    for name, cls, labels in (("cls", BertForSequenceClassification, ["negative", "neutral", "positive"]),
+                              ("ner", BertForTokenClassification, ["O", "B-ORG", "I-ORG"]),
+                              ("qa", BertForQuestionAnswering, None)):
+        c = cfg.to_dict()
+        if labels:
+            c.update(num_labels=len(labels), id2label=dict(enumerate(labels)))
+        torch.manual_seed(len(name))
+        model = cls(BertConfig.from_dict(c)).eval()
+        model.save_pretrained(str(d / name), tokenizer=tok)
+        out[name] = (str(d / name), model)
+    return tok, out
+
+
+def test_save_pretrained_writes_the_tokenizer(heads):
+    from bertfast import Tokenizer
+
+    tok, models = heads
+    folder = models["cls"][0]
+    assert os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    assert Tokenizer.from_pretrained(folder).encode("the licence") == tok.encode("the licence")
+
+
+def test_batched_tag_and_answer_match_one_at_a_time(heads):
+    tok, models = heads
+    tagger, qa = models["ner"][1], models["qa"][1]
+    texts = ["Redistribution of the Software is permitted", ["The", "Free", "Software", "Foundation"], "x"]
+    assert T.tag_batch(tagger, tok, texts, batch_size=2) == [T.tag(tagger, tok, t) for t in texts]
+    ctx = "The licence was written in Boston by the foundation. " * 12
+    pairs = [("Where?", ctx), ("Who wrote it?", "The foundation wrote the licence."), ("When?", ctx[:80])]
+    batched = T.answer_batch(qa, tok, pairs, max_seq_len=48, doc_stride=16, batch_size=3)
+    single = [T.answer(qa, tok, q, c, max_seq_len=48, doc_stride=16) for q, c in pairs]
+    for b, s in zip(batched, single):
+        assert (b["answer"], b["start"], b["end"]) == (s["answer"], s["start"], s["end"])
+        assert b["score"] == pytest.approx(s["score"], abs=1e-4)
+
+
+def test_cli_classify_tag_answer(heads, tmp_path, capsys, monkeypatch):
+    from bertfast.cli import main
+
+    tok, models = heads
+    (cls_dir, clf), (ner_dir, tagger), (qa_dir, qa) = models["cls"], models["ner"], models["qa"]
+    src = tmp_path / "cls.jsonl"
+    recs = [{"text": "the software is free", "id": 7}, {"text": "copies may be sold"}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "pred.jsonl"
+    assert main(["classify", "--model", cls_dir, str(src), "--out", str(out), "--batch-size", "1"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    want = T.classify(clf, tok, [r["text"] for r in recs])
+    assert [(r["label"], r["id"] if "id" in r else None) for r in rows] == [(w["label"], i) for w, i in
+                                                                         zip(want, (7, None))]
+    assert all(r["label"] in ("negative", "neutral", "positive") for r in rows)  # the saved label names
+    assert rows[0]["score"] == pytest.approx(want[0]["score"], abs=1e-5)
+    # pairs and --top-k, from standard input
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"premise": "a cat", "hypothesis": "an animal"}) + "\n"))
+    assert main(["classify", "--model", cls_dir, "-", "--top-k", "2"]) == 0
+    (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    pair = T.classify(clf, tok, ["a cat"], ["an animal"], top_k=2)[0]
+    assert [x["label"] for x in row["labels"]] == [x["label"] for x in pair]
+    assert main(["classify", "--model", cls_dir, "--text", "one", "--text", "two"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    assert main(["classify", "--model", cls_dir, str(bad)]) == 1
+    assert "line 2: the record has no 'text'" in capsys.readouterr().err
+    assert main(["classify", "--model", cls_dir, "nosuch.jsonl"]) == 1
+    assert "no such file" in capsys.readouterr().err
+    # a bare encoder is refused with what to do instead
+    assert main(["classify", "--model", qa_dir, "--text", "x"]) == 1
+    assert "bertfast finetune --task cls" in capsys.readouterr().err
+
+    src = tmp_path / "ner.jsonl"
+    src.write_text(json.dumps({"text": "The Free Software Foundation"}) + "\n"
+                   + json.dumps({"tokens": ["Boston", "is", "far"]}) + "\n")
+    assert main(["tag", "--model", ner_dir, str(src)]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rows[0]["words"] == ["The", "Free", "Software", "Foundation"] and len(rows[1]["labels"]) == 3
+    assert rows[0]["labels"] == T.tag(tagger, tok, "The Free Software Foundation")["labels"]
+    assert set(rows[0]["labels"] + rows[1]["labels"]) <= {"O", "B-ORG", "I-ORG"}
+
+    ctx = "The licence was written in Boston by the foundation."
+    assert main(["answer", "--model", qa_dir, "--question", "Where?", "--context", ctx]) == 0
+    (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    want = T.answer(qa, tok, "Where?", ctx)
+    assert (row["answer"], row["start"], row["end"]) == (want["answer"], want["start"], want["end"])
+    assert row["answer"] == ctx[row["start"]:row["end"]]
+    assert main(["answer", "--model", qa_dir, "--question", "Where?"]) == 1
+    assert "--question and --context go together" in capsys.readouterr().err
+
+
+def test_load_explains_a_folder_without_tokenizer(heads, tmp_path, capsys):
+    from bertfast.cli import main
+
+    folder = str(tmp_path / "bare")
+    heads[1]["cls"][1].save_pretrained(folder)
+    assert main(["classify", "--model", folder, "--text", "x"]) == 1
+    assert "save_pretrained(folder, tokenizer=tok)" in capsys.readouterr().err

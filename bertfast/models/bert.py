@@ -354,8 +354,12 @@ class BertPreTrainedModel(nn.Module):
     def from_pretrained(cls, folder: str, config: Optional[BertConfig] = None, **kwargs):
         return load_pretrained(cls, folder, config=config, **kwargs)
 
-    def save_pretrained(self, folder: str) -> None:
+    def save_pretrained(self, folder: str, tokenizer=None) -> None:
+        """config.json + model.safetensors, and the tokenizer's files when one is given (the
+        command line and from_pretrained users need both in one folder)."""
         save_pretrained(self, folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
     @property
     def device(self) -> torch.device:
@@ -755,6 +759,9 @@ class BertForPreTraining(BertPreTrainedModel):
 
 
 class BertForMaskedLM(BertPreTrainedModel):
+    # a pre-training checkpoint's pooler and NSP head are expected to go unused (HF drops them silently too)
+    _keys_to_ignore_on_load_unexpected = ("bert.pooler.", "cls.seq_relationship.")
+
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=False)

@@ -72,7 +72,8 @@ def load_state(model: torch.nn.Module, state: dict, *, strict: bool = False, sou
                              f"{tuple(own[key].shape)} (does config.json match the weights?)")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in tied]
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(heads)]
+    ignorable = heads + tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", ()))
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(ignorable)]
     dropped_heads = [k for k in result.unexpected_keys if k not in unexpected]
     if hasattr(model, "tie_weights"):
         model.tie_weights()
