@@ -210,7 +210,7 @@ class TruncationWarning(UserWarning):
 def _warn_truncated(task: str, n_cut: int, total: int, max_length: int, remedy: str = "") -> None:
     if n_cut:
         warnings.warn(f"{task}: {n_cut} of {total} texts are longer than {max_length} tokens (the model's limit) "
-                      f"and were cut to it{remedy}", TruncationWarning, stacklevel=3)
+                      f"and were cut to it{remedy}", TruncationWarning, stacklevel=4)  # caller, through torch.no_grad
 
 
 def _max_length(model, tokenizer, max_length: Optional[int]) -> int:
