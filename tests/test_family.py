@@ -400,3 +400,23 @@ def test_mlm_decoder_tied_unless_config_says_not(tmp_path, family):
     inputs = batch(family)
     with torch.no_grad():
         torch.testing.assert_close(back(**inputs).logits, hf(**inputs).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["electra"])  # the ops are BERT's (tested there); ELECTRA's widths differ
+def test_family_on_triton_kernels(family):
+    """The Triton kernels (interpreted on CPU here) serve the family's encoders: the same logits,
+    loss and gradients as the reference ops."""
+    ours = bertfast.from_hf(hf_model(family, "ForTokenClassification")).train()
+    inputs = batch(family)
+    labels = labels_for("ForTokenClassification", inputs["attention_mask"])
+    results = []
+    for backend in ("reference", "triton"):
+        ours.zero_grad()
+        with bertfast.use_backend(backend):
+            out = ours(**inputs, **labels)
+            out.loss.backward()
+        results.append((out.logits, [p.grad.clone() for p in ours.parameters() if p.grad is not None]))
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(results[1][0][valid], results[0][0][valid], atol=2e-5, rtol=1e-4)
+    for x, y in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(y, x, atol=3e-5, rtol=1e-4)
