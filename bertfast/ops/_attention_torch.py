@@ -46,7 +46,9 @@ def _compiling() -> bool:
 def route(q: torch.Tensor, layout: str, seq: int, training: bool) -> Optional[str]:
     """The PyTorch kernel the routing table names for this call, or None for bertfast's own.
     The caller has already excluded dropout, masks and cross-attention causal calls."""
-    if q.device.type not in ROUTED_DEVICES or backend.requested() != "auto" or _compiling():
+    # is_compiling first: under dynamo it is a constant, while the backend's thread-local would
+    # have to be traced
+    if _compiling() or q.device.type not in ROUTED_DEVICES or backend.requested() != "auto":
         return None
     table = routing.table_for(OP)
     if table is None or table.level != "op":
