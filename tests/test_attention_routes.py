@@ -214,3 +214,16 @@ def test_varlen_lengths_hit_the_asked_fill():
         assert abs(sum(lens) / (512 * 256) - fill) < 0.05 and max(lens) == 256 and min(lens) >= 1
     with pytest.raises(ValueError, match="fill"):
         attention_suite.varlen_lengths(4, 8, fill=0.0)
+
+
+def test_compiled_graphs_keep_bertfasts_op_without_graph_breaks(routed):
+    """fullgraph=True with a routing table active: the routing code traces (no graph break) and
+    the compiled graph keeps bertfast's op (a route is an eager-mode decision)."""
+    install, calls = routed
+    install([_entry()])
+    q, k, v = _qkv()
+    f = torch.compile(lambda q, k, v: ops.attention(q, k, v), fullgraph=True)
+    with torch.no_grad():
+        out = f(q, k, v)
+    assert calls == []
+    torch.testing.assert_close(out, ops.attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
