@@ -63,6 +63,7 @@ import triton
 import triton.language as tl
 import triton.runtime.errors
 
+from ._launch import FastKernel
 from ._rng import dropout_keep, split_seed
 
 LOG2E = 1.4426950408889634
@@ -682,15 +683,26 @@ def _seq_bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
+_fast: dict = {}  # kernel -> its FastKernel (cached compiled launches, kernels/_launch.py)
+
+
 def _launch_one(fn, cfg: Config, grid_of, args_of, constexprs):
+    fast = _fast.get(fn)
+    if fast is None:
+        fast = _fast[fn] = FastKernel(fn)
     meta = dict(constexprs)
     meta["BLOCK_M"] = cfg.block_m
-    if "BLOCK_N" in fn.arg_names:
+    if "BLOCK_N" in fast.fn.arg_names:
         meta["BLOCK_N"] = cfg.block_n
     if cfg.desc:
         _ensure_allocator()
         meta["DESC"] = True
-    fn[grid_of(cfg)](*args_of(cfg), **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # the key: the tile configuration (tensor descriptors or not included), the flags and the dtype
+    # of q/k/v/out (each kernel's first argument) decide every constexpr and pointer type (bias,
+    # lse and delta are fp32, cu_seqlens int32 or an fp32 placeholder by VARLEN)
+    args = args_of(cfg)
+    fast(grid_of(cfg), (cfg, args[0].dtype, *constexprs.values()), args, **meta, num_warps=cfg.num_warps,
+         num_stages=cfg.num_stages)
 
 
 _allocator_set = False
@@ -757,7 +769,8 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
         cfg = pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family, desc=desc and _desc_wanted())
         # a GPU of the family with less shared memory per block (sm_86/89/120: ~99 KB) cannot
         # run the biggest tiles: the first launch finds out, later launches reuse the answer
-        cfg = _shrunk.get((kernel, family, cfg, dtype, tuple(sorted(constexprs.items()))), cfg)
+        if _shrunk:
+            cfg = _shrunk.get((kernel, family, cfg, dtype, tuple(sorted(constexprs.items()))), cfg)
     try:
         _launch_one(fn, cfg, grid_of, args_of, constexprs)
     except triton.runtime.errors.OutOfResources:

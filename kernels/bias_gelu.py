@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._gelu import gelu, gelu_grad
+from ._launch import FastKernel
 from ._launch_params import aot_spec, num_programs
 
 TILE = 4096  # elements per program: 16 per thread at 8 warps (two 16-byte vectors of bf16)
@@ -77,6 +78,9 @@ def _check(x: torch.Tensor, bias: torch.Tensor, approximate: str):
     return x.numel() // max(n, 1), n
 
 
+_fwd, _bwd = FastKernel(_bias_gelu_fwd_kernel), FastKernel(_bias_gelu_bwd_kernel)
+
+
 def bias_gelu_fwd(x, bias, approximate):
     m, n = _check(x, bias, approximate)
     x = x.contiguous()
@@ -84,8 +88,9 @@ def bias_gelu_fwd(x, bias, approximate):
     if m == 0:
         return y
     bm, bn, warps = config(n)
-    _bias_gelu_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        x, bias, y, m, n, TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    tanh = approximate == "tanh"
+    _fwd((triton.cdiv(m, bm), triton.cdiv(n, bn)), (n, tanh, x.dtype, bias.dtype), (x, bias, y, m, n),
+         TANH=tanh, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return y
 
 
@@ -102,7 +107,8 @@ def bias_gelu_bwd(dout, x, bias, approximate):
                             const) // n_col)
     g = min(g, triton.cdiv(m, bm))
     parts = torch.empty((g, n), dtype=torch.float32, device=x.device)
-    _bias_gelu_bwd_kernel[(g, n_col)](dout, x, bias, dx, parts, m, n, num_warps=warps, **const)
+    _bwd((g, n_col), (n, const["TANH"], dout.dtype, x.dtype, bias.dtype), (dout, x, bias, dx, parts, m, n),
+         num_warps=warps, **const)
     return dx, parts.sum(0).to(bias.dtype)
 
 

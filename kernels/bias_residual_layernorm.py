@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import FastKernel
 from ._launch_params import aot_spec, dropout_args, num_programs
 from ._layernorm import all_block_ns, bwd_config, fwd_config, layernorm_rows
 from ._rng import dropout_keep
@@ -121,6 +122,8 @@ def _brln_bwd_kernel(DY, X, B, R, W, Mean, Rstd, DX, DR, DW_part, DLB_part, DB_p
 # ---------------------------------------------------------------------------------------
 # launchers (the backend contract of bertfast/ops/bias_residual_layernorm.py)
 
+_brln_fwd, _brln_bwd = FastKernel(_brln_fwd_kernel), FastKernel(_brln_bwd_kernel)
+
 def bias_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps, p, seed):
     m, n = x.shape
     x, residual = x.contiguous(), residual.contiguous()
@@ -131,10 +134,11 @@ def bias_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps, p, seed
     if m == 0:
         return y, mean, rstd
     threshold, scale = dropout_args(p)
-    _brln_fwd_kernel[(triton.cdiv(m, rows),)](
-        x, bias if bias is not None else x, residual, weight, ln_bias, y, mean, rstd, m, n, eps, seed,
-        threshold, scale, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, BLOCK_N=bn, ROWS=rows,
-        num_warps=warps)
+    # the key: what decides the constexprs, num_warps and the pointer dtypes (kernels/_launch.py)
+    key = (n, p > 0.0, x.dtype, residual.dtype, weight.dtype, ln_bias.dtype, bias.dtype if bias is not None else None)
+    _brln_fwd((triton.cdiv(m, rows),), key,
+              (x, bias if bias is not None else x, residual, weight, ln_bias, y, mean, rstd, m, n, eps, seed, threshold,
+               scale), HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, BLOCK_N=bn, ROWS=rows, num_warps=warps)
     return y, mean, rstd
 
 
@@ -155,7 +159,8 @@ def bias_residual_layernorm_bwd(dout, x, bias, residual, weight, ln_bias, mean, 
     g = num_programs(x.device, triton.cdiv(m, rows), warps, _brln_bwd_kernel,
                      args(torch.empty((nparts, 1, n), dtype=torch.float32, device=x.device)), const)
     parts = torch.empty((nparts, g, n), dtype=torch.float32, device=x.device)
-    _brln_bwd_kernel[(g,)](*args(parts), num_warps=warps, **const)
+    key = (n, p > 0.0, dout.dtype, x.dtype, residual.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    _brln_bwd((g,), key, args(parts), num_warps=warps, **const)
     sums = parts.sum(1)
     dbias = sums[2].to(bias.dtype) if bias is not None else None
     return dx, dbias, dres, sums[0].to(weight.dtype), sums[1].to(ln_bias.dtype)

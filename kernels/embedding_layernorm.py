@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import FastKernel
 from ._rng import dropout_keep
 from ._launch_params import aot_spec, dropout_args, num_programs
 from ._layernorm import all_block_ns, bwd_config, fwd_config, layernorm_rows
@@ -136,6 +137,9 @@ def _emb_ln_bwd_kernel(DY, Ids, TT, Pos, Word, PosEmb, TypeEmb, W, Mean, Rstd, D
 # ---------------------------------------------------------------------------------------
 # launchers (the backend contract of bertfast/ops/embedding_layernorm.py)
 
+_fwd, _bwd = FastKernel(_emb_ln_fwd_kernel), FastKernel(_emb_ln_bwd_kernel)
+
+
 def _check_ids(*named):
     for name, t in named:
         if t.dtype not in (torch.int32, torch.int64):
@@ -154,9 +158,10 @@ def embedding_layernorm_fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias,
     if m == 0:
         return y, mean, rstd
     threshold, scale = dropout_args(p)
-    _emb_ln_fwd_kernel[(triton.cdiv(m, rows),)](
-        ids, tt, pos, word, pos_emb, type_emb, weight, bias, y, mean, rstd, m, n, eps, seed, threshold, scale,
-        HAS_DROPOUT=p > 0.0, BLOCK_N=bn, ROWS=rows, num_warps=warps)
+    key = (n, p > 0.0, ids.dtype, tt.dtype, pos.dtype, word.dtype, weight.dtype, bias.dtype)
+    _fwd((triton.cdiv(m, rows),), key,
+         (ids, tt, pos, word, pos_emb, type_emb, weight, bias, y, mean, rstd, m, n, eps, seed, threshold, scale),
+         HAS_DROPOUT=p > 0.0, BLOCK_N=bn, ROWS=rows, num_warps=warps)
     return y, mean, rstd
 
 
@@ -188,7 +193,8 @@ def embedding_layernorm_bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight,
     # zeroed: at 8192 columns the kernel accumulates into it in place
     type_parts = torch.zeros((g, max(type_rows, 1), n), dtype=torch.float32, device=word.device)
     dh = torch.empty((m, n), dtype=torch.float32, device=word.device) if deterministic else parts
-    _emb_ln_bwd_kernel[(g,)](*args(parts, type_parts, dh), num_warps=warps, **const)
+    key = (n, p > 0.0, deterministic, type_rows, dout.dtype, ids.dtype, tt.dtype, pos.dtype, word.dtype, weight.dtype)
+    _bwd((g,), key, args(parts, type_parts, dh), num_warps=warps, **const)
     if deterministic:
         for buf, i in ((dword, ids), (dpos, pos), (dtype, tt)):
             buf.index_put_((i.long(),), dh, accumulate=True)

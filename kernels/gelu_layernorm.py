@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._gelu import gelu, gelu_grad
+from ._launch import FastKernel
 from ._launch_params import aot_spec, num_programs
 from ._layernorm import all_block_ns, bwd_config, fwd_config, layernorm_rows
 
@@ -79,6 +80,9 @@ def _gelu_ln_bwd_kernel(DY, X, B, W, Mean, Rstd, DX, DB_part, DW_part, DLB_part,
     tl.store(DB_part + pid * N + cols, tl.sum(db_acc, axis=0), mask=cmask)
 
 
+_fwd, _bwd = FastKernel(_gelu_ln_fwd_kernel), FastKernel(_gelu_ln_bwd_kernel)
+
+
 def _tanh(approximate: str) -> bool:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
@@ -94,8 +98,9 @@ def gelu_layernorm_fwd(x, bias, weight, ln_bias, eps, approximate):
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return y, mean, rstd
-    _gelu_ln_fwd_kernel[(triton.cdiv(m, rows),)](x, bias, weight, ln_bias, y, mean, rstd, m, n, eps,
-                                                 TANH=_tanh(approximate), BLOCK_N=bn, ROWS=rows, num_warps=warps)
+    tanh = _tanh(approximate)
+    _fwd((triton.cdiv(m, rows),), (n, tanh, x.dtype, bias.dtype, weight.dtype, ln_bias.dtype),
+         (x, bias, weight, ln_bias, y, mean, rstd, m, n, eps), TANH=tanh, BLOCK_N=bn, ROWS=rows, num_warps=warps)
     return y, mean, rstd
 
 
@@ -112,7 +117,8 @@ def gelu_layernorm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approxim
     g = num_programs(x.device, triton.cdiv(m, rows), warps, _gelu_ln_bwd_kernel,
                      args(torch.empty((3, 1, n), dtype=torch.float32, device=x.device)), const)
     parts = torch.empty((3, g, n), dtype=torch.float32, device=x.device)
-    _gelu_ln_bwd_kernel[(g,)](*args(parts), num_warps=warps, **const)
+    _bwd((g,), (n, const["TANH"], dout.dtype, x.dtype, bias.dtype, weight.dtype), args(parts), num_warps=warps,
+         **const)
     sums = parts.sum(1)
     return dx, sums[0].to(bias.dtype), sums[1].to(weight.dtype), sums[2].to(ln_bias.dtype)
 

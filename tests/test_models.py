@@ -564,3 +564,44 @@ def test_question_answering_loss_of_a_row_ignores_padding():
                      end_positions=torch.tensor([3, 3]))
     assert torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss, ref_ignored.loss, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_layers_take_the_lean_path_with_the_public_ops_results(monkeypatch, unpad):
+    """An eager forward resolves each op's backend once (not once per layer call) and the layers
+    skip the public ops' checks; outputs, dropout masks and gradients equal those of the public
+    (checked) ops, which torch.compile traces, in training (dropout on) and inference."""
+    from bertfast import backend
+    from bertfast.models import bert
+
+    torch.manual_seed(0)
+    model = bertfast.BertForMaskedLM(BertConfig(**odd_config(num_hidden_layers=3, hidden_dropout_prob=0.1,
+                                                             attention_probs_dropout_prob=0.1)))
+    model.bert.unpad = unpad
+    ids, tt, mask = batch()
+    labels = _labels("BertForMaskedLM", ids, mask)
+
+    def step(train):
+        model.train(train)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(ids, mask, tt, **labels)
+        if train:
+            out.loss.backward()
+        return [out.logits.detach()] + ([p.grad.clone() for p in model.parameters()] if train else [])
+
+    calls = []
+    select = backend.select
+    monkeypatch.setattr(backend, "select", lambda op, dev: calls.append(op) or select(op, dev))
+    lean = step(True), step(False)
+    per_layer = {op: calls.count(op) for op in ("attention", "bias_residual_layernorm", "bias_gelu")}
+    assert per_layer == {"attention": 2, "bias_residual_layernorm": 2, "bias_gelu": 2}  # one per forward
+    public_calls = []
+    for name in ("attention", "bias_residual_layernorm", "bias_gelu"):
+        fn = getattr(bert.ops, name)
+        monkeypatch.setattr(bert.ops, name, lambda *a, _fn=fn, _n=name, **k: public_calls.append(_n) or _fn(*a, **k))
+    monkeypatch.setattr(bert._Eager, "resolve", classmethod(lambda cls, *a: None))  # what compile tracing gets
+    public = step(True), step(False)
+    assert len(public_calls) == 2 * 3 * 4  # 3 layers x 4 op calls, twice: the public path did run
+    for a, b in zip(lean[0] + lean[1], public[0] + public[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -17,14 +17,17 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import backend, ops
 from ..ops._common import can_sync
+from ..ops.attention import attention_route, attention_unchecked, key_padding_bias
+from ..ops.bias_gelu import bias_gelu_unchecked
+from ..ops.bias_residual_layernorm import bias_residual_layernorm_unchecked
 from ..ops.embedding_layernorm import _embedding_layernorm, id_range_error
 from ..padding import PackedLayout, pad_input, unpad_mask
 from .config import FUSED_ACTS, BertConfig
@@ -93,6 +96,36 @@ def _act(name: str):
     if name not in _ACTS and name not in FUSED_ACTS:
         raise ValueError(f"hidden_act must be one of {sorted(set(_ACTS) | set(FUSED_ACTS))}, got {name!r}")
     return _ACTS.get(name)
+
+
+class _Eager(NamedTuple):
+    """What one eager encoder forward resolves once for all its layers' op calls (the lean
+    path): each op's backend (backend.select, which reads BERTFAST_BACKEND and use_backend, once
+    per forward instead of once per call), whether autograd records (torch.is_grad_enabled()),
+    the padded layout's key bias, and (memo, filled by the first layer) which attention kernel
+    serves the forward's shape. The layers then call the ops' `_unchecked` entry points: the
+    inputs were validated at the model boundary, so no per-call argument checks either."""
+
+    grad: bool
+    attention: backend.Impl
+    bias_residual_layernorm: backend.Impl
+    bias_gelu: backend.Impl
+    key_bias: Optional[torch.Tensor]
+    memo: dict
+
+    @classmethod
+    def resolve(cls, device_type: str, key_mask: Optional[torch.Tensor]) -> "_Eager":
+        return cls(torch.is_grad_enabled(), backend.select("attention", device_type),
+                   backend.select("bias_residual_layernorm", device_type), backend.select("bias_gelu", device_type),
+                   None if key_mask is None else key_padding_bias(key_mask), {})
+
+    def attention_call(self, q, k, v, layout: Optional[PackedLayout], p: float):
+        """Self-attention of one layer: the public op's routing decided once per forward."""
+        route = self.memo.get("route", False)
+        if route is False:
+            training = self.grad and (q.requires_grad or k.requires_grad or v.requires_grad)
+            route = self.memo["route"] = attention_route(q, layout, self.key_bias, p, training)
+        return attention_unchecked(self.attention, self.grad, q, k, v, layout, self.key_bias, p, route)
 
 
 # --------------------------------------------------------------------------------------
@@ -200,37 +233,52 @@ class BertSelfAttention(nn.Module):
                 self._qkv_cache = (key, torch.cat(params[:3]), torch.cat(params[3:]))
         return self._qkv_cache[1], self._qkv_cache[2]
 
-    def forward(self, hidden, layout: Optional[PackedLayout], shape, key_mask=None, ws: Optional[_Workspace] = None):
+    def forward(self, hidden, layout: Optional[PackedLayout], shape, key_mask=None, ws: Optional[_Workspace] = None,
+                eager: Optional[_Eager] = None):
         """hidden: (tokens, hidden) rows; packed varlen when `layout` is given, else the
-        (batch, seq) = `shape` rows of a padded batch with an optional (batch, seq) key mask."""
+        (batch, seq) = `shape` rows of a padded batch with an optional (batch, seq) key mask.
+        `eager`: the forward's resolved lean path (None: the public, checked op)."""
         w, b = self._qkv_weight()
         qkv = _linear(hidden, w, b, ws.get("qkv", hidden.shape[0], w.shape[0], hidden) if ws else None)
         H, D = self.num_attention_heads, self.attention_head_size
         p = self.dropout_p if self.training else 0.0
         if layout is not None:  # packed rows (total, 3 * hidden)
             q, k, v = qkv.view(-1, 3, H, D).unbind(1)
-            ctx = ops.attention(q, k, v, cu_seqlens=layout, dropout_p=p)  # the layout: no per-layer host read
+            if eager is not None:
+                ctx = eager.attention_call(q, k, v, layout, p)
+            else:
+                ctx = ops.attention(q, k, v, cu_seqlens=layout, dropout_p=p)  # the layout: no per-layer host read
             return ctx.reshape(-1, H * D)
         B, S = shape
         q, k, v = qkv.view(B, S, 3, H, D).unbind(2)
+        if eager is not None:
+            return eager.attention_call(q, k, v, None, p).reshape(B * S, H * D)
         return ops.attention(q, k, v, key_mask, dropout_p=p).reshape(B * S, H * D)
 
 
 def dense_add_norm(hidden, dense: nn.Linear, residual, norm: nn.LayerNorm, dropout_p: float,
-                   out: Optional[torch.Tensor] = None):
+                   out: Optional[torch.Tensor] = None, eager: Optional[_Eager] = None):
     """LayerNorm(dropout(dense(hidden)) + residual): the GEMM without its bias, then the bias add,
     dropout, residual add and LayerNorm as one op. `out`: a workspace buffer for the GEMM; inplace,
-    because the fresh GEMM output is read by nothing else (used only without autograd)."""
-    return ops.bias_residual_layernorm(_linear(hidden, dense.weight, out=out), dense.bias, residual, norm.weight,
-                                       norm.bias, norm.eps, dropout_p, inplace=True)
+    because the fresh GEMM output is read by nothing else (used only without autograd). `eager`:
+    the forward's lean path (None: the public, checked op)."""
+    x = _linear(hidden, dense.weight, out=out)
+    if eager is not None:
+        return bias_residual_layernorm_unchecked(eager.bias_residual_layernorm, eager.grad, x, dense.bias, residual,
+                                                 norm.weight, norm.bias, norm.eps, dropout_p, inplace=True)
+    return ops.bias_residual_layernorm(x, dense.bias, residual, norm.weight, norm.bias, norm.eps, dropout_p,
+                                       inplace=True)
 
 
-def dense_act(hidden, dense: nn.Linear, act: str, ws: Optional[_Workspace] = None):
+def dense_act(hidden, dense: nn.Linear, act: str, ws: Optional[_Workspace] = None, eager: Optional[_Eager] = None):
     """act(dense(hidden)), the FFN's first half: bias and GELU fused after the GEMM (written into the
     workspace's "inter" buffer when given); other activations in PyTorch."""
     if act in FUSED_ACTS:
         out = ws.get("inter", hidden.shape[0], dense.weight.shape[0], hidden) if ws else None
-        return ops.bias_gelu(_linear(hidden, dense.weight, out=out), dense.bias, FUSED_ACTS[act], inplace=True)
+        x = _linear(hidden, dense.weight, out=out)
+        if eager is not None:
+            return bias_gelu_unchecked(eager.bias_gelu, eager.grad, x, dense.bias, FUSED_ACTS[act], inplace=True)
+        return ops.bias_gelu(x, dense.bias, FUSED_ACTS[act], inplace=True)
     return _act(act)(dense(hidden))
 
 
@@ -241,9 +289,9 @@ class BertSelfOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout_p = config.hidden_dropout_prob
 
-    def forward(self, hidden, residual, out: Optional[torch.Tensor] = None):
+    def forward(self, hidden, residual, out: Optional[torch.Tensor] = None, eager: Optional[_Eager] = None):
         return dense_add_norm(hidden, self.dense, residual, self.LayerNorm, self.dropout_p if self.training else 0.0,
-                              out)
+                              out, eager)
 
 
 class BertAttention(nn.Module):
@@ -252,9 +300,10 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden, layout, shape, key_mask=None, ws: Optional[_Workspace] = None):
+    def forward(self, hidden, layout, shape, key_mask=None, ws: Optional[_Workspace] = None,
+                eager: Optional[_Eager] = None):
         out = ws.get("attn", hidden.shape[0], self.output.dense.weight.shape[0], hidden) if ws else None
-        return self.output(self.self(hidden, layout, shape, key_mask, ws), hidden, out)
+        return self.output(self.self(hidden, layout, shape, key_mask, ws, eager), hidden, out, eager)
 
 
 class BertIntermediate(nn.Module):
@@ -264,8 +313,8 @@ class BertIntermediate(nn.Module):
         self.act = config.hidden_act
         _act(config.hidden_act)  # an unknown name fails here, not in the first forward
 
-    def forward(self, hidden, ws: Optional[_Workspace] = None):
-        return dense_act(hidden, self.dense, self.act, ws)
+    def forward(self, hidden, ws: Optional[_Workspace] = None, eager: Optional[_Eager] = None):
+        return dense_act(hidden, self.dense, self.act, ws, eager)
 
 
 class BertOutput(BertSelfOutput):
@@ -281,12 +330,14 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden, layout, shape, key_mask=None, ws: Optional[_Workspace] = None, last: bool = True):
+    def forward(self, hidden, layout, shape, key_mask=None, ws: Optional[_Workspace] = None, last: bool = True,
+                eager: Optional[_Eager] = None):
         """`ws`: CPU inference buffers for the GEMM outputs (see _Workspace); the output of the
-        `last` layer is fresh memory, any other layer's lives in `ws` until the next layer's."""
-        attn = self.attention(hidden, layout, shape, key_mask, ws)
+        `last` layer is fresh memory, any other layer's lives in `ws` until the next layer's.
+        `eager`: the lean path BertModel.forward resolved (None: the public, checked ops)."""
+        attn = self.attention(hidden, layout, shape, key_mask, ws, eager)
         out = ws.get("out", hidden.shape[0], self.output.dense.weight.shape[0], hidden) if ws and not last else None
-        return self.output(self.intermediate(attn, ws), attn, out)
+        return self.output(self.intermediate(attn, ws, eager), attn, out, eager)
 
 
 class BertEncoder(nn.Module):
@@ -532,9 +583,14 @@ class BertModel(BertPreTrainedModel):
             need = hidden.shape[0] * (5 * cfg.hidden_size + cfg.intermediate_size) * hidden.element_size()
             if need <= _workspace_limit():  # an occasional huge batch is not kept for the process' life
                 ws = _workspace(self)
+        # eager: the inputs were validated at the model boundary, so the layers take the ops'
+        # unchecked paths with backends resolved once here; torch.compile and CUDA-graph capture
+        # trace the public ops (the custom ops), and so does an empty batch (no valid token: the
+        # public ops' empty-input handling)
+        eager = _Eager.resolve(hidden.device.type, key_mask) if hidden.shape[0] and can_sync() else None
         n = len(self.encoder.layer)
         for i, layer in enumerate(self.encoder.layer):
-            hidden = layer(hidden, layout, shape, key_mask, ws, last=i == n - 1)
+            hidden = layer(hidden, layout, shape, key_mask, ws, last=i == n - 1, eager=eager)
             if all_hidden is not None:
                 all_hidden.append(hidden)
         return hidden, all_hidden

@@ -127,16 +127,17 @@ class TransformerBlock(nn.Module):
         self.ffn = FFN(config)
         self.output_layer_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
 
-    def forward(self, hidden, layout, shape, key_mask=None, ws=None, last: bool = True):
+    def forward(self, hidden, layout, shape, key_mask=None, ws=None, last: bool = True, eager=None):
         rows = hidden.shape[0]
-        ctx = self.attention(hidden, layout, shape, key_mask, ws)
+        ctx = self.attention(hidden, layout, shape, key_mask, ws, eager)
         # no dropout between out_lin and the residual add in DistilBERT
         attn = dense_add_norm(ctx, self.attention.out_lin, hidden, self.sa_layer_norm, 0.0,
-                              ws.get("attn", rows, self.attention.out_lin.weight.shape[0], hidden) if ws else None)
-        inter = dense_act(attn, self.ffn.lin1, self.ffn.act, ws)
+                              ws.get("attn", rows, self.attention.out_lin.weight.shape[0], hidden) if ws else None,
+                              eager)
+        inter = dense_act(attn, self.ffn.lin1, self.ffn.act, ws, eager)
         out = ws.get("out", rows, self.ffn.lin2.weight.shape[0], hidden) if ws and not last else None
         p = self.ffn.dropout_p if self.training else 0.0
-        return dense_add_norm(inter, self.ffn.lin2, attn, self.output_layer_norm, p, out)
+        return dense_add_norm(inter, self.ffn.lin2, attn, self.output_layer_norm, p, out, eager)
 
 
 class Transformer(nn.Module):

@@ -43,17 +43,24 @@ def seed_int(seed: Optional[torch.Tensor]) -> int:
 
 
 class FusedOp:
-    """One fused op: `fwd_impl`/`bwd_impl` dispatch to the selected backend.
+    """One fused op: the backend implementations (`backend.Impl`: fwd/bwd) behind one autograd rule.
 
-    setup_context(ctx, inputs, output) saves what backward needs; backward(ctx, grads, bwd)
-    returns one gradient per input, calling `bwd(*args)` for the backward computation
-    (the custom op under torch.compile, the backend directly in eager mode).
+    `fwd_impl`/`bwd_impl` (the custom ops' bodies) look the backend up per call; the eager paths
+    below take it resolved. setup_context(ctx, inputs, output) saves what backward needs;
+    backward(ctx, grads, bwd) returns one gradient per input, calling `bwd(*args)` for the
+    backward computation (the custom op under torch.compile, the backend directly in eager mode).
+
+    `has_seed`: the op's last input is its dropout seed (a 1-element int64 tensor or None in the
+    custom op's schema, so torch.compile can trace it); the eager paths take it as a Python int
+    instead and pass None in that slot: no tensor is made or read back for it.
     """
 
     def __init__(self, name: str, *, fwd_schema: str, bwd_schema: str, fwd_fake: Callable,
                  bwd_fake: Callable, fwd_impl: Callable, bwd_impl: Callable,
-                 setup_context: Callable, backward: Callable, n_nondiff_outputs: int = 0):
+                 setup_context: Callable, backward: Callable, n_nondiff_outputs: int = 0,
+                 has_seed: bool = False):
         self.name = name
+        self.has_seed = has_seed
         lib_name = f"bertfast::{name}"
         self.fwd_op = torch.library.custom_op(lib_name, fwd_impl, mutates_args=(), schema=fwd_schema)
         self.bwd_op = torch.library.custom_op(lib_name + "_backward", bwd_impl, mutates_args=(),
@@ -62,34 +69,48 @@ class FusedOp:
         self.bwd_op.register_fake(bwd_fake)
         bwd_op = self.bwd_op
         self.fwd_op.register_autograd(lambda ctx, *g: backward(ctx, g, bwd_op), setup_context=setup_context)
-        self.fwd_impl = fwd_impl
 
         class _Fn(torch.autograd.Function):
+            # The eager autograd node: the forward's backend serves the backward too (also when
+            # loss.backward() runs outside the caller's use_backend(...) block), called directly.
             @staticmethod
-            def forward(ctx, *inputs):
-                out = fwd_impl(*inputs)
+            def forward(ctx, sel, seed, *inputs):
+                out = sel.fwd(*inputs[:-1], seed) if has_seed else sel.fwd(*inputs)
                 setup_context(ctx, inputs, out)
-                # the backward runs on the backend the forward was asked for, even when it is
-                # called outside the caller's use_backend(...) block (loss.backward() usually is)
-                ctx.requested = backend.requested()
+                ctx.sel, ctx.seed = sel, seed
                 if n_nondiff_outputs:
                     ctx.mark_non_differentiable(*out[-n_nondiff_outputs:])
                 return out
 
             @staticmethod
             def backward(ctx, *grads):
-                with backend.use_backend(ctx.requested):
-                    return backward(ctx, grads, bwd_impl)
+                sel, seed = ctx.sel, ctx.seed
+                bwd = (lambda *args: sel.bwd(*args[:-1], seed)) if has_seed else sel.bwd
+                return (None, None, *backward(ctx, grads, bwd))
 
         _Fn.__name__ = f"{name}_fn"
-        self._fn = _Fn
+        self._apply = _Fn.apply
 
-    def __call__(self, *inputs):
+    def eager(self, sel: backend.Impl, grad: bool, seed: int, *inputs):
+        """The eager call with everything resolved by the caller: `sel` the backend (one
+        backend.select per model forward, not per call), `grad` whether autograd may need the
+        result (torch.is_grad_enabled() of the forward; inputs that need no gradient are fine),
+        `seed` the dropout seed (0 without dropout), inputs with None in the seed slot."""
+        if grad:
+            return self._apply(sel, seed, *inputs)
+        return sel.fwd(*inputs[:-1], seed) if self.has_seed else sel.fwd(*inputs)
+
+    def __call__(self, device_type: str, dropout_p: float, *inputs):
+        """The public functions' call after their argument checks: the custom op while
+        torch.compile traces (inputs[-1] is then replaced by a traceable seed tensor), else the
+        eager path with this call's backend. Without autograd the backend is called directly."""
         if torch.compiler.is_compiling():
+            if self.has_seed:
+                inputs = inputs[:-1] + (seed_tensor(dropout_p),)
             return self.fwd_op(*inputs)
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
-            return self._fn.apply(*inputs)
-        return self.fwd_impl(*inputs)
+        grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+        seed = draw_seed() if dropout_p > 0.0 else 0
+        return self.eager(backend.select(self.name, device_type), grad, seed, *inputs)
 
 
 def impl(op: str, t: torch.Tensor) -> backend.Impl:

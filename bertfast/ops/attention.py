@@ -39,11 +39,10 @@ from ._common import (
     impl,
     register_lazy,
     seed_int,
-    seed_tensor,
 )
 from ..padding import PackedLayout
 from . import _attention_torch as torch_routes
-from ._rng import keep_mask
+from ._rng import draw_seed, keep_mask
 
 OP = "attention"
 _SUPPORTED_MASKS = (
@@ -247,7 +246,7 @@ _op = FusedOp(
                "-> (Tensor, Tensor, Tensor)",
     fwd_fake=_fwd_fake,
     bwd_fake=lambda dout, q, k, v, *rest: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
-    fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=1,
+    fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=1, has_seed=True,
 )
 
 
@@ -261,8 +260,7 @@ def _key_bias(attention_mask, B, Sq, Sk, H, device):
     if m.dim() == 2:
         if tuple(m.shape) != (B, Sk):
             raise ValueError(f"attention_mask must have shape (batch, key_len) = ({B}, {Sk}), got {tuple(m.shape)}")
-        keep = m if m.dtype == torch.bool else m != 0
-        return "key", torch.zeros((B, Sk), dtype=torch.float32, device=device).masked_fill(~keep, float("-inf"))
+        return "key", key_padding_bias(m)
     if m.dim() == 4 and m.is_floating_point():
         if m.shape[0] not in (1, B) or m.shape[1] not in (1, H) or m.shape[2] not in (1, Sq) or m.shape[3] != Sk:
             raise ValueError(f"attention_mask of 4 dims must broadcast to (B, H, Sq, Sk) = ({B}, {H}, {Sq}, {Sk}), "
@@ -276,6 +274,13 @@ def _key_bias(attention_mask, B, Sq, Sk, H, device):
 def _training(q, k, v) -> bool:
     """Will autograd run this call's backward? (Then both passes must come from one implementation.)"""
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def key_padding_bias(mask: torch.Tensor) -> torch.Tensor:
+    """A (B, Sk) key-padding mask (nonzero = attend) as the kernels' fp32 additive bias: 0 where
+    a key is attended, -inf where it is padding."""
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~keep, float("-inf"))
 
 
 def _as_pair(x, name):
@@ -356,8 +361,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
             return torch_routes.varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, bool(causal))
         # q/k/v go as they are (views of a fused QKV projection): each backend takes the layout it
         # needs (the Triton kernels read any token/head strides, so the views cost no copy there)
-        return _op(q, k, v, None, cu_q.contiguous(), cu_k.contiguous(),
-                   max_q, max_k, p, scale, bool(causal), seed_tensor(p))[0]
+        return _op(q.device.type, p, q, k, v, None, cu_q.contiguous(), cu_k.contiguous(),
+                   max_q, max_k, p, scale, bool(causal), None)[0]
     B, Sq, H, _ = q.shape
     if k.shape[0] != B:
         raise ValueError(f"k must have q's batch size {B}, got {k.shape[0]}")
@@ -369,11 +374,45 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
         kind, key_bias = _key_bias(attention_mask, B, Sq, Sk, H, q.device)
         if kind == "full":  # a general additive mask: the reference serves it (autograd through PyTorch)
             return attention_ref(q, k, v, key_bias, dropout_p=p, softmax_scale=scale, causal=causal,
-                                 seed=seed_int(seed_tensor(p)))
+                                 seed=draw_seed() if p > 0.0 else 0)
     if q.numel() == 0 or k.shape[1] == 0:
         return q.new_zeros(q.shape[:-1] + v.shape[-1:])
     if p == 0.0 and key_bias is None and (not causal or Sq == Sk) and torch_routes.route(
             q, "padded", max(Sq, Sk), _training(q, k, v)) == "sdpa":
         return torch_routes.sdpa(q, k, v, scale, bool(causal))
-    return _op(q, k, v, key_bias, None, None, Sq, Sk, p, scale,
-               bool(causal), seed_tensor(p))[0]
+    return _op(q.device.type, p, q, k, v, key_bias, None, None, Sq, Sk, p, scale, bool(causal), None)[0]
+
+
+def attention_route(q: torch.Tensor, layout: Optional[PackedLayout], key_bias: Optional[torch.Tensor], p: float,
+                    training: bool) -> Optional[str]:
+    """The PyTorch kernel (bertfast/ops/_attention_torch.py) that serves the encoder's
+    self-attention calls of this shape, as the public op decides it, or None for bertfast's
+    backends: the same for every layer of a forward, so the model asks once per forward."""
+    if p != 0.0:
+        return None
+    if layout is not None:
+        return torch_routes.route(q, "varlen", layout.max_seqlen, training)
+    return None if key_bias is not None else torch_routes.route(q, "padded", q.shape[1], training)
+
+
+def attention_unchecked(sel: backend.Impl, grad: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        layout: Optional[PackedLayout], key_bias: Optional[torch.Tensor], p: float,
+                        route: Optional[str] = None) -> torch.Tensor:
+    """The encoder layers' self-attention call, without the public checks (see
+    bias_residual_layernorm_unchecked): q, k, v views of the fused QKV projection, packed
+    (total, H, D) with the batch's `layout` (unpad_mask's, made once per forward) or padded
+    (B, S, H, D) with `key_bias` (key_padding_bias of the mask, made once per forward, or None);
+    non-empty; scale 1/sqrt(head_dim), not causal. `route`: attention_route's answer for the
+    forward (a PyTorch kernel measured faster for this case), None for `sel`."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if layout is not None:
+        cu, m = layout.cu_seqlens, layout.max_seqlen
+        if route == "varlen_attn":
+            return torch_routes.varlen(q, k, v, cu, cu, m, m, scale, False)
+        seed = draw_seed() if p > 0.0 else 0
+        return _op.eager(sel, grad, seed, q, k, v, None, cu, cu, m, m, p, scale, False, None)[0]
+    if route == "sdpa":
+        return torch_routes.sdpa(q, k, v, scale, False)
+    S = q.shape[1]
+    seed = draw_seed() if p > 0.0 else 0
+    return _op.eager(sel, grad, seed, q, k, v, key_bias, None, None, S, S, p, scale, False, None)[0]

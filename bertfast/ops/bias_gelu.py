@@ -105,4 +105,13 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none", in
     sel = overwrite_impl(OP, x, bias) if inplace else None
     if sel is not None:
         return sel.fwd(x, bias.contiguous(), approximate, inplace=True)
-    return _op(x.contiguous(), bias.contiguous(), approximate)
+    return _op(x.device.type, 0.0, x.contiguous(), bias.contiguous(), approximate)
+
+
+def bias_gelu_unchecked(sel: backend.Impl, grad: bool, x: torch.Tensor, bias: torch.Tensor,
+                        approximate: str = "none", inplace: bool = False) -> torch.Tensor:
+    """The encoder layers' call, without the public checks (see
+    bias_residual_layernorm_unchecked): x non-empty contiguous rows, bias (hidden,)."""
+    if inplace and not grad and sel.backend == "cpp":
+        return sel.fwd(x, bias, approximate, inplace=True)
+    return _op.eager(sel, grad, 0, x, bias, approximate)

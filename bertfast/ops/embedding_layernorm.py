@@ -29,7 +29,6 @@ from ._common import (
     layernorm_fp32,
     register_lazy,
     seed_int,
-    seed_tensor,
     stats_fake,
 )
 from ._common import (
@@ -134,7 +133,7 @@ _op = FusedOp(
                                                *stats_fake(word, ids.shape[:1])),
     bwd_fake=lambda dout, ids, tt, pos, word, pe, te, w, b, *rest: (
         torch.empty_like(word), torch.empty_like(pe), torch.empty_like(te), torch.empty_like(w), torch.empty_like(b)),
-    fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=2,
+    fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=2, has_seed=True,
 )
 
 
@@ -224,7 +223,7 @@ def _embedding_layernorm(input_ids, token_type_ids, position_ids, word_emb, pos_
     eps, p = check_eps(eps), check_dropout(dropout_p)
     if input_ids.numel() == 0:
         return word_emb.new_empty(shape + (hidden,))
-    out = _op(input_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(),
+    out = _op(word_emb.device.type, p, input_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(),
               position_ids.reshape(-1).contiguous(), word_emb.contiguous(), pos_emb.contiguous(),
-              type_emb.contiguous(), weight.contiguous(), bias.contiguous(), eps, p, seed_tensor(p))[0]
+              type_emb.contiguous(), weight.contiguous(), bias.contiguous(), eps, p, None)[0]
     return out.view(shape + (hidden,))

@@ -122,5 +122,6 @@ def gelu_layernorm(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, ln
     eps = check_eps(eps)
     if x.numel() == 0:
         return x.new_empty(x.shape)
-    out = _op(rows(x), bias.contiguous(), weight.contiguous(), ln_bias.contiguous(), eps, approximate)[0]
+    out = _op(x.device.type, 0.0, rows(x), bias.contiguous(), weight.contiguous(), ln_bias.contiguous(), eps,
+              approximate)[0]
     return out.view(x.shape)
