@@ -107,3 +107,36 @@ def test_encoder_shapes_option():
     for bad in ("8", "8x", "0x128", "ax3"):
         with pytest.raises(SystemExit, match="BATCHxSEQ"):
             bench_cli.parse_shape(bad)
+
+
+def test_host_suite_times_host_us_per_layer_and_per_call():
+    """`bertfast bench --suite host`: the encoder forward and MLM step of a 12-layer width-32
+    model and one fused-op call, bertfast beside transformers / the public op, host microseconds
+    per layer (per call for the op), on the host's clock. Tiny timing plan: seconds."""
+    from bertfast.bench import host as host_suite
+    from bertfast.bench import suites
+    from bertfast.bench.runner import Runner
+
+    assert suites.get("host") is host_suite
+    dev = torch.device("cpu")
+    tiny = timing.TimingPlan(repeats=3, block_s=0.002, max_s=0.2, warmup=1, host=True)
+    cases = [host_suite._encoder_case(dev, torch.float32, 32, train=t, quick=True) for t in (False, True)]
+    cases.append(host_suite._op_case(dev, torch.float32, 32, quick=True))
+    runner = Runner(dev, tiny, {"copy_gbps": 1.0}, None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a parallel region on a busy 2-core box waits for descheduled threads
+    try:
+        for case in cases:
+            case.plan = tiny
+            res = runner.run(case)
+            host_suite.finish(case, res, {})
+            per = host_suite.LAYERS if res["params"]["kind"] != "op" else 1
+            base = "public_op" if per == 1 else "transformers"
+            for name in ("bertfast", base):
+                v = res["variants"][name]
+                assert v["status"] == "ok", (case.name, name, v)
+                assert v["host_us"] == pytest.approx(v["median_ms"] * 1e3 / per)
+            assert math.isfinite(res["speedup"][base]) and res["speedup"][base] > 0
+    finally:
+        torch.set_num_threads(threads)
+        host_suite.cleanup()

@@ -35,6 +35,8 @@ def summary_rows(results: List[dict]):
                 fig = f"{s['tflops']:.3g} TFLOP/s ({100 * s['frac_matmul']:.0f}% mm)"
             elif "tokens_per_s" in s:
                 fig = f"{s['tokens_per_s']:.4g} tok/s"
+            elif "host_us" in s:
+                fig = f"{s['host_us']:.3g} host us/{r.get('host_unit', 'call').split()[-1]}"
             else:
                 fig = ""
             if s.get("fill") is not None:

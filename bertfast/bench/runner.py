@@ -107,7 +107,7 @@ class Runner:
                 fn()  # first call: compilation, autotuning, extension build, lazy init
                 sync(self.device)
                 meta["first_call_s"] = round(time.perf_counter() - t0, 3)
-                if self.device.type == "cpu":
+                if self.device.type == "cpu" or plan.host:
                     t0 = time.perf_counter()
                     for _ in range(plan.warmup):
                         fn()
@@ -126,7 +126,7 @@ class Runner:
         out = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and not plan.host:
                 for vname, fn in ready.items():
                     try:
                         out[vname] = time_cuda(fn, self.device, plan, 0.0)

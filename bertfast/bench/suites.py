@@ -22,6 +22,7 @@ SUITES = {
     "ops": "bertfast.bench.ops",
     "attention": "bertfast.bench.attention",
     "encoder": "bertfast.bench.encoder",
+    "host": "bertfast.bench.host",
 }
 
 

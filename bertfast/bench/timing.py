@@ -46,6 +46,9 @@ class TimingPlan:
     warmup: int = 2
     gpu_warmup_ms: float = 25.0
     gpu_rep_ms: float = 100.0
+    # time with the host's clock, variants interleaved, on every device (CUDA included): for cases
+    # whose figure is the host's time per call (the host suite), not the GPU's
+    host: bool = False
 
 
 def sync(device):
