@@ -22,8 +22,9 @@ The launch signature is the same in triton 3.6 (GPU machines) and 3.9 (CPU machi
 `compiled.run(grid0, grid1, grid2, stream, function, packed_metadata, launch_metadata,
 enter_hook, exit_hook, *every_argument_including_constexprs)`.
 
-The JIT path serves instead: under TRITON_INTERPRET=1 (the kernel is an InterpretedFunction),
-when a launch hook is set (profilers such as proton read launch metadata), when the kernel's
+The fast path passes no launch metadata and no hooks (the launchers skip None hooks); the JIT
+path serves instead: under TRITON_INTERPRET=1 (the kernel is an InterpretedFunction), when a
+launch hook is set (knobs.runtime's HookChains hold calls: profilers such as proton), when the kernel's
 constexprs are not its trailing parameters, with BERTFAST_FAST_LAUNCH=0, and for good when the
 first fast launch of an entry fails (a triton whose launcher differs): correctness never
 depends on the fast path.
@@ -36,6 +37,7 @@ ENABLED = os.environ.get("BERTFAST_FAST_LAUNCH", "1").strip() not in ("0", "fals
 
 _I32_MIN, _I32_MAX = -0x80000000, 0x7FFFFFFF
 _drv = None
+_knobs = None
 
 
 def _device_stream():
@@ -50,10 +52,22 @@ def _device_stream():
     return dev, _drv[1](dev)
 
 
-def _hooks_set() -> bool:
-    from triton import knobs
+def _hook_active(hook) -> bool:
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)  # triton 3.6 / 3.9: a HookChain, active when it holds calls
+    return calls is None or len(calls) > 0
 
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+
+def _hooks_set() -> bool:
+    """A launch hook is installed (a profiler such as proton reads each launch's metadata): then
+    the JIT path launches, which builds that metadata; the fast path passes no hooks."""
+    global _knobs
+    if _knobs is None:
+        from triton import knobs
+
+        _knobs = knobs.runtime
+    return _hook_active(_knobs.launch_enter_hook) or _hook_active(_knobs.launch_exit_hook)
 
 
 class FastKernel:

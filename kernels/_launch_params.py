@@ -40,18 +40,33 @@ def _programs_per_sm(kernel, args, constexprs: dict, num_warps: int, device: tor
     return per_sm
 
 
-def num_programs(device: torch.device, n_tiles: int, num_warps: int, kernel=None, args=(), constexprs=None) -> int:
+_capacity: dict = {}  # (id(kernel), caller's key, device index) -> programs resident at once
+
+
+def num_programs(device: torch.device, n_tiles: int, num_warps: int, kernel=None, args=(), constexprs=None,
+                 key=None) -> int:
     """Grid size of a persistent backward kernel: exactly as many programs as can be resident
     at once (one wave, no tail), never more than there are row tiles. `kernel`, `args` and
-    `constexprs` (any partial buffers may be placeholders) let it read the compiled register count."""
+    `constexprs` (any partial buffers may be placeholders) let it read the compiled register count.
+    With `key` (hashable, deciding the kernel's variant: its FastKernel key) the answer is cached
+    per (key, device) and `args` may be a callable that builds them, called only on a miss: a
+    launch then pays one dict lookup here, not a placeholder allocation and a key of every argument."""
     if device.type != "cuda":  # the interpreter: a few programs, so the partial-sum path is exercised
         return max(1, min(4, n_tiles))
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if kernel is not None:
-        per_sm = _programs_per_sm(kernel, args, constexprs or {}, num_warps, torch.device("cuda", index))
-    else:
-        per_sm = max(1, 32 // num_warps)
-    return max(1, min(_sm_count(index) * per_sm, n_tiles))
+    ck = (id(kernel), key, index)
+    cap = _capacity.get(ck) if key is not None else None
+    if cap is None:
+        if callable(args):
+            args = args()
+        if kernel is not None:
+            per_sm = _programs_per_sm(kernel, args, constexprs or {}, num_warps, torch.device("cuda", index))
+        else:
+            per_sm = max(1, 32 // num_warps)
+        cap = _sm_count(index) * per_sm
+        if key is not None:
+            _capacity[ck] = cap
+    return max(1, min(cap, n_tiles))
 
 
 def dropout_args(p: float):

@@ -102,13 +102,13 @@ def bias_gelu_bwd(dout, x, bias, approximate):
     n_col = triton.cdiv(n, bn)
     const = dict(TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn)
     # G row-programs per column tile, G * n_col filling the GPU once
+    key = (n, const["TANH"], dout.dtype, x.dtype, bias.dtype)
     g = max(1, num_programs(x.device, triton.cdiv(m, bm) * n_col, warps, _bias_gelu_bwd_kernel,
-                            (dout, x, bias, dx, torch.empty((1, n), dtype=torch.float32, device=x.device), m, n),
-                            const) // n_col)
+                            lambda: (dout, x, bias, dx, torch.empty((1, n), dtype=torch.float32, device=x.device), m,
+                                     n), const, key=key) // n_col)
     g = min(g, triton.cdiv(m, bm))
     parts = torch.empty((g, n), dtype=torch.float32, device=x.device)
-    _bwd((g, n_col), (n, const["TANH"], dout.dtype, x.dtype, bias.dtype), (dout, x, bias, dx, parts, m, n),
-         num_warps=warps, **const)
+    _bwd((g, n_col), key, (dout, x, bias, dx, parts, m, n), num_warps=warps, **const)
     return dx, parts.sum(0).to(bias.dtype)
 
 

@@ -156,12 +156,14 @@ def bias_residual_layernorm_bwd(dout, x, bias, residual, weight, ln_bias, mean, 
                 parts[-1], m, n, seed, threshold, scale)
 
     nparts = 3 if bias is not None else 2
-    g = num_programs(x.device, triton.cdiv(m, rows), warps, _brln_bwd_kernel,
-                     args(torch.empty((nparts, 1, n), dtype=torch.float32, device=x.device)), const)
-    parts = torch.empty((nparts, g, n), dtype=torch.float32, device=x.device)
     key = (n, p > 0.0, dout.dtype, x.dtype, residual.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    g = num_programs(x.device, triton.cdiv(m, rows), warps, _brln_bwd_kernel,
+                     lambda: args(torch.empty((nparts, 1, n), dtype=torch.float32, device=x.device)), const, key=key)
+    parts = torch.empty((nparts, g, n), dtype=torch.float32, device=x.device)
     _brln_bwd((g,), key, args(parts), num_warps=warps, **const)
     sums = parts.sum(1)
+    if weight.dtype == ln_bias.dtype and (bias is None or bias.dtype == weight.dtype):
+        sums = sums.to(weight.dtype)  # one cast for the (usual) parameters of one dtype, not one per gradient
     dbias = sums[2].to(bias.dtype) if bias is not None else None
     return dx, dbias, dres, sums[0].to(weight.dtype), sums[1].to(ln_bias.dtype)
 

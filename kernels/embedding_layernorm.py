@@ -187,13 +187,17 @@ def embedding_layernorm_bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight,
         return (dout, ids, tt, pos, word, pos_emb, type_emb, weight, mean, rstd, dword, dpos, dtype, dh, type_parts,
                 parts[0], parts[1], m, n, seed, threshold, scale)
 
-    probe = torch.empty((2, 1, n), dtype=torch.float32, device=word.device)
-    g = num_programs(word.device, triton.cdiv(m, rows), warps, _emb_ln_bwd_kernel, args(probe, probe, probe), const)
+    key = (n, p > 0.0, deterministic, type_rows, dout.dtype, ids.dtype, tt.dtype, pos.dtype, word.dtype, weight.dtype)
+
+    def probe_args():
+        probe = torch.empty((2, 1, n), dtype=torch.float32, device=word.device)
+        return args(probe, probe, probe)
+
+    g = num_programs(word.device, triton.cdiv(m, rows), warps, _emb_ln_bwd_kernel, probe_args, const, key=key)
     parts = torch.empty((2, g, n), dtype=torch.float32, device=word.device)
     # zeroed: at 8192 columns the kernel accumulates into it in place
     type_parts = torch.zeros((g, max(type_rows, 1), n), dtype=torch.float32, device=word.device)
     dh = torch.empty((m, n), dtype=torch.float32, device=word.device) if deterministic else parts
-    key = (n, p > 0.0, deterministic, type_rows, dout.dtype, ids.dtype, tt.dtype, pos.dtype, word.dtype, weight.dtype)
     _bwd((g,), key, args(parts, type_parts, dh), num_warps=warps, **const)
     if deterministic:
         for buf, i in ((dword, ids), (dpos, pos), (dtype, tt)):

@@ -114,12 +114,14 @@ def gelu_layernorm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approxim
     def args(parts):
         return (dout, x, bias, weight, mean, rstd, dx, parts[0], parts[1], parts[2], m, n)
 
+    key = (n, const["TANH"], dout.dtype, x.dtype, bias.dtype, weight.dtype)
     g = num_programs(x.device, triton.cdiv(m, rows), warps, _gelu_ln_bwd_kernel,
-                     args(torch.empty((3, 1, n), dtype=torch.float32, device=x.device)), const)
+                     lambda: args(torch.empty((3, 1, n), dtype=torch.float32, device=x.device)), const, key=key)
     parts = torch.empty((3, g, n), dtype=torch.float32, device=x.device)
-    _bwd((g,), (n, const["TANH"], dout.dtype, x.dtype, bias.dtype, weight.dtype), args(parts), num_warps=warps,
-         **const)
+    _bwd((g,), key, args(parts), num_warps=warps, **const)
     sums = parts.sum(1)
+    if bias.dtype == weight.dtype == ln_bias.dtype:
+        sums = sums.to(weight.dtype)  # one cast for the (usual) parameters of one dtype, not one per gradient
     return dx, sums[0].to(bias.dtype), sums[1].to(weight.dtype), sums[2].to(ln_bias.dtype)
 
 

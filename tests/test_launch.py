@@ -196,3 +196,46 @@ def test_gpu_fast_launch_matches_the_jit_and_skips_it(monkeypatch):
     assert [k.jit_launches for k in kernels + list(ka._fast.values())] == jit_before
     for a, e in zip(got, ref):
         assert torch.equal(a, e)
+
+
+def test_persistent_grid_size_is_cached_per_kernel_variant(monkeypatch):
+    """num_programs with a key: the register-count probe (and the placeholder arguments it needs)
+    runs once per (kernel, variant, device); later launches only clamp to their tile count."""
+    from bertfast.kernels import _launch_params as lp
+
+    probes, built = [], []
+    monkeypatch.setattr(lp, "_sm_count", lambda index: 10)
+    monkeypatch.setattr(lp, "_programs_per_sm", lambda k, a, c, w, d: probes.append(a) or 3)
+    monkeypatch.setattr(lp, "_capacity", {})
+    dev = torch.device("cuda", 0)
+
+    def make_args():
+        built.append(1)
+        return ("placeholder",)
+
+    kernel = object()
+    assert lp.num_programs(dev, 100, 4, kernel, make_args, {}, key=("bf16", 768)) == 30
+    assert lp.num_programs(dev, 7, 4, kernel, make_args, {}, key=("bf16", 768)) == 7
+    assert built == [1] and probes == [("placeholder",)]
+    assert lp.num_programs(dev, 100, 4, kernel, make_args, {}, key=("fp32", 768)) == 30
+    assert lp.num_programs(dev, 100, 4, object(), make_args, {}, key=("bf16", 768)) == 30  # another kernel
+    assert len(built) == 3
+
+
+@requires_triton
+def test_launch_hooks_send_launches_to_the_jit():
+    """triton's knobs hold HookChains that are never None: the fast path steps aside only when a
+    chain holds calls (a profiler), so an idle chain does not disable it."""
+    from triton import knobs
+
+    assert not _launch._hooks_set()
+
+    def hook(metadata):
+        pass
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert _launch._hooks_set()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert not _launch._hooks_set()

@@ -89,7 +89,16 @@ class FusedOp:
                 return (None, None, *backward(ctx, grads, bwd))
 
         _Fn.__name__ = f"{name}_fn"
-        self._apply = _Fn.apply
+        # Function.apply's Python wrapper (a functorch check, an unwrap pass over the arguments)
+        # costs about as much again as the C++ apply behind it: called directly unless a functorch
+        # transform (vmap, grad, ...) is active, which needs the wrapper
+        fn_apply, c_apply = _Fn.apply, super(torch.autograd.Function, _Fn).apply
+        functorch_active = torch._C._are_functorch_transforms_active
+
+        def apply(*args):
+            return fn_apply(*args) if functorch_active() else c_apply(*args)
+
+        self._apply = apply
 
     def eager(self, sel: backend.Impl, grad: bool, seed: int, *inputs):
         """The eager call with everything resolved by the caller: `sel` the backend (one
@@ -253,6 +262,10 @@ def register_lazy(op: str, backend_name: str, module: str, devices) -> None:
         if hasattr(mod, "load"):
             mod.load()
         fns["fwd"], fns["bwd"] = getattr(mod, f"{op}_fwd"), getattr(mod, f"{op}_bwd")
+        # from now on the Impl calls the module's functions directly: no forwarding frame per call
+        impl = backend._ops[op].impls.get(backend_name)
+        if impl is not None and impl.fwd is fwd:
+            impl.fwd, impl.bwd = fns["fwd"], fns["bwd"]
 
     def fwd(*args, **kwargs):
         return fns["fwd"](*args, **kwargs)
