@@ -263,8 +263,9 @@ def register_lazy(op: str, backend_name: str, module: str, devices) -> None:
             mod.load()
         fns["fwd"], fns["bwd"] = getattr(mod, f"{op}_fwd"), getattr(mod, f"{op}_bwd")
         # from now on the Impl calls the module's functions directly: no forwarding frame per call
+        # (every load rebinds them: backend.reset() makes the next use load again)
         impl = backend._ops[op].impls.get(backend_name)
-        if impl is not None and impl.fwd is fwd:
+        if impl is not None and impl.extra.get("lazy_load") is load:
             impl.fwd, impl.bwd = fns["fwd"], fns["bwd"]
 
     def fwd(*args, **kwargs):
@@ -273,4 +274,4 @@ def register_lazy(op: str, backend_name: str, module: str, devices) -> None:
     def bwd(*args):
         return fns["bwd"](*args)
 
-    backend.register_impl(op, backend_name, fwd=fwd, bwd=bwd, devices=devices, load=load)
+    backend.register_impl(op, backend_name, fwd=fwd, bwd=bwd, devices=devices, load=load, lazy_load=load)
