@@ -140,3 +140,22 @@ def test_host_suite_times_host_us_per_layer_and_per_call():
     finally:
         torch.set_num_threads(threads)
         host_suite.cleanup()
+
+
+def test_merge_joins_runs(tiny_run, tmp_path):
+    """--merge: several runs (one per suite, each with its own flags) as one JSON/markdown set."""
+    src, _ = tiny_run
+    data = json.loads((src / "bench.json").read_text())
+    paths = []
+    for suite in ("ops", "encoder"):
+        part = dict(data, results=[r for r in data["results"] if r["suite"] == suite], command=f"run {suite}")
+        p = tmp_path / f"{suite}.json"
+        p.write_text(json.dumps(part))
+        paths.append(str(p))
+    out = bench.run(["--merge", ",".join(paths), "--out", str(tmp_path / "m"), "--no-plots"])
+    merged = json.loads((tmp_path / "m" / "bench.json").read_text())
+    assert [r["suite"] for r in merged["results"]] == [r["suite"] for r in data["results"] if r["suite"] != "attention"]
+    assert [r["command"] for r in merged["runs"]] == ["run ops", "run encoder"]
+    md = (tmp_path / "m" / "bench.md").read_text()
+    assert "## ops" in md and "## encoder" in md and "## attention" not in md
+    assert len(out["results"]) == len(merged["results"])

@@ -1,4 +1,4 @@
-"""`bertfast bench`: flags, defaults, per-suite time budgets, the driver loop, and --render."""
+"""`bertfast bench`: flags, defaults, per-suite time budgets, the driver loop, --render and --merge."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ from . import suites as registry
 from .ceilings import measure_ceilings
 from .common import DTYPES, NORM_OPS, SUBJECT, SuiteOptions, dtype_name
 from .environment import environment
-from .report import fmt, print_table, render, save
+from .report import fmt, merge, print_table, render, save
 from .runner import Runner
 from .timing import TimingPlan
 
@@ -68,6 +68,8 @@ def build_parser():
                                                   "list), e.g. 'text' or 'fwd 8192x768'")
     p.add_argument("--skip", default=None, help="variants not to run (comma list, e.g. bertfast_ref,hf_compile); "
                                                 "reported as skipped")
+    p.add_argument("--merge", default=None, metavar="JSON,JSON",
+                   help="measure nothing: merge earlier runs' JSON files (comma list) into --out/--prefix")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="measure nothing: rewrite the markdown and plots of an earlier run's JSON beside it")
     p.add_argument("--no-plots", action="store_true")
@@ -118,6 +120,8 @@ def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.render:
         return render(args.render, plots=not args.no_plots)
+    if args.merge:
+        return merge(parse_list(args.merge), args.out, args.prefix, plots=not args.no_plots)
     threads_note = set_threads(args.threads)
     dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev_name.startswith("cuda") and not torch.cuda.is_available():

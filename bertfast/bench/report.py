@@ -229,3 +229,25 @@ def render(path: str, plots: bool = True) -> dict:
     print(f"\nbench: rendered {md} and {len(pngs)} plot(s) from {path}")
     return {"results": results, "meta": data, "paths": {"json": path, "markdown": md, "plots": pngs}}
 
+
+
+def merge(paths: List[str], out_dir: str, prefix: str = "bench", plots: bool = True) -> dict:
+    """One JSON/markdown/plot set from several runs (e.g. one `bertfast bench` per suite with its own
+    flags, as benchmarks/gpu_check.sh does): the results in order, the environment and ceilings of
+    the first run, and every run's command, ceilings and elapsed time under "runs"."""
+    runs, results = [], []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            data = json.load(f)
+        results += data.pop("results")
+        runs.append({"file": os.path.basename(p), **{k: data.get(k) for k in ("command", "ceilings", "elapsed_s",
+                                                                               "budget_s", "interrupted")}})
+        if len(runs) == 1:
+            meta = data
+    if not runs:
+        raise ValueError("merge: no JSON files given")
+    meta = {**meta, "command": " ; ".join(r["command"] or "?" for r in runs), "runs": runs,
+            "elapsed_s": round(sum(r["elapsed_s"] or 0 for r in runs), 1)}
+    out = save(results, meta, out_dir, prefix, plots=plots)
+    print(f"bench: merged {len(runs)} runs ({len(results)} cases) -> {out['json']}")
+    return {"results": results, "meta": meta, "paths": out}
