@@ -519,9 +519,9 @@ def pack_pretraining(examples: Sequence[Dict[str, torch.Tensor]], rows: int, bud
 def packed_batch_iterator(stream, rows: int, budget: Optional[int] = None, start: int = 0,
                           max_pairs_per_row: Optional[int] = None, max_predictions_per_row: Optional[int] = None):
     """Packed batches (see pack_pretraining) from a PretrainingStream, beginning at example
-    `start`; yields (batch, n_examples). Each batch holds the next examples of the stream in
-    order, so a position in examples resumes it exactly. budget defaults to the stream's
-    max_seq_len (every pair fits a row)."""
+    `start`; yields (batch, n_examples, n_tokens): n_tokens counts the pairs' tokens (not the
+    filler). Each batch holds the next examples of the stream in order, so a position in
+    examples resumes it exactly. budget defaults to the stream's max_seq_len (every pair fits a row)."""
     budget = budget if budget is not None else stream.max_seq_len
     if budget < stream.max_seq_len:
         raise ValueError(f"budget must be >= the stream's max_seq_len ({stream.max_seq_len}) so every pair fits "
@@ -541,5 +541,5 @@ def packed_batch_iterator(stream, rows: int, budget: Optional[int] = None, start
         if not pending:
             return
         batch, n = pack_pretraining(pending, rows, budget, max_pairs_per_row, max_predictions_per_row, pad, p)
+        yield batch, n, sum(len(e["input_ids"]) for e in pending[:n])
         pending = pending[n:]
-        yield batch, n

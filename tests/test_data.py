@@ -1,4 +1,5 @@
 """Pre-training data: corpus reading and streaming, NSP sampling, packing, MLM masking, collation."""
+import itertools
 import os
 
 import pytest
@@ -340,16 +341,17 @@ def test_packed_batches_follow_the_stream_and_resume(corpus, tok):
     stream = PretrainingStream([corpus], tok, max_seq_len=48, seed=0, short_seq_prob=0.5)
     it = packed_batch_iterator(stream, rows=3, budget=96)
     got = [next(it) for _ in range(3)]
-    assert all(n > 3 for _, n in got)  # several pairs per row on average
+    assert all(n > 3 for _, n, _ in got)  # several pairs per row on average
     # the examples of the batches are the stream's, in order
-    flat = list(stream.iter_from(0))[:sum(n for _, n in got)]
-    b0, n0 = got[0]
+    flat = list(itertools.islice(stream.iter_from(0), sum(n for _, n, _ in got)))  # the stream is endless
+    b0, n0, t0 = got[0]
+    assert t0 == sum(len(e["input_ids"]) for e in flat[:n0])
     cu = b0["cu_seqlens"]
     firsts = [b0["input_ids"].reshape(-1)[int(cu[s]):int(cu[s + 1])] for s in range(cu.numel() - 1)]
     for ex in flat[:n0]:
         assert any(torch.equal(ex["input_ids"], f) for f in firsts)
     # resuming at the first batch's end gives the second batch
-    b1, n1 = next(packed_batch_iterator(stream, rows=3, budget=96, start=n0))
+    b1, n1, _ = next(packed_batch_iterator(stream, rows=3, budget=96, start=n0))
     assert n1 == got[1][1] and all(torch.equal(b1[k], got[1][0][k]) for k in b1)
     with pytest.raises(ValueError, match="budget"):
         next(packed_batch_iterator(stream, rows=3, budget=32))
