@@ -20,8 +20,8 @@ from torch import nn
 
 from .bert import BertEmbeddings, BertModel, BertPreTrainedModel, _classifier_dropout, _Output, dense_act_layernorm
 from .config import BertConfig
-from .heads import (MaskedLMHead, QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead,
-                    _FamilyHead, activation, first_token)
+from .heads import (ClassificationHead, MaskedLMHead, QuestionAnsweringHead, SequenceClassificationHead,
+                    TokenClassificationHead, _FamilyHead, activation)
 
 
 class ElectraConfig(BertConfig):
@@ -103,17 +103,11 @@ class ElectraGeneratorPredictions(nn.Module):
         return dense_act_layernorm(hidden, self.dense, "gelu", self.LayerNorm)
 
 
-class ElectraClassificationHead(nn.Module):
+class ElectraClassificationHead(ClassificationHead):
     """dropout -> dense -> GELU -> dropout -> out_proj on [CLS]."""
 
     def __init__(self, config: ElectraConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(_classifier_dropout(config))
-        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
-
-    def forward(self, first):
-        return self.out_proj(self.dropout(F.gelu(self.dense(self.dropout(first)))))
+        super().__init__(config, F.gelu)
 
 
 class ElectraForPreTraining(_FamilyHead, ElectraPreTrainedModel):
@@ -162,9 +156,6 @@ class ElectraForSequenceClassification(SequenceClassificationHead, ElectraPreTra
         self.electra = ElectraModel(config)
         self.classifier = ElectraClassificationHead(config)
         self.init_weights()
-
-    def classify(self, hidden, attention_mask):
-        return self.classifier(first_token(hidden, attention_mask))
 
 
 class ElectraForTokenClassification(TokenClassificationHead, ElectraPreTrainedModel):

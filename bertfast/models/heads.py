@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .bert import (MaskedLMOutput, QuestionAnsweringOutput, SequenceClassifierOutput, TokenClassifierOutput, _act,
-                   _mlm_logits, _valid_labels, sequence_classification_loss, span_outputs, token_classification_loss)
+                   _classifier_dropout, _mlm_logits, _valid_labels, sequence_classification_loss, span_outputs,
+                   token_classification_loss)
 from .config import FUSED_ACTS
 
 
@@ -32,6 +34,21 @@ def activation(name: str):
         approximate = FUSED_ACTS[name]
         return lambda x: F.gelu(x, approximate=approximate)
     return _act(name)
+
+
+class ClassificationHead(nn.Module):
+    """dropout -> dense -> act -> dropout -> out_proj on each row's first token: RoBERTa's (tanh)
+    and ELECTRA's (GELU) `classifier`."""
+
+    def __init__(self, config, act):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.act = act
+
+    def forward(self, first):
+        return self.out_proj(self.dropout(self.act(self.dense(self.dropout(first)))))
 
 
 class _FamilyHead:
@@ -75,7 +92,11 @@ class MaskedLMHead(_FamilyHead):
 
 
 class SequenceClassificationHead(_FamilyHead):
-    """`classify(last_hidden_state, attention_mask)` -> (batch, num_labels) logits."""
+    """`classify(last_hidden_state, attention_mask)` -> (batch, num_labels) logits: by default
+    `classifier` on each row's first valid token."""
+
+    def classify(self, hidden, attention_mask):
+        return self.classifier(first_token(hidden, attention_mask))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False):

@@ -16,8 +16,8 @@ from torch import nn
 from .bert import (BertEmbeddings, BertModel, BertPreTrainedModel, _classifier_dropout, dense_act_layernorm,
                    packed_positions)
 from .config import BertConfig
-from .heads import (MaskedLMHead, QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead,
-                    first_token)
+from .heads import (ClassificationHead, MaskedLMHead, QuestionAnsweringHead, SequenceClassificationHead,
+                    TokenClassificationHead)
 
 
 class RobertaConfig(BertConfig):
@@ -104,17 +104,11 @@ class RobertaLMHead(nn.Module):
         return self.decoder(dense_act_layernorm(hidden, self.dense, "gelu", self.layer_norm))
 
 
-class RobertaClassificationHead(nn.Module):
+class RobertaClassificationHead(ClassificationHead):
     """dropout -> dense -> tanh -> dropout -> out_proj on the <s> token."""
 
     def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(_classifier_dropout(config))
-        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
-
-    def forward(self, first):
-        return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(first)))))
+        super().__init__(config, torch.tanh)
 
 
 class RobertaForMaskedLM(MaskedLMHead, RobertaPreTrainedModel):
@@ -138,9 +132,6 @@ class RobertaForSequenceClassification(SequenceClassificationHead, RobertaPreTra
         self.roberta = self._encoder(add_pooling_layer=False)
         self.classifier = RobertaClassificationHead(config)
         self.init_weights()
-
-    def classify(self, hidden, attention_mask):
-        return self.classifier(first_token(hidden, attention_mask))
 
 
 class RobertaForTokenClassification(TokenClassificationHead, RobertaPreTrainedModel):
