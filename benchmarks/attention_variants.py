@@ -31,6 +31,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bertfast.bench.timing import graph_replay_ms  # noqa: E402
+
 
 def _inputs(layout, B, S, H, D, fill, device, grad):
     from bertfast.bench.attention import varlen_lengths
@@ -48,22 +50,6 @@ def _inputs(layout, B, S, H, D, fill, device, grad):
     cu = torch.zeros(B + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens), 0)
     return q, k, v, cu.to(device), lens
-
-
-def _graph_ms(fn):
-    """Median ms of fn replayed from a CUDA graph (warm-up outside the capture)."""
-    from triton.testing import do_bench
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return float(do_bench(g.replay, warmup=10, rep=40, return_mode="median"))
 
 
 def _ours(layout, q, k, v, cu, S, grad, forced):
@@ -126,19 +112,19 @@ def run_bucket(layout, D, S, fam, grad):
     rec = {"layout": layout, "head_dim": D, "heads": H, "batch": B, "seq": S, "pass": "fwd+bwd" if grad else "fwd",
            "fill": round(sum(lens) / (B * S), 3), "default": {k: str(c) for k, c in default.items()}, "timings": []}
     try:
-        rec["default_us"] = _graph_ms(_ours(layout, q, k, v, cu, S, grad, {})) * 1e3
+        rec["default_us"] = graph_replay_ms(_ours(layout, q, k, v, cu, S, grad, {})) * 1e3
     except Exception as e:  # noqa: BLE001
         rec["default_us"] = None
         rec["default_error"] = f"{type(e).__name__}: {e}"[:200]
     for kern, cfg in variants:
         try:
-            us = _graph_ms(_ours(layout, q, k, v, cu, S, grad, {kern: cfg})) * 1e3
+            us = graph_replay_ms(_ours(layout, q, k, v, cu, S, grad, {kern: cfg})) * 1e3
             rows.append({"kernel": kern, "config": str(cfg), "us": us})
         except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory) is reported
             rows.append({"kernel": kern, "config": str(cfg), "error": f"{type(e).__name__}: {e}"[:200]})
     rec["timings"] = rows
     try:
-        rec["torch_us"] = _graph_ms(_theirs(layout, q, k, v, cu, S, grad)) * 1e3
+        rec["torch_us"] = graph_replay_ms(_theirs(layout, q, k, v, cu, S, grad)) * 1e3
     except Exception as e:  # noqa: BLE001
         rec["torch_us"] = None
         rec["torch_error"] = f"{type(e).__name__}: {e}"[:200]

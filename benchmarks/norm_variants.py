@@ -26,6 +26,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bertfast.bench.timing import graph_replay_ms  # noqa: E402
+
 OPS = ("bias_residual_layernorm", "gelu_layernorm", "embedding_layernorm", "bias_gelu")
 # BERT's widths: the LayerNorms run at the hidden size, bias_gelu at the FFN's intermediate size too
 SHAPES = {"bias_gelu": ((32768, 768), (32768, 3072))}
@@ -59,21 +61,6 @@ def gelu_variants(n: int):
     return out
 
 
-def _graph_ms(fn):
-    from triton.testing import do_bench
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return float(do_bench(g.replay, warmup=10, rep=40, return_mode="median"))
-
-
 def _op_fn(op, tokens, hidden, backward):
     from bertfast import backend
     from bertfast.bench.ops import op_call, op_fns, op_inputs
@@ -97,7 +84,7 @@ def _op_fn(op, tokens, hidden, backward):
 def _copy_ms(nbytes):
     n = max(1, int(nbytes / 2 / 4))
     a, b = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
-    return _graph_ms(lambda: b.copy_(a))
+    return graph_replay_ms(lambda: b.copy_(a))
 
 
 def measure(op, tokens, hidden, backward):
@@ -110,7 +97,7 @@ def measure(op, tokens, hidden, backward):
     rec = {"op": op, "tokens": tokens, "hidden": hidden, "pass": "fwd+bwd" if backward else "fwd", "bytes": nbytes,
            "copy_us": _copy_ms(nbytes) * 1e3, "variants": []}
     fn = _op_fn(op, tokens, hidden, backward)
-    rec["default_us"] = _graph_ms(fn) * 1e3
+    rec["default_us"] = graph_replay_ms(fn) * 1e3
     if op == "bias_gelu":
         names, variants = ("config",), [((v,), v) for v in gelu_variants(hidden)]
     else:
@@ -123,7 +110,7 @@ def measure(op, tokens, hidden, backward):
         try:
             for n in names:
                 setattr(km, n, lambda width, v=v: v)
-            us = _graph_ms(_op_fn(op, tokens, hidden, backward)) * 1e3
+            us = graph_replay_ms(_op_fn(op, tokens, hidden, backward)) * 1e3
             rec["variants"].append({"config": list(v), "us": us, "frac_copy": rec["copy_us"] / us})
         except Exception as e:  # noqa: BLE001 - a tiling that does not compile or fit is reported
             rec["variants"].append({"config": list(v), "error": f"{type(e).__name__}: {e}"[:200]})

@@ -180,6 +180,29 @@ def peak_memory_mb(fn, device) -> float:
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
 
+def capture(fn):
+    """fn captured in a CUDA graph (after two warm-up calls on a side stream, outside the capture:
+    compilation, autotuning, allocator growth); returns the graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def graph_replay_ms(fn) -> float:
+    """Median ms of fn replayed from a CUDA graph: kernel time without host time
+    (triton.testing.do_bench, L2 flushed between replays)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(capture(fn).replay, warmup=10, rep=40, return_mode="median"))
+
+
 def graphed(factory):
     """A variant factory whose calls are captured once per input set in CUDA graphs and replayed."""
     def graph_factory(meta):
