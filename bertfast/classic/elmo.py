@@ -146,17 +146,16 @@ def train_lm(texts: Sequence[str], vocab_size: int = 10_000, hidden: int = 128, 
     return model, vocab, hist
 
 
-@torch.no_grad()
 def lm_perplexity(model: BiLM, vocab: Vocab, texts: Sequence[str], max_len: int = 64, batch_size: int = 64) -> float:
     """exp of the mean forward/backward cross entropy per predicted token."""
+    from .training import perplexity
+
+    def loss_and_tokens(batch):
+        ids, lengths = lm_batch(vocab, batch, max_len)
+        return model.lm_loss(ids, lengths), int((lengths - 1).sum())
+
     model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        ids, lengths = lm_batch(vocab, texts[i:i + batch_size], max_len)
-        k = int((lengths - 1).sum())
-        total += float(model.lm_loss(ids, lengths)) * k
-        n += k
-    return float(torch.exp(torch.tensor(total / n)))
+    return perplexity(loss_and_tokens, texts, batch_size)
 
 
 def unigram_perplexity(vocab: Vocab, texts: Sequence[str], max_len: int = 64) -> float:

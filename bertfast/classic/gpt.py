@@ -130,17 +130,16 @@ def train(texts: Sequence[str], level: str = "word", vocab_size: int = 10_000, h
     return model, vocab, hist
 
 
-@torch.no_grad()
 def perplexity(model: GPT, vocab: Vocab, texts: Sequence[str], max_len: int = 128, batch_size: int = 32) -> float:
     """exp of the mean next-token cross entropy over the texts' tokens (and each one's <eos>)."""
+    from .training import perplexity as batched_perplexity
+
+    def loss_and_tokens(batch):
+        ids = lm_rows(vocab, batch, min(max_len, model.max_positions))
+        return model.loss(ids), int((ids[:, 1:] != Vocab.pad).sum())
+
     model.eval()
-    nll, n = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        ids = lm_rows(vocab, texts[i:i + batch_size], min(max_len, model.max_positions))
-        k = int((ids[:, 1:] != Vocab.pad).sum())
-        nll += float(model.loss(ids)) * k
-        n += k
-    return float(torch.exp(torch.tensor(nll / n)))
+    return batched_perplexity(loss_and_tokens, texts, batch_size)
 
 
 def complete(model: GPT, vocab: Vocab, prompt: str, max_new_tokens: int = 40, samples: int = 1, **kw) -> List[str]:

@@ -2,6 +2,7 @@
 gradient clipping, an optional wall-clock limit, and a record of the losses and seconds."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Iterator, List, Optional, Sequence
 
@@ -111,3 +112,15 @@ def majority_accuracy(train_labels: Sequence, test_labels: Sequence) -> float:
 
     top = Counter(train_labels).most_common(1)[0][0]
     return accuracy([top] * len(test_labels), test_labels)
+
+
+@torch.no_grad()
+def perplexity(loss_and_tokens: Callable[[Sequence[str]], tuple], texts: Sequence[str], batch_size: int) -> float:
+    """exp of the token-weighted mean loss over the texts, in batches: loss_and_tokens(batch texts)
+    -> (mean loss per predicted token, number of predicted tokens)."""
+    total, n = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        loss, k = loss_and_tokens(texts[i:i + batch_size])
+        total += float(loss) * k
+        n += k
+    return math.exp(total / max(n, 1))
