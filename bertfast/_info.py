@@ -39,25 +39,42 @@ def info(print_: bool = True) -> dict:
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
         "backends": {},
     }
+    for op in ops.OPS:
+        for dev in devices:
+            name, why = backend.explain(op, dev)
+            d["backends"][f"{op}@{dev}"] = {"backend": name, "why": why}
+    # after the table: explaining the CPU rows loads (or builds) the extension, so its state is final
     try:
         from . import _cpp
 
         d["cpp_extension"] = _cpp.status()
     except Exception as e:  # noqa: BLE001
         d["cpp_extension"] = f"unavailable ({type(e).__name__}: {e})"
-    for op in ops.OPS:
-        for dev in devices:
-            name, why = backend.explain(op, dev)
-            d["backends"][f"{op}@{dev}"] = {"backend": name, "why": why}
     if print_:
         width = max(len(k) for k in d)
         for k, v in d.items():
             if k != "backends":
-                print(f"{k:<{width}}  {v}")
+                print(f"{k:<{width}}  {_cpp_row(v) if k == 'cpp_extension' else v}")
         print("\nop@device                         backend    why")
         for k, v in d["backends"].items():
             print(f"{k:<33} {v['backend']:<10} {v['why']}")
     return d
+
+
+def _cpp_row(st) -> str:
+    """One readable line for the extension's status dict: state, instruction set, where, why."""
+    if not isinstance(st, dict):
+        return str(st)
+    parts = [st.get("state") or "?"]
+    if st.get("capability"):
+        parts.append(st["capability"])
+    if st.get("build_seconds") is not None:
+        parts.append(f"built in {st['build_seconds']} s")
+    if st.get("path"):
+        parts.append(st["path"])
+    if st.get("reason"):
+        parts.append(st["reason"])
+    return ", ".join(parts)
 
 
 def cli_main(cmd, argv) -> int:

@@ -120,6 +120,11 @@ def test_cli_info_runs():
     out = subprocess.run([sys.executable, "-m", "bertfast", "info"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "bias_residual_layernorm@cpu" in out.stdout
+    # the extension's row agrees with the table below it: C++ serving an op means it is loaded
+    rows = dict(line.split(None, 1) for line in out.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    cpp_serves = any(v.split()[0] == "cpp" for k, v in rows.items() if k.endswith("@cpu"))
+    loaded = rows["cpp_extension"].split(",")[0] in ("built", "cached", "prebuilt")
+    assert cpp_serves == loaded, rows["cpp_extension"]
 
 
 def test_backward_uses_the_backend_the_forward_was_asked_for():

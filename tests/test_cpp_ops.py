@@ -290,8 +290,9 @@ def test_selected_by_default_on_cpu(monkeypatch):
     assert cpp.status()["capability"] in ("AVX512", "AVX2", "DEFAULT")
 
 
-def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
-    """A compiler error: the reference serves the op, with one warning quoting the error."""
+def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path, capfd):
+    """A compiler error: the reference serves the op, with one warning quoting the error. The build
+    says it started (and roughly how long it takes) before the compiler runs."""
     broken = tmp_path / "csrc" / "cpu"
     broken.mkdir(parents=True)
     (broken / "bias_gelu.cpp").write_text("#error deliberately broken for the test\n")
@@ -311,6 +312,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1, msgs
     assert "failed to build" in msgs[0] and "deliberately broken" in msgs[0], msgs[0]
+    assert "building the C++ CPU kernels once" in capfd.readouterr().err
     torch.testing.assert_close(y1, ops.bias_gelu_ref(x, b))
     assert torch.equal(y1, y2)
     st = cpp.status()
