@@ -41,3 +41,33 @@ def test_installed_layout_imports(wheel, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_triton_is_an_extra_not_a_dependency(wheel):
+    """A CPU-only install does not pay ~1 GB for Triton: it comes with a CUDA torch (at torch's own
+    pin) or through the `triton`/`test` extras, never as a plain requirement."""
+    meta = zipfile.ZipFile(wheel).read(
+        next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    reqs = [ln.split(":", 1)[1].strip() for ln in meta.splitlines() if ln.startswith("Requires-Dist:")]
+    tri = [r for r in reqs if r.split(";")[0].strip().lower().startswith("triton")]
+    assert tri and all("extra ==" in r for r in tri), tri
+    assert any('extra == "triton"' in r for r in tri) and any('extra == "test"' in r for r in tri), tri
+    assert all(r.split(";")[0].strip().lower() == "triton" for r in tri), "unpinned: torch's pin decides"
+
+
+def test_cpu_use_without_triton():
+    """With triton absent, import, a CPU forward (C++ or reference backend) and `info` work."""
+    code = ("import sys; sys.modules['triton'] = None\n"  # import triton raises ImportError
+            "import warnings, torch, bertfast\n"
+            "from bertfast import BertConfig, BertModel\n"
+            "cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, "
+            "intermediate_size=64)\n"
+            "m = BertModel(cfg).eval()\n"
+            "with torch.no_grad(): out = m(torch.randint(0, 50, (2, 7))).last_hidden_state\n"
+            "assert torch.isfinite(out).all()\n"
+            "d = bertfast.info(print_=False)\n"
+            "assert d['triton'].startswith('not available'), d['triton']\n"
+            "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
