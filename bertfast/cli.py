@@ -26,7 +26,8 @@ COMMANDS = {
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every command's --help: each option's default after its help, unless there is none to show
-    (required options, unset optionals, off switches); epilogs keep their line breaks."""
+    (required options, unset optionals, off switches). In descriptions and epilogs, an indented
+    line (a data format, an example) is kept as written; other lines are wrapped."""
 
     def _get_help_string(self, action):
         d = action.default
@@ -35,8 +36,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
     def _fill_text(self, text, width, indent):
-        return "\n".join(argparse.HelpFormatter._fill_text(self, para, width, indent) if para.strip() else ""
-                         for para in text.split("\n"))
+        return "\n".join(indent + line if line[:1].isspace() or not line.strip()
+                         else argparse.HelpFormatter._fill_text(self, line, width, indent)
+                         for line in text.splitlines())
 
 
 def _usage() -> str:

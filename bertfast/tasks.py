@@ -14,6 +14,7 @@ so the decoding rules are unit-testable without a model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -768,16 +769,25 @@ def cli_main(cmd: str, argv: Sequence[str]) -> int:
         print(f"bertfast: tasks handles {', '.join(CLI_COMMANDS)}, not {cmd!r}", file=sys.stderr)
         return 2
     args = _parser(cmd).parse_args(list(argv))
-    notes: list = []
     try:
-        with warnings.catch_warnings(record=True) as notes:
-            warnings.simplefilter("always", TruncationWarning)
+        with truncation_notes(cmd):
             return _run_cli(cmd, args)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"bertfast {cmd}: error: {e}", file=sys.stderr)
         return 1
-    finally:  # outside the recording context: truncation notes as plain lines, others as Python shows them
-        for w in notes:
+
+
+@contextlib.contextmanager
+def truncation_notes(cmd: str):
+    """A command's TruncationWarnings as plain `bertfast CMD: note: ...` lines on stderr once it is
+    done (other warnings as Python shows them), not as Python warning blocks."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TruncationWarning)
+            yield
+    finally:  # outside the recording context, or showwarning would record into the list it walks
+        for w in caught:
             if issubclass(w.category, TruncationWarning):
                 print(f"bertfast {cmd}: note: {w.message}", file=sys.stderr)
             else:

@@ -96,6 +96,10 @@ def test_pretraining_lowers_loss_and_writes_metrics(setup, tmp_path):
 def test_resume_reproduces_losses(setup, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     pretrain(_args(setup, a, "--max-steps", "6", "--save-every", "3", "--lr", "1e-3"))
+    # every checkpoint carries its tokenizer: a folder from_pretrained and the command line take as it is
+    from bertfast import Tokenizer
+
+    assert Tokenizer.from_pretrained(str(a / "checkpoints" / "step-00000003")).vocab_size > 0
     full = {r["step"]: r["mlm_loss"] + r["nsp_loss"] for r in read_metrics(str(a / "metrics.jsonl"))}
     # b = a run interrupted after step 3: only its step-3 checkpoint and metrics survive
     os.makedirs(b / "checkpoints")
@@ -296,3 +300,40 @@ def test_finetune_rejects_unknown_eval_label(base_model, tmp_path):
     bad = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "why " * 100, "context": "because"}])
     with pytest.raises(ValueError, match="too long for max_seq_len"):
         _ft(base_model, tmp_path, "qa", bad, bad)
+
+
+def test_finetune_command_line_to_predictions(base_model, tmp_path, capsys):
+    """finetune prints one summary line (with or without --eval, the last evaluation not twice),
+    notes texts cut to --max-seq-len, and `bertfast classify` reads its folder with the label names."""
+    from bertfast.cli import main
+
+    rows = [{"text": f"{w} is here", "label": "pos" if w == "good" else "neg"} for w in ["good", "bad"] * 12]
+    rows.append({"text": "good " * 60, "label": "pos"})  # longer than --max-seq-len 32
+    f = _write_jsonl(tmp_path / "cls.jsonl", rows)
+    out = tmp_path / "ft"
+    common = ["finetune", "--task", "cls", "--model", base_model, "--train", f, "--batch-size", "8", "--lr", "3e-3",
+              "--no-progress", "--threads", "1", "--max-seq-len", "32"]
+    assert main(common + ["--eval", f, "--epochs", "2", "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    lines = [json.loads(x) for x in cap.out.splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2], lines  # epoch 1's evaluation, then the summary with epoch 2's
+    assert lines[-1]["out"] == str(out) and lines[-1]["steps"] == 6 and "eval_accuracy" in lines[-1]
+    assert "note: --train: 1 of 25 records are longer than --max-seq-len 32" in cap.err
+    assert main(common + ["--epochs", "1", "--out", str(tmp_path / "noeval")]) == 0
+    (summary,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert summary["steps"] == 3 and summary["train_loss"] > 0 and "eval_accuracy" not in summary
+    # the fine-tuned folder predicts from the command line with the label names it was trained on
+    assert main(["classify", "--model", str(out), "--text", "good is here", "--text", "bad is here"]) == 0
+    preds = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [p["text"] for p in preds] == ["good is here", "bad is here"]
+    assert {p["label"] for p in preds} <= {"pos", "neg"} and all(0 < p["score"] <= 1 for p in preds)
+
+
+def test_finetune_help_shows_the_data_formats_and_defaults(capsys):
+    from bertfast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    assert '{"tokens": ["John", "lives", "in", "Paris"]' in out and '"answer_start": [17]' in out
+    assert "(default: 5e-05)" in " ".join(out.split())

@@ -26,14 +26,7 @@ owns shards r, r+W, ...; micro-batch m of a rank reads owned shard m % len(owned
 with --num-shards 2 --grad-accum 2 sees exactly the batches two DDP ranks with --grad-accum 1 see,
 and ends with the same parameters.
 
-Fine-tuning data formats (one record per line for .jsonl; a header row for .csv/.tsv):
-    cls   {"text": ..., "label": "sports"}          optional "text_pair"; multi-label: "labels": [..]
-          csv/tsv columns: text,label[,text_pair]
-    nli   {"premise": ..., "hypothesis": ..., "label": "entailment|neutral|contradiction"}
-          (sentence1/sentence2 accepted too); csv/tsv columns: premise,hypothesis,label
-    ner   {"tokens": ["John", "lives", "in", "Paris"], "tags": ["B-PER", "O", "O", "B-LOC"]}  (jsonl)
-    qa    {"question": ..., "context": ..., "answers": {"text": ["..."], "answer_start": [17]}}  (jsonl,
-          SQuAD style; an empty answers list means unanswerable)
+Fine-tuning data formats: finetune.DATA_FORMATS, printed by `bertfast finetune --help`.
 """
 
 from .cli import cli_main

@@ -8,6 +8,7 @@ from typing import Sequence
 
 
 from ..data import CorpusError
+from ..tasks import truncation_notes
 from .finetune import finetune, finetune_parser
 from .pretrain import pretrain, pretrain_parser
 
@@ -18,7 +19,8 @@ def cli_main(cmd: str, argv: Sequence[str]) -> int:
         return 2
     args = parser().parse_args(list(argv))
     try:
-        result = pretrain(args) if cmd == "pretrain" else finetune(args)
+        with truncation_notes(cmd):
+            result = pretrain(args) if cmd == "pretrain" else finetune(args)
     except (CorpusError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"bertfast {cmd}: error: {e}", file=sys.stderr)
         return 1

@@ -20,6 +20,18 @@ from .runtime import MetricsLog, Runtime, build_optimizer, progress_bar, warmup_
 TASKS = ("cls", "nli", "ner", "qa")
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
 
+# `bertfast finetune --help` prints this; the README repeats it.
+DATA_FORMATS = """data formats (one record per line for .jsonl; a header row for .csv/.tsv):
+  cls  {"text": "...", "label": "sports"}  optional "text_pair"; multi-label (--multi-label): "labels": [...]
+       csv/tsv columns: text,label[,text_pair]
+  nli  {"premise": "...", "hypothesis": "...", "label": "entailment|neutral|contradiction"}
+       (sentence1/sentence2 accepted too); csv/tsv columns: premise,hypothesis,label
+  ner  {"tokens": ["John", "lives", "in", "Paris"], "tags": ["B-PER", "O", "O", "B-LOC"]}  (jsonl)
+  qa   {"question": "...", "context": "...", "answers": {"text": ["..."], "answer_start": [17]}}
+       (jsonl, SQuAD style; an empty answers list means unanswerable)
+The output folder holds the model, its tokenizer and the label names; predict with it:
+  bertfast classify|tag|answer --model OUT records.jsonl"""
+
 
 def read_records(path: str, what: str) -> List[dict]:
     """Records of a .jsonl/.json (one object per line), .csv or .tsv (header row) file."""
@@ -112,8 +124,10 @@ def build_features(task: str, records: List[dict], tok, path: str, what: str, la
         if task == "nli":
             pairs = [str(_field(r, b_names, path, what)) for r in records]
         has_pair = any(p not in (None, "") for p in pairs)
-        enc = tok.encodings(texts, [str(p or "") for p in pairs] if has_pair else None, truncation=True,
-                            max_length=max_seq_len)
+        pairs = [str(p or "") for p in pairs] if has_pair else None
+        enc = tok.encodings(texts, pairs, truncation=True, max_length=max_seq_len)
+        _note_cut(what, sum(len(e.ids) > max_seq_len for e in tok.encodings(texts, pairs)), len(texts),
+                  max_seq_len)
         for r, e in zip(records, enc):
             lab = _labels_of(r, path, what, multi)
             if multi:
@@ -132,6 +146,8 @@ def build_features(task: str, records: List[dict], tok, path: str, what: str, la
                 raise ValueError(f"{what}: {path} line {r['_line']}: {len(words)} tokens but {len(tags)} tags")
             words_list.append(words)
             tags_list.append([_label_id(t, label2id, r, path, what) for t in tags])
+        _note_cut(what, sum(len(e.ids) > max_seq_len for e in tok._tok.encode_batch(words_list, is_pretokenized=True)),
+                  len(words_list), max_seq_len, " (their last words are not trained on)")
         for r, e, tags in zip(records, encode_words(tok, words_list, max_seq_len), tags_list):
             labels, prev = [], None
             for w in e.word_ids:
@@ -170,6 +186,14 @@ def build_features(task: str, records: List[dict], tok, path: str, what: str, la
     else:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
     return feats
+
+
+def _note_cut(what: str, n_cut: int, total: int, max_seq_len: int, consequence: str = "") -> None:
+    if n_cut:
+        from ..tasks import TruncationWarning
+
+        warnings.warn(f"{what}: {n_cut} of {total} records are longer than --max-seq-len {max_seq_len} tokens and "
+                      f"were cut to it{consequence}", TruncationWarning, stacklevel=3)
 
 
 def encode_words(tok, words_list: List[List[str]], max_seq_len: int):
@@ -345,11 +369,11 @@ def _finetune(args, rt: Runtime) -> dict:
     metrics = MetricsLog(os.path.join(args.out, "metrics.jsonl"), rt.main)
     id2label = {i: lab for i, lab in enumerate(labels)} if labels else {}
     bar = progress_bar(total, 0, rt.main and not args.no_progress, f"finetune {args.task}")
-    step, last = 0, {}
+    step, last, train_loss = 0, {}, float("nan")
     for epoch in range(args.epochs):
         order = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
         mine = order[rt.rank::rt.world][:steps_per_epoch * args.batch_size]
-        run_loss, run_n = 0.0, 0
+        run_loss, run_n, epoch_loss = 0.0, 0, 0.0
         for b in range(steps_per_epoch):
             chunk = [train_feats[i] for i in mine[b * args.batch_size:(b + 1) * args.batch_size]]
             batch = {k: v.to(rt.device) for k, v in collate_features(chunk, tok.pad_token_id, args.task).items()}
@@ -364,6 +388,7 @@ def _finetune(args, rt: Runtime) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             run_loss += out.loss.item()
+            epoch_loss += out.loss.item()
             run_n += 1
             bar.update(1)
             if step % args.log_every == 0:
@@ -371,19 +396,22 @@ def _finetune(args, rt: Runtime) -> dict:
                 metrics.write({"step": step, "epoch": epoch, "loss": loss, "lr": lr})
                 bar.set_postfix(loss=f"{loss:.4f}")
                 run_loss, run_n = 0.0, 0
+        (train_loss,) = rt.all_mean([epoch_loss / steps_per_epoch])
         if eval_feats and rt.main:
             last = {"step": step, "epoch": epoch + 1,
                     **evaluate_finetune(args.task, model, eval_feats, tok, rt, args.batch_size, id2label, multi,
                                         args.threshold, args.max_answer_len)}
             metrics.write(last)
-            bar.write(json.dumps(last))
+            if epoch + 1 < args.epochs:  # the last epoch's line is the summary the command prints
+                bar.write(json.dumps(last))
         rt.barrier()
     bar.close()
     if rt.main:
-        model.save_pretrained(args.out)
-        tok.save_pretrained(args.out)
+        model.save_pretrained(args.out, tokenizer=tok)
     rt.barrier()
-    return last
+    # with or without --eval: where the model went and how training ended, then the last evaluation
+    return {"out": args.out, "task": args.task, "steps": step, "epochs": args.epochs,
+            "train_loss": round(train_loss, 6), **last}
 
 
 def _crf_constraints(given: str, labels: List[str]) -> Optional[str]:
@@ -395,33 +423,38 @@ def _crf_constraints(given: str, labels: List[str]) -> Optional[str]:
 
 
 def finetune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bertfast finetune", description="Fine-tune a checkpoint for a task. Data "
-                                "formats: see `python -c 'import bertfast.train as t; print(t.__doc__)'`.")
+    from ..cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="bertfast finetune", description="Fine-tune a checkpoint for a task: a "
+                                "classification (cls, nli), tagging (ner) or extractive QA (qa) head on its encoder.",
+                                epilog=DATA_FORMATS, formatter_class=HelpFormatter)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--model", required=True, help="checkpoint folder with config, weights and tokenizer")
     p.add_argument("--train", required=True, help=".jsonl/.csv/.tsv training file")
     p.add_argument("--eval", help=".jsonl/.csv/.tsv evaluation file (evaluated after each epoch)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder: model, tokenizer, label names, metrics.jsonl")
     p.add_argument("--labels", help="comma-separated label set (default: those of --train)")
     p.add_argument("--multi-label", action="store_true", help="cls: several labels per text (sigmoid + BCE)")
     p.add_argument("--threshold", type=float, default=0.5, help="multi-label decision threshold")
     p.add_argument("--crf", action="store_true", help="ner: a linear-chain CRF head (Viterbi decoding)")
     p.add_argument("--crf-constraints", choices=["auto", "bio", "none"], default="auto",
                    help="ner --crf: forbid invalid BIO transitions when decoding (auto: when the labels are BIO)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3, help="passes over --train")
+    p.add_argument("--batch-size", type=int, default=32, help="examples (qa: windows) per step")
+    p.add_argument("--max-seq-len", type=int, default=128, help="tokens per example; longer "
+                   "ones are cut (a note says how many), qa contexts are windowed")
     p.add_argument("--doc-stride", type=int, default=64, help="qa: context tokens shared by adjacent windows")
-    p.add_argument("--max-answer-len", type=int, default=30)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-answer-len", type=int, default=30, help="qa evaluation: longest answer in tokens")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps with "
+                   "a linear warm-up (then linear decay)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--seed", type=int, default=0, help="head initialisation, data order, dropout")
+    p.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl loss line")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

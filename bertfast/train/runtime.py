@@ -179,10 +179,12 @@ def latest_checkpoint(out: str) -> Optional[str]:
     return path if os.path.isfile(os.path.join(path, "trainer_state.pt")) else None
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, scheduler, rt: Runtime, extra: dict, keep: int):
+def save_checkpoint(out: str, step: int, model, optimizer, scheduler, rt: Runtime, extra: dict, keep: int,
+                    tokenizer=None):
     """All ranks call this (RNG states are gathered); rank 0 writes step-N.tmp, renames it to
     step-N (atomic) and then points `latest` at it (atomic), so a crash leaves the previous
-    checkpoint intact."""
+    checkpoint intact. With the tokenizer beside the weights, every checkpoint is a folder the
+    command line and from_pretrained take as it is."""
     rngs = rt.gather(rng_state())
     if rt.main:
         root = os.path.join(out, "checkpoints")
@@ -190,7 +192,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, rt: Runtim
         name = f"step-{step:08d}"
         final, tmp = os.path.join(root, name), os.path.join(root, name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, tokenizer=tokenizer)
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rngs, "world_size": rt.world, **extra}
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
