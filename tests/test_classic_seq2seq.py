@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from bertfast.classic import datasets, decoding, seq2seq, transformer
+from bertfast.classic import datasets, decoding, gpt, seq2seq, transformer
 from bertfast.classic.text import pad_batch
 from bertfast.testing import system_sentences
+from conftest import TRITON_DEVICE, requires_cuda, requires_triton
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,3 +150,52 @@ def test_seq2seq_command_line(tmp_path, capsys):
         assert {"test_exact_match", "test_token_accuracy", "copy_baseline_token_accuracy"} <= set(res)
         assert main(["classic", system, "translate", "--model", str(out), "--beam", "2", "l i c e n s e"]) == 0
         assert json.loads(capsys.readouterr().out)["source"] == "l i c e n s e"
+
+
+@requires_cuda
+def test_classic_decoders_on_gpu(monkeypatch):
+    """On a GPU the encoder-decoder and GPT run on the CUDA kernels (whatever `explain` names for
+    each op), train a step, and decode the same tokens with and without the KV cache."""
+    from bertfast import backend
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = transformer.TransformerSeq2Seq(40, 41, hidden=128, layers=2, heads=2, ffn=256).to(dev)
+    src, src_len = pad_batch([[5, 6, 7, 8], [9, 10]])
+    src, src_len = src.to(dev), src_len.to(dev)
+    tgt = pad_batch([[2, 11, 12, 3], [2, 13, 3]])[0].to(dev)
+    seen = _served_ops(monkeypatch)
+    model.loss(src, src_len, tgt).backward()
+    assert {"attention", "bias_gelu", "bias_residual_layernorm", "embedding_layernorm"} <= {op for op, _ in seen}
+    for op, served in seen:
+        assert served == backend.explain(op, "cuda")[0] and served != "reference", (op, served)
+    assert model.greedy(src, src_len, 8, use_cache=True) == model.greedy(src, src_len, 8, use_cache=False)
+    lm = gpt.GPT(40, hidden=128, layers=2, heads=2, ffn=256).to(dev)
+    prompt = torch.tensor([[2, 5, 6]] * 2, device=dev)
+    a = lm.generate(prompt, 8, greedy=True, use_cache=True, eos=None)
+    assert torch.equal(a, lm.generate(prompt, 8, greedy=True, use_cache=False, eos=None))
+
+
+@requires_triton
+def test_decoder_cache_on_the_triton_kernels():
+    """The Triton kernels (interpreted on a CPU) serve the decoder's causal self-attention over a
+    growing cache (1 query against t keys, bottom-right aligned) and its cross-attention: the
+    incremental logits equal a full reread's and the reference backend's."""
+    from bertfast import backend
+
+    torch.manual_seed(0)
+    dev = torch.device(TRITON_DEVICE)
+    model = transformer.TransformerSeq2Seq(20, 21, hidden=32, layers=1, heads=2, ffn=64).to(dev).eval()
+    src, src_len = (t.to(dev) for t in pad_batch([[5, 6, 7], [8, 9]]))
+    tgt = torch.tensor([[2, 11, 12, 13], [2, 14, 15, 16]], device=dev)
+    with torch.no_grad():
+        with backend.use_backend("reference"):
+            ref = model.decode(tgt, model.encode(src, src_len))
+        with backend.use_backend("triton"):
+            assert backend.select("attention", dev.type).backend == "triton"
+            enc = model.encode(src, src_len)
+            full = model.decode(tgt, enc)
+            cache = [{} for _ in model.decoder]
+            steps = torch.cat([model.decode(tgt[:, t:t + 1], enc, cache=cache, start=t) for t in range(4)], 1)
+    torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)

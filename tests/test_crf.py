@@ -178,3 +178,29 @@ def test_token_classification_with_crf_saves_loads_and_tags(tmp_path):
         BertForTokenClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                               num_attention_heads=2, intermediate_size=32, use_crf=True,
                                               crf_constraints="bioes", id2label=id2label))
+
+
+def test_crf_loss_and_tags_do_not_depend_on_batch_padding():
+    """The encoder packs padded batches (varlen attention); each row's CRF loss and Viterbi path
+    are those of the row alone."""
+    from bertfast import BertConfig, BertForTokenClassification
+
+    cfg = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, id2label={0: "O", 1: "B-X", 2: "I-X"}, use_crf=True,
+                     crf_constraints="bio", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    m = BertForTokenClassification(cfg).eval()
+    with torch.no_grad():
+        m.crf.transitions.normal_()
+    rows = [([2, 5, 6, 7, 8, 3], [-100, 1, 2, -100, 0, -100]), ([2, 9, 10, 3], [-100, 0, 1, -100])]
+    ids = torch.tensor([rows[0][0], rows[1][0] + [0, 0]])
+    labels = torch.tensor([rows[0][1], rows[1][1] + [-100, -100]])
+    att = (ids != 0).long()
+    with torch.no_grad():
+        both = m(ids, att, labels=labels)
+        alone = [m(torch.tensor([r]), labels=torch.tensor([lab])) for r, lab in rows]
+        torch.testing.assert_close(both.loss, (alone[0].loss + alone[1].loss) / 2, rtol=1e-5, atol=1e-5)
+        paths = m.decode(both.logits, labels != -100)
+        for i, (r, lab) in enumerate(rows):
+            mask = torch.tensor([lab]) != -100
+            assert paths[i, : len(r)].tolist() == m.decode(alone[i].logits, mask)[0].tolist()
