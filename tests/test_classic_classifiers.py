@@ -102,3 +102,13 @@ def test_classifier_command_line(tmp_path, capsys):
     assert len(preds) == 2 and all(p["label"] in info["classes"] for p in preds)
     assert main(["classic", "bow", "predict", "--model", str(out), "x"]) == 1
     assert "holds a 'textcnn' model" in capsys.readouterr().err
+
+
+def test_shuffled_batches_cover_each_epoch_and_never_yield_a_lone_example():
+    from bertfast.classic.training import shuffled_batches
+
+    it = shuffled_batches(7, 3, seed=0)
+    epoch = [next(it) for _ in range(2)]  # 3 + 3; the lone 7th example is left for a later epoch
+    assert [len(b) for b in epoch] == [3, 3] and len(set(torch.cat(epoch).tolist())) == 6
+    it = shuffled_batches(8, 3, seed=0)
+    assert sorted(torch.cat([next(it) for _ in range(3)]).tolist()) == list(range(8))

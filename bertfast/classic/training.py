@@ -10,8 +10,8 @@ import torch
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
-    """Index batches over range(n), reshuffled every epoch, forever (the last short batch of an
-    epoch is kept)."""
+    """Index batches over range(n), reshuffled every epoch, forever. The last short batch of an
+    epoch is kept unless it holds a single example (batch norm cannot train on one)."""
     if n < 1:
         raise ValueError("there are no training examples")
     if batch_size < 1:
@@ -20,6 +20,8 @@ def shuffled_batches(n: int, batch_size: int, seed: int = 0) -> Iterator[torch.T
     while True:
         order = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
+            if n - i == 1 and n > 1:
+                break
             yield order[i:i + batch_size]
 
 
