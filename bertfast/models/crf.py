@@ -15,7 +15,9 @@ Math runs in float32 at least (float64 stays float64), in log space.
 
 Constraints (optional): a boolean (tags, tags) matrix of allowed transitions plus allowed
 first and last tags; Viterbi never emits a disallowed one. `bio_constraints` builds them for
-BIO tags (I-X only after B-X or I-X, never first).
+BIO tags (I-X only after B-X or I-X, never first). They apply to decoding only: training
+normalises over every path, so a gold sequence that breaks them (a truncated span) still
+has a finite loss, and the learned transitions push the invalid moves down anyway.
 """
 from __future__ import annotations
 
