@@ -31,8 +31,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         d = action.default
-        if action.required or d is None or d is False or d == argparse.SUPPRESS or "%(default)" in (action.help or ""):
-            return action.help
+        shown = not (action.required or d in (None, False, [], "") or d == argparse.SUPPRESS)
+        if not shown or "%(default)" in (action.help or "") or "(default:" in (action.help or ""):
+            return action.help  # nothing to show, or the help already says it
         return super()._get_help_string(action)
 
     def _fill_text(self, text, width, indent):

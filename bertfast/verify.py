@@ -279,7 +279,10 @@ def _table(header, rows) -> None:
 
 
 def cli_main(cmd, argv) -> int:
-    ap = argparse.ArgumentParser(prog=f"bertfast {cmd}", description=__doc__.split("\n")[0])
+    from .cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog=f"bertfast {cmd}", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--aot", action="append", default=[], metavar="ARCH",
                     help="compile every Triton kernel configuration for this GPU architecture (sm_90a, sm_80); "
                          "repeatable")

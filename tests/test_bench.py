@@ -159,3 +159,34 @@ def test_merge_joins_runs(tiny_run, tmp_path):
     md = (tmp_path / "m" / "bench.md").read_text()
     assert "## ops" in md and "## encoder" in md and "## attention" not in md
     assert len(out["results"]) == len(merged["results"])
+
+
+def test_report_numbers_are_plain_ms_with_sensible_digits(tiny_run):
+    from bertfast.bench import report
+
+    assert report.ms_pm(1180.4, 120.2) == "1180 ± 120"  # was "1.18e+03 ± 1.2e+02"
+    assert report.ms_pm(0.41234, 0.031) == "0.412 ± 0.031"
+    assert report.ms_pm(12.345, 0.5) == "12.3 ± 0.5"
+    assert report.num(123456.0, 4) == "123456" and report.num(0.01234, 3) == "0.0123" and report.num(None) == "-"
+    import re
+
+    md = (tiny_run[0] / "bench.md").read_text()
+    assert not re.search(r"\d(\.\d+)?e[+-]\d", md), "exponent notation in the markdown"
+
+
+def test_plot_legends_sit_outside_the_bars(tiny_run, tmp_path, monkeypatch):
+    """Each legend is drawn below its axes, so it never covers the end of a bar."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from bertfast.bench import report
+
+    data = json.loads((tiny_run[0] / "bench.json").read_text())
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    paths = report.write_plots(data["results"], data, str(tmp_path), "t")
+    assert paths and len(figs) == len(paths)
+    for fig in figs:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            leg = ax.get_legend()
+            assert leg is not None
+            assert not leg.get_window_extent().overlaps(ax.get_window_extent()), ax.get_xlabel()

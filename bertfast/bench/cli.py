@@ -14,7 +14,7 @@ from . import suites as registry
 from .ceilings import measure_ceilings
 from .common import DTYPES, NORM_OPS, SUBJECT, SuiteOptions, dtype_name
 from .environment import environment
-from .report import fmt, merge, print_table, render, save
+from .report import merge, num, print_table, render, save
 from .runner import Runner
 from .timing import TimingPlan
 
@@ -32,7 +32,9 @@ def parse_shape(text: str) -> Tuple[int, int]:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="bertfast bench",
+    from ..cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="bertfast bench", formatter_class=HelpFormatter,
                                 description="one harness for the op, attention and encoder benchmarks")
     p.add_argument("--suite", default="ops,attention,encoder",
                    help="comma list of ops, attention, encoder, host (host time per layer and per op call; not in "
@@ -153,8 +155,8 @@ def run(argv=None) -> dict:
                        else "torch.utils.benchmark.Timer blocks; median/IQR over blocks"}}
     meta["ceilings"] = measure_ceilings(device, dtypes, plan, args.quick)
     c = meta["ceilings"]
-    print(f"bench: ceilings: copy {c['copy_gbps']:.3g} GB/s, matmul "
-          + ", ".join(f"{k} {fmt(v)} TFLOP/s" for k, v in c["matmul_tflops"].items()), flush=True)
+    print(f"bench: ceilings: copy {num(c['copy_gbps'])} GB/s, matmul "
+          + ", ".join(f"{k} {num(v)} TFLOP/s" for k, v in c["matmul_tflops"].items()), flush=True)
 
     opts = SuiteOptions(device=device, dtypes=dtypes, quick=args.quick, compile_mode=compile_mode, tokens=tokens,
                         hidden=hidden, ops=tuple(parse_list(args.ops)), sizes=sizes, models=tuple(models_list),

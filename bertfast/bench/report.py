@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import List
@@ -12,8 +13,25 @@ from .common import COPY, SUBJECT, reason
 
 
 
-def fmt(x, spec=".3g"):
-    return "-" if x is None else format(x, spec)
+def _decimals(x: float, digits: int) -> int:
+    """Decimals that show `digits` significant digits of x in fixed notation (none for big x)."""
+    if not math.isfinite(x) or x == 0:
+        return 0
+    return max(0, digits - 1 - math.floor(math.log10(abs(x))))
+
+
+def num(x, digits: int = 3) -> str:
+    """x with about `digits` significant digits, never in exponent notation: 1180, 42.3, 0.0123."""
+    if x is None:
+        return "-"
+    return f"{x:.{_decimals(x, digits)}f}"
+
+
+def ms_pm(median_ms: float, half_iqr_ms: float) -> str:
+    """A time in ms with its spread at the same decimals: '1180 ± 120', '0.412 ± 0.031'
+    (was '1.18e+03 ± 1.2e+02')."""
+    d = _decimals(median_ms, 3)
+    return f"{median_ms:.{d}f} ± {half_iqr_ms:.{d}f}"
 
 
 def summary_rows(results: List[dict]):
@@ -22,21 +40,21 @@ def summary_rows(results: List[dict]):
     for r in results:
         s = r["variants"].get(SUBJECT, {})
         if s.get("status") == "ok":
-            ms = f"{s['median_ms']:.3g} ± {s['iqr_ms'] / 2:.2g}"
+            ms = ms_pm(s["median_ms"], s["iqr_ms"] / 2)
             if "frac_copy_bw_interleaved" in s:
-                fig = f"{s['gbps']:.3g} GB/s ({100 * s['frac_copy_bw_interleaved']:.0f}% copy)"
+                fig = f"{num(s['gbps'], 3)} GB/s ({100 * s['frac_copy_bw_interleaved']:.0f}% copy)"
             elif "frac_copy_bw" in s:
-                fig = f"{s['gbps']:.3g} GB/s ({100 * s['frac_copy_bw']:.0f}% copy)"
+                fig = f"{num(s['gbps'], 3)} GB/s ({100 * s['frac_copy_bw']:.0f}% copy)"
             elif r["suite"] == "encoder" and "tokens_per_s" in s:
-                fig = f"{s['tokens_per_s']:.4g} tok/s"
+                fig = f"{num(s['tokens_per_s'], 4)} tok/s"
                 if "frac_matmul" in s:
                     fig += f" ({100 * s['frac_matmul']:.0f}% mm)"
             elif "frac_matmul" in s:
-                fig = f"{s['tflops']:.3g} TFLOP/s ({100 * s['frac_matmul']:.0f}% mm)"
+                fig = f"{num(s['tflops'], 3)} TFLOP/s ({100 * s['frac_matmul']:.0f}% mm)"
             elif "tokens_per_s" in s:
-                fig = f"{s['tokens_per_s']:.4g} tok/s"
+                fig = f"{num(s['tokens_per_s'], 4)} tok/s"
             elif "host_us" in s:
-                fig = f"{s['host_us']:.3g} host us/{r.get('host_unit', 'call').split()[-1]}"
+                fig = f"{num(s['host_us'], 3)} host us/{r.get('host_unit', 'call').split()[-1]}"
             else:
                 fig = ""
             if s.get("fill") is not None:
@@ -53,8 +71,8 @@ def summary_rows(results: List[dict]):
         g = r["variants"].get(SUBJECT + "_graph", {})
         if suites.graphed(r["suite"]) and g.get("status") == "ok":
             bw = g.get("frac_copy_bw")
-            fig += (f" | graphs: {g['median_ms']:.4g} ms" + (f" {100 * bw:.0f}% bw" if bw is not None else "")
-                    + (f" {g['tflops']:.3g} TFLOP/s" if "tflops" in g else "")
+            fig += (f" | graphs: {num(g['median_ms'], 4)} ms" + (f" {100 * bw:.0f}% bw" if bw is not None else "")
+                    + (f" {num(g['tflops'], 3)} TFLOP/s" if "tflops" in g else "")
                     + "".join(f" {k}={v:.2f}x" for k, v in r.get("speedup_graph", {}).items()))
         rows.append((r["suite"], r["name"], ms, backend, fig, sp))
     return rows
@@ -83,8 +101,8 @@ def write_markdown(results: List[dict], meta: dict, path: str):
              f"threads {env['torch_threads']} of {env['cpu_count']} CPUs, load average at start "
              f"{env.get('hostname_load_avg')}",
              f"- command: `{meta['command']}`",
-             f"- ceilings measured in this run: copy {ceil.get('copy_gbps', 0):.3g} GB/s (read + write), matmul "
-             + ", ".join(f"{k} {fmt(v)} TFLOP/s" for k, v in ceil.get("matmul_tflops", {}).items()),
+             f"- ceilings measured in this run: copy {num(ceil.get('copy_gbps', 0), 3)} GB/s (read + write), matmul "
+             + ", ".join(f"{k} {num(v)} TFLOP/s" for k, v in ceil.get("matmul_tflops", {}).items()),
              "- times are medians (± half the inter-quartile range) over rotated input sets; "
              "speedup = baseline median / bertfast median, measured side by side in this run (>1: bertfast faster)",
              ""]
@@ -121,19 +139,33 @@ def write_markdown(results: List[dict], meta: dict, path: str):
         for r in rs:
             for vname, v in r["variants"].items():
                 if v.get("status") == "ok":
-                    fig = (f"{v['gbps']:.3g} GB/s" if "gbps" in v else
-                           f"{v['tokens_per_s']:.4g} tok/s" if suite == "encoder" and "tokens_per_s" in v else
-                           f"{v['tflops']:.3g} TFLOP/s" if "tflops" in v else "")
+                    fig = (f"{num(v['gbps'], 3)} GB/s" if "gbps" in v else
+                           f"{num(v['tokens_per_s'], 4)} tok/s" if suite == "encoder" and "tokens_per_s" in v else
+                           f"{num(v['tflops'], 3)} TFLOP/s" if "tflops" in v else "")
                     if "peak_memory_mb" in v:
                         fig += f", peak {v['peak_memory_mb']:.0f} MB"
-                    lines.append(f"| {r['name']} | {vname} | {v['median_ms']:.4g} | {v['iqr_ms']:.2g} | {fig} | "
-                                 f"first call {v.get('first_call_s', 0):.1f} s |")
+                    lines.append(f"| {r['name']} | {vname} | {num(v['median_ms'], 4)} | {num(v['iqr_ms'], 2)} | "
+                                 f"{fig} | first call {v.get('first_call_s', 0):.1f} s |")
                 else:
                     reason = str(v.get("reason", "")).replace("|", "/")[:160]
                     lines.append(f"| {r['name']} | {vname} | {v.get('status')} | | | {reason} |")
         lines += ["", "</details>", ""]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _legend_below(ax) -> None:
+    """The legend under the axes' tick labels (the axis label goes on top as a title), never over
+    the bars' ends; offset in points so that it clears the tick labels at any figure height."""
+    from matplotlib.transforms import offset_copy
+
+    label = ax.get_xlabel()
+    ax.set_xlabel("")
+    ax.set_title(label, fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False,
+              bbox_transform=offset_copy(ax.transAxes, fig=ax.figure, y=-18, units="points"),
+              ncol=min(4, len(labels)))
 
 
 def write_plots(results: List[dict], meta: dict, out_dir: str, prefix: str) -> List[str]:
@@ -145,6 +177,7 @@ def write_plots(results: List[dict], meta: dict, out_dir: str, prefix: str) -> L
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as e:
         print(f"bench: no plots ({reason(e)})", file=sys.stderr)
         return []
@@ -174,11 +207,15 @@ def write_plots(results: List[dict], meta: dict, out_dir: str, prefix: str) -> L
             ax.barh(ys, [r["speedup"].get(b, float("nan")) for r in rs], height=h, label=f"vs {b}", color=color[b])
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
+        times = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x")  # "2x", not "2 x 10^0"
+        ax.xaxis.set_major_formatter(times)
+        ax.xaxis.set_minor_formatter(times)
+        ax.tick_params(axis="x", which="minor", labelsize=6)
         ax.set_yticks(range(n))
         ax.set_yticklabels([r["name"] for r in rs], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("speedup of bertfast (baseline time / bertfast time; >1 = bertfast faster)", fontsize=8)
-        ax.legend(fontsize=6, loc="lower right")
+        _legend_below(ax)
         h2 = 0.8 / max(len(variants), 1)
         for j, vname in enumerate(variants):
             ys = [i + (j - (len(variants) - 1) / 2) * h2 for i in range(n)]
@@ -187,12 +224,12 @@ def write_plots(results: List[dict], meta: dict, out_dir: str, prefix: str) -> L
         if suite == "ops":
             ax2.axvline(1.0, color="r", lw=0.8)
         ax2.set_xlabel(label, fontsize=8)
-        ax2.legend(fontsize=6, loc="lower right")
+        _legend_below(ax2)
         fig.suptitle(f"bertfast {suite}: {env.get('device')} | torch {env['torch']} | {env['date'][:10]} | "
                      f"threads {env['torch_threads']}", fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{prefix}_{suite}.png")
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")  # the legends below the axes included
         plt.close(fig)
         paths.append(path)
     return paths
