@@ -80,15 +80,15 @@ class FastKernel:
         self.fn = fn
         self.__name__ = getattr(fn, "__name__", "kernel")
         params = getattr(fn, "params", None)
-        self._fast = ENABLED and params is not None and hasattr(fn, "device_caches")  # a JITFunction
-        if self._fast:
+        self._fast = False
+        if params is not None and hasattr(fn, "device_caches"):  # a JITFunction (not the interpreter's)
             flags = [p.is_constexpr for p in params]
             n_args = flags.index(True) if True in flags else len(flags)
-            # the launcher takes every argument in signature order: args + the constexprs
-            self._fast = all(flags[n_args:])
             self._n_args = n_args
             self._tail_params = [(p.name, p.default) for p in params[n_args:]]
             self._nospec = [p.do_not_specialize for p in params[:n_args]]
+            # the launcher takes every argument in signature order: args, then the constexprs
+            self._fast = ENABLED and all(flags[n_args:])
         self._layout = None  # (tensor positions, (position, specialised) of the ints), from the first call
         self._cache: dict = {}
         self.jit_launches = 0  # launches that went through the JIT (tests and the host bench read them)

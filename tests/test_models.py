@@ -569,8 +569,9 @@ def test_question_answering_loss_of_a_row_ignores_padding():
 @pytest.mark.parametrize("unpad", [True, False])
 def test_layers_take_the_lean_path_with_the_public_ops_results(monkeypatch, unpad):
     """An eager forward resolves each op's backend once (not once per layer call) and the layers
-    skip the public ops' checks; outputs, dropout masks and gradients equal those of the public
-    (checked) ops, which torch.compile traces, in training (dropout on) and inference."""
+    skip the public ops' checks; outputs and gradients equal those of the public (checked) ops,
+    which torch.compile traces, in training and inference. With dropout, the forward draws its
+    seeds at once: a fixed torch.manual_seed reproduces the masks, another seed changes them."""
     from bertfast import backend
     from bertfast.models import bert
 
@@ -581,10 +582,13 @@ def test_layers_take_the_lean_path_with_the_public_ops_results(monkeypatch, unpa
     ids, tt, mask = batch()
     labels = _labels("BertForMaskedLM", ids, mask)
 
-    def step(train):
+    def step(train, seed=1, dropout=True):
         model.train(train)
+        for m in model.modules():
+            if hasattr(m, "dropout_p"):
+                m.dropout_p = 0.1 if dropout else 0.0
         model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
+        torch.manual_seed(seed)
         out = model(ids, mask, tt, **labels)
         if train:
             out.loss.backward()
@@ -593,15 +597,20 @@ def test_layers_take_the_lean_path_with_the_public_ops_results(monkeypatch, unpa
     calls = []
     select = backend.select
     monkeypatch.setattr(backend, "select", lambda op, dev: calls.append(op) or select(op, dev))
-    lean = step(True), step(False)
+    lean = step(True, dropout=False), step(False)
     per_layer = {op: calls.count(op) for op in ("attention", "bias_residual_layernorm", "bias_gelu")}
     assert per_layer == {"attention": 2, "bias_residual_layernorm": 2, "bias_gelu": 2}  # one per forward
+    dropped = step(True)
+    for a, b in zip(dropped, step(True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(dropped[0], step(True, seed=2)[0])
+    assert not torch.equal(dropped[0], lean[0][0])
     public_calls = []
     for name in ("attention", "bias_residual_layernorm", "bias_gelu"):
         fn = getattr(bert.ops, name)
         monkeypatch.setattr(bert.ops, name, lambda *a, _fn=fn, _n=name, **k: public_calls.append(_n) or _fn(*a, **k))
     monkeypatch.setattr(bert._Eager, "resolve", classmethod(lambda cls, *a: None))  # what compile tracing gets
-    public = step(True), step(False)
+    public = step(True, dropout=False), step(False)
     assert len(public_calls) == 2 * 3 * 4  # 3 layers x 4 op calls, twice: the public path did run
     for a, b in zip(lean[0] + lean[1], public[0] + public[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -17,7 +17,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import backend, ops
 from ..ops._common import can_sync
+from ..ops._rng import draw_seeds
 from ..ops.attention import attention_route, attention_unchecked, key_padding_bias
 from ..ops.bias_gelu import bias_gelu_unchecked
 from ..ops.bias_residual_layernorm import bias_residual_layernorm_unchecked
@@ -102,22 +103,30 @@ class _Eager(NamedTuple):
     """What one eager encoder forward resolves once for all its layers' op calls (the lean
     path): each op's backend (backend.select, which reads BERTFAST_BACKEND and use_backend, once
     per forward instead of once per call), whether autograd records (torch.is_grad_enabled()),
-    the padded layout's key bias, and (memo, filled by the first layer) which attention kernel
-    serves the forward's shape. The layers then call the ops' `_unchecked` entry points: the
-    inputs were validated at the model boundary, so no per-call argument checks either."""
+    the padded layout's key bias, the forward's dropout seeds (one draw from torch's generator
+    for all layers, not one per op call) and (memo, filled by the first layer) which attention
+    kernel serves the forward's shape. The layers then call the ops' `_unchecked` entry points:
+    the inputs were validated at the model boundary, so no per-call argument checks either."""
 
     grad: bool
     attention: backend.Impl
     bias_residual_layernorm: backend.Impl
     bias_gelu: backend.Impl
     key_bias: Optional[torch.Tensor]
+    seeds: Optional[Iterator[int]]
     memo: dict
 
     @classmethod
-    def resolve(cls, device_type: str, key_mask: Optional[torch.Tensor]) -> "_Eager":
+    def resolve(cls, device_type: str, key_mask: Optional[torch.Tensor], n_seeds: int = 0) -> "_Eager":
+        """n_seeds: how many dropout calls the forward may make (0: none, e.g. in eval mode)."""
+        seeds = iter(draw_seeds(n_seeds)) if n_seeds else None
         return cls(torch.is_grad_enabled(), backend.select("attention", device_type),
                    backend.select("bias_residual_layernorm", device_type), backend.select("bias_gelu", device_type),
-                   None if key_mask is None else key_padding_bias(key_mask), {})
+                   None if key_mask is None else key_padding_bias(key_mask), seeds, {})
+
+    def seed(self, p: float) -> Optional[int]:
+        """The next dropout seed of this forward for a call with rate p (None: the op draws one)."""
+        return next(self.seeds, None) if p > 0.0 and self.seeds is not None else None
 
     def attention_call(self, q, k, v, layout: Optional[PackedLayout], p: float):
         """Self-attention of one layer: the public op's routing decided once per forward."""
@@ -125,7 +134,8 @@ class _Eager(NamedTuple):
         if route is False:
             training = self.grad and (q.requires_grad or k.requires_grad or v.requires_grad)
             route = self.memo["route"] = attention_route(q, layout, self.key_bias, p, training)
-        return attention_unchecked(self.attention, self.grad, q, k, v, layout, self.key_bias, p, route)
+        return attention_unchecked(self.attention, self.grad, q, k, v, layout, self.key_bias, p, route,
+                                   self.seed(p))
 
 
 # --------------------------------------------------------------------------------------
@@ -265,7 +275,8 @@ def dense_add_norm(hidden, dense: nn.Linear, residual, norm: nn.LayerNorm, dropo
     x = _linear(hidden, dense.weight, out=out)
     if eager is not None:
         return bias_residual_layernorm_unchecked(eager.bias_residual_layernorm, eager.grad, x, dense.bias, residual,
-                                                 norm.weight, norm.bias, norm.eps, dropout_p, inplace=True)
+                                                 norm.weight, norm.bias, norm.eps, dropout_p, inplace=True,
+                                                 seed=eager.seed(dropout_p))
     return ops.bias_residual_layernorm(x, dense.bias, residual, norm.weight, norm.bias, norm.eps, dropout_p,
                                        inplace=True)
 
@@ -587,7 +598,10 @@ class BertModel(BertPreTrainedModel):
         # unchecked paths with backends resolved once here; torch.compile and CUDA-graph capture
         # trace the public ops (the custom ops), and so does an empty batch (no valid token: the
         # public ops' empty-input handling)
-        eager = _Eager.resolve(hidden.device.type, key_mask) if hidden.shape[0] and can_sync() else None
+        eager = None
+        if hidden.shape[0] and can_sync():
+            # dropout calls per layer: attention probabilities and the two add-and-norms
+            eager = _Eager.resolve(hidden.device.type, key_mask, 3 * len(self.encoder.layer) if self.training else 0)
         n = len(self.encoder.layer)
         for i, layer in enumerate(self.encoder.layer):
             hidden = layer(hidden, layout, shape, key_mask, ws, last=i == n - 1, eager=eager)

@@ -7,6 +7,11 @@ Each fused op is registered twice from one description:
   custom-op dispatcher costs ~13-24 us per call on this CPU against ~6 us for an
   autograd.Function (measured with torch 2.13), which would drown small kernels.
 Without autograd (inference), eager calls go straight to the selected backend.
+
+Two eager entries share that Function: the public functions (argument checks, then
+FusedOp.__call__: the backend looked up for the call) and the ops' `<op>_unchecked` functions,
+which BertModel's layers call with the backend, the autograd flag and the dropout seed resolved
+once per forward (FusedOp.eager): per call, one Python frame per op and the Function's C++ apply.
 """
 from __future__ import annotations
 

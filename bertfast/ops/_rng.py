@@ -27,6 +27,11 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
+def draw_seeds(n: int) -> list:
+    """n seeds as draw_seed's, in one draw (a model forward takes all its dropout seeds at once)."""
+    return torch.randint(0, 2**62, (n,), dtype=torch.int64).tolist()
+
+
 def dropout_threshold(p: float) -> int:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {p}")

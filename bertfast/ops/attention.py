@@ -397,22 +397,23 @@ def attention_route(q: torch.Tensor, layout: Optional[PackedLayout], key_bias: O
 
 def attention_unchecked(sel: backend.Impl, grad: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         layout: Optional[PackedLayout], key_bias: Optional[torch.Tensor], p: float,
-                        route: Optional[str] = None) -> torch.Tensor:
+                        route: Optional[str] = None, seed: Optional[int] = None) -> torch.Tensor:
     """The encoder layers' self-attention call, without the public checks (see
     bias_residual_layernorm_unchecked): q, k, v views of the fused QKV projection, packed
     (total, H, D) with the batch's `layout` (unpad_mask's, made once per forward) or padded
     (B, S, H, D) with `key_bias` (key_padding_bias of the mask, made once per forward, or None);
     non-empty; scale 1/sqrt(head_dim), not causal. `route`: attention_route's answer for the
-    forward (a PyTorch kernel measured faster for this case), None for `sel`."""
+    forward (a PyTorch kernel measured faster for this case), None for `sel`. `seed`: the dropout
+    seed when p > 0 (None: drawn here)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if layout is not None:
         cu, m = layout.cu_seqlens, layout.max_seqlen
         if route == "varlen_attn":
             return torch_routes.varlen(q, k, v, cu, cu, m, m, scale, False)
-        seed = draw_seed() if p > 0.0 else 0
+        seed = 0 if p == 0.0 else draw_seed() if seed is None else seed
         return _op.eager(sel, grad, seed, q, k, v, None, cu, cu, m, m, p, scale, False, None)[0]
     if route == "sdpa":
         return torch_routes.sdpa(q, k, v, scale, False)
     S = q.shape[1]
-    seed = draw_seed() if p > 0.0 else 0
+    seed = 0 if p == 0.0 else draw_seed() if seed is None else seed
     return _op.eager(sel, grad, seed, q, k, v, key_bias, None, None, S, S, p, scale, False, None)[0]

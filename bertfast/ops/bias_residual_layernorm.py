@@ -182,15 +182,16 @@ def bias_residual_layernorm(x: torch.Tensor, bias: Optional[torch.Tensor], resid
 
 def bias_residual_layernorm_unchecked(sel: backend.Impl, grad: bool, x: torch.Tensor, bias: Optional[torch.Tensor],
                                       residual: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
-                                      p: float, inplace: bool = False) -> torch.Tensor:
+                                      p: float, inplace: bool = False, seed: Optional[int] = None) -> torch.Tensor:
     """The encoder layers' call, without the public checks (BertModel validated its inputs once
     per forward; the rest holds by construction): x, residual non-empty contiguous 2-D rows, the
     vectors contiguous (hidden,), `sel` the backend resolved once per forward, `grad` its
-    torch.is_grad_enabled(). Mixed dtypes (autocast) are promoted as in the public function."""
+    torch.is_grad_enabled(). Mixed dtypes (autocast) are promoted as in the public function.
+    `seed`: the dropout seed when p > 0 (None: drawn here)."""
     if residual.dtype != x.dtype:
         wide = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(wide), residual.to(wide)
-    seed = draw_seed() if p > 0.0 else 0
+    seed = 0 if p == 0.0 else draw_seed() if seed is None else seed
     if inplace and not grad and sel.backend == "cpp":
         return sel.fwd(x, bias, residual, weight, ln_bias, eps, p, seed, inplace=True)[0]
     return _op.eager(sel, grad, seed, x, bias, residual, weight, ln_bias, eps, p, None)[0]
