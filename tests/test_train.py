@@ -118,6 +118,55 @@ def test_resume_reproduces_losses(setup, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_packed_pretraining_learns_and_resumes_exactly(setup, tmp_path):
+    """--pack: several pairs per row, losses logged from device tensors, data position counted in
+    examples (each batch packs its own number): a resumed run continues with the same losses."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--pack", "--pack-budget", "96", "--batch-size", "3", "--max-steps", "6", "--save-every", "3",
+              "--lr", "2e-3", "--warmup-steps", "1"]
+    pretrain(_args(setup, a, *common))
+    rows = read_metrics(str(a / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["tokens_per_s"] > 0 and 0 <= r["mlm_acc"] <= 1 and 0 <= r["nsp_acc"] <= 1 for r in rows)
+    assert rows[-1]["mlm_loss"] < rows[0]["mlm_loss"]
+    state = torch.load(a / "checkpoints" / "step-00000003" / "trainer_state.pt", weights_only=False)
+    assert state["consumed"][0] > 3 * 3  # more pairs than rows: several per row
+    os.makedirs(b / "checkpoints")
+    shutil.copytree(a / "checkpoints" / "step-00000003", b / "checkpoints" / "step-00000003")
+    (b / "checkpoints" / "latest").write_text("step-00000003")
+    (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 3))
+    pretrain(_args(setup, b, *common, "--resume"))
+    resumed = {r["step"]: r["mlm_loss"] + r["nsp_loss"] for r in read_metrics(str(b / "metrics.jsonl"))}
+    for r in rows[3:]:
+        assert resumed[r["step"]] == pytest.approx(r["mlm_loss"] + r["nsp_loss"], rel=1e-6, abs=1e-6)
+
+
+def test_cuda_graph_flag_needs_pack_and_a_gpu(setup, tmp_path):
+    with pytest.raises(ValueError, match="--cuda-graph needs --pack"):
+        pretrain(_args(setup, tmp_path / "g", "--cuda-graph", "--max-steps", "1"))
+    with pytest.raises(ValueError, match="--grad-accum must be 1"):
+        pretrain(_args(setup, tmp_path / "g", "--cuda-graph", "--pack", "--grad-accum", "2", "--max-steps", "1"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="one process on a CUDA device"):
+            pretrain(_args(setup, tmp_path / "g", "--cuda-graph", "--pack", "--max-steps", "1", "--dropout", "0"))
+    with pytest.raises(ValueError, match="--pack-budget must be >= --seq-len"):
+        pretrain(_args(setup, tmp_path / "g", "--pack", "--pack-budget", "16", "--max-steps", "1"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_pretrain_cuda_graph_matches_eager(setup, tmp_path):
+    """bertfast pretrain --pack --cuda-graph: the captured steps log the eager packed run's losses."""
+    common = ["--pack", "--pack-budget", "96", "--batch-size", "3", "--max-steps", "6", "--save-every", "0",
+              "--lr", "1e-3", "--dropout", "0", "--device", "cuda"]
+    pretrain(_args(setup, tmp_path / "eager", *common))
+    pretrain(_args(setup, tmp_path / "graph", *common, "--cuda-graph"))
+    eager, graph = (read_metrics(str(tmp_path / d / "metrics.jsonl")) for d in ("eager", "graph"))
+    assert len(eager) == len(graph) == 6
+    for e, g in zip(eager, graph):  # bf16 autocast; the embedding backward's atomics reorder sums
+        assert g["mlm_loss"] == pytest.approx(e["mlm_loss"], rel=2e-2), (e, g)
+        assert g["nsp_loss"] == pytest.approx(e["nsp_loss"], rel=2e-2, abs=2e-2), (e, g)
+
+
 def test_resume_without_checkpoint_is_an_error(setup, tmp_path):
     with pytest.raises(ValueError, match="--resume"):
         pretrain(_args(setup, tmp_path / "none", "--max-steps", "2", "--resume"))

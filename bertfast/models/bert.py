@@ -789,7 +789,16 @@ class BertForPreTraining(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                next_sentence_label=None, output_hidden_states=False, sparse_prediction=False):
+                next_sentence_label=None, output_hidden_states=False, sparse_prediction=False, cu_seqlens=None,
+                masked_positions=None, masked_labels=None):
+        """HF's BertForPreTraining forward; with cu_seqlens (a packed batch of
+        bertfast.data.pack_pretraining: no attention_mask) it is forward_packed's, with max_seqlen
+        the row width (so DDP, which only wraps forward, serves packed batches too)."""
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("attention_mask must be None with cu_seqlens (packed pairs carry no padding)")
+            return self.forward_packed(input_ids, cu_seqlens, int(input_ids.shape[-1]), token_type_ids, position_ids,
+                                       masked_positions, masked_labels, labels, next_sentence_label)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits, lab = _mlm_logits(self.cls.predictions, out, _valid_labels(labels, attention_mask), sparse_prediction)
         nsp = self.cls.seq_relationship(out.pooler_output)

@@ -12,7 +12,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..data import IGNORE_INDEX, PretrainingStream, batch_iterator, check_corpus_files, derive_seed
+from ..data import (IGNORE_INDEX, PretrainingStream, batch_iterator, check_corpus_files, derive_seed,
+                    packed_batch_iterator)
 from .runtime import (MetricsLog, Runtime, build_optimizer, latest_checkpoint, progress_bar, save_checkpoint,
                       set_rng_state, warmup_linear_schedule)
 
@@ -77,6 +78,25 @@ def _pretraining_losses(model, batch, sparse: bool):
     return mlm + nsp, mlm, nsp, mc, lab.numel(), nc, nsp_lab.numel()
 
 
+def _packed_losses(model, batch):
+    """_pretraining_losses of a packed batch (bertfast.data.pack_pretraining): (loss, dict of mlm,
+    nsp, mlm_correct, mlm_count, nsp_correct, nsp_count), every value a device tensor: no host
+    read, so a CUDA graph can capture it."""
+    out = model(batch["input_ids"], token_type_ids=batch["token_type_ids"], position_ids=batch["position_ids"],
+                cu_seqlens=batch["cu_seqlens"], masked_positions=batch["masked_positions"],
+                masked_labels=batch["masked_labels"])
+    lab, nsp_lab = batch["masked_labels"], batch["next_sentence_label"]
+    mlm = F.cross_entropy(out.prediction_logits.float(), lab)
+    nsp = F.cross_entropy(out.seq_relationship_logits.float(), nsp_lab)
+    with torch.no_grad():
+        aux = {"mlm": mlm.detach(), "nsp": nsp.detach(),
+               "mlm_correct": ((out.prediction_logits.argmax(-1) == lab) & (lab != IGNORE_INDEX)).sum(),
+               "mlm_count": (lab != IGNORE_INDEX).sum(),
+               "nsp_correct": ((out.seq_relationship_logits.argmax(-1) == nsp_lab) & (nsp_lab != IGNORE_INDEX)).sum(),
+               "nsp_count": (nsp_lab != IGNORE_INDEX).sum()}
+    return mlm + nsp, aux
+
+
 @torch.no_grad()
 def evaluate_pretraining(model, batches, rt: Runtime, sparse: bool = True) -> dict:
     was = model.training
@@ -136,6 +156,15 @@ def _validate_pretrain_args(args):
         raise ValueError(f"--tokenizer must be a folder with tokenizer.json or vocab.txt, got {args.tokenizer!r}")
     if not args.eval_only and not args.out:
         raise ValueError("--out must name the output folder")
+    if args.cuda_graph:
+        if not args.pack:
+            raise ValueError("--cuda-graph needs --pack (a captured step has static shapes: packed rows of a fixed "
+                             "token budget)")
+        if args.grad_accum != 1:
+            raise ValueError(f"--cuda-graph captures one whole step: --grad-accum must be 1, got {args.grad_accum}")
+    if args.pack_budget is not None and args.pack_budget < args.seq_len:
+        raise ValueError(f"--pack-budget must be >= --seq-len ({args.seq_len}) so every pair fits a row, "
+                         f"got {args.pack_budget}")
     if args.resume and latest_checkpoint(args.out) is None:
         raise ValueError(f"--resume: no complete checkpoint under {os.path.join(args.out, 'checkpoints')}")
 
@@ -159,7 +188,15 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
     else:
         model = model_cls(_model_config(args, tok.vocab_size)).to(rt.device)
     model.train()
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    graphed = None
+    if args.cuda_graph:
+        if rt.device.type != "cuda" or rt.distributed:
+            raise ValueError("--cuda-graph needs one process on a CUDA device")
+        drop = max(model.config.hidden_dropout_prob, model.config.attention_probs_dropout_prob)
+        if drop > 0:
+            raise ValueError(f"--cuda-graph needs --dropout 0 (the model has dropout {drop}): dropout seeds are drawn "
+                             "on the host per kernel launch, so a replayed graph would reuse one mask")
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, capturable=args.cuda_graph)
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.1 * args.max_steps)
     scheduler = warmup_linear_schedule(optimizer, warmup, args.max_steps)
 
@@ -196,7 +233,17 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
                                  mlm_probability=args.mlm_probability, whole_word_mask=args.whole_word_mask,
                                  short_seq_prob=args.short_seq_prob)
 
-    iters = {s: batch_iterator(stream(s), args.batch_size, start=consumed[s]) for s in owned}
+    if args.pack:  # rows of --pack-budget tokens, several pairs each: (batch, examples, real tokens)
+        iters = {s: packed_batch_iterator(stream(s), args.batch_size, args.pack_budget or args.seq_len, consumed[s],
+                                          args.pairs_per_row) for s in owned}
+    else:
+        iters = {s: batch_iterator(stream(s), args.batch_size, start=consumed[s]) for s in owned}
+    if args.cuda_graph:
+        from ..graphs import GraphedTrainStep
+
+        # bf16 autocast without its weight-cast cache: the casts are captured with the step
+        graphed = GraphedTrainStep(model, optimizer, _packed_losses, args.max_grad_norm,
+                                   autocast=lambda: rt.autocast(cache=False))
     eval_batches = _eval_stream_batches(args, tok, args.eval_batches) if args.eval and rt.main else []
 
     def run_eval():
@@ -219,41 +266,61 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
         for j in range(micro_total):
             m = step * micro_total + j
             shard = owned[m % len(owned)]
-            batch = next(iters[shard])
-            consumed_local = args.batch_size
+            if args.pack:
+                batch, consumed_local, n_tokens = next(iters[shard])
+            else:
+                batch, consumed_local = next(iters[shard]), args.batch_size
+                n_tokens = int(batch["attention_mask"].sum())  # counted on the host copy: no device read
             batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
             # Dropout is reseeded from (step, shard): the same micro-batch gets the same masks
             # whichever rank or process runs it and after any resume.
             torch.manual_seed(derive_seed(args.seed, "dropout", step, shard))
             sync = j == micro_total - 1 or not rt.distributed
             ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
-            with ctx:
-                with rt.autocast():
-                    loss, mlm, nsp, mc, mn, nc, nn_ = _pretraining_losses(ddp_model, batch, not args.dense_mlm)
-                (loss / micro_total).backward()
-            window["mlm"] += mlm.item()
-            window["nsp"] += nsp.item()
-            window["mc"] += mc
-            window["mn"] += mn
-            window["nc"] += nc
-            window["nn"] += nn_
-            window["tok"] += int(batch["attention_mask"].sum())
+            if graphed is not None:  # forward, backward, clipping and the AdamW step: one replay
+                aux = graphed(batch)
+            else:
+                with ctx:
+                    with rt.autocast():
+                        if args.pack:
+                            loss, aux = _packed_losses(ddp_model, batch)
+                        else:
+                            loss, mlm, nsp, mc, mn, nc, nn_ = _pretraining_losses(ddp_model, batch, not args.dense_mlm)
+                            aux = {"mlm": mlm.item(), "nsp": nsp.item(), "mlm_correct": mc, "mlm_count": mn,
+                                   "nsp_correct": nc, "nsp_count": nn_}
+                    (loss / micro_total).backward()
+            # packed steps keep their figures on the device until a log step reads them
+            for key, name in (("mlm", "mlm"), ("nsp", "nsp"), ("mc", "mlm_correct"), ("mn", "mlm_count"),
+                              ("nc", "nsp_correct"), ("nn", "nsp_count")):
+                window[key] += aux[name].detach() if isinstance(aux[name], torch.Tensor) else aux[name]
+            window["tok"] += n_tokens
             window["n"] += 1
-            # Every rank advances every shard's counter the same way, so rank 0 can save all of them.
-            for r in range(rt.world):
-                r_owned = [s for s in range(num_shards) if s % rt.world == r]
-                consumed[r_owned[m % len(r_owned)]] += consumed_local
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if args.pack:  # each rank packs its own number of examples: they add up over the ranks
+                inc = [0] * num_shards
+                inc[shard] = consumed_local
+                for s, v in enumerate(rt.all_sum(inc)):
+                    consumed[s] += int(v)
+            else:
+                # Every rank advances every shard's counter the same way, so rank 0 can save all of them.
+                for r in range(rt.world):
+                    r_owned = [s for s in range(num_shards) if s % rt.world == r]
+                    consumed[r_owned[m % len(r_owned)]] += consumed_local
+        logging = (step + 1) % args.log_every == 0 or step + 1 == args.max_steps
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        lr = float(lr) if logging else lr  # a tensor under --cuda-graph: read on log steps only
+        if graphed is not None:
+            grad_norm = aux["grad_norm"]
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
         if step % args.log_every == 0 or step == args.max_steps:
             n = window["n"]
-            mlm_l, nsp_l = rt.all_mean([window["mlm"] / n, window["nsp"] / n])
-            mc, mn, nc, nn_, toks = rt.all_sum([window["mc"], window["mn"], window["nc"], window["nn"], window["tok"]])
+            mlm_l, nsp_l = rt.all_mean([float(window["mlm"]) / n, float(window["nsp"]) / n])
+            mc, mn, nc, nn_, toks = rt.all_sum([float(window[k]) for k in ("mc", "mn", "nc", "nn", "tok")])
             dt = time.perf_counter() - window["t"]
             tokens_seen += int(toks)
             last = {"step": step, "mlm_loss": mlm_l, "nsp_loss": nsp_l, "mlm_acc": mc / max(1, mn),
@@ -348,6 +415,12 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--pack", action="store_true", help="pack several NSP pairs per row of --pack-budget tokens "
+                   "(--batch-size rows per micro-batch; cu_seqlens per pair, positions restarting per pair)")
+    p.add_argument("--pack-budget", type=int, help="tokens per packed row (default: --seq-len)")
+    p.add_argument("--pairs-per-row", type=int, help="pair slots per packed row (default: one per 32 tokens)")
+    p.add_argument("--cuda-graph", action="store_true", help="capture forward, backward, clipping and the AdamW "
+                   "step in one CUDA graph (needs --pack, --dropout 0, --grad-accum 1, one CUDA process)")
     return p
 
 

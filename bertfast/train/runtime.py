@@ -29,12 +29,19 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-6):
+def build_optimizer(model, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-6,
+                    capturable: bool = False):
+    """AdamW (fused on CUDA). capturable=True: fused with capturable state and a tensor lr on the
+    parameters' device, which a scheduler updates in place, so a CUDA graph can hold the step."""
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     kw = {}
-    if next(model.parameters()).is_cuda:
+    device = next(model.parameters()).device
+    if device.type == "cuda" or capturable:
         kw["fused"] = True
+    if capturable:
+        kw["capturable"] = True
+        lr = torch.tensor(float(lr), device=device)
     return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kw)
 
 
@@ -107,11 +114,12 @@ class Runtime:
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-    def autocast(self):
+    def autocast(self, cache: bool = True):
         # bf16 autocast on GPU (no loss scaling needed); CPU trains in fp32, where bf16 autocast
-        # is slower than fp32 on most CPUs and hurts exact reproducibility.
+        # is slower than fp32 on most CPUs and hurts exact reproducibility. cache=False for a step
+        # captured in a CUDA graph (the weight casts must be part of it)
         if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
 
