@@ -24,15 +24,15 @@ export TRANSFORMERS_VERBOSITY=error
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 # Budgets (seconds), sized so the whole script stays under 8 minutes (480 s) with margin
-# (25 + 120 + 255 + 50 + summary).
+# (25 + 120 + 285 + 40 + summary).
 T_INFO=${T_INFO:-25}
 T_TESTS=${T_TESTS:-120}
-T_BENCH=${T_BENCH:-255}
-T_PROF=${T_PROF:-50}
+T_BENCH=${T_BENCH:-285}
+T_PROF=${T_PROF:-40}
 # STEPS: which of tests, bench, profile to run (a rerun inside a short lease can skip some)
 STEPS=${STEPS:-tests bench profile}
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-BENCH_BUDGET=${BENCH_BUDGET:-65,45,110,25}   # per suite: ops, attention, encoder, host
+BENCH_BUDGET=${BENCH_BUDGET:-60,45,75,25,75}   # per suite: ops, attention, encoder, host, graphs
 
 dev=$($PY - <<'PY' 2>/dev/null
 import re, torch
@@ -100,14 +100,14 @@ fi
 
 BENCH_RC="not run (STEPS)"
 if has bench; then
-    step "bench: ops, attention, encoder, host on cuda (budgets ${BENCH_BUDGET}s), cap ${T_BENCH}s"
+    step "bench: ops, attention, encoder, host, graphs on cuda (budgets ${BENCH_BUDGET}s), cap ${T_BENCH}s"
     DEVARG=cuda
     $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DEVARG=cpu
     # bf16 everywhere first (the encoder runs in the first dtype); fp16 and fp32 at the target shape
     # of each op and attention case as the budgets allow
     DTYPES=bf16,fp16,fp32
     [ "$DEVARG" = cpu ] && DTYPES=fp32,bf16
-    timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --dtype "$DTYPES" --suite ops,attention,encoder,host \
+    timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --dtype "$DTYPES" --suite ops,attention,encoder,host,graphs \
         --budget "$BENCH_BUDGET" --out "$DIR" --prefix bench --no-progress 2>&1 | grep -v "it/s\]" | tail -n 150
     BENCH_RC=${PIPESTATUS[0]}
 fi
@@ -139,6 +139,10 @@ for r in d["results"]:
             f" | {k} {v['host_us']:.1f} us" for k, v in r["variants"].items() if k.startswith("triton_") and
             v.get("status") == "ok")
         print(f"{r['name'][:44]:<44} {fig:>14} {sp}")
+        continue
+    if r["suite"] == "graphs":  # issue 14: graphed serving and the graphed packed pre-training step
+        fig = f"{s.get('tokens_per_s', 0):.3g} tok/s" + (f" {s['peak_memory_mb']:.0f}MB" if "peak_memory_mb" in s else "")
+        print(f"{r['name'][:56]:<56} {fig:>16} " + " ".join(f"{k}={v:.2f}x" for k, v in r["speedup"].items()))
         continue
     fig = (f"{100 * bw:.0f}% bw" if bw is not None else
            f"{s['tflops']:.0f} TFLOP/s" if r["suite"] == "attention" else f"{s.get('tokens_per_s', 0):.3g} tok/s")

@@ -190,3 +190,31 @@ def test_plot_legends_sit_outside_the_bars(tiny_run, tmp_path, monkeypatch):
             leg = ax.get_legend()
             assert leg is not None
             assert not leg.get_window_extent().overlaps(ax.get_window_extent()), ax.get_xlabel()
+
+
+def test_graphs_suite_plans_and_packs_the_same_pairs():
+    """The graphs suite's pre-training case trains every variant on the same pairs: packed rows
+    (one shape for every step) hold exactly the padded batches' real tokens."""
+    from bertfast.bench import graphs
+    from bertfast.bench.common import SuiteOptions
+    from bertfast.data import IGNORE_INDEX
+
+    cases = graphs.plan_cases(SuiteOptions(device=torch.device("cpu"), dtypes=[torch.float32], quick=True))
+    assert [c.params["kind"] for c in cases] == ["serve", "pretrain"]
+    assert all("bertfast" in c.variants and "hf_graph" not in c.variants or isinstance(c.variants["hf_graph"], str)
+               for c in cases)
+    g = torch.Generator().manual_seed(0)
+    exs = []
+    for i in range(12):
+        n = int(torch.randint(5, 60, (), generator=g))
+        labels = torch.full((n,), IGNORE_INDEX)
+        labels[1] = 7
+        exs.append({"input_ids": torch.randint(5, 100, (n,), generator=g),
+                    "token_type_ids": torch.zeros(n, dtype=torch.long), "labels": labels,
+                    "next_sentence_label": torch.tensor(i % 2)})
+    packed, padded, rows = graphs._packed_step_batches(exs, sets=2, per_step=6, budget=64)
+    assert {tuple(p["input_ids"].shape) for p in packed} == {(rows, 64)}
+    for p, q in zip(packed, padded):
+        slots = p["cu_seqlens"].diff().view(rows, -1)[:, :-1]  # every slot but each row's filler
+        assert int(slots.sum()) == int(q["attention_mask"].sum())
+        assert int((p["next_sentence_label"] != IGNORE_INDEX).sum()) == 6

@@ -23,6 +23,7 @@ SUITES = {
     "attention": "bertfast.bench.attention",
     "encoder": "bertfast.bench.encoder",
     "host": "bertfast.bench.host",
+    "graphs": "bertfast.bench.graphs",
 }
 
 
