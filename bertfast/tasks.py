@@ -1,9 +1,15 @@
 """Inference tasks on top of the encoder: fill-mask, embeddings, similarity search, clustering,
-classification, NLI, tagging (NER/POS) and extractive QA.
+classification, NLI, tagging (NER/POS) and extractive QA. Their commands (`bertfast embed`,
+`classify`, ...) live in bertfast/task_commands.py.
 
 Each task is split into a model call and a pure decoding function on tensors/lists (`topk_tokens`,
 `pool`, `cosine_topk`, `kmeans`, `decode_classification`, `word_labels`, `bio_spans`, `best_span`),
 so the decoding rules are unit-testable without a model.
+
+Why one file (~580 lines): the decoding functions are shared across the model calls (pool by
+embed/search/cluster, word_labels and bio_spans by tagging, best_span and qa_windows by QA and
+by fine-tuning's evaluation), and a reader follows a task from its model call to its decoding
+without leaving the page; the command line around them is bertfast/task_commands.py.
 
     from bertfast import tasks
     tasks.fill_mask(mlm_model, tok, "The capital of France is [MASK].")
@@ -13,10 +19,8 @@ so the decoding rules are unit-testable without a model.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import re
 import string
 import sys
@@ -550,231 +554,21 @@ def answer(model, tokenizer, question: str, context: str, max_answer_len: int = 
     return answer_batch(model, tokenizer, [(question, context)], max_answer_len, max_seq_len, doc_stride)[0]
 
 
-# ---- CLI ------------------------------------------------------------------------------------
-# Inputs never guess: positional arguments are files (one text per line, or JSONL records),
-# `-` is standard input, literal texts go through --text (--query for search). A path that does
-# not exist is an error, never a text.
-
-CLI_COMMANDS = ("fill-mask", "embed", "search", "cluster", "classify", "tag", "answer")
-
-# JSONL input fields of classify/tag/answer: the fine-tuning formats' (bertfast finetune --help)
-CLASSIFY_TEXT = ("text", "sentence", "premise", "sentence1")
-CLASSIFY_PAIR = ("text_pair", "hypothesis", "sentence2")
-TAG_WORDS = ("tokens", "words")
-
-_EPILOG = {
-    "embed": "Texts longer than the model's limit are cut to it, with a note saying how many; --long-texts "
-             "windows embeds them whole (the mean over overlapping windows).",
-    "classify": "input: JSONL records {\"text\": ...} with an optional \"text_pair\" (or \"premise\"/\"hypothesis\", "
-                "as fine-tuned for nli), or --text. output: one JSON line per record, the record plus \"label\" and "
-                "\"score\" (multi-label models, or --top-k: \"labels\", a list of {label, score}). Label names are "
-                "those saved by `bertfast finetune`.",
-    "tag": "input: JSONL records {\"text\": ...} or {\"tokens\": [...]} (pre-split words), or --text. output: the "
-           "record plus \"words\", \"labels\" (one per word) and \"spans\" (BIO-merged entities).",
-    "answer": "input: JSONL records {\"question\": ..., \"context\": ...}, or --question with --context. output: "
-              "the record plus \"answer\", \"start\", \"end\" (character offsets in the context) and \"score\"; a "
-              "long context is read in overlapping windows.",
-}
+# ---- helpers shared with the commands (bertfast.task_commands, bertfast.train) ------------
 
 
-def _read_lines(path: str, what: str) -> List[str]:
-    """Non-blank lines of a file (`-`: standard input), stripped."""
-    if path == "-":
-        lines = [ln.strip() for ln in sys.stdin if ln.strip()]
-    else:
-        if not os.path.isfile(path):
-            raise ValueError(f"{what}: no such file {path!r} (texts go through --text or standard input: -)")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
-    if not lines:
-        raise ValueError(f"{what}: {'standard input' if path == '-' else repr(path)} holds no non-blank lines")
-    return lines
-
-
-def _nonempty(values: Sequence[str], flag: str) -> List[str]:
-    for v in values:
-        if not v.strip():
-            raise ValueError(f"{flag} must not be empty")
-    return list(values)
-
-
-def _texts(args, what: str) -> List[str]:
-    """--text values, then the lines of each input file, in order; at least one text."""
-    texts = _nonempty(args.text or [], "--text")
-    for path in args.inputs:
-        texts += _read_lines(path, what)
-    if not texts:
-        raise ValueError("no input: name files with one text per line, - for standard input, or give --text")
-    return texts
-
-
-def _read_records(sources: Sequence[str], what: str) -> List[dict]:
-    """JSON objects, one per non-blank line, of each source (`-`: standard input)."""
-    recs = []
-    for src in sources:
-        if src != "-" and not os.path.isfile(src):
-            raise ValueError(f"{what}: no such file {src!r} (JSONL records; - reads standard input)")
-        f = sys.stdin if src == "-" else open(src, encoding="utf-8")
-        try:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{what}: {src} line {i} is not JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{what}: {src} line {i} must be a JSON object, got {type(rec).__name__}")
-                recs.append((f"{src} line {i}", rec))
-        finally:
-            if f is not sys.stdin:
-                f.close()
-    return recs
-
-
-def _field(where: str, rec: dict, names: Sequence[str], kind=str, required: bool = True):
-    for n in names:
-        v = rec.get(n)
-        if v is None:
+def iter_jsonl(lines, name: str, what: str):
+    """(line number, object) of each non-blank line of a JSONL stream; an error names the line."""
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        if kind is str and (not isinstance(v, str) or not v.strip()):
-            raise ValueError(f"{where}: {n!r} must be a non-empty string, got {v!r}")
-        if kind is list and (not isinstance(v, list) or not v):
-            raise ValueError(f"{where}: {n!r} must be a non-empty list of words, got {v!r}")
-        return v
-    if required:
-        raise ValueError(f"{where}: the record has no {' or '.join(map(repr, names))} field")
-    return None
-
-
-def _load(cls_name: str, folder: str):
-    from . import models
-    from .tokenizer import Tokenizer
-
-    if not os.path.isdir(folder):
-        raise ValueError(f"--model must be a checkpoint folder (config.json + weights + tokenizer), got {folder!r}")
-    try:
-        tok = Tokenizer.from_pretrained(folder)
-    except FileNotFoundError:
-        raise ValueError(f"--model {folder!r} has no tokenizer (tokenizer.json or vocab.txt): save it beside the "
-                         f"weights, e.g. model.save_pretrained(folder, tokenizer=tok)") from None
-    cls = getattr(models, cls_name)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model, info = cls.from_pretrained(folder, output_loading_info=True)
-    heads = {"BertForMaskedLM": ("cls.predictions", "fill-mask needs a pre-trained BertForPreTraining/"
-                                 "BertForMaskedLM checkpoint"),
-             "BertForSequenceClassification": ("classifier", "classify needs a model from `bertfast finetune --task "
-                                               "cls` or `--task nli`"),
-             "BertForTokenClassification": ("classifier", "tag needs a model from `bertfast finetune --task ner`"),
-             "BertForQuestionAnswering": ("qa_outputs", "answer needs a model from `bertfast finetune --task qa`")}
-    if cls_name in heads:
-        prefix, hint = heads[cls_name]
-        if any(k.startswith(prefix) for k in info["missing_keys"]):
-            raise ValueError(f"--model {folder!r} has no {prefix}.* head: {hint}")
-    # embeddings never read the pooler: a checkpoint without one (MLM, fine-tuned tagger) is complete for them
-    quiet = cls_name == "BertModel" and info["missing_keys"] and all(
-        k.startswith("pooler.") for k in info["missing_keys"])
-    for w in caught:  # only now: a refused model should give one error line, not warnings first
-        if not (quiet and "were not in the checkpoint" in str(w.message)):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(dev).eval(), tok
-
-
-def _embed_to_folder(out: str) -> bool:
-    """embed's --out: a .npy file, or a folder (an existing one, or a name without an extension) of shards."""
-    folder = os.path.isdir(out) or not os.path.splitext(out)[1]
-    if not folder and not out.endswith(".npy"):
-        raise ValueError(f"--out must name a .npy file or a folder (no extension), got {out!r}")
-    if not folder and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"--out must be a folder under torchrun (shards per process), got {out!r}")
-    return folder
-
-
-def _write_jsonl(rows, out: Optional[str]) -> None:
-    """JSON lines to standard output, or to `out` written whole and then renamed (never half a file)."""
-    if out is None:
-        for r in rows:
-            print(json.dumps(r, ensure_ascii=False))
-        return
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-
-
-def _parser(cmd: str) -> argparse.ArgumentParser:
-    from .cli import COMMANDS, HelpFormatter
-
-    p = argparse.ArgumentParser(prog=f"bertfast {cmd}", description=COMMANDS[cmd][1], epilog=_EPILOG.get(cmd),
-                                formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer)")
-    pooling = dict(default="mean", choices=["mean", "cls", "max"], help="sentence vector: token mean, [CLS] or max")
-    long_texts = dict(default="truncate", choices=["truncate", "windows"],
-                      help="texts over the model's limit: cut them (a note says how many), or embed each whole as "
-                           "the mean over overlapping windows")
-    if cmd == "fill-mask":
-        p.add_argument("text", nargs="+", help="texts with [MASK], one per argument")
-        p.add_argument("--top-k", type=int, default=5, help="candidates per mask")
-    elif cmd in ("embed", "cluster"):
-        p.add_argument("inputs", nargs="*", metavar="FILE", help="files with one text per line; - is standard input")
-        p.add_argument("--text", action="append", help="a text (repeatable), embedded before the files' lines")
-        p.add_argument("--pooling", **pooling)
-        p.add_argument("--long-texts", **long_texts)
-        p.add_argument("--batch-size", type=int, default=32, help="texts per forward")
-        if cmd == "embed":
-            p.add_argument("--layer", type=int, default=-1, help="hidden state to pool: 0 embeddings, -1 last layer")
-            p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
-            p.add_argument("--out", required=True, help="a .npy file (N, hidden) float32, rows in input order, or "
-                           "a folder: shards + index.json, split over torchrun's processes, resumable (see "
-                           "bertfast.embed_shards)")
-            p.add_argument("--shard-size", type=int, help="texts per shard of a folder --out (default: one per "
-                           "process)")
-        else:
-            p.add_argument("--k", type=int, required=True, help="number of clusters")
-            p.add_argument("--seed", type=int, default=0, help="k-means++ seed")
-    elif cmd == "search":
-        p.add_argument("--corpus", required=True, help="file with one text per line (- is standard input)")
-        p.add_argument("--query", action="append", help="a query (repeatable: each is searched on its own)")
-        p.add_argument("--queries", help="file with one query per line (- is standard input)")
-        p.add_argument("--k", type=int, default=5, help="hits per query")
-        p.add_argument("--pooling", **pooling)
-        p.add_argument("--long-texts", **long_texts)
-    else:  # classify, tag, answer: JSONL in, JSONL out
-        p.add_argument("inputs", nargs="*", metavar="FILE", help="JSONL files, one record per line; - is "
-                       "standard input")
-        if cmd == "answer":
-            p.add_argument("--question", help="a question (with --context), answered before the files' records")
-            p.add_argument("--context", help="the text --question is answered from")
-            p.add_argument("--max-answer-len", type=int, default=30, help="longest answer, in tokens")
-            p.add_argument("--max-seq-len", type=int, default=384, help="tokens per window (question + context)")
-            p.add_argument("--doc-stride", type=int, default=128, help="context tokens shared by adjacent windows")
-        else:
-            p.add_argument("--text", action="append", help="a text (repeatable), before the files' records")
-        if cmd == "classify":
-            p.add_argument("--top-k", type=int, help="the k best labels with scores instead of the best one")
-            p.add_argument("--threshold", type=float, default=0.5, help="multi-label models: sigmoid cut-off")
-        p.add_argument("--batch-size", type=int, default=32, help="texts (answer: context windows) per forward")
-        p.add_argument("--out", help="output .jsonl file (default: standard output)")
-    if cmd in ("embed", "search", "cluster"):
-        p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                       help="run the eager forward on CUDA (default: CUDA graphs per token bucket)")
-    return p
-
-
-def cli_main(cmd: str, argv: Sequence[str]) -> int:
-    if cmd not in CLI_COMMANDS:
-        print(f"bertfast: tasks handles {', '.join(CLI_COMMANDS)}, not {cmd!r}", file=sys.stderr)
-        return 2
-    args = _parser(cmd).parse_args(list(argv))
-    try:
-        with truncation_notes(cmd):
-            return _run_cli(cmd, args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"bertfast {cmd}: error: {e}", file=sys.stderr)
-        return 1
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what}: {name} line {i} is not JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{what}: {name} line {i} must be a JSON object, got {type(rec).__name__}")
+        yield i, rec
 
 
 @contextlib.contextmanager
@@ -792,113 +586,3 @@ def truncation_notes(cmd: str):
                 print(f"bertfast {cmd}: note: {w.message}", file=sys.stderr)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-
-
-def _positive(args, *names) -> None:
-    for n in names:
-        v = getattr(args, n, None)
-        if v is not None and v < 1:
-            raise ValueError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
-
-
-def _run_cli(cmd: str, args) -> int:
-    _positive(args, "batch_size", "top_k", "k", "max_answer_len", "max_seq_len", "shard_size")
-    if cmd == "fill-mask":
-        for i, t in enumerate(args.text):
-            if "[MASK]" not in t:
-                raise ValueError(f"text {i + 1} has no [MASK] token: {t!r}")
-        model, tok = _load("BertForMaskedLM", args.model)
-        for n, per_mask in enumerate(fill_mask(model, tok, list(args.text), args.top_k)):
-            for i, cands in enumerate(per_mask):
-                for c in cands:
-                    print(json.dumps({"text": n, "mask": i, "token": c["token"], "score": round(c["score"], 6),
-                                      "sequence": c["sequence"]}, ensure_ascii=False))
-    elif cmd == "embed":
-        to_folder = _embed_to_folder(args.out)
-        texts = _texts(args, "embed")
-        if to_folder:
-            from .embed_shards import run
-
-            summary = run(args, texts, lambda: _load("BertModel", args.model))
-            if summary:  # rank 0's
-                print(json.dumps(summary))
-            return 0
-        model, tok = _load("BertModel", args.model)
-        emb = embed(model, tok, texts, args.pooling, args.layer, args.batch_size, normalize=args.normalize,
-                    cuda_graphs=None if args.cuda_graphs else False, long_texts=args.long_texts)
-        import numpy as np
-
-        tmp = args.out + ".tmp.npy"
-        np.save(tmp, emb.numpy().astype(np.float32))
-        os.replace(tmp, args.out)  # never a half-written output
-        print(json.dumps({"out": args.out, "shape": list(emb.shape)}))
-    elif cmd == "search":
-        queries = _nonempty(args.query or [], "--query")
-        if args.queries:
-            queries += _read_lines(args.queries, "--queries")
-        if not queries:
-            raise ValueError("no query: give --query TEXT (repeatable) or --queries FILE")
-        if args.queries == "-" and args.corpus == "-":
-            raise ValueError("--corpus and --queries cannot both read standard input")
-        corpus = _read_lines(args.corpus, "--corpus")
-        model, tok = _load("BertModel", args.model)
-        scores, idx = search(model, tok, queries, corpus, args.k, args.pooling,
-                             cuda_graphs=None if args.cuda_graphs else False, long_texts=args.long_texts)
-        for qn, (q, row_s, row_i) in enumerate(zip(queries, scores.tolist(), idx.tolist())):
-            for rank, (s, i) in enumerate(zip(row_s, row_i), 1):
-                print(json.dumps({"query": qn, "query_text": q, "rank": rank, "score": round(s, 6), "line": i + 1,
-                                  "text": corpus[i]}, ensure_ascii=False))
-    elif cmd == "cluster":
-        texts = _texts(args, "cluster")
-        if not 1 <= args.k <= len(texts):
-            raise ValueError(f"--k must be in [1, {len(texts)}] (the number of texts), got {args.k}")
-        model, tok = _load("BertModel", args.model)
-        labels, _ = kmeans(embed(model, tok, texts, args.pooling, batch_size=args.batch_size,
-                                 cuda_graphs=None if args.cuda_graphs else False, long_texts=args.long_texts),
-                           args.k, seed=args.seed)
-        for i, (lab, t) in enumerate(zip(labels.tolist(), texts), 1):
-            print(json.dumps({"line": i, "cluster": lab, "text": t}, ensure_ascii=False))
-    else:
-        _run_head_cli(cmd, args)
-    return 0
-
-
-def _run_head_cli(cmd: str, args) -> None:
-    """classify / tag / answer: every record is checked before the model is loaded."""
-    recs = []
-    if cmd == "answer":
-        if (args.question is None) != (args.context is None):
-            raise ValueError("--question and --context go together")
-        if args.question is not None:
-            recs.append(("--question", {"question": args.question, "context": args.context}))
-    else:
-        recs += [("--text", {"text": t}) for t in _nonempty(args.text or [], "--text")]
-    recs += _read_records(args.inputs, cmd)
-    if not recs:
-        raise ValueError("no input: name JSONL files, - for standard input, or give "
-                         + ("--question and --context" if cmd == "answer" else "--text"))
-    rows = [rec for _, rec in recs]
-    if cmd == "classify":
-        texts = [_field(w, r, CLASSIFY_TEXT) for w, r in recs]
-        pairs = [_field(w, r, CLASSIFY_PAIR, required=False) for w, r in recs]
-        # as fine-tuning encodes them: when any record has a pair, the others get an empty one
-        pairs = [p or "" for p in pairs] if any(pairs) else None
-        model, tok = _load("BertForSequenceClassification", args.model)
-        preds = classify(model, tok, texts, pairs, threshold=args.threshold, top_k=args.top_k,
-                         batch_size=args.batch_size)
-        out = [{**r, **(p if isinstance(p, dict) else {"labels": p})} for r, p in zip(rows, preds)]
-    elif cmd == "tag":
-        inputs = []
-        for w, r in recs:
-            words = _field(w, r, TAG_WORDS, kind=list, required=False)
-            inputs.append([str(x) for x in words] if words is not None else _field(w, r, ("text",)))
-        model, tok = _load("BertForTokenClassification", args.model)
-        out = [{**r, **t} for r, t in zip(rows, tag_batch(model, tok, inputs, batch_size=args.batch_size))]
-    else:
-        pairs = [(_field(w, r, ("question",)), _field(w, r, ("context",))) for w, r in recs]
-        model, tok = _load("BertForQuestionAnswering", args.model)
-        preds = answer_batch(model, tok, pairs, args.max_answer_len, args.max_seq_len, args.doc_stride,
-                             args.batch_size)
-        # no span at all scores -inf, which JSON cannot hold: null
-        out = [{**r, **a, "score": a["score"] if a["answer"] else None} for r, a in zip(rows, preds)]
-    _write_jsonl(out, args.out)

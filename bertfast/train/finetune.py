@@ -42,15 +42,9 @@ def read_records(path: str, what: str) -> List[dict]:
     try:
         with open(path, encoding="utf-8", newline="") as f:
             if ext in (".jsonl", ".json"):
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{what}: {path} line {i} is not JSON ({e.msg})") from e
-                    if not isinstance(rec, dict):
-                        raise ValueError(f"{what}: {path} line {i} must be a JSON object")
+                from ..tasks import iter_jsonl
+
+                for i, rec in iter_jsonl(f, path, what):
                     rec["_line"] = i
                     rows.append(rec)
             elif ext in (".csv", ".tsv"):
