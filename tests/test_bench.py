@@ -32,7 +32,8 @@ def _run_tiny(tmp_path):
     # --budget: generous, so a very busy machine slows the run down but never skips a variant
     return bench.run(["--suite", "ops,attention,encoder", "--device", "cpu", "--quick", "--dtype", "fp32",
                      "--tokens", "64", "--hidden", "32", "--sizes", "16", "--models", "tiny", "--compile", "none",
-                     "--repeats", "3", "--threads", "1", "--train", "--skip", "sdpa_flash,sdpa_math,bertfast_dense_mlm",
+                     "--repeats", "3", "--threads", "1", "--train",
+                     "--skip", "sdpa_flash,sdpa_math,bertfast_dense_mlm,attention:eager_ref",
                      "--budget", "3000", "--out", str(tmp_path), "--no-plots", "--no-progress"])
 
 
@@ -60,6 +61,11 @@ def test_bench_tiny_writes_json_and_markdown(tiny_run):
             n_ratios += 1
     assert n_ratios >= len(data["results"])  # every case has at least one baseline beside it
     assert "## ops" in md and "## attention" in md and "## encoder" in md
+    # SUITE:VARIANT skips in that suite only
+    for r in data["results"]:
+        if r["suite"] in ("ops", "attention"):
+            want = "skipped" if r["suite"] == "attention" else "ok"
+            assert r["variants"]["eager_ref"]["status"] == want, (r["name"], r["variants"]["eager_ref"])
     train = [r for r in data["results"] if r["params"].get("kind") == "train"]
     assert train and train[0]["variants"]["bertfast"]["tokens_per_s"] > 0
     assert len(out["results"]) == len(data["results"])

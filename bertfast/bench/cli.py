@@ -68,8 +68,8 @@ def build_parser():
                    help="encoder suite: real-text batches of 32 sentences per model, e.g. minilm=8,base=2")
     p.add_argument("--filter", default=None, help="only cases whose name contains one of these substrings (comma "
                                                   "list), e.g. 'text' or 'fwd 8192x768'")
-    p.add_argument("--skip", default=None, help="variants not to run (comma list, e.g. bertfast_ref,hf_compile); "
-                                                "reported as skipped")
+    p.add_argument("--skip", default=None, help="variants not to run (comma list, e.g. bertfast_ref,hf_compile; "
+                                                "SUITE:VARIANT for one suite only); reported as skipped")
     p.add_argument("--merge", default=None, metavar="JSON,JSON",
                    help="measure nothing: merge earlier runs' JSON files (comma list) into --out/--prefix")
     p.add_argument("--render", default=None, metavar="JSON",
@@ -169,9 +169,13 @@ def run(argv=None) -> dict:
         subs = parse_list(args.filter)
         plans = {k: [c for c in cs if any(x in c.name for x in subs)] for k, cs in plans.items()}
     if args.skip:
-        for cs in plans.values():
+        for suite, cs in plans.items():
             for c in cs:
                 for v in parse_list(args.skip):
+                    if ":" in v:  # SUITE:VARIANT skips the variant in that suite only
+                        only, v = v.split(":", 1)
+                        if only != suite:
+                            continue
                     if v in c.variants and v != SUBJECT:
                         c.variants[v] = "not run: --skip"
     total = sum(len(c.variants) for cs in plans.values() for c in cs)
