@@ -101,18 +101,20 @@ class GraphedEncoder:
         self._n_dummy = {b: -(-b // self.chunk) for b in ladder}
         slots = max_seqs + max(self._n_dummy.values())
         # static inputs, shared by every bucket's graph (each reads a prefix)
-        self._ids = torch.zeros(T, dtype=torch.long, device=dev)
-        self._tt = torch.zeros(T, dtype=torch.long, device=dev)
-        self._pos = torch.zeros(T, dtype=torch.long, device=dev)
+        # ids, token types and positions as the rows of one buffer: a batch fills it with one copy
+        self._in = torch.zeros(3, T, dtype=torch.long, device=dev)
+        self._ids, self._tt, self._pos = self._in.unbind(0)
         self._cu = torch.zeros(slots + 1, dtype=torch.int32, device=dev)
-        self._dummy_pos = torch.arange(T, device=dev) % self.chunk
+        # what the tokens after a batch's hold: pad ids, type 0, positions restarting every chunk
+        self._dummy = torch.stack([torch.full((T,), cfg.pad_token_id or 0, device=dev), torch.zeros(T, device=dev),
+                                   torch.arange(T, device=dev) % self.chunk]).long()
         self._dummy_steps = torch.arange(1, max(self._n_dummy.values()) + 1, device=dev, dtype=torch.int32) \
             * self.chunk
         self._graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self._outs: Dict[int, tuple] = {}
         self.replays = {b: 0 for b in ladder}
         self.fallbacks = 0
-        self.memory_bytes = self._ids.numel() * 24 + self._cu.numel() * 4
+        self.memory_bytes = self._in.numel() * 16 + self._cu.numel() * 4
         self._pool = None
         if self.capture and not lazy:
             with torch.inference_mode():
@@ -137,17 +139,13 @@ class GraphedEncoder:
         # the attention grid follows it, not the batch's longest row
         return min(bucket, self.max_seqlen)
 
-    def _fill(self, bucket: int, total: int, ids, tt, pos, cu):
-        """Writes a packed batch (total tokens, cu of B + 1 offsets) into the static buffers of
-        `bucket`: the rows' tokens, then dummy tokens up to the bucket; slots B.. max_seqs empty,
-        then the dummy sequences (the last ends at `bucket`)."""
+    def _fill(self, bucket: int, total: int, rows, cu):
+        """Writes a packed batch (rows: (3, total) ids, token types, positions; cu: B + 1 offsets)
+        into the static buffers of `bucket`: the batch's tokens, then dummy tokens up to the bucket;
+        slots B.. max_seqs empty, then the dummy sequences (the last ends at `bucket`)."""
         B = cu.numel() - 1
-        self._ids[:total].copy_(ids)
-        self._tt[:total].copy_(tt)
-        self._pos[:total].copy_(pos)
-        self._ids[total:bucket].fill_(self.config.pad_token_id or 0)
-        self._tt[total:bucket].zero_()
-        self._pos[total:bucket].copy_(self._dummy_pos[:bucket - total])
+        self._in[:, :total].copy_(rows)
+        self._in[:, total:bucket].copy_(self._dummy[:, :bucket - total])
         S, nd = self.max_seqs, self._n_dummy[bucket]
         self._cu[:B + 1].copy_(cu)
         self._cu[B + 1:S + 1].fill_(total)
@@ -173,8 +171,8 @@ class GraphedEncoder:
         before = torch.cuda.memory_reserved(dev)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        none = torch.empty(0, dtype=torch.long, device=dev)
-        self._fill(bucket, 0, none, none, none, torch.zeros(1, dtype=torch.int32, device=dev))
+        self._fill(bucket, 0, torch.empty(3, 0, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.int32,
+                                                                                             device=dev))
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -194,7 +192,7 @@ class GraphedEncoder:
         self._graphs.clear()
         self._outs.clear()
         self._pool = None
-        self._ids = self._tt = self._pos = self._cu = self._dummy_pos = self._dummy_steps = None
+        self._in = self._ids = self._tt = self._pos = self._cu = self._dummy = self._dummy_steps = None
         self.buckets = []
         self.memory_bytes = 0
         if self.device.type == "cuda":
@@ -222,12 +220,11 @@ class GraphedEncoder:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
         layout = unpad_mask(mask, total, longest)
         idx = layout.indices
-        tt = token_type_ids.reshape(-1).index_select(0, idx) if token_type_ids is not None else \
-            torch.zeros(total, dtype=torch.long, device=input_ids.device)
-        pos = pos_full.reshape(-1).index_select(0, idx)
+        tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+        rows = torch.stack([input_ids.long(), tt.long(), pos_full.long()]).view(3, -1).index_select(1, idx)
         if self.capture and bucket not in self._graphs:  # lazy: captured on first use (it fills the buffers)
             self._capture(bucket)
-        self._fill(bucket, total, input_ids.reshape(-1).index_select(0, idx), tt, pos, layout.cu_seqlens)
+        self._fill(bucket, total, rows, layout.cu_seqlens)
         if self.capture:
             self._graphs[bucket].replay()
             hidden, first = self._outs[bucket]
