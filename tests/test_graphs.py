@@ -41,6 +41,19 @@ def _ulps(a, b):
     return ((a - b).abs() / spacing).max().item() if a.numel() else 0.0
 
 
+def _serves_like_eager(model, enc, batches, tol):
+    """enc's outputs equal the model's eager forward on each (row lengths, width) batch; padded
+    positions are zeros."""
+    for i, (lens, S) in enumerate(batches):
+        ids, mask, tt = _batch(lens, S, seed=i)
+        with torch.no_grad():
+            ref = model(ids, mask, tt)
+        got = enc(ids, mask, tt)
+        torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=tol)
+        torch.testing.assert_close(got.pooler_output, ref.pooler_output, rtol=1e-5, atol=tol)
+        assert (got.last_hidden_state[mask == 0] == 0).all()
+
+
 # ragged rows with an empty one, a full batch, a batch exactly at a bucket, one row per bucket size
 SERVING = [([5, 3, 0, 7], 10), ([16], 16), ([30, 2], 30), ([32, 32], 32), ([64, 64], 64), ([33], 40),
            ([9, 1, 17, 4], 20)]
@@ -61,16 +74,9 @@ def test_graphed_encoder_matches_eager_forward_cpu():
     model = _model().eval()
     enc = GraphedEncoder(model, max_tokens=128, max_seqs=4, buckets=[16, 32, 64, 128], pad_chunk=8)
     assert not enc.capture
-    for i, (lens, S) in enumerate(SERVING):
-        ids, mask, tt = _batch(lens, S, seed=i)
-        with torch.no_grad():
-            ref = model(ids, mask, tt)
-        got = enc(ids, mask, tt)
-        # the same kernels on the same rows; only the GEMM library's choice of kernel for another
-        # row count may round differently (the tiny model here is bit for bit on MKL)
-        torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-6)
-        assert (got.last_hidden_state[mask == 0] == 0).all()
+    # the same kernels on the same rows; only the GEMM library's choice of kernel for another
+    # row count may round differently (the tiny model here is bit for bit on MKL)
+    _serves_like_eager(model, enc, SERVING, tol=1e-6)
     assert all(n > 0 for n in enc.replays.values())  # every bucket served
     assert enc.fallbacks == 0
     # position ids given by the caller are gathered like the eager forward's
@@ -90,13 +96,7 @@ def test_graphed_encoder_interpreted_kernels_cpu():
     model = _model().eval()
     enc = GraphedEncoder(model, max_tokens=64, max_seqs=3, buckets=[16, 64], pad_chunk=8)
     with use_backend("triton"):
-        for i, (lens, S) in enumerate([([5, 0, 7], 10), ([16], 16), ([40, 9], 40)]):
-            ids, mask, tt = _batch(lens, S, seed=i)
-            with torch.no_grad():
-                ref = model(ids, mask, tt)
-            got = enc(ids, mask, tt)
-            torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(got.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
+        _serves_like_eager(model, enc, [([5, 0, 7], 10), ([16], 16), ([40, 9], 40)], tol=1e-5)
     assert enc.fallbacks == 0 and all(n > 0 for n in enc.replays.values())
 
 

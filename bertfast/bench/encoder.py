@@ -239,17 +239,21 @@ def _models(name, device, dtype, head="model") -> Models:
     return _MODELS[key]
 
 
+def fixed_batches(m: Models, B: int, S: int, device, n: int = 4) -> List[dict]:
+    """n full (B, S) batches of random ids framed by [CLS] ... [SEP] (a fixed seed)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1000, m.config.vocab_size, (B, S), generator=gen)
+        ids[:, 0], ids[:, -1] = 101, 102
+        out.append({"input_ids": ids.to(device), "token_type_ids": torch.zeros_like(ids).to(device),
+                    "attention_mask": torch.ones_like(ids).to(device)})
+    return out
+
+
 def _fixed_case(mname, device, dtype, B, S, compile_mode, quick=False) -> Case:
     def batches(m):
-        gen = torch.Generator().manual_seed(0)
-        V = m.config.vocab_size
-        out = []
-        for _ in range(4):
-            ids = torch.randint(1000, V, (B, S), generator=gen)
-            ids[:, 0], ids[:, -1] = 101, 102
-            out.append({"input_ids": ids.to(device), "token_type_ids": torch.zeros_like(ids).to(device),
-                        "attention_mask": torch.ones_like(ids).to(device)})
-        return out
+        return fixed_batches(m, B, S, device)
 
     def variant(kind):
         def factory(meta):

@@ -163,24 +163,14 @@ def _serve_case(device, dtype, n_batches, quick) -> Case:
 
 
 def _latency_case(device, dtype, mname, B=8, S=128) -> Case:
-    from .encoder import _graph_fn, _models
-
-    def batches(m):
-        gen = torch.Generator().manual_seed(0)
-        out = []
-        for _ in range(4):
-            ids = torch.randint(1000, m.config.vocab_size, (B, S), generator=gen)
-            ids[:, 0], ids[:, -1] = 101, 102
-            out.append({"input_ids": ids.to(device), "token_type_ids": torch.zeros_like(ids).to(device),
-                        "attention_mask": torch.ones_like(ids).to(device)})
-        return out
+    from .encoder import _graph_fn, _models, fixed_batches
 
     def variant(kind):
         def factory(meta):
             from ..graphs import GraphedEncoder
 
             m = _models(mname, device, dtype)
-            bs = batches(m)
+            bs = fixed_batches(m, B, S, device)
             rot = {"i": 0}
 
             def rotating(call):  # one batch per call, the next set each time
