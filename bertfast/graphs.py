@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .models.bert import BertModelOutput, _check_inputs, _read_back, first_tokens
+from .ops._common import no_host_reads
 from .padding import pad_input, unpad_mask
 
 
@@ -175,7 +176,7 @@ class GraphedEncoder:
                                                                                              device=dev))
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), no_host_reads():  # the capture's very code path
             for _ in range(2):
                 self._forward(bucket)
         torch.cuda.current_stream(dev).wait_stream(side)
@@ -371,7 +372,7 @@ class GraphedTrainStep:
         if self.graph is None and self.calls <= self.warmup_steps:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), no_host_reads():  # the capture's very code path
                 self.optimizer.zero_grad(set_to_none=True)
                 self.out = self._step()
             torch.cuda.current_stream(self.device).wait_stream(side)

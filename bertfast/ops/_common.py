@@ -15,7 +15,9 @@ once per forward (FusedOp.eager): per call, one Python frame per op and the Func
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -26,10 +28,29 @@ from ._rng import draw_seed
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+_NO_HOST_READS = threading.local()
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Run as under CUDA-graph capture: can_sync() is False inside, so a model takes exactly the
+    path a capture records (the public ops, no read-backs). bertfast.graphs warms its graphs up
+    this way, so every kernel a capture launches is compiled (and specialised) before it."""
+    before = getattr(_NO_HOST_READS, "on", False)
+    _NO_HOST_READS.on = True
+    try:
+        yield
+    finally:
+        _NO_HOST_READS.on = before
+
+
 def can_sync() -> bool:
     """Whether input validation may read values back to the host: not while torch.compile
-    traces (it would break the graph) nor while a CUDA graph is being captured."""
+    traces (it would break the graph), nor while a CUDA graph is being captured (or warmed up
+    for one: no_host_reads)."""
     if torch.compiler.is_compiling():
+        return False
+    if getattr(_NO_HOST_READS, "on", False):
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
