@@ -74,27 +74,36 @@ def _padded_to(b: dict, S: int) -> dict:
     return out
 
 
+def _additive_mask(mask2d: torch.Tensor, dtype) -> torch.Tensor:
+    """(B, S) key mask -> (B, 1, S, S) additive mask, which transformers takes as it is (a 2-D
+    mask would make it check on the host whether there is padding: no host reads in a capture)."""
+    B, S = mask2d.shape
+    keep = (mask2d != 0)[:, None, None, :].expand(B, 1, S, S)
+    return torch.zeros(B, 1, S, S, dtype=dtype, device=mask2d.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
 def _hf_graph_fn(model, batches, device, S):
     """transformers' forward with a mask captured once at (rows, S); each call pads the next
-    batch to S, copies it in and replays."""
-    static = _padded_to(batches[0], S)
-    kw = dict(input_ids=static["input_ids"], attention_mask=static["attention_mask"],
-              token_type_ids=static["token_type_ids"])
+    batch to S, builds its additive mask, copies both in and replays."""
+    dtype = next(model.parameters()).dtype
+    padded = [_padded_to(b, S) for b in batches]
+    static = {k: v.clone() for k, v in padded[0].items() if k != "attention_mask"}
+    static["attention_mask"] = _additive_mask(padded[0]["attention_mask"], dtype)
     s = torch.cuda.Stream(device)
     s.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(s), torch.inference_mode():
         for _ in range(3):
-            model(**kw)
+            model(**static)
     torch.cuda.current_stream(device).wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.inference_mode(), torch.cuda.graph(g):
-        model(**kw)
-    padded = [_padded_to(b, S) for b in batches]
+        model(**static)
 
     def fn():
         for b in padded:
-            for k, v in b.items():
-                static[k].copy_(v, non_blocking=True)
+            static["input_ids"].copy_(b["input_ids"], non_blocking=True)
+            static["token_type_ids"].copy_(b["token_type_ids"], non_blocking=True)
+            static["attention_mask"].copy_(_additive_mask(b["attention_mask"], dtype), non_blocking=True)
             g.replay()
 
     return fn
