@@ -53,36 +53,13 @@ def child(args) -> None:
     import torch
 
     import bertfast
-    from bertfast.testing import minilm_path
+    from bertfast.bench import sentence_transformers as st_suite
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with open(args.texts, encoding="utf-8") as f:
         texts = json.load(f)
-    path = minilm_path()
-    if args.api == "sentence-transformers":
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(path, device=args.device)
-
-        def encode():
-            return model.encode(texts, batch_size=args.batch_size, convert_to_tensor=True)
-    else:
-        import transformers
-
-        model = transformers.AutoModel.from_pretrained(path).to(args.device).eval()
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        batches = [tok([texts[j] for j in order[i:i + args.batch_size]], padding=True, truncation=True,
-                       max_length=256, return_tensors="pt").to(args.device)
-                   for i in range(0, len(texts), args.batch_size)]
-
-        @torch.no_grad()
-        def encode():
-            out = []
-            for b in batches:
-                h = model(**b).last_hidden_state
-                m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-                out.append((h * m).sum(1) / m.sum(1))
-            return torch.cat(out)
+    model, encode = st_suite.encoder(args.api, args.device, texts, args.batch_size)
     if args.variant == "bertfast":
         bertfast.accelerate(model)
 
@@ -109,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="encode's batch_size (its default is 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed encode calls per process (median)")
     p.add_argument("--rounds", type=int, default=2, help="fresh-process pairs, alternating which goes first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's)")
     p.add_argument("--api", choices=["auto", "sentence-transformers", "transformers"], default="auto")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -145,7 +123,8 @@ def main(argv=None) -> int:
             for variant in order:
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", "--variant", variant, "--texts", tpath,
                        "--emb", os.path.join(tmp, f"{variant}.npy"), "--device", args.device, "--api", args.api,
-                       "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
+                       "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
+                       "--threads", str(args.threads)]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     print(out.stderr[-3000:], file=sys.stderr)
@@ -158,9 +137,12 @@ def main(argv=None) -> int:
                          "bertfast_s": res["bertfast"]["median_s"], "ratio": ratio, "max_abs_diff": diff})
     import torch
 
-    env_info = {"device": _device_name(args.device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    threads = args.threads or torch.get_num_threads()
+    env_info = {"device": _device_name(args.device), "torch": torch.__version__, "threads": threads,
+                "load_average": os.getloadavg()}
     print(f"# {args.api} encode, all-MiniLM-L6-v2, {len(texts)} real sentences, batch_size {args.batch_size}, "
-          f"{args.device} ({env_info['device']}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.device} ({env_info['device']}), torch {torch.__version__}, {threads} threads, "
+          f"load average at the end {env_info['load_average'][0]:.1f}")
     print("| round | first | transformers s | bertfast s | ratio | max abs diff |")
     print("|---|---|---|---|---|---|")
     for row in rows:

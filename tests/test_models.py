@@ -8,7 +8,7 @@ import torch
 
 import bertfast
 from bertfast import BertConfig
-from bertfast.testing import assert_grads_match, minilm_path, system_sentences
+from bertfast.testing import ODD_BERT, assert_grads_match, minilm_path, system_sentences
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,12 +17,7 @@ HEADS = ["BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSente
 
 
 def odd_config(**kw):
-    # odd sizes on purpose: hidden 36 = 3 heads x 12, intermediate 37, vocab 101
-    base = dict(vocab_size=101, hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
-                max_position_embeddings=40, type_vocab_size=3, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0, num_labels=5)
-    base.update(kw)
-    return base
+    return {**ODD_BERT, **kw}  # odd sizes on purpose (see bertfast.testing)
 
 
 def hf_twin(name, **kw):

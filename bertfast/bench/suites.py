@@ -24,6 +24,7 @@ SUITES = {
     "encoder": "bertfast.bench.encoder",
     "host": "bertfast.bench.host",
     "graphs": "bertfast.bench.graphs",
+    "st": "bertfast.bench.sentence_transformers",
 }
 
 
