@@ -221,6 +221,18 @@ def test_sentence_transformers_encode_minilm(monkeypatch):
     assert (out - ref).abs().max().item() <= 1e-5
 
 
+def test_bench_suite_st_is_registered_and_plans_the_comparison():
+    from bertfast.bench import suites
+    from bertfast.bench.common import SUBJECT, SuiteOptions
+
+    st = suites.get("st")
+    (case,) = st.plan_cases(SuiteOptions(device=torch.device("cpu"), dtypes=[torch.float32], quick=True))
+    assert set(case.variants) == {SUBJECT, "st_transformers"} and case.params["sentences"] == 128
+    res = {"variants": {SUBJECT: {"status": "ok", "median_ms": 500.0}, "st_transformers": {"status": "skipped"}}}
+    st.finish(case, res, {})
+    assert res["variants"][SUBJECT]["sentences_per_s"] == pytest.approx(256.0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_accelerated_minilm_matches_transformers():
     """On CUDA: the MiniLM checkpoint through transformers, then accelerated, fp32 and bf16 (run by gpu_check.sh)."""
