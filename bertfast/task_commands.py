@@ -281,13 +281,13 @@ def _run_cli(cmd: str, args) -> int:
         os.replace(tmp, args.out)  # never a half-written output
         print(json.dumps({"out": args.out, "shape": list(emb.shape)}))
     elif cmd == "search":
+        if args.queries == "-" and args.corpus == "-":
+            raise ValueError("--corpus and --queries cannot both read standard input")
         queries = _nonempty(args.query or [], "--query")
         if args.queries:
             queries += _read_lines(args.queries, "--queries")
         if not queries:
             raise ValueError("no query: give --query TEXT (repeatable) or --queries FILE")
-        if args.queries == "-" and args.corpus == "-":
-            raise ValueError("--corpus and --queries cannot both read standard input")
         corpus = _read_lines(args.corpus, "--corpus")
         model, tok = _load("BertModel", args.model)
         scores, idx = search(model, tok, queries, corpus, args.k, args.pooling,
