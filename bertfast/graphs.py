@@ -34,7 +34,7 @@ import torch
 
 from .models.bert import BertModelOutput, _check_inputs, _read_back, first_tokens
 from .ops._common import no_host_reads
-from .padding import pad_input, unpad_mask
+from .padding import layout_of, pad_input
 
 
 def token_buckets(max_tokens: int, smallest: int = 64) -> List[int]:
@@ -219,7 +219,7 @@ class GraphedEncoder:
         bucket = self.bucket_for(total)
         if bucket is None or total == 0 or longest > self.max_seqlen:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
-        layout = unpad_mask(mask, total, longest)
+        layout = layout_of(mask != 0, total, longest)  # the counts were read from this mask
         idx = layout.indices
         tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
         rows = torch.stack([input_ids.long(), tt.long(), pos_full.long()]).view(3, -1).index_select(1, idx)

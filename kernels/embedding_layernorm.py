@@ -34,11 +34,14 @@ MAX_TYPE_ROWS_IN_REGISTERS = 2
 
 
 @triton.jit
-def _gather_sum(Ids, TT, Pos, Word, PosEmb, TypeEmb, rows, rmask, cols, mask, N):
-    """fp32 (word[ids] + type[tt]) + pos[pos] for a [ROWS, BLOCK_N] tile, plus the three id vectors."""
-    ids = tl.load(Ids + rows, mask=rmask, other=0).to(tl.int64)
-    tts = tl.load(TT + rows, mask=rmask, other=0).to(tl.int64)
-    ps = tl.load(Pos + rows, mask=rmask, other=0).to(tl.int64)
+def _gather_sum(Ids, TT, Pos, Word, PosEmb, TypeEmb, rows, rmask, cols, mask, N, NW, NP, NT):
+    """fp32 (word[ids] + type[tt]) + pos[pos] for a [ROWS, BLOCK_N] tile, plus the three id vectors.
+    Ids are clamped into their tables (NW, NP, NT rows): the host checks them in eager mode, but
+    under torch.compile or a CUDA graph nothing is read back, and a bad id must not read (or, in the
+    backward, write) outside a table; bertfast.ops.embedding_layernorm asserts on the device there."""
+    ids = tl.minimum(tl.maximum(tl.load(Ids + rows, mask=rmask, other=0).to(tl.int64), 0), NW - 1)
+    tts = tl.minimum(tl.maximum(tl.load(TT + rows, mask=rmask, other=0).to(tl.int64), 0), NT - 1)
+    ps = tl.minimum(tl.maximum(tl.load(Pos + rows, mask=rmask, other=0).to(tl.int64), 0), NP - 1)
     h = tl.load(Word + ids[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h += tl.load(TypeEmb + tts[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     h += tl.load(PosEmb + ps[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -46,15 +49,15 @@ def _gather_sum(Ids, TT, Pos, Word, PosEmb, TypeEmb, rows, rmask, cols, mask, N)
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
-def _emb_ln_fwd_kernel(Ids, TT, Pos, Word, PosEmb, TypeEmb, W, LB, Y, Mean, Rstd, M, N, eps, seed, threshold,
-                       scale, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+def _emb_ln_fwd_kernel(Ids, TT, Pos, Word, PosEmb, TypeEmb, W, LB, Y, Mean, Rstd, M, N, NW, NP, NT, eps, seed,
+                       threshold, scale, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < M
     cmask = cols < N
     mask = rmask[:, None] & cmask[None, :]
-    h, ids, tts, ps = _gather_sum(Ids, TT, Pos, Word, PosEmb, TypeEmb, rows, rmask, cols, mask, N)
+    h, ids, tts, ps = _gather_sum(Ids, TT, Pos, Word, PosEmb, TypeEmb, rows, rmask, cols, mask, N, NW, NP, NT)
     y, mean, rstd = layernorm_rows(h, mask, cols, cmask, W, LB, N, eps)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]  # output offsets = dropout offsets
     if HAS_DROPOUT:
@@ -68,7 +71,7 @@ def _emb_ln_fwd_kernel(Ids, TT, Pos, Word, PosEmb, TypeEmb, W, LB, Y, Mean, Rstd
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _emb_ln_bwd_kernel(DY, Ids, TT, Pos, Word, PosEmb, TypeEmb, W, Mean, Rstd, DWord, DPos, DType, DH,
-                       DType_part, DW_part, DLB_part, M, N, seed, threshold, scale,
+                       DType_part, DW_part, DLB_part, M, N, NW, NP, NT, seed, threshold, scale,
                        HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, TYPE_ROWS: tl.constexpr,
                        BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
@@ -91,7 +94,8 @@ def _emb_ln_bwd_kernel(DY, Ids, TT, Pos, Word, PosEmb, TypeEmb, W, Mean, Rstd, D
         rows = tile * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
-        h, ids, tts, ps = _gather_sum(Ids, TT, Pos, Word, PosEmb, TypeEmb, rows, rmask, cols, mask, N)
+        h, ids, tts, ps = _gather_sum(Ids, TT, Pos, Word, PosEmb, TypeEmb, rows, rmask, cols, mask, N, NW, NP,
+                                      NT)
         mean = tl.load(Mean + rows, mask=rmask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
         # no mask needed: dy (so g) is 0 on padded lanes and rstd is 0 on padded rows, so they add
@@ -146,6 +150,11 @@ def _check_ids(*named):
             raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
 
 
+def _rows(word, pos_emb, type_emb):
+    """The tables' row counts, which the kernels clamp ids into."""
+    return word.shape[0], pos_emb.shape[0], type_emb.shape[0]
+
+
 def embedding_layernorm_fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed):
     _check_ids(("input_ids", ids), ("token_type_ids", tt), ("position_ids", pos))
     m, n = ids.shape[0], word.shape[1]
@@ -160,7 +169,8 @@ def embedding_layernorm_fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias,
     threshold, scale = dropout_args(p)
     key = (n, p > 0.0, ids.dtype, tt.dtype, pos.dtype, word.dtype, weight.dtype, bias.dtype)
     _fwd((triton.cdiv(m, rows),), key,
-         (ids, tt, pos, word, pos_emb, type_emb, weight, bias, y, mean, rstd, m, n, eps, seed, threshold, scale),
+         (ids, tt, pos, word, pos_emb, type_emb, weight, bias, y, mean, rstd, m, n, *_rows(word, pos_emb, type_emb),
+          eps, seed, threshold, scale),
          HAS_DROPOUT=p > 0.0, BLOCK_N=bn, ROWS=rows, num_warps=warps)
     return y, mean, rstd
 
@@ -185,7 +195,7 @@ def embedding_layernorm_bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight,
 
     def args(parts, type_parts, dh):
         return (dout, ids, tt, pos, word, pos_emb, type_emb, weight, mean, rstd, dword, dpos, dtype, dh, type_parts,
-                parts[0], parts[1], m, n, seed, threshold, scale)
+                parts[0], parts[1], m, n, *_rows(word, pos_emb, type_emb), seed, threshold, scale)
 
     key = (n, p > 0.0, deterministic, type_rows, dout.dtype, ids.dtype, tt.dtype, pos.dtype, word.dtype, weight.dtype)
 
@@ -231,7 +241,8 @@ def aot_specs(full: bool = False) -> list:
                         _emb_ln_fwd_kernel,
                         {"Ids": f"*{it}", "TT": f"*{it}", "Pos": f"*{it}", "Word": f"*{dt}", "PosEmb": f"*{dt}",
                          "TypeEmb": f"*{dt}", "W": f"*{dt}", "LB": f"*{dt}", "Y": f"*{dt}", "Mean": "*fp32",
-                         "Rstd": "*fp32", "M": "i32", "N": "i32", "eps": "fp32", "seed": "i64", "threshold": "i32",
+                         "Rstd": "*fp32", "M": "i32", "N": "i32", "NW": "i32", "NP": "i32", "NT": "i32",
+                         "eps": "fp32", "seed": "i64", "threshold": "i32",
                          "scale": "fp32"},
                         {"HAS_DROPOUT": drop, "BLOCK_N": bn, "ROWS": rows}, warps,
                         f"BLOCK_N={bn} ROWS={rows} warps={warps} {tag}",
@@ -245,7 +256,8 @@ def aot_specs(full: bool = False) -> list:
                              "PosEmb": f"*{dt}", "TypeEmb": f"*{dt}", "W": f"*{dt}", "Mean": "*fp32",
                              "Rstd": "*fp32", "DWord": "*fp32", "DPos": "*fp32", "DType": "*fp32", "DH": "*fp32",
                              "DType_part": "*fp32", "DW_part": "*fp32", "DLB_part": "*fp32", "M": "i32",
-                             "N": "i32", "seed": "i64", "threshold": "i32", "scale": "fp32"},
+                             "N": "i32", "NW": "i32", "NP": "i32", "NT": "i32", "seed": "i64", "threshold": "i32",
+                             "scale": "fp32"},
                             {"HAS_DROPOUT": drop, "ATOMIC": atomic, "TYPE_ROWS": type_rows, "BLOCK_N": bn,
                              "ROWS": rows}, warps, f"BLOCK_N={bn} ROWS={rows} warps={warps} {tag} {mode}",
                             div16=("DY", "Ids", "TT", "Pos", "Word", "PosEmb", "TypeEmb", "W", "Mean", "Rstd",

@@ -30,7 +30,7 @@ from ..ops.attention import attention_route, attention_unchecked, key_padding_bi
 from ..ops.bias_gelu import bias_gelu_unchecked
 from ..ops.bias_residual_layernorm import bias_residual_layernorm_unchecked
 from ..ops.embedding_layernorm import _embedding_layernorm, id_range_error
-from ..padding import PackedLayout, pad_input, unpad_mask
+from ..padding import PackedLayout, clamp_offsets, layout_of, pad_input
 from .config import FUSED_ACTS, BertConfig
 from .hub import load_pretrained, save_pretrained
 
@@ -228,28 +228,34 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
-        self._qkv_cache = None
 
-    def _qkv_weight(self):
-        """Q, K and V projections as one GEMM. Inference reuses the concatenated weight while
-        the parameters are unchanged (checked through their version counters)."""
-        params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias,
-                  self.value.bias)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return torch.cat(params[:3]), torch.cat(params[3:])
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._qkv_cache is None or self._qkv_cache[0] != key:
-            with torch.no_grad():
-                self._qkv_cache = (key, torch.cat(params[:3]), torch.cat(params[3:]))
-        return self._qkv_cache[1], self._qkv_cache[2]
+    def _qkv(self, hidden, out: Optional[torch.Tensor] = None):
+        """Q, K and V projections of `hidden` in one (tokens, 3 * hidden) tensor, from the
+        parameters as they are now: nothing is cached, so no write to them (optimizer steps,
+        `.data` writes, loaders) can leave a stale copy behind. With autograd or under
+        torch.compile: one GEMM on the concatenated weights (autograd differentiates the cat);
+        otherwise three GEMMs into the column blocks of one output (BLAS writes strided rows), which
+        costs no concatenation of the weights per call."""
+        lins = (self.query, self.key, self.value)
+        ps = [p for lin in lins for p in (lin.weight, lin.bias)]
+        if (torch.compiler.is_compiling() or torch.is_autocast_enabled(hidden.device.type)
+                or (torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in ps)))
+                or any(p.dtype != hidden.dtype for p in ps)):
+            w = torch.cat([lin.weight for lin in lins])
+            return _linear(hidden, w, torch.cat([lin.bias for lin in lins]), out)
+        n = self.query.weight.shape[0]
+        if out is None:
+            out = hidden.new_empty((hidden.shape[0], 3 * n))
+        for i, lin in enumerate(lins):
+            torch.addmm(lin.bias, hidden, lin.weight.t(), out=out[:, i * n:(i + 1) * n])
+        return out
 
     def forward(self, hidden, layout: Optional[PackedLayout], shape, key_mask=None, ws: Optional[_Workspace] = None,
                 eager: Optional[_Eager] = None):
         """hidden: (tokens, hidden) rows; packed varlen when `layout` is given, else the
         (batch, seq) = `shape` rows of a padded batch with an optional (batch, seq) key mask.
         `eager`: the forward's resolved lean path (None: the public, checked op)."""
-        w, b = self._qkv_weight()
-        qkv = _linear(hidden, w, b, ws.get("qkv", hidden.shape[0], w.shape[0], hidden) if ws else None)
+        qkv = self._qkv(hidden, ws.get("qkv", hidden.shape[0], 3 * self.query.weight.shape[0], hidden) if ws else None)
         H, D = self.num_attention_heads, self.attention_head_size
         p = self.dropout_p if self.training else 0.0
         if layout is not None:  # packed rows (total, 3 * hidden)
@@ -547,7 +553,9 @@ class BertModel(BertPreTrainedModel):
                 if not self.unpad:
                     key_mask = attention_mask  # the padded layout, kept for comparisons
                 elif total < B * S:
-                    layout = unpad_mask(attention_mask, total, max_len)  # once per batch, shared by every layer
+                    # once per batch, shared by every layer; the counts come from this very mask
+                    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+                    layout = layout_of(keep, total, max_len)
         elif attention_mask is not None:
             # torch.compile / CUDA-graph capture: static shapes, the padded layout with a key mask
             key_mask = attention_mask
@@ -590,7 +598,10 @@ class BertModel(BertPreTrainedModel):
         # CPU inference: GEMM outputs go to buffers reused across layers and calls (not when every
         # layer's output is returned)
         ws = None
-        if hidden.device.type == "cpu" and not torch.is_grad_enabled() and all_hidden is None:
+        # (not while torch.compile traces: the buffers are Python state, and the fused ops do not
+        # write in place there)
+        if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and all_hidden is None
+                and not torch.compiler.is_compiling()):
             need = hidden.shape[0] * (5 * cfg.hidden_size + cfg.intermediate_size) * hidden.element_size()
             if need <= _workspace_limit():  # an occasional huge batch is not kept for the process' life
                 ws = _workspace(self)
@@ -632,8 +643,12 @@ class BertModel(BertPreTrainedModel):
             position_ids = packed_positions(cu, total)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(ids)
-        # the packed tokens are one row of `total`: indices are their flat positions in it
-        layout = PackedLayout(torch.arange(total, device=ids.device), cu, int(max_seqlen), n, total)
+        # the packed tokens are one row of `total`: indices are their flat positions in it. Eager
+        # calls checked the offsets above; where nothing can be read back (a CUDA graph replays
+        # whatever offsets its buffers hold) they are clamped into the tokens on the device
+        if not can_sync():
+            cu = clamp_offsets(cu, total)
+        layout = PackedLayout._trusted(torch.arange(total, device=ids.device), cu, int(max_seqlen), n, total)
         hidden = self._embed(ids, token_type_ids.reshape(-1), position_ids.reshape(-1), can_sync())
         hidden, all_hidden = self._layers(hidden, layout, (1, total), None, output_hidden_states)
         pooled = self.pooler(first_tokens(hidden, cu)) if self.pooler is not None and pool else None

@@ -50,6 +50,12 @@ class BertConfig:
             setattr(self, k, kwargs.pop(k, v))
         self.architectures = kwargs.pop("architectures", None)
         kwargs.pop("model_type", None)
+        # an unknown key is kept as an attribute, so it must not shadow what the class defines
+        # (a "to_dict": 1 in config.json would break saving, a "head_dim" the head size)
+        shadowing = sorted(k for k in kwargs if hasattr(type(self), k) or k == "_extra")
+        if shadowing:
+            raise ValueError(f"{type(self).__name__}: keys {shadowing} are names of the class's own methods or "
+                             f"properties and cannot be config fields")
         self._extra = kwargs
         for k, v in kwargs.items():
             setattr(self, k, v)
@@ -68,11 +74,31 @@ class BertConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "num_hidden_layers" else 1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "num_hidden_layers" else 1):
                 raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {v!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"{type(self).__name__}.hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads})")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0:
+            raise ValueError(f"{type(self).__name__}.layer_norm_eps must be a float in (0, 1), got {eps!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            v = getattr(self, name)
+            if v is None and name == "classifier_dropout":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ValueError(f"{type(self).__name__}.{name} must be a float in [0, 1), got {v!r}")
+        r = self.initializer_range
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 0.0 or r == float("inf"):
+            raise ValueError(f"{type(self).__name__}.initializer_range must be a finite float >= 0, got {r!r}")
+        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 1:
+            raise ValueError(f"{type(self).__name__}.num_labels must be a positive int, got {self.num_labels!r}")
+        pad = self.pad_token_id
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
+            raise ValueError(f"{type(self).__name__}.pad_token_id must be None or an int in [0, vocab_size = {self.vocab_size}), "
+                             f"got {pad!r}")
+        if not isinstance(self.hidden_act, str):
+            raise ValueError(f"{type(self).__name__}.hidden_act must be a string, got {self.hidden_act!r}")
         if self.position_embedding_type != "absolute":
             raise ValueError(f"{type(self).__name__}.position_embedding_type must be 'absolute' (the only kind "
                              f"bertfast implements), got {self.position_embedding_type!r}")
@@ -97,6 +123,8 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"a BertConfig is read from a JSON object (a dict), got {type(d).__name__}")
         d = dict(d)
         if d.get("model_type", cls.model_type) != cls.model_type:  # the BERT family's configs are subclasses
             raise ValueError(f"config model_type must be {cls.model_type!r} for {cls.__name__}, got "
@@ -106,7 +134,16 @@ class BertConfig:
     @classmethod
     def from_json_file(cls, path: str) -> "BertConfig":
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            try:
+                d = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a config must be a JSON object, got a JSON {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "BertConfig":

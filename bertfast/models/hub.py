@@ -24,9 +24,17 @@ def read_state_dict(folder: str) -> dict:
     if os.path.isfile(safe):
         from safetensors.torch import load_file
 
-        return load_file(safe)
+        try:
+            return load_file(safe)
+        except Exception as e:  # noqa: BLE001 - safetensors' errors do not say which file
+            raise ValueError(f"{safe}: not a readable safetensors file (truncated or damaged?): "
+                             f"{type(e).__name__}: {e}") from None
     if os.path.isfile(binf):
-        return torch.load(binf, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - name the file; weights_only refuses pickled code
+            raise ValueError(f"{binf}: not a readable weights-only PyTorch file (truncated, damaged or holding "
+                             f"code?): {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     raise FileNotFoundError(f"no {WEIGHTS_SAFE} or {WEIGHTS_BIN} in {folder!r}")
 
 

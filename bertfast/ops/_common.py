@@ -15,44 +15,16 @@ once per forward (FusedOp.eager): per call, one Python frame per op and the Func
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from .. import backend
+from ..padding import can_sync, no_host_reads  # noqa: F401 - the ops' names for them
 from ._rng import draw_seed
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-_NO_HOST_READS = threading.local()
-
-
-@contextlib.contextmanager
-def no_host_reads():
-    """Run as under CUDA-graph capture: can_sync() is False inside, so a model takes exactly the
-    path a capture records (the public ops, no read-backs). bertfast.graphs warms its graphs up
-    this way, so every kernel a capture launches is compiled (and specialised) before it."""
-    before = getattr(_NO_HOST_READS, "on", False)
-    _NO_HOST_READS.on = True
-    try:
-        yield
-    finally:
-        _NO_HOST_READS.on = before
-
-
-def can_sync() -> bool:
-    """Whether input validation may read values back to the host: not while torch.compile
-    traces (it would break the graph), nor while a CUDA graph is being captured (or warmed up
-    for one: no_host_reads)."""
-    if torch.compiler.is_compiling():
-        return False
-    if getattr(_NO_HOST_READS, "on", False):
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def seed_tensor(dropout_p: float) -> Optional[torch.Tensor]:
@@ -154,15 +126,43 @@ def impl(op: str, t: torch.Tensor) -> backend.Impl:
 
 def overwrite_impl(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> Optional[backend.Impl]:
     """The backend implementation to call with inplace=True, or None when the result must go to
-    fresh memory: an autograd graph needs x, torch.compile is tracing, x is not contiguous, or
-    the serving backend has no in-place path (only the C++ CPU kernels have one: on a CPU a
-    fresh output costs first-touch page faults that take longer than the kernel itself)."""
+    fresh memory: an autograd graph needs x, torch.compile is tracing, x is not contiguous, another
+    input shares memory with x (it would be read after x's rows are overwritten), or the serving
+    backend has no in-place path (only the C++ CPU kernels have one: on a CPU a fresh output costs
+    first-touch page faults that take longer than the kernel itself). A caller that writes over x
+    calls bump_version(x) after."""
     if torch.compiler.is_compiling() or not x.is_contiguous():
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
         return None
+    if any(t is not None and _overlaps(x, t) for t in others):
+        return None
     sel = impl(op, x)
     return sel if sel.backend == "cpp" else None
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of a and b intersect (conservative: spans, not exact elements)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        extent = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+        return lo, lo + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def bump_version(x: torch.Tensor) -> None:
+    """Record that x was written in place, as torch's own in-place ops do: autograd then refuses
+    a backward that saved x before the write, instead of computing wrong gradients from the new
+    values. Inference tensors keep no version counter (and are only writable in inference mode)."""
+    if not x.is_inference():
+        torch.autograd.graph.increment_version(x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,6 +261,14 @@ def layernorm_bwd_fp32(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, 
     dh = (g - xhat * c1 - c2) * rstd.to(acc).unsqueeze(-1)
     red = tuple(range(dy.dim() - 1))
     return dh, (dy * xhat).sum(red), dy.sum(red)
+
+
+def gelu(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU by its definition, h * Phi(h): F.gelu's fp32 CPU kernel returns NaN for +inf (the
+    kernels and float64 give +inf); the tanh form is F.gelu's."""
+    if approximate == "tanh":
+        return torch.nn.functional.gelu(h, approximate="tanh")
+    return h * 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
 
 
 def gelu_grad(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:

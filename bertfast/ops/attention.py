@@ -40,7 +40,7 @@ from ._common import (
     register_lazy,
     seed_int,
 )
-from ..padding import PackedLayout
+from ..padding import PackedLayout, clamp_offsets, offsets_error, offsets_summary, summary_error
 from . import _attention_torch as torch_routes
 from ._rng import draw_seed, keep_mask
 
@@ -206,6 +206,7 @@ register_lazy(OP, "cpp", "._cpp", ("cpu",))
 # ---- registered op
 
 def _fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
+    _check_host_offsets(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
     return impl(OP, q).fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed_int(seed))
 
 
@@ -291,6 +292,79 @@ def _as_pair(x, name):
     return x, x
 
 
+def _max_len(name, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        if not (isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point()):
+            raise TypeError(f"{name} must be an int (the longest sequence's length), got {type(v).__name__}")
+        v = int(v)
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+def _varlen_offsets(cu_seqlens, max_seqlen, q, k):
+    """Checked (cu_q, cu_k, max_q, max_k) of a varlen call: int32 offsets on q's device that start
+    at 0, never decrease, end at the token counts, and whose longest sequence max_seqlen covers.
+    Host offsets are checked where the op runs (_check_host_offsets, also under torch.compile);
+    device offsets here, in one read-back, or, where nothing can be read back (torch.compile,
+    CUDA-graph capture), clamped on the device into the packed tokens. A PackedLayout from
+    bertfast.padding is right by construction and is not read back."""
+    layout = cu_seqlens if isinstance(cu_seqlens, PackedLayout) else None
+    if layout is not None:
+        if not layout.is_intact():
+            raise ValueError("cu_seqlens: this PackedLayout was modified in place or rebuilt after it was checked; "
+                             "build it again with bertfast.padding.unpad_mask or PackedLayout(...)")
+        if max_seqlen is not None and _max_len("max_seqlen", max_seqlen) != layout.max_seqlen:
+            raise ValueError(f"max_seqlen ({max_seqlen}) disagrees with the layout's ({layout.max_seqlen})")
+        total = layout.indices.numel()  # the layout's token count, known on the host
+        for name, t in (("q", q), ("k", k)):
+            if t.shape[0] != total:
+                raise ValueError(f"{name} has {t.shape[0]} packed tokens but the layout has {total}")
+        cu_seqlens, max_seqlen = layout.cu_seqlens, layout.max_seqlen
+    cu_q, cu_k = _as_pair(cu_seqlens, "cu_seqlens")
+    if max_seqlen is None:
+        raise ValueError("max_seqlen is required with cu_seqlens")
+    max_q, max_k = _as_pair(max_seqlen, "max_seqlen")
+    max_q, max_k = _max_len("max_seqlen", max_q), _max_len("max_seqlen", max_k)
+    pair = isinstance(cu_seqlens, (tuple, list))
+    names = ("cu_seqlens_q", "cu_seqlens_k") if pair else ("cu_seqlens", "cu_seqlens")
+    for name, cu in zip(names, (cu_q, cu_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise TypeError(f"{name} must be an int32 tensor of shape (batch + 1,), got "
+                            f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; expected the same device")
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_q.numel() - 1} "
+                         f"and {cu_k.numel() - 1} sequences")
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
+    if layout is None and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        # also checked where the op runs; here too for the calls that never reach it (no tokens)
+        _check_host_offsets(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
+    elif layout is None and q.device.type != "cpu":
+        sides = ((names[0], cu_q, q.shape[0], max_q), (names[1], cu_k, k.shape[0], max_k))
+        if can_sync():  # one host read for both sides: a GPU waits for every queued kernel
+            host = torch.cat([offsets_summary(cu) for _, cu, _, _ in sides]).tolist()
+            for i, (name, _, total, m) in enumerate(sides):
+                err = summary_error(name, host[4 * i: 4 * i + 4], total, m)
+                if err is not None:
+                    raise ValueError(err)
+        else:
+            cu_q, cu_k = clamp_offsets(cu_q, q.shape[0]), clamp_offsets(cu_k, k.shape[0])
+    return cu_q, cu_k, max_q, max_k
+
+
+def _check_host_offsets(cu_q, cu_k, total_q, total_k, max_q, max_k) -> None:
+    """Host offsets checked where the op runs (eager and compiled alike): a few microseconds of
+    numpy against kernels that would read outside the packed tokens."""
+    if cu_q is None or cu_q.device.type != "cpu":
+        return
+    for name, cu, total, m in (("cu_seqlens_q", cu_q, total_q, max_q), ("cu_seqlens_k", cu_k, total_k, max_k)):
+        err = offsets_error(name, cu.numpy(), total, m)
+        if err is not None:
+            raise ValueError(err)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
               cu_seqlens=None, max_seqlen=None, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
               causal: bool = False) -> torch.Tensor:
@@ -300,6 +374,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
     Varlen: q (total_q, H, D), k/v (total_k, H, D), cu_seqlens int32 (B+1,) or a pair,
     max_seqlen int or a pair; or cu_seqlens = the PackedLayout of bertfast.padding.unpad_mask
     (max_seqlen from it; its offsets are not read back to be checked, so no host sync).
+    Offsets must start at 0, never decrease and end at the token counts, and max_seqlen must cover
+    the longest sequence (ValueError otherwise; _varlen_offsets says where each is checked).
     Returns q.shape[:-1] + (v.shape[-1],) in q.dtype.
     """
     check_float("q", q)
@@ -325,44 +401,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
     if varlen:
         if attention_mask is not None:
             raise ValueError("attention_mask must be None with cu_seqlens (packed sequences carry no padding)")
-        built = isinstance(cu_seqlens, PackedLayout)
-        if built:  # unpad_mask's layout: cu_seqlens and max_seqlen are right by construction
-            if max_seqlen is not None and int(max_seqlen) != cu_seqlens.max_seqlen:
-                raise ValueError(f"max_seqlen ({max_seqlen}) disagrees with the layout's ({cu_seqlens.max_seqlen})")
-            total = cu_seqlens.indices.numel()  # the layout's token count, known on the host
-            for name, t in (("q", q), ("k", k)):
-                if t.shape[0] != total:
-                    raise ValueError(f"{name} has {t.shape[0]} packed tokens but the layout has {total}")
-            cu_seqlens, max_seqlen = cu_seqlens.cu_seqlens, cu_seqlens.max_seqlen
-        cu_q, cu_k = _as_pair(cu_seqlens, "cu_seqlens")
-        if max_seqlen is None:
-            raise ValueError("max_seqlen is required with cu_seqlens")
-        max_q, max_k = _as_pair(max_seqlen, "max_seqlen")
-        for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])):
-            if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-                raise TypeError(f"{name} must be an int32 tensor of shape (batch + 1,), got "
-                                f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
-            if cu.device != q.device:
-                raise ValueError(f"{name} is on {cu.device} but q is on {q.device}; expected the same device")
-            if not built and can_sync():  # one host read: a GPU waits for every queued kernel
-                first, last = cu[0::cu.numel() - 1].tolist()
-                if first != 0 or last != total:
-                    raise ValueError(f"{name} must start at 0 and end at the number of packed tokens ({total}), "
-                                     f"got {first} .. {last}")
-        if cu_q.numel() != cu_k.numel():
-            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_q.numel() - 1} "
-                             f"and {cu_k.numel() - 1} sequences")
-        max_q, max_k = int(max_q), int(max_k)
+        cu_q, cu_k, max_q, max_k = _varlen_offsets(cu_seqlens, max_seqlen, q, k)
         if q.numel() == 0:
             return q.new_zeros(q.shape[:-1] + v.shape[-1:])
+        if p == 0.0:  # no sequence is longer than its tokens: a larger max_seqlen only adds empty blocks
+            max_q, max_k = min(max_q, q.shape[0]), min(max_k, k.shape[0])
         # a case where PyTorch's own kernel measured faster (bertfast/ops/_attention_torch.py)
         if p == 0.0 and (not causal or cu_q is cu_k) and torch_routes.route(
                 q, "varlen", max_q, _training(q, k, v)) == "varlen_attn":
             return torch_routes.varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, bool(causal))
         # q/k/v go as they are (views of a fused QKV projection): each backend takes the layout it
         # needs (the Triton kernels read any token/head strides, so the views cost no copy there)
-        return _op(q.device.type, p, q, k, v, None, cu_q.contiguous(), cu_k.contiguous(),
-                   max_q, max_k, p, scale, bool(causal), None)[0]
+        return _op(q.device.type, p, q, k, v, None, cu_q, cu_k, max_q, max_k, p, scale, bool(causal), None)[0]
     B, Sq, H, _ = q.shape
     if k.shape[0] != B:
         raise ValueError(f"k must have q's batch size {B}, got {k.shape[0]}")

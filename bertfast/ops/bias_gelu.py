@@ -6,11 +6,12 @@ Erf form by default (BERT's `hidden_act="gelu"`); approximate="tanh" for `gelu_n
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import backend
 from ._common import (
     FusedOp,
+    gelu,
+    bump_version,
     check_float,
     check_same_device,
     check_vector,
@@ -29,7 +30,7 @@ def bias_gelu_ref(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none"
     """Plain PyTorch: the fallback and the test oracle."""
     h = x.to(torch.float32 if x.dtype != torch.float64 else x.dtype) + bias.to(
         torch.float32 if x.dtype != torch.float64 else x.dtype)
-    return F.gelu(h, approximate=approximate).to(x.dtype)
+    return gelu(h, approximate=approximate).to(x.dtype)
 
 
 # ---- backends: fwd(x, bias, approximate) -> out; bwd(dout, x, bias, approximate) -> (dx, dbias)
@@ -104,7 +105,9 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none", in
         return x.new_empty(x.shape)
     sel = overwrite_impl(OP, x, bias) if inplace else None
     if sel is not None:
-        return sel.fwd(x, bias.contiguous(), approximate, inplace=True)
+        out = sel.fwd(x, bias.contiguous(), approximate, inplace=True)
+        bump_version(x)
+        return out
     return _op(x.device.type, 0.0, x.contiguous(), bias.contiguous(), approximate)
 
 

@@ -17,6 +17,7 @@ import torch
 from .. import backend
 from ._common import (
     FusedOp,
+    bump_version,
     check_dropout,
     check_eps,
     check_float,
@@ -176,7 +177,9 @@ def bias_residual_layernorm(x: torch.Tensor, bias: Optional[torch.Tensor], resid
             eps, p)
     sel = overwrite_impl(OP, x, bias, residual, weight, ln_bias) if inplace else None
     if sel is not None:
-        return sel.fwd(rows(x), *args, draw_seed() if p > 0.0 else 0, inplace=True)[0].view(shape)
+        out = sel.fwd(rows(x), *args, draw_seed() if p > 0.0 else 0, inplace=True)[0].view(shape)
+        bump_version(x)
+        return out
     return _op(x.device.type, p, rows(x), *args, None)[0].view(shape)
 
 

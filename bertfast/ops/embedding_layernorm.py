@@ -63,6 +63,20 @@ def embedding_layernorm_ref(input_ids, token_type_ids, position_ids, word_emb, p
 # bwd(dout, ids, tt_ids, pos_ids, word, pos, type, weight, bias, mean, rstd, eps, p, seed)
 #     -> (dword, dpos, dtype, dweight, dbias)
 
+def host_id_check(ids, tt, pos, word, pos_emb, type_emb) -> None:
+    """IndexError for an id outside its table, for host tensors, where a backend runs: also under
+    torch.compile, where the public function cannot read the ids (python indexing would wrap -1)."""
+    if ids.device.type != "cpu":
+        return
+    for name, t, table, table_name in (("input_ids", ids, word, "word_emb"), ("token_type_ids", tt, type_emb,
+                                       "type_emb"), ("position_ids", pos, pos_emb, "pos_emb")):
+        if t.numel():
+            lo, hi = torch.aminmax(t)
+            err = id_range_error(name, int(lo), int(hi), table.shape[0], table_name)
+            if err is not None:
+                raise err
+
+
 def _fwd_reference(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed):
     return _embedding_layernorm_stats(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed)
 
@@ -101,7 +115,10 @@ register_lazy(OP, "cpp", "._cpp", ("cpu",))
 # ---- registered op
 
 def _fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed):
-    return impl(OP, word).fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed_int(seed))
+    sel = impl(OP, word)
+    if sel.backend != "cpp" or word.dtype == torch.float64:  # the C++ kernels check their ids themselves
+        host_id_check(ids, tt, pos, word, pos_emb, type_emb)
+    return sel.fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed_int(seed))
 
 
 def _bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd, eps, p, seed):
@@ -152,7 +169,16 @@ def _check_ranges(checks) -> None:
     """Every id inside its table (a kernel must never read out of bounds): one host sync for
     all the id tensors together, details only when something is wrong."""
     checks = [c for c in checks if c[1].numel()]
-    if not checks or not can_sync():
+    if not checks:
+        return
+    if not can_sync():
+        # torch.compile / CUDA-graph capture: nothing can be read back. Host tensors are checked
+        # where the op runs (the C++ kernels and the reference raise IndexError); device ids are
+        # asserted in the graph, and the Triton kernels clamp them so no read leaves a table.
+        for name, ids, table, table_name in checks:
+            if ids.device.type != "cpu":
+                torch._assert_async(((ids >= 0) & (ids < table.shape[0])).all(),
+                                    f"{name} must be in [0, {table.shape[0]}) ({table_name} rows)")
         return
     bad = torch.stack([((ids < 0) | (ids >= table.shape[0])).any() for _, ids, table, _ in checks])
     if not bool(bad.any()):
@@ -190,8 +216,10 @@ def _embedding_layernorm(input_ids, token_type_ids, position_ids, word_emb, pos_
     dtypes and devices are still checked here)."""
     check_float("word_emb", word_emb, ndim=2)
     hidden = word_emb.shape[1]
-    for name, t in (("pos_emb", pos_emb), ("type_emb", type_emb)):
+    for name, t in (("word_emb", word_emb), ("pos_emb", pos_emb), ("type_emb", type_emb)):
         check_float(name, t, ndim=2)
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} must have at least one row, got shape {tuple(t.shape)}")
         if t.shape[1] != hidden or t.dtype != word_emb.dtype:
             raise ValueError(f"{name} must be (rows, {hidden}) in {word_emb.dtype} like word_emb, "
                              f"got {tuple(t.shape)} {t.dtype}")

@@ -6,11 +6,11 @@ for tanh-GELU checkpoints). Statistics in fp32; the forward returns per-row mean
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import backend
 from ._common import (
     FusedOp,
+    gelu,
     check_eps,
     check_float,
     check_same_device,
@@ -33,7 +33,7 @@ OP = "gelu_layernorm"
 
 def _gelu_layernorm_stats(x, bias, weight, ln_bias, eps, approximate="none"):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    h = F.gelu(x.to(acc) + bias.to(acc), approximate=approximate)
+    h = gelu(x.to(acc) + bias.to(acc), approximate=approximate)
     y, mean, rstd = layernorm_fp32(h, weight, ln_bias, eps)
     return y.to(x.dtype), mean.to(_stat(acc)), rstd.to(_stat(acc))
 
@@ -54,7 +54,7 @@ def _fwd_reference(x, bias, weight, ln_bias, eps, approximate):
 def _bwd_reference(dout, x, bias, weight, ln_bias, mean, rstd, eps, approximate):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     pre = x.to(acc) + bias.to(acc)
-    dh, dw, dlb = layernorm_bwd_fp32(dout, F.gelu(pre, approximate=approximate), weight, mean, rstd)
+    dh, dw, dlb = layernorm_bwd_fp32(dout, gelu(pre, approximate=approximate), weight, mean, rstd)
     dx = dh * gelu_grad(pre, approximate)
     return dx.to(x.dtype), dx.sum(0).to(bias.dtype), dw.to(weight.dtype), dlb.to(ln_bias.dtype)
 

@@ -321,9 +321,21 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     g.max_q = max_q;
     g.max_k = max_k;
     g.total_q = q.size(0);
-    for (int64_t b = 0; b < g.B; ++b) {
-      TORCH_CHECK(g.cu_q[b + 1] - g.cu_q[b] <= max_q && g.cu_k[b + 1] - g.cu_k[b] <= max_k,
-                  "a sequence is longer than max_seqlen");
+    TORCH_CHECK_VALUE(cuq_keep.numel() == cuk_keep.numel() && g.B >= 1, "cu_seqlens: expected (batch + 1,) offsets");
+    TORCH_CHECK_VALUE(max_q >= 0 && max_k >= 0, "max_seqlen must be >= 0");
+    // Every offset is read as a row index below: the Python entry checks them, this is the last
+    // guard (O(batch)) between a caller's offsets and the memory they address.
+    const int64_t totals[2] = {q.size(0), k.size(0)}, maxes[2] = {max_q, max_k};
+    const int32_t* cus[2] = {g.cu_q, g.cu_k};
+    for (int s = 0; s < 2; ++s) {
+      const int32_t* cu = cus[s];
+      TORCH_CHECK_VALUE(cu[0] == 0 && cu[g.B] == totals[s], "cu_seqlens must start at 0 and end at the number of "
+                        "packed tokens (", totals[s], "), got ", cu[0], " .. ", cu[g.B]);
+      for (int64_t b = 0; b < g.B; ++b) {
+        TORCH_CHECK_VALUE(cu[b + 1] >= cu[b], "cu_seqlens must be non-decreasing, got ", cu[b], " then ", cu[b + 1]);
+        TORCH_CHECK_VALUE(cu[b + 1] - cu[b] <= maxes[s], "max_seqlen (", maxes[s], ") must cover the longest "
+                          "sequence: sequence ", b, " has ", cu[b + 1] - cu[b], " tokens");
+      }
     }
   } else {
     TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "padded attention takes (batch, seq, heads, head_dim)");

@@ -324,7 +324,9 @@ inline Vec erf_rational(const Vec& x_in) {
   q = at::vec::fmadd(q, t, Vec(1.2076094e-01f));
   q = at::vec::fmadd(q, t, Vec(5.2284700e-01f));
   q = at::vec::fmadd(q, t, Vec(1.0f));
-  return x * p / q;
+  // |erf| <= 1 exactly: the fit overshoots to 1 + 1.2e-7 at the clamp, and GELU's 1 + erf(x) would
+  // then be -1.2e-7 instead of 0 for every x < -5.7 (GELU(-1e30) = 6e22, GELU(-inf) = +inf)
+  return at::vec::minimum(at::vec::maximum(x * p / q, Vec(-1.0f)), Vec(1.0f));
 }
 
 inline Vec gelu_erf(const Vec& x) {

@@ -17,7 +17,7 @@ at::Tensor ids_i64(const at::Tensor& ids, int64_t table_rows, const char* name) 
   at::Tensor out = ids.reshape({-1}).to(at::kLong).contiguous();
   const int64_t* p = out.data_ptr<int64_t>();
   for (int64_t i = 0, N = out.numel(); i < N; ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < table_rows, name, " must be in [0, ", table_rows, "), got ", p[i]);
+    TORCH_CHECK_INDEX(p[i] >= 0 && p[i] < table_rows, name, " must be in [0, ", table_rows, "), got ", p[i]);
   }
   return out;
 }
