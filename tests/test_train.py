@@ -386,3 +386,156 @@ def test_finetune_help_shows_the_data_formats_and_defaults(capsys):
     out = capsys.readouterr().out
     assert '{"tokens": ["John", "lives", "in", "Paris"]' in out and '"answer_start": [17]' in out
     assert "(default: 5e-05)" in " ".join(out.split())
+
+
+# ---- damaged checkpoints, planted pickles, full disks, changed settings (issue 15) ---------------
+
+
+@pytest.fixture(scope="module")
+def ckpt_run(setup, tmp_path_factory):
+    """A 4-step run with checkpoints after steps 2 and 4, and its per-step losses."""
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    pretrain(_args(setup, out, "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "3", "--lr", "1e-3"))
+    losses = {r["step"]: r["mlm_loss"] + r["nsp_loss"] for r in read_metrics(str(out / "metrics.jsonl"))}
+    return out, losses
+
+
+def _copy_run(ckpt_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(ckpt_run[0], out)
+    return out
+
+
+def _damage(out, how):
+    step4 = out / "checkpoints" / "step-00000004"
+    if how == "truncated":
+        w = step4 / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:1000])
+    elif how == "flipped":
+        w = step4 / "model.safetensors"
+        data = bytearray(w.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        w.write_bytes(bytes(data))
+    elif how == "no_state":
+        (step4 / "trainer_state.pt").unlink()
+    elif how == "no_manifest":
+        (step4 / "manifest.json").unlink()
+    elif how == "state_truncated":
+        s = step4 / "trainer_state.pt"
+        s.write_bytes(s.read_bytes()[:100])
+
+
+def _load(out, setup, **kw):
+    from bertfast import BertConfig, BertForPreTraining
+    from bertfast.train.runtime import build_optimizer, load_checkpoint, warmup_linear_schedule
+
+    cfg = BertConfig.from_pretrained(str(out / "checkpoints" / "step-00000002"))
+    model = BertForPreTraining(cfg)
+    opt = build_optimizer(model, 1e-3)
+    return load_checkpoint(str(out), model, opt, warmup_linear_schedule(opt, 0, 4), **kw)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "no_state", "no_manifest", "state_truncated"])
+def test_resume_skips_a_damaged_latest_checkpoint(ckpt_run, setup, tmp_path, how):
+    out = _copy_run(ckpt_run, tmp_path)
+    _damage(out, how)
+    with pytest.warns(UserWarning, match="skipped damaged checkpoints step-00000004"):
+        state = _load(out, setup)
+    assert state["step"] == 2 and state["path"].endswith("step-00000002")
+
+
+@pytest.mark.parametrize("latest", ["", "step-00000099", None])
+def test_resume_without_a_usable_latest_pointer_takes_the_newest(ckpt_run, setup, tmp_path, latest):
+    out = _copy_run(ckpt_run, tmp_path)
+    pointer = out / "checkpoints" / "latest"
+    if latest is None:
+        pointer.unlink()
+    else:
+        pointer.write_text(latest)
+    assert _load(out, setup)["step"] == 4
+
+
+def test_resume_never_runs_a_planted_pickle(ckpt_run, setup, tmp_path):
+    """A trainer_state.pt that runs code when unpickled (its manifest rewritten to match, as an
+    attacker with write access would): loading refuses it and falls back, and nothing runs."""
+    from bertfast.train.runtime import write_manifest
+
+    out = _copy_run(ckpt_run, tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    step4 = out / "checkpoints" / "step-00000004"
+    torch.save({"step": 4, "payload": Payload()}, str(step4 / "trainer_state.pt"))
+    write_manifest(str(step4))
+    with pytest.warns(UserWarning, match="step-00000004"):
+        state = _load(out, setup)
+    assert not marker.exists()
+    assert state["step"] == 2
+
+
+def test_resume_refuses_changed_settings_unless_forced(ckpt_run, setup, tmp_path):
+    out = _copy_run(ckpt_run, tmp_path)
+    args = vars(_args(setup, out, "--max-steps", "4", "--seed", "1", "--batch-size", "4", "--lr", "1e-3"))
+    with pytest.raises(ValueError, match="--seed: checkpoint 0, now 1.*--batch-size: checkpoint 8, now 4"):
+        _load(out, setup, args=args)
+    with pytest.warns(UserWarning, match="--force-resume"):
+        assert _load(out, setup, args=args, force=True)["step"] == 4
+    with pytest.raises(ValueError, match="--seq-len"):
+        pretrain(_args(setup, out, "--max-steps", "6", "--seq-len", "40", "--lr", "1e-3", "--resume"))
+
+
+def test_resume_after_damage_is_exact_and_metrics_torn_line_is_dropped(ckpt_run, setup, tmp_path):
+    """Flipped bytes in the newest checkpoint and a torn metrics line (a run killed mid-write):
+    --resume warns, continues from step 2 and reproduces the uninterrupted run's losses."""
+    out = _copy_run(ckpt_run, tmp_path)
+    _damage(out, "flipped")
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "mlm_lo')
+    (out / "checkpoints" / "step-00000006.tmp4242").mkdir()  # a save a killed run left behind
+    with pytest.warns(UserWarning, match="skipped damaged checkpoints"):
+        pretrain(_args(setup, out, "--max-steps", "4", "--save-every", "2", "--lr", "1e-3", "--resume"))
+    resumed = {r["step"]: r["mlm_loss"] + r["nsp_loss"] for r in read_metrics(str(out / "metrics.jsonl"))}
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for s in (3, 4):
+        assert resumed[s] == pytest.approx(ckpt_run[1][s], rel=1e-6, abs=1e-6)
+    assert not (out / "checkpoints" / "step-00000006.tmp4242").exists()
+
+
+def test_non_finite_loss_stops_with_the_step(ckpt_run, setup, tmp_path):
+    """Weights that are intact on disk but NaN (a diverged run): the loop stops at once, naming the step."""
+    from safetensors.torch import load_file, save_file
+
+    from bertfast.train.runtime import write_manifest
+
+    out = _copy_run(ckpt_run, tmp_path)
+    step4 = out / "checkpoints" / "step-00000004"
+    w = load_file(str(step4 / "model.safetensors"))
+    key = next(k for k in w if k.endswith("word_embeddings.weight"))
+    w[key] = torch.full_like(w[key], float("nan"))
+    save_file(w, str(step4 / "model.safetensors"), metadata={"format": "pt"})
+    write_manifest(str(step4))
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 5"):
+        pretrain(_args(setup, out, "--max-steps", "6", "--save-every", "2", "--lr", "1e-3", "--resume",
+                       "--force-resume"))
+
+
+def test_disk_full_while_saving_is_clear_and_leaves_no_partial_folder(setup, tmp_path, monkeypatch):
+    import errno
+
+    from bertfast.train import runtime
+
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if str(path).endswith("trainer_state.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(runtime.torch, "save", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="no space left .*checkpoints/step-00000001.tmp"):
+        pretrain(_args(setup, out, "--max-steps", "1", "--save-every", "1"))
+    assert os.listdir(out / "checkpoints") == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import time
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 
 from ..data import (IGNORE_INDEX, PretrainingStream, batch_iterator, check_corpus_files, derive_seed,
                     packed_batch_iterator)
-from .runtime import (MetricsLog, Runtime, build_optimizer, latest_checkpoint, progress_bar, save_checkpoint,
-                      set_rng_state, warmup_linear_schedule)
+from .runtime import (MetricsLog, Runtime, build_optimizer, checkpoint_candidates, load_checkpoint, progress_bar,
+                      remove_partial_checkpoints, save_checkpoint, set_rng_state, warmup_linear_schedule)
 
 # ---- pre-training ---------------------------------------------------------------------------
 
@@ -165,8 +166,17 @@ def _validate_pretrain_args(args):
     if args.pack_budget is not None and args.pack_budget < args.seq_len:
         raise ValueError(f"--pack-budget must be >= --seq-len ({args.seq_len}) so every pair fits a row, "
                          f"got {args.pack_budget}")
-    if args.resume and latest_checkpoint(args.out) is None:
-        raise ValueError(f"--resume: no complete checkpoint under {os.path.join(args.out, 'checkpoints')}")
+    if args.resume and not checkpoint_candidates(args.out):
+        raise ValueError(f"--resume: no checkpoint under {os.path.join(args.out, 'checkpoints')}")
+
+
+def _stop_if_not_finite(mlm: float, nsp: float, where: str) -> None:
+    """A NaN or infinite loss stops the run at once, naming the step: training on would only spread
+    NaN into the weights and the next checkpoint (the packed and graphed steps keep their losses on
+    the device, so they are checked when a log step reads them)."""
+    if not (math.isfinite(mlm) and math.isfinite(nsp)):
+        raise FloatingPointError(f"non-finite loss at {where}: mlm {mlm}, nsp {nsp}; stopped before the optimizer "
+                                 f"step. Lower --lr, or --resume from an earlier checkpoint")
 
 
 def _pretrain(args, rt: Runtime, model_cls) -> dict:
@@ -180,6 +190,7 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
         return _eval_only(args, rt, model_cls)
     if rt.main:
         os.makedirs(args.out, exist_ok=True)
+        remove_partial_checkpoints(args.out)  # left by a run killed while saving
     rt.barrier()
     tok = _load_or_train_tokenizer(args, rt)
     torch.manual_seed(args.seed)
@@ -203,14 +214,12 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
     owned = [s for s in range(num_shards) if s % rt.world == rt.rank]
     consumed = {s: 0 for s in range(num_shards)}  # examples read from each shard
     step, tokens_seen = 0, 0
-    ckpt = latest_checkpoint(args.out) if args.resume else None
-    if ckpt:
-        from ..models.hub import load_state, read_state_dict
-
-        load_state(model, read_state_dict(ckpt), strict=True, source=ckpt)
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    ckpt = None
+    if args.resume:
+        # the newest intact checkpoint (damaged ones skipped with a warning); tensors and plain
+        # values only (weights_only=True): a planted pickle cannot run
+        state = load_checkpoint(args.out, model, optimizer, scheduler, vars(args), force=args.force_resume)
+        ckpt = state["path"]
         step, tokens_seen = state["step"], state.get("tokens_seen", 0)
         consumed.update({int(k): v for k, v in state["consumed"].items()})
         if state["num_shards"] != num_shards:
@@ -288,6 +297,8 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
                             loss, mlm, nsp, mc, mn, nc, nn_ = _pretraining_losses(ddp_model, batch, not args.dense_mlm)
                             aux = {"mlm": mlm.item(), "nsp": nsp.item(), "mlm_correct": mc, "mlm_count": mn,
                                    "nsp_correct": nc, "nsp_count": nn_}
+                            _stop_if_not_finite(aux["mlm"], aux["nsp"], f"step {step + 1} (micro-batch {j + 1} "
+                                                f"of {micro_total})")
                     (loss / micro_total).backward()
             # packed steps keep their figures on the device until a log step reads them
             for key, name in (("mlm", "mlm"), ("nsp", "nsp"), ("mc", "mlm_correct"), ("mn", "mlm_count"),
@@ -320,6 +331,7 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
         if step % args.log_every == 0 or step == args.max_steps:
             n = window["n"]
             mlm_l, nsp_l = rt.all_mean([float(window["mlm"]) / n, float(window["nsp"]) / n])
+            _stop_if_not_finite(mlm_l, nsp_l, f"a step in {step - n // args.grad_accum + 1} .. {step}")
             mc, mn, nc, nn_, toks = rt.all_sum([float(window[k]) for k in ("mc", "mn", "nc", "nn", "tok")])
             dt = time.perf_counter() - window["t"]
             tokens_seen += int(toks)
@@ -411,7 +423,10 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=20, help="batches per evaluation")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: never)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/latest")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in "
+                   "--out/checkpoints (damaged ones are skipped with a warning)")
+    p.add_argument("--force-resume", action="store_true", help="resume even when settings that break an exact "
+                   "resume (--seed, --batch-size, --seq-len, ...) differ from the checkpoint's")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -3,11 +3,14 @@ ranks and devices (torchrun DDP), RNG state capture, atomic files, the metrics l
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
 import shutil
 import sys
+import warnings
 from typing import List, Optional
 
 import torch
@@ -156,8 +159,8 @@ class MetricsLog:
         if resume_step is None:
             atomic_write_text(path, "")
         elif os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            # a run killed mid-write leaves a torn last line: it is dropped, not a reason to stop
+            keep = [json.dumps(rec) + "\n" for rec in read_metrics(path) if rec.get("step", 0) <= resume_step]
             atomic_write_text(path, "".join(keep))
 
     def write(self, record: dict) -> None:
@@ -167,8 +170,17 @@ class MetricsLog:
 
 
 def read_metrics(path: str) -> List[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+    """The records of a metrics.jsonl; lines that are not a JSON object (a torn last line) are skipped."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for ln in f:
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str):
@@ -177,22 +189,153 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str):
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
 
+# ---- checkpoints ------------------------------------------------------------------------------
+#
+# checkpoints/step-NNNNNNNN/: config.json + model.safetensors (the model), trainer_state.pt (step,
+# data position, optimizer, scheduler, RNG states: tensors and plain Python values only, loaded
+# with weights_only=True, so a planted pickle cannot run), and manifest.json, written last: every
+# other file's size and SHA-256. `latest` names the newest one. A resume takes the newest intact
+# checkpoint (`latest`'s first), skipping damaged ones with a warning.
+
+STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+
+# pre-training arguments whose change breaks an exact resume (data order, masks, schedule, model)
+EXACT_ARGS = ("seed", "batch_size", "seq_len", "grad_accum", "max_steps", "lr", "warmup_steps", "weight_decay",
+              "max_grad_norm", "mlm_probability", "whole_word_mask", "short_seq_prob", "dense_mlm", "train",
+              "tokenizer", "vocab_size", "cased", "config", "dropout", "attention_dropout", "init")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str) -> None:
+    files = sorted(f for f in os.listdir(folder) if f != MANIFEST)
+    entries = {f: {"bytes": os.path.getsize(os.path.join(folder, f)), "sha256": _sha256(os.path.join(folder, f))}
+               for f in files}
+    atomic_write_text(os.path.join(folder, MANIFEST), json.dumps({"files": entries}, indent=1))
+
+
+def checkpoint_problem(folder: str) -> Optional[str]:
+    """Why the checkpoint folder cannot be trusted (missing, truncated or changed files), or None."""
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no readable {MANIFEST} (a save that did not finish?): {type(e).__name__}"
+    for need in ("config.json", "model.safetensors", STATE_FILE):
+        if need not in files:
+            return f"{need} is not in its manifest"
+    for name, meta in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != meta.get("bytes"):
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {meta.get('bytes')} (truncated?)"
+        if _sha256(path) != meta.get("sha256"):
+            return f"{name} does not match its SHA-256 in the manifest (damaged)"
+    return None
+
+
+def checkpoint_candidates(out: str) -> List[str]:
+    """Checkpoint folders under out/checkpoints, the one `latest` names first, then newest first.
+    Folders of saves that did not finish (*.tmp*) are not candidates."""
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    steps = sorted((d for d in os.listdir(root) if d.startswith("step-") and ".tmp" not in d
+                    and os.path.isdir(os.path.join(root, d))), reverse=True)
+    try:
+        with open(os.path.join(root, "latest"), encoding="utf-8") as f:
+            pointed = f.read().strip()
+    except OSError:
+        pointed = ""
+    if pointed in steps:
+        steps.remove(pointed)
+        steps.insert(0, pointed)
+    return [os.path.join(root, d) for d in steps]
+
+
 def latest_checkpoint(out: str) -> Optional[str]:
-    latest = os.path.join(out, "checkpoints", "latest")
-    if not os.path.isfile(latest):
-        return None
-    with open(latest, encoding="utf-8") as f:
-        name = f.read().strip()
-    path = os.path.join(out, "checkpoints", name)
-    return path if os.path.isfile(os.path.join(path, "trainer_state.pt")) else None
+    """The newest intact checkpoint folder (see checkpoint_problem), or None."""
+    for path in checkpoint_candidates(out):
+        if checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+def remove_partial_checkpoints(out: str) -> None:
+    """Temporary folders of saves that never finished (a killed or crashed run): removed at start."""
+    root = os.path.join(out, "checkpoints")
+    if os.path.isdir(root):
+        for d in os.listdir(root):
+            if ".tmp" in d:
+                path = os.path.join(root, d)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+
+
+def exactness_differences(saved: dict, now: dict) -> List[str]:
+    """The arguments of EXACT_ARGS that differ between a checkpoint's run and this one."""
+    diffs = []
+    for k in EXACT_ARGS:
+        if k in saved and k in now and saved[k] != now[k]:
+            diffs.append(f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, now {now[k]!r}")
+    return diffs
+
+
+def load_checkpoint(out: str, model, optimizer, scheduler, args: Optional[dict] = None, force: bool = False) -> dict:
+    """Restore the newest intact checkpoint into model/optimizer/scheduler and return its training
+    state (with "path"). Damaged ones are skipped with a warning naming them and why. With `args`,
+    a checkpoint whose run used other EXACT_ARGS is refused (the differences listed) unless `force`."""
+    from ..models.hub import load_state, read_state_dict
+
+    skipped = []
+    for path in checkpoint_candidates(out):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+                weights = read_state_dict(path)
+            except Exception as e:  # noqa: BLE001 - whatever is unreadable, an older checkpoint may do
+                problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if problem is not None:
+            skipped.append(f"{os.path.basename(path)} ({problem})")
+            continue
+        if args is not None:
+            diffs = exactness_differences(state.get("args", {}), args)
+            if diffs and not force:
+                raise ValueError(f"--resume: {path} was written by a run with other settings, so the resumed run "
+                                 f"would not continue it exactly: {'; '.join(diffs)}. Pass the checkpoint's values, "
+                                 f"or --force-resume to continue anyway")
+            if diffs:
+                warnings.warn(f"--force-resume: continuing {path} with changed settings: {'; '.join(diffs)}",
+                              stacklevel=2)
+        load_state(model, weights, strict=True, source=path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if skipped:
+            warnings.warn(f"--resume: skipped damaged checkpoints {', '.join(skipped)}; resuming from {path} "
+                          f"(step {state.get('step')})", stacklevel=2)
+        return {**state, "path": path}
+    where = os.path.join(out, "checkpoints")
+    raise ValueError(f"--resume: no intact checkpoint under {where}" + (f": {'; '.join(skipped)}" if skipped else ""))
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, scheduler, rt: Runtime, extra: dict, keep: int,
                     tokenizer=None):
-    """All ranks call this (RNG states are gathered); rank 0 writes step-N.tmp, renames it to
-    step-N (atomic) and then points `latest` at it (atomic), so a crash leaves the previous
-    checkpoint intact. With the tokenizer beside the weights, every checkpoint is a folder the
-    command line and from_pretrained take as it is."""
+    """All ranks call this (RNG states are gathered); rank 0 writes step-N.tmp, adds the manifest
+    last, renames the folder to step-N (atomic) and then points `latest` at it (atomic), so a crash
+    leaves the previous checkpoint intact. With the tokenizer beside the weights, every checkpoint
+    is a folder the command line and from_pretrained take as it is. A full disk stops the run with
+    a clear error and the partial folder removed."""
     rngs = rt.gather(rng_state())
     if rt.main:
         root = os.path.join(out, "checkpoints")
@@ -200,10 +343,19 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, rt: Runtim
         name = f"step-{step:08d}"
         final, tmp = os.path.join(root, name), os.path.join(root, name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, tokenizer=tokenizer)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rngs, "world_size": rt.world, **extra}
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        try:
+            model.save_pretrained(tmp, tokenizer=tokenizer)
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": rngs, "world_size": rt.world, **extra}
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+            write_manifest(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"no space left on the device while writing checkpoint {tmp} (step "
+                                            f"{step}); the partial folder was removed and the previous checkpoint "
+                                            f"is intact. Free space (or lower --keep-checkpoints) and --resume") from e
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(os.path.join(root, "latest"), name)
@@ -211,5 +363,3 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, rt: Runtim
         for old in steps[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     rt.barrier()
-
-
