@@ -93,12 +93,16 @@ def summary_error(name: str, summary, total: int, max_len: Optional[int]) -> Opt
     return None
 
 
-def clamp_offsets(cu: torch.Tensor, total: int) -> torch.Tensor:
+def clamp_offsets(cu: torch.Tensor, total: int, max_len: Optional[int] = None) -> torch.Tensor:
     """Offsets made safe on the device without reading them (torch.compile, CUDA-graph capture):
-    starting at 0, non-decreasing and inside [0, total], so no kernel reads or writes outside the
-    packed tokens. Offsets that were wrong give unspecified values, never memory errors."""
+    starting at 0, non-decreasing, inside [0, total] and, given max_len, no sequence longer, so no
+    kernel reads or writes outside the packed tokens or its blocks. Offsets that were wrong give
+    unspecified values, never memory errors; right ones are returned unchanged."""
     safe = torch.cummax(cu.clamp(0, total), 0).values
-    return torch.cat([safe.new_zeros(1), safe[1:]]).to(torch.int32)
+    lens = safe[1:] - torch.cat([safe.new_zeros(1), safe[1:-1]])
+    if max_len is not None:
+        lens = lens.clamp(max=max_len)
+    return torch.cat([safe.new_zeros(1), torch.cumsum(lens, 0)]).to(torch.int32)
 
 
 class _LayoutFields(NamedTuple):

@@ -109,13 +109,12 @@ class Tokenizer:
                 raise ValueError(f"files: {f!r} is missing or empty")
         if not isinstance(vocab_size, int) or vocab_size < len(SPECIAL_TOKENS) + 1:
             raise ValueError(f"vocab_size must be an int > {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
-        tok = _Tok(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=list(SPECIAL_TOKENS), show_progress=show_progress,
-                                            continuing_subword_prefix="##")
-        tok.train(files, trainer)
+        normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        vocab = wordpiece_vocab(_word_counts(files, normalizer, pre_tokenizer), vocab_size, min_frequency)
+        tok = _Tok(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+        del trainers, show_progress  # the library's trainer breaks ties by hash order: see wordpiece_vocab
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A:0 [SEP]:0", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1",
             special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
@@ -264,3 +263,73 @@ class Tokenizer:
         elif single:
             out = {k: v[0] for k, v in out.items()}
         return BatchEncoding(out)
+
+
+def _word_counts(files: Sequence[str], normalizer, pre_tokenizer) -> dict:
+    """How often each pre-tokenized word of the files occurs (BERT's normaliser and pre-tokenizer)."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
+    return counts
+
+
+def wordpiece_vocab(word_counts: dict, vocab_size: int, min_frequency: int = 2) -> dict:
+    """A WordPiece vocabulary {token: id} learned by merging the most frequent adjacent pair of
+    symbols, as the `tokenizers` WordPiece trainer does, but reproducibly: ties go to the pair that
+    sorts first, and the alphabet is sorted. (The library's trainer numbers the "##" continuation
+    symbols in hash-map order, which differs per process, and breaks ties by those numbers: the
+    same corpus and seed gave a different vocabulary on every run.)
+    Ids: the special tokens, the characters and "##" characters in sorted order, then the merges."""
+    import heapq
+
+    words = [([w[0]] + ["##" + c for c in w[1:]], n) for w, n in sorted(word_counts.items()) if w]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for sym in sorted({s for syms, _ in words for s in syms}):
+        vocab.setdefault(sym, len(vocab))
+    pairs: dict = {}
+    where: dict = {}  # pair -> indices of the words that hold it
+    for i, (syms, n) in enumerate(words):
+        for pair in zip(syms, syms[1:]):
+            pairs[pair] = pairs.get(pair, 0) + n
+            where.setdefault(pair, set()).add(i)
+    heap = [(-c, pair) for pair, c in pairs.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pairs.get(pair, 0) != -neg:  # stale entry: its count changed since it was pushed
+            if pairs.get(pair, 0) > 0:
+                heapq.heappush(heap, (-pairs[pair], pair))
+            continue
+        if -neg < min_frequency:
+            break
+        a, b = pair
+        new = a + (b[2:] if b.startswith("##") else b)
+        vocab.setdefault(new, len(vocab))
+        touched = {}
+        for i in sorted(where.pop(pair, ())):
+            syms, n = words[i]
+            for p in zip(syms, syms[1:]):
+                pairs[p] -= n
+            merged, j = [], 0
+            while j < len(syms):
+                if j + 1 < len(syms) and syms[j] == a and syms[j + 1] == b:
+                    merged.append(new)
+                    j += 2
+                else:
+                    merged.append(syms[j])
+                    j += 1
+            words[i] = (merged, n)
+            for p in zip(merged, merged[1:]):
+                pairs[p] = pairs.get(p, 0) + n
+                where.setdefault(p, set()).add(i)
+                touched[p] = pairs[p]
+        pairs.pop(pair, None)
+        for p, c in touched.items():
+            if c > 0 and p != pair:
+                heapq.heappush(heap, (-c, p))
+    return vocab

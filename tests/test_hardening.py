@@ -20,7 +20,7 @@ import bertfast
 from bertfast import BertConfig, ops
 from bertfast.padding import PackedLayout, clamp_offsets, unpad_mask
 
-from conftest import requires_triton
+from conftest import TRITON_DEVICE, requires_cuda, requires_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ["cpp", "reference"] + (["triton"] if not torch.cuda.is_available() else [])
@@ -71,15 +71,24 @@ def test_issue_offsets_that_crashed_raise_valueerror_on_every_backend():
 
 def test_cpp_kernel_checks_offsets_itself():
     """The C++ op is the last guard: called directly (past the Python checks) with offsets that
-    overshoot, it raises a ValueError instead of reading outside q."""
-    from bertfast import _cpp
-
-    _cpp.load()
-    q = torch.randn(10, 2, 16)
-    for cu, m in (([0, 12, 10], 12), ([0, 5, 10], 3), ([0, 5, 11], 6)):
-        cu = torch.tensor(cu, dtype=torch.int32)
-        with pytest.raises(ValueError, match="cu_seqlens|max_seqlen"):
-            torch.ops.bertfast.attention_cpu_fwd(q, q, q, None, cu, cu, m, m, 0.0, 0.25, False, 0)
+    overshoot, it raises a ValueError instead of reading outside q (in a child process: before the
+    fix this aborted with heap corruption)."""
+    proc = _run("""
+        import torch
+        from bertfast import _cpp
+        _cpp.load()
+        q = torch.randn(10, 2, 16)
+        for cu, m in (([0, 12, 10], 12), ([0, 5, 10], 3), ([0, 5, 11], 6), ([1, 5, 10], 6)):
+            cu = torch.tensor(cu, dtype=torch.int32)
+            try:
+                torch.ops.bertfast.attention_cpu_fwd(q, q, q, None, cu, cu, m, m, 0.0, 0.25, False, 0)
+                print("ACCEPTED", cu.tolist())
+            except ValueError as e:
+                assert "cu_seqlens" in str(e) or "max_seqlen" in str(e), e
+                print("ValueError")
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["ValueError"] * 4, proc.stdout
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,8 +151,12 @@ def test_offsets_clamped_on_device_without_a_read(monkeypatch):
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         cu = torch.randint(-20, 40, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g, dtype=torch.int32)
-        safe = clamp_offsets(cu, 17)
-        assert safe[0] == 0 and (safe[1:] >= safe[:-1]).all() and safe.max() <= 17 and safe.dtype == torch.int32
+        safe = clamp_offsets(cu, 17, 5)
+        lens = safe[1:] - safe[:-1]
+        assert safe[0] == 0 and (lens >= 0).all() and (lens <= 5).all() and safe.max() <= 17
+        assert safe.dtype == torch.int32 and safe.shape == cu.shape
+    good = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    assert torch.equal(clamp_offsets(good, 8, 5), good)
     import bertfast.padding as padding
 
     monkeypatch.setattr(padding, "can_sync", lambda: False)
@@ -296,11 +309,40 @@ def test_triton_embedding_clamps_ids():
     torch.compile, where nothing is read back) never reads outside them."""
     from kernels.embedding_layernorm import embedding_layernorm_fwd
 
-    word, pe, te = torch.randn(5, 8), torch.randn(4, 8), torch.randn(2, 8)
-    args = (word, pe, te, torch.ones(8), torch.zeros(8), 1e-12, 0.0, 0)
-    bad = embedding_layernorm_fwd(torch.tensor([-7, 99]), torch.tensor([5, -1]), torch.tensor([9, -2]), *args)[0]
-    clamped = embedding_layernorm_fwd(torch.tensor([0, 4]), torch.tensor([1, 0]), torch.tensor([3, 0]), *args)[0]
+    dev = TRITON_DEVICE
+    word, pe, te = (torch.randn(n, 8, device=dev) for n in (5, 4, 2))
+    args = (word, pe, te, torch.ones(8, device=dev), torch.zeros(8, device=dev), 1e-12, 0.0, 0)
+
+    def ids(*v):
+        return torch.tensor(v, device=dev)
+
+    bad = embedding_layernorm_fwd(ids(-7, 99), ids(5, -1), ids(9, -2), *args)[0]
+    clamped = embedding_layernorm_fwd(ids(0, 4), ids(1, 0), ids(3, 0), *args)[0]
     torch.testing.assert_close(bad, clamped)
+
+
+@requires_cuda
+def test_gpu_varlen_offsets_checked_eagerly_and_clamped_in_a_cuda_graph():
+    """On a GPU: eager calls check device offsets in one read-back; a captured graph cannot read
+    them, so the offsets it replays are clamped on the device and bad ones never fault."""
+    q = torch.randn(10, 2, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ops.attention(q, q, q, cu_seqlens=torch.tensor([0, 12, 10], dtype=torch.int32, device="cuda"), max_seqlen=12)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda")
+    want = ops.attention(q, q, q, cu_seqlens=cu, max_seqlen=8)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.attention(q, q, q, cu_seqlens=cu, max_seqlen=8)  # warm-up (compiles the kernels)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.attention(q, q, q, cu_seqlens=cu, max_seqlen=8)
+    graph.replay()
+    torch.testing.assert_close(out, want)
+    cu.copy_(torch.tensor([0, 4000, -7], dtype=torch.int32))  # what a buggy caller could leave there
+    graph.replay()
+    torch.cuda.synchronize()  # no illegal address
 
 
 @pytest.mark.parametrize("bad, match", [

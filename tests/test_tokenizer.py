@@ -1,4 +1,6 @@
 """bertfast.Tokenizer against transformers' fast BERT tokenizer on real text; training; bad input."""
+import os
+
 import pytest
 import torch
 
@@ -105,3 +107,22 @@ def test_train_rejects_missing_files(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="empty"):
         Tokenizer.train([str(tmp_path / "empty.txt")], vocab_size=100)
+
+
+def test_training_is_reproducible_across_processes(tmp_path):
+    """The same corpus gives the same vocabulary in every process (tokenizers' own trainer broke
+    ties in hash-map order, so pre-training without --tokenizer was not reproducible)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    corpus = tmp_path / "corpus.txt"
+    words = ["alpha", "beta", "gamma", "delta", "alphabet", "bet", "gam", "elta", "mad", "dam", "lamb", "tale"]
+    corpus.write_text("\n".join(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(9)) for i in range(60)))
+    code = ("import sys; from bertfast.tokenizer import Tokenizer; "
+            "t = Tokenizer.train([sys.argv[1]], vocab_size=80, min_frequency=1); "
+            "print(sorted(t._tok.get_vocab().items(), key=lambda kv: kv[1]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(corpus)], cwd=root, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=root)) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and outs[0] and outs[0] == outs[1]

@@ -647,7 +647,7 @@ class BertModel(BertPreTrainedModel):
         # calls checked the offsets above; where nothing can be read back (a CUDA graph replays
         # whatever offsets its buffers hold) they are clamped into the tokens on the device
         if not can_sync():
-            cu = clamp_offsets(cu, total)
+            cu = clamp_offsets(cu, total, int(max_seqlen))
         layout = PackedLayout._trusted(torch.arange(total, device=ids.device), cu, int(max_seqlen), n, total)
         hidden = self._embed(ids, token_type_ids.reshape(-1), position_ids.reshape(-1), can_sync())
         hidden, all_hidden = self._layers(hidden, layout, (1, total), None, output_hidden_states)

@@ -350,7 +350,9 @@ def _varlen_offsets(cu_seqlens, max_seqlen, q, k):
                 if err is not None:
                     raise ValueError(err)
         else:
-            cu_q, cu_k = clamp_offsets(cu_q, q.shape[0]), clamp_offsets(cu_k, k.shape[0])
+            same = cu_q is cu_k
+            cu_q = clamp_offsets(cu_q, q.shape[0], max_q)
+            cu_k = cu_q if same and max_q == max_k else clamp_offsets(cu_k, k.shape[0], max_k)
     return cu_q, cu_k, max_q, max_k
 
 
