@@ -95,8 +95,8 @@ class BertConfig:
             raise ValueError(f"{type(self).__name__}.num_labels must be a positive int, got {self.num_labels!r}")
         pad = self.pad_token_id
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
-            raise ValueError(f"{type(self).__name__}.pad_token_id must be None or an int in [0, vocab_size = {self.vocab_size}), "
-                             f"got {pad!r}")
+            raise ValueError(f"{type(self).__name__}.pad_token_id must be None or an int in [0, vocab_size = "
+                             f"{self.vocab_size}), got {pad!r}")
         if not isinstance(self.hidden_act, str):
             raise ValueError(f"{type(self).__name__}.hidden_act must be a string, got {self.hidden_act!r}")
         if self.position_embedding_type != "absolute":
