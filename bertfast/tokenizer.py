@@ -114,6 +114,7 @@ class Tokenizer:
         vocab = wordpiece_vocab(_word_counts(files, normalizer, pre_tokenizer), vocab_size, min_frequency)
         tok = _Tok(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
         tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+        tok.add_special_tokens(list(SPECIAL_TOKENS))  # "[MASK]" in a text is one token, as the trainer does
         del trainers, show_progress  # the library's trainer breaks ties by hash order: see wordpiece_vocab
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A:0 [SEP]:0", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1",
