@@ -24,15 +24,20 @@ export TRANSFORMERS_VERBOSITY=error
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 # Budgets (seconds), sized so the whole script stays under 8 minutes (480 s) with margin
-# (25 + 120 + 285 + 40 + summary).
+# (25 + 110 + 60 + 250 + 30 + summary). The CUDA C++ extension builds in the background during the
+# GPU tests (T_TESTS + 20 s at most), then its own tests run (T_CUDA).
 T_INFO=${T_INFO:-25}
-T_TESTS=${T_TESTS:-120}
-T_BENCH=${T_BENCH:-285}
-T_PROF=${T_PROF:-40}
-# STEPS: which of tests, bench, profile to run (a rerun inside a short lease can skip some)
-STEPS=${STEPS:-tests bench profile}
+T_TESTS=${T_TESTS:-110}
+T_CUDA=${T_CUDA:-60}
+T_BENCH=${T_BENCH:-250}
+T_PROF=${T_PROF:-30}
+# STEPS: which of tests, cuda, bench, profile to run (a rerun inside a short lease can skip some)
+STEPS=${STEPS:-tests cuda bench profile}
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-BENCH_BUDGET=${BENCH_BUDGET:-60,45,75,25,75,15}   # per suite: ops, attention, encoder, host, graphs, st
+BENCH_BUDGET=${BENCH_BUDGET:-55,38,65,20,62,10}   # per suite: ops, attention, encoder, host, graphs, st
+# The CUDA C++ kernels (csrc/cuda) are JIT-built on first use; here only for this GPU's
+# architecture (the default build adds sm_80 and PTX), which halves the build time.
+export BERTFAST_CUDA_ARCH=${BERTFAST_CUDA_ARCH:-native}
 # (st, SentenceTransformer.encode vs bertfast.accelerate, runs last: when the others use their whole
 # budgets the T_BENCH cap cuts it off, and only it)
 
@@ -82,6 +87,17 @@ verdict() {
         *) echo "FAILED (rc $1)" ;;
     esac
 }
+CUDA_TESTS="not run (STEPS)"
+if has cuda; then
+    # the build uses a few CPU cores while the GPU tests below use the GPU and the others
+    step "CUDA C++ kernels: building in the background (sm ${BERTFAST_CUDA_ARCH}), cap $(( T_TESTS + 20 ))s"
+    BUILD_LOG=$(mktemp)
+    ( timeout -k 5 $(( T_TESTS + 20 )) $PY -c \
+        "from bertfast import _cuda; _cuda.load(); print('cuda extension', _cuda.status())" >"$BUILD_LOG" 2>&1
+      echo $? >"$BUILD_LOG.rc" ) &
+    BUILD_PID=$!
+fi
+
 TESTS="not run (STEPS)"
 if has tests; then
     step "GPU tests: first those named/marked gpu, then the Triton kernel tests on CUDA; cap ${T_TESTS}s"
@@ -91,13 +107,32 @@ if has tests; then
     PAR=""
     $PY -c "import xdist" 2>/dev/null && PAR="-n ${T_WORKERS:-8}"
     T_A=$(( T_TESTS / 2 )); T_B=$(( T_TESTS - T_A ))
-    timeout -k 10 "$T_A" $PY -m pytest tests -q $PAR -rfEs -p no:cacheprovider -k "gpu" -W ignore::DeprecationWarning \
+    timeout -k 10 "$T_A" $PY -m pytest tests -q $PAR -rfEs -p no:cacheprovider -k "gpu" --ignore=tests/test_cuda_ops.py \
+        -W ignore::DeprecationWarning \
         2>&1 | tail -n 40
     RC_A=${PIPESTATUS[0]}
     timeout -k 10 "$T_B" $PY -m pytest tests -q $PAR -rfE -p no:cacheprovider -k "(cuda or triton) and not gpu" \
-        -W ignore::DeprecationWarning 2>&1 | tail -n 40
+        --ignore=tests/test_cuda_compile.py -W ignore::DeprecationWarning 2>&1 | tail -n 40
     RC_B=${PIPESTATUS[0]}
     TESTS="gpu-named $(verdict "$RC_A"), triton/cuda $(verdict "$RC_B")"
+fi
+
+if has cuda; then
+    step "CUDA C++ kernels: the build, then tests/test_cuda_ops.py; cap ${T_CUDA}s"
+    wait "$BUILD_PID"
+    tail -n 15 "$BUILD_LOG"
+    CB_RC=$(cat "$BUILD_LOG.rc" 2>/dev/null || echo 1)
+    rm -f "$BUILD_LOG" "$BUILD_LOG.rc"
+    if [ "$CB_RC" = 0 ]; then
+        timeout -k 5 "$T_CUDA" $PY -m pytest tests/test_cuda_ops.py -q --maxfail=10 -rfEs -p no:cacheprovider \
+            -W ignore::DeprecationWarning 2>&1 | tail -n 30
+        CUDA_TESTS="build ok, tests $(verdict "${PIPESTATUS[0]}")"
+    else
+        CUDA_TESTS="build $(verdict "$CB_RC")"
+        # a build cut off by the timeout leaves torch's lock file behind: remove it, so a later
+        # first use resumes the build (ninja keeps the objects it finished) instead of waiting forever
+        rm -f "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"/*/bertfast_cuda_*/lock
+    fi
 fi
 
 BENCH_RC="not run (STEPS)"
@@ -112,6 +147,14 @@ if has bench; then
     timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --dtype "$DTYPES" --suite ops,attention,encoder,host,graphs,st \
         --budget "$BENCH_BUDGET" --out "$DIR" --prefix bench --no-progress 2>&1 | grep -v "it/s\]" | tail -n 150
     BENCH_RC=${PIPESTATUS[0]}
+    # the Triton / CUDA C++ routing table this run measured; to make `auto` follow it:
+    # python -m bertfast.bench.routes RUN/bench.json --table layernorm_family --out bertfast/routing_tables
+    [ -f "$DIR/bench.json" ] && $PY -c "
+import sys; from bertfast.bench import routes
+t = routes.layernorm_family_table(__import__('json').load(open(sys.argv[1])), sys.argv[1])
+cuda = [f\"{e['op']} {e['direction']} {e['dtype']} {e['max_width']}\" for e in t['entries'] if e['backend'] == 'cuda']
+print(f\"routing (layernorm_family): {len(t['entries'])} cases measured, cuda c++ faster in {len(cuda)}: {', '.join(cuda)}\")
+" "$DIR/bench.json" 2>&1 | tail -n 3
 fi
 
 if has profile; then
@@ -159,6 +202,13 @@ for r in d["results"]:
         sp += " | graph" + (f" {100 * gbw:.0f}% bw" if r["suite"] == "ops" and gbw is not None else "") + " " + \
             " ".join(f"{k}={v:.2f}x" for k, v in r["speedup_graph"].items())
     print(f"{r['name'][:44]:<44} {fig:>14} {sp}")
+    if r["suite"] == "ops":  # the race: Triton vs CUDA C++ kernels, each forced, from CUDA graphs
+        race = {b: r["variants"].get(f"backend_{b}_graph", {}) for b in ("triton", "cuda")}
+        if all(v.get("status") == "ok" for v in race.values()):
+            t, c = race["triton"], race["cuda"]
+            bw = {b: v.get("frac_copy_bw_interleaved", v.get("frac_copy_bw")) for b, v in race.items()}
+            print(f"{'  race (graphs)':<44} triton {100 * (bw['triton'] or 0):.0f}% bw, cuda c++ "
+                  f"{100 * (bw['cuda'] or 0):.0f}% bw: cuda {t['median_ms'] / c['median_ms']:.2f}x triton")
 PY
 echo "files: $(ls "$DIR" | tr '\n' ' ')"
-echo "gpu_check: tests ${TESTS}; bench rc ${BENCH_RC}; $(( $(date +%s) - T0 ))s total; results in $DIR"
+echo "gpu_check: tests ${TESTS}; cuda c++ ${CUDA_TESTS}; bench rc ${BENCH_RC}; $(( $(date +%s) - T0 ))s total; results in $DIR"

@@ -61,28 +61,28 @@ _LDFLAGS = ["-fopenmp"]
 # ---------------------------------------------------------------------------------------
 # sources, flags, build tag
 
-def source_dir() -> str | None:
-    """The folder holding the C++ sources (cpu/*.cpp), or None when none is shipped."""
+def source_dir(sub: str = "cpu", pattern: str = "*.cpp") -> str | None:
+    """The folder holding the C++ sources (csrc/<sub>/<pattern>), or None when none is shipped."""
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = []
     if os.environ.get("BERTFAST_CSRC_DIR"):
         candidates.append(os.environ["BERTFAST_CSRC_DIR"])
     candidates += [os.path.join(os.path.dirname(here), "csrc"), os.path.join(here, "csrc")]
     for c in candidates:
-        if glob.glob(os.path.join(c, "cpu", "*.cpp")):
-            return os.path.join(c, "cpu")
+        if glob.glob(os.path.join(c, sub, pattern)):
+            return os.path.join(c, sub)
     return None
 
 
-def source_files(src: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(src, "*.cpp")) + glob.glob(os.path.join(src, "*.h")))
+def source_files(src: str, patterns=("*.cpp", "*.h")) -> list[str]:
+    return sorted(f for p in patterns for f in glob.glob(os.path.join(src, p)))
 
 
-def source_hash(src: str) -> str:
+def source_hash(src: str, patterns=("*.cpp", "*.h")) -> str:
     """Hash of the file names and contents under `src`: names a build of exactly these sources.
     setup.py computes the same hash for the prebuilt extension."""
     h = hashlib.sha256()
-    for f in source_files(src):
+    for f in source_files(src, patterns):
         h.update(os.path.basename(f).encode())
         with open(f, "rb") as fh:
             h.update(fh.read())

@@ -50,6 +50,20 @@ def info(print_: bool = True) -> dict:
         d["cpp_extension"] = _cpp.status()
     except Exception as e:  # noqa: BLE001
         d["cpp_extension"] = f"unavailable ({type(e).__name__}: {e})"
+    try:
+        from . import _cuda
+
+        d["cuda_extension"] = _cuda.status()
+    except Exception as e:  # noqa: BLE001
+        d["cuda_extension"] = f"unavailable ({type(e).__name__}: {e})"
+    try:
+        from . import routing
+
+        d["routing_tables"] = {t.name: (f"{t.path}: " + (f"measured on {t.source}" if t.source else "no measurement")
+                                        + f", default {t.default}")
+                               for t in {id(t): t for t in routing.tables().values()}.values()}
+    except Exception as e:  # noqa: BLE001 - a broken table file is reported, not fatal here
+        d["routing_tables"] = f"unreadable ({type(e).__name__}: {e})"
     if print_:
         width = max(len(k) for k in d)
         for k, v in d.items():

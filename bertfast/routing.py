@@ -42,6 +42,9 @@ measurement: it must have no entries, and `lookup` says "no measurement".
 
 `lookup(op, direction, dtype, width)` -> (backend, why); `table_for(op)` -> Table or None.
 BERTFAST_ROUTING_DIR points at another folder of tables (tests, a fresh GPU run's output).
+
+Tables are written from a GPU run's bench.json by bertfast/bench/routes.py
+(`python -m bertfast.bench.routes RUN/bench.json --table attention|layernorm_family --out DIR`).
 """
 from __future__ import annotations
 

@@ -35,6 +35,23 @@ requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not insta
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+def assert_within_eager_error(names, got, low, oracle, floor):
+    """DESIGN.md's accuracy rule, output by output: against the float64 oracle, a kernel's error
+    is at most twice eager PyTorch's in the same precision (`low`), plus floor x the output's scale.
+    Returns each output's kernel error."""
+    errs = {}
+    for name, g, e, o in zip(names, got, low, oracle):
+        assert g.dtype == e.dtype and g.shape == e.shape, (name, g.dtype, g.shape, e.dtype, e.shape)
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        err_k = (g.double() - o).abs().max().item()
+        err_e = (e.double() - o).abs().max().item()
+        scale = max(1.0, o.abs().max().item())
+        errs[name] = err_k
+        assert err_k <= 2 * err_e + floor * scale, (
+            f"{name}: kernel error {err_k:.3g} > 2 x eager error {err_e:.3g} + {floor} x {scale:.3g}")
+    return errs
+
+
 @pytest.fixture(autouse=True)
 def _fresh_backend_state():
     """Each test starts with no cached backend choices or warnings."""

@@ -148,3 +148,18 @@ def test_backward_uses_the_backend_the_forward_was_asked_for():
         spec.impls.clear()
         spec.impls.update(saved)
         backend.reset()
+
+
+def test_cuda_backend_is_never_built_for_cpu_tensors(monkeypatch):
+    """Forcing `cuda` on CPU tensors falls back without trying to build the CUDA extension; and
+    where torch has no CUDA, loading it fails at once with the reason (no nvcc is run)."""
+    from bertfast import _cuda
+
+    monkeypatch.setattr(_cuda, "_jit_build", lambda src: pytest.fail("tried to build the CUDA kernels"))
+    with bertfast.use_backend("cuda"):
+        with pytest.warns(RuntimeWarning, match="cuda does not serve cpu tensors"):
+            ops.bias_gelu(*_x())
+    assert _cuda.status()["state"] in ("not loaded", "cached", "built", "failed")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="not a CUDA build|no CUDA device"):
+            _cuda.load()

@@ -224,3 +224,15 @@ def test_graphs_suite_plans_and_packs_the_same_pairs():
         slots = p["cu_seqlens"].diff().view(rows, -1)[:, :-1]  # every slot but each row's filler
         assert int(slots.sum()) == int(q["attention_mask"].sum())
         assert int((p["next_sentence_label"] != IGNORE_INDEX).sum()) == 6
+
+
+def test_ops_race_variant_refuses_a_backend_that_cannot_serve():
+    """The ops suite's backend_<name> variants force one backend; one that cannot serve the op
+    here raises at set-up (reported as skipped) instead of timing the reference fallback."""
+    from bertfast import ops
+
+    x, b = torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(RuntimeError, match="cuda cannot serve bias_gelu"):
+        ops_suite.forced_backend(ops.bias_gelu, "bias_gelu", "cuda", torch.device("cpu"))(x, b)
+    out = ops_suite.forced_backend(ops.bias_gelu, "bias_gelu", "reference", torch.device("cpu"))(x, b)
+    torch.testing.assert_close(out, ops.bias_gelu_ref(x, b))

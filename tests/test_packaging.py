@@ -29,6 +29,7 @@ def test_wheel_layout(wheel):
         assert f"bertfast/kernels/{mod}.py" in names
     assert any(n.startswith("bertfast/csrc/cpu/") and n.endswith(".cpp") for n in names)
     assert "bertfast/routing_tables/layernorm_family.json" in names
+    assert "bertfast/csrc/cuda/common.cuh" in names and "bertfast/csrc/cuda/bias_gelu.cu" in names
 
 
 def test_installed_layout_imports(wheel, tmp_path):

@@ -167,3 +167,38 @@ def test_a_table_without_measurement_never_loads_its_other_backends(tmp_path, mo
         spec.impls.update(saved)
         monkeypatch.delenv("BERTFAST_ROUTING_DIR")
         backend.reset()
+
+
+def _bench_result(op, pas, tokens, hidden, dtype, triton_ms, cuda_ms):
+    return {"suite": "ops", "params": {"op": op, "pass": pas, "tokens": tokens, "hidden": hidden}, "dtype": dtype,
+            "variants": {"backend_triton_graph": {"status": "ok", "median_ms": triton_ms},
+                         "backend_cuda_graph": {"status": "ok", "median_ms": cuda_ms},
+                         "backend_triton": {"status": "ok", "median_ms": 99.0},
+                         "backend_cuda": {"status": "ok", "median_ms": 1.0}}}
+
+
+def test_layernorm_family_table_from_a_run_routes_by_direction_and_width():
+    from bertfast.bench import routes
+
+    bench = {"environment": {"device_type": "cuda", "device": "NVIDIA H200", "torch": "2.11.0+cu130",
+                             "date": "2026-12-01T00:00:00+00:00", "git_commit": "abcdef1234567890"},
+             "results": [
+                 _bench_result("bias_gelu", "fwd", 32768, 768, "bf16", 0.050, 0.040),       # cuda 20% faster
+                 _bench_result("bias_gelu", "fwd+bwd", 32768, 768, "bf16", 0.200, 0.199),   # bwd: 0.150 vs 0.159
+                 _bench_result("bias_gelu", "fwd", 32768, 3072, "bf16", 0.100, 0.099),      # within the margin
+                 _bench_result("bias_gelu", "fwd", 1024, 768, "bf16", 0.001, 0.900),        # fewer tokens: ignored
+                 _bench_result("attention", "fwd", 32768, 768, "bf16", 1.0, 0.1),           # not a norm op
+             ]}
+    out = routes.layernorm_family_table(bench, "run/bench.json")
+    assert out["source"]["device"] == "NVIDIA H200" and out["source"]["date"] == "2026-12-01"
+    got = {(e["direction"], e["max_width"]): e["backend"] for e in out["entries"]}
+    assert got == {("fwd", 768): "cuda", ("bwd", 768): "triton", ("fwd", 3072): "triton"}
+    t = routing.parse(out)
+    assert t.lookup("bias_gelu", "fwd", torch.bfloat16, 512)[0] == "cuda"
+    assert t.lookup("bias_gelu", "fwd", torch.bfloat16, 1024)[0] == "triton"
+    eager = routes.layernorm_family_table(bench, "run/bench.json", graph=False)  # host time included
+    assert {e["backend"] for e in eager["entries"] if e["direction"] == "fwd"} == {"cuda"}
+    empty = routes.layernorm_family_table({"environment": {"device_type": "cuda"}, "results": []}, "x")
+    assert empty["source"] is None and routing.parse(empty).default == "triton"  # nothing measured
+    with pytest.raises(ValueError, match="not a GPU run"):
+        routes.layernorm_family_table({"environment": {"device_type": "cpu"}, "results": []}, "x")

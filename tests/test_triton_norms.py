@@ -10,7 +10,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda, requires_triton
+from conftest import HAS_CUDA, TRITON_DEVICE, assert_within_eager_error, requires_cuda, requires_triton
 
 import bertfast
 from bertfast import ops
@@ -57,18 +57,7 @@ def _check(fn_kernel, fn_ref, inputs, dout, names):
     low = _run(fn_ref, inputs, dout)
     up = [t.double() if t is not None and t.is_floating_point() else t for t in inputs]
     oracle = _run(fn_ref, up, dout.double())
-    dtype = dout.dtype
-    errs = {}
-    for name, g, e, o in zip(names, got, low, oracle):
-        assert g.dtype == e.dtype and g.shape == e.shape, (name, g.dtype, g.shape, e.dtype, e.shape)
-        assert torch.isfinite(g).all(), f"{name} has non-finite values"
-        err_k = (g.double() - o).abs().max().item()
-        err_e = (e.double() - o).abs().max().item()
-        scale = max(1.0, o.abs().max().item())
-        errs[name] = err_k
-        assert err_k <= 2 * err_e + FLOOR[dtype] * scale, (
-            f"{name}: kernel error {err_k:.3g} > 2 x eager error {err_e:.3g} + {FLOOR[dtype]} x {scale:.3g}")
-    return errs
+    return assert_within_eager_error(names, got, low, oracle, FLOOR[dout.dtype])
 
 
 # ---------------------------------------------------------------------------------------

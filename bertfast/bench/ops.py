@@ -98,6 +98,29 @@ def op_call(fn, backward: bool):
     return call
 
 
+RACE_BACKENDS = ("triton", "cuda")
+
+
+def forced_backend(fn, op: str, backend_name: str, device):
+    """fn with `backend_name` forced for every call (the backward follows the forward's choice);
+    raises at set-up, so the variant is reported as skipped, when that backend cannot serve op
+    here instead of silently timing the reference it would fall back to."""
+    from .. import backend
+
+    checked = []
+
+    def call(*args):
+        with backend.use_backend(backend_name):
+            if not checked:
+                served, why = backend.explain(op, device.type)
+                if served != backend_name:
+                    raise RuntimeError(f"{backend_name} cannot serve {op} here: {why}")
+                checked.append(True)
+            return fn(*args)
+
+    return call
+
+
 def ops_cases(device, dtypes, tokens_list, hiddens, compile_mode: str, backward_modes=(False, True),
               ops_list=NORM_OPS, compile_backward: bool = True) -> List[Case]:
     cases = []
@@ -157,10 +180,14 @@ def _op_case(op, tokens, hidden, dt, device, bwd, compile_mode, is_target) -> Ca
         variants["compile_ref"] = (f"not run: --compile {compile_mode} (compile baselines only at the target shape"
                                    f"{'; --quick on CPU: forward only' if compile_mode == 'some' else ''})")
     if device.type == "cuda":
+        # the race of the two GPU implementations, each forced: the Triton kernels and the CUDA C++
+        # extension (python -m bertfast.routing --bench turns these into the routing table auto uses)
+        for backend_name in RACE_BACKENDS:
+            variants["backend_" + backend_name] = make(forced_backend(fast, op, backend_name, device))
         # the same calls replayed from CUDA graphs: no Python or launch overhead between kernels,
         # so these time the kernels themselves (at a few thousand tokens the eager figures above
         # are bounded by the host, not by the GPU)
-        for name in (SUBJECT, "eager_ref", "compile_ref"):
+        for name in (SUBJECT, "eager_ref", "compile_ref", *("backend_" + b for b in RACE_BACKENDS)):
             if callable(variants[name]):
                 variants[name + "_graph"] = graphed(variants[name])
     name = f"{op} {'fwd+bwd' if bwd else 'fwd'} {tokens}x{hidden} {dtype_name(dt)}"

@@ -1,7 +1,8 @@
 """Routing tables from a GPU run: which implementation served each case faster, as data for
 bertfast/routing.py.
 
-    python -m bertfast.bench.routes RESULTS/bench.json [--out bertfast/routing_tables]
+    python -m bertfast.bench.routes RESULTS/bench.json [--table attention|layernorm_family]
+                                    [--out bertfast/routing_tables]
 
 Attention (an "op"-level table, bertfast/ops/_attention_torch.py): for every CUDA attention case
 of the run, bertfast's own kernel (`bertfast_triton_graph`, or `bertfast_graph` in runs made before
@@ -12,6 +13,12 @@ head_dim, layout, sequence length) becomes an entry naming the faster one, so ev
 explicit: a call is served by the smallest measured bucket that holds it (head_dim <= width,
 length <= max_seq) and by bertfast's kernel past the longest measured length. Nothing is written
 for cases the run did not measure.
+
+LayerNorm family (a "call"-level table: the auto backend's per-call router, bertfast/backend.py):
+the ops suite times the Triton kernels and the CUDA C++ extension each forced (`backend_triton`,
+`backend_cuda`, and their `_graph` replays, preferred: kernel time). Per (op, dtype, hidden) the
+largest token count decides; a forward is its fwd case, a backward its fwd+bwd case minus its fwd
+case; CUDA C++ replaces Triton where it is faster by more than MARGIN (noise does not flip a case).
 """
 from __future__ import annotations
 
@@ -67,21 +74,78 @@ def attention_table(data: dict, source_path: str) -> dict:
     }
 
 
+MARGIN = 0.03  # CUDA C++ replaces Triton only when faster by more than this fraction
+NORM_OPS = ("embedding_layernorm", "bias_gelu", "bias_residual_layernorm", "gelu_layernorm")
+NORM_BACKENDS = ("triton", "cuda")
+
+
+def _backend_ms(variants: dict, backend: str, graph: bool) -> Optional[float]:
+    for name in ((f"backend_{backend}_graph", f"backend_{backend}") if graph else (f"backend_{backend}",)):
+        if _ms(variants, name) is not None:
+            return _ms(variants, name)
+    return None
+
+
+def layernorm_family_table(data: dict, source_path: str, graph: bool = True, margin: float = MARGIN) -> dict:
+    """The Triton / CUDA C++ routing table of the LayerNorm-family ops from a GPU run (see the top)."""
+    env = data.get("environment", {})
+    if env.get("device_type") != "cuda":
+        raise ValueError(f"{source_path}: not a GPU run (device_type {env.get('device_type')!r})")
+    times: dict = {}  # (op, dtype, hidden) -> {pass: (tokens, {backend: ms})}
+    for r in data["results"]:
+        prm = r.get("params", {})
+        if r.get("suite") != "ops" or prm.get("op") not in NORM_OPS:
+            continue
+        ms = {b: _backend_ms(r["variants"], b, graph) for b in NORM_BACKENDS}
+        if any(v is None for v in ms.values()):
+            continue
+        slot = times.setdefault((prm["op"], r["dtype"], int(prm["hidden"])), {})
+        if int(prm["tokens"]) >= slot.get(prm["pass"], (-1, None))[0]:
+            slot[prm["pass"]] = (int(prm["tokens"]), ms)
+    entries = []
+    for (op, dtype, hidden), slot in sorted(times.items()):
+        if "fwd" not in slot:
+            continue
+        tokens, fwd = slot["fwd"]
+        per_dir = {"fwd": fwd}
+        if slot.get("fwd+bwd", (None,))[0] == tokens:
+            per_dir["bwd"] = {b: slot["fwd+bwd"][1][b] - fwd[b] for b in NORM_BACKENDS}
+        for direction, ms in per_dir.items():
+            best = "cuda" if ms["cuda"] < (1 - margin) * ms["triton"] else "triton"
+            entries.append({"op": op, "direction": direction, "dtype": dtype, "max_width": hidden, "backend": best,
+                            "measured": {**{f"{b}_us": round(v * 1e3, 1) for b, v in ms.items()},
+                                         "tokens": tokens}})
+    return {
+        "table": "layernorm_family",
+        "ops": list(NORM_OPS),
+        "candidates": list(NORM_BACKENDS),
+        "default": "triton",
+        "source": {"device": env.get("device"), "date": str(env.get("date", ""))[:10], "torch": env.get("torch"),
+                   "triton": env.get("triton"), "commit": env.get("git_commit"), "results": source_path}
+        if entries else None,
+        "entries": entries,
+    }
+
+
+TABLES = {"attention": attention_table, "layernorm_family": layernorm_family_table}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bertfast.bench.routes", description=__doc__.split("\n\n")[0])
     p.add_argument("bench_json", help="bench.json of a GPU run (bertfast bench --device cuda)")
-    p.add_argument("--out", default=None, help="folder to write attention.json into (default: print it)")
+    p.add_argument("--table", choices=sorted(TABLES), default="attention", help="which table (default attention)")
+    p.add_argument("--out", default=None, help="folder to write <table>.json into (default: print it)")
     args = p.parse_args(argv)
     with open(args.bench_json, encoding="utf-8") as f:
         data = json.load(f)
-    table = attention_table(data, os.path.relpath(args.bench_json))
+    table = TABLES[args.table](data, os.path.relpath(args.bench_json))
     text = json.dumps(table, indent=1) + "\n"
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "attention.json")
+        path = os.path.join(args.out, f"{args.table}.json")
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
-        print(f"routes: {len(table['entries'])} attention entries -> {path}")
+        print(f"routes: {len(table['entries'])} {args.table} entries -> {path}")
     else:
         sys.stdout.write(text)
     return 0

@@ -105,11 +105,15 @@ def _probe(device):
     return (ids, tt, pos, word, pe, te, w, b, 1e-12, 0.0, 0), {}
 
 
-backend.register_op(OP, _probe, compare_close(1e-4, 1e-4))
+# routed by the tables' dtype and hidden size: word_emb is argument 3 of a forward, 4 of a backward
+backend.register_op(OP, _probe, compare_close(1e-4, 1e-4), route_key=backend.arg_route_key(3, 4))
 backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=backend.ANY_DEVICE)
 # Triton kernels (kernels/embedding_layernorm.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
 register_lazy(OP, "triton", ".kernels.embedding_layernorm", ("cuda",))
 register_lazy(OP, "cpp", "._cpp", ("cpu",))
+# The CUDA C++ kernels (bertfast/_cuda.py, csrc/cuda): forced with BERTFAST_BACKEND=cuda, or per case
+# where the routing table (bertfast/routing_tables/layernorm_family.json) measured them faster.
+register_lazy(OP, "cuda", "._cuda", ("cuda",))
 
 
 # ---- registered op

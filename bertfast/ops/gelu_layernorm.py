@@ -71,6 +71,9 @@ backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, d
 # Triton kernels (kernels/gelu_layernorm.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
 register_lazy(OP, "triton", ".kernels.gelu_layernorm", ("cuda",))
 register_lazy(OP, "cpp", "._cpp", ("cpu",))
+# The CUDA C++ kernels (bertfast/_cuda.py, csrc/cuda): forced with BERTFAST_BACKEND=cuda, or per case
+# where the routing table (bertfast/routing_tables/layernorm_family.json) measured them faster.
+register_lazy(OP, "cuda", "._cuda", ("cuda",))
 
 
 # ---- registered op
