@@ -59,7 +59,8 @@ def info(print_: bool = True) -> dict:
     try:
         from . import routing
 
-        d["routing_tables"] = {t.name: (f"{t.path}: " + (f"measured on {t.source}" if t.source else "no measurement")
+        d["routing_tables"] = {t.name: (f"{os.path.basename(t.path)}: "
+                                        + (f"measured on {routing._src(t.source)}" if t.source else "no measurement")
                                         + f", default {t.default}")
                                for t in {id(t): t for t in routing.tables().values()}.values()}
     except Exception as e:  # noqa: BLE001 - a broken table file is reported, not fatal here
