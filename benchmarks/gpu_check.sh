@@ -181,7 +181,7 @@ for r in d["results"]:
     if r["suite"] == "host":  # issue 14: host us per layer / per op call; raw Triton launches cached vs JIT
         fig = f"{s['host_us']:.1f} us/{r.get('host_unit', 'call').split()[-1]}"
         sp = " ".join(f"{k}={v:.2f}x" for k, v in r["speedup"].items()) + "".join(
-            f" | {k} {v['host_us']:.1f} us" for k, v in r["variants"].items() if k.startswith("triton_") and
+            f" | {k} {v['host_us']:.1f} us" for k, v in r["variants"].items() if k.startswith(("triton_", "cuda_")) and
             v.get("status") == "ok")
         print(f"{r['name'][:44]:<44} {fig:>14} {sp}")
         continue

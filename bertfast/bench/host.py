@@ -9,7 +9,8 @@ which 6 are valid (padding: bertfast's packed layout, transformers' masked SDPA)
 - `MLM step`: BertForMaskedLM forward + backward in training mode (dropout on), same;
 - `op call`: one fused-op forward from Python (bias_residual_layernorm, 8 rows): the encoder
   layers' lean path against the public checked op; on CUDA also the bare Triton launch from the
-  cached compiled kernel (kernels/_launch.py) against the JIT's `kernel[grid](...)`.
+  cached compiled kernel (kernels/_launch.py) against the JIT's `kernel[grid](...)`, and the CUDA
+  C++ kernel (csrc/cuda) through the lean path and as its bare torch.ops call.
 Every case is timed with the host's clock, variants interleaved block by block (so the load of
 other processes hits them alike); on CUDA nothing synchronises inside a block, so while the GPU
 keeps up the time is the host's. Figures: host microseconds per layer (time / 12: embeddings
@@ -187,10 +188,34 @@ def _op_case(device, dtype, width, quick: bool) -> Case:
             return fn
         return factory
 
+    def cuda_cpp(lean_path: bool):
+        # the CUDA C++ extension (csrc/cuda): through the layers' lean path with the backend forced,
+        # or its torch.ops callable alone (the whole Python cost of a launch from C++)
+        def factory(meta):
+            from .. import _cuda
+
+            x, b, r, w, lb = tensors()
+            with backend.use_backend("cuda"):
+                sel = backend.select("bias_residual_layernorm", device.type)
+            if sel.backend != "cuda":
+                raise RuntimeError(f"the CUDA C++ kernels cannot serve here: {_cuda.status().get('reason')}")
+            if lean_path:
+                def fn():
+                    bias_residual_layernorm_unchecked(sel, False, x, b, r, w, lb, 1e-12, 0.0)
+            else:
+                op = _cuda._OPS["bias_residual_layernorm_fwd"]
+
+                def fn():
+                    op(x, b, r, w, lb, 1e-12, 0.0, 0)
+            return fn
+        return factory
+
     variants = {SUBJECT: lean, "public_op": public}
     if device.type == "cuda":
         variants["triton_cached_launch"] = raw_launch(True)
         variants["triton_jit_launch"] = raw_launch(False)
+        variants["cuda_cpp_lean"] = cuda_cpp(True)
+        variants["cuda_cpp_op"] = cuda_cpp(False)
     case = Case(NAME, f"op call bias_residual_layernorm fwd 8x{width} {dtype_name(dtype)}",
                 {"kind": "op", "op": "bias_residual_layernorm", "rows": 8, "width": width}, variants,
                 dtype=dtype_name(dtype), plan=_plan(quick))
