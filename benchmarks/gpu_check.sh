@@ -165,7 +165,7 @@ if has bench; then
     rm -f "$DIR"/bench_host.png "$DIR"/bench_graphs.png "$DIR"/bench_st.png  # at most 8 files; figures in bench.md
     # the attention routes this run implies (PyTorch's kernels where they measured faster); to adopt:
     # python -m bertfast.bench.routes RUN/bench.json --out bertfast/routing_tables
-    [ -f "$DIR/bench.json" ] && $PY -c "
+    [ "$DEVARG" = cuda ] && [ -f "$DIR/bench.json" ] && $PY -c "
 import json, sys; from bertfast.bench import routes
 t = routes.attention_table(json.load(open(sys.argv[1])), sys.argv[1])
 torch_ = [f\"{e['direction']} {e['layout']} d{e['max_width']} s{e['max_seq']}\" for e in t['entries'] if e['backend'] != 'triton']
@@ -173,7 +173,7 @@ print(f\"routing (attention): {len(t['entries'])} cases measured, PyTorch's kern
 " "$DIR/bench.json" 2>&1 | tail -n 3
     # the Triton / CUDA C++ routing table this run measured; to make `auto` follow it:
     # python -m bertfast.bench.routes RUN/bench.json --table layernorm_family --out bertfast/routing_tables
-    [ -f "$DIR/bench.json" ] && $PY -c "
+    [ "$DEVARG" = cuda ] && [ -f "$DIR/bench.json" ] && $PY -c "
 import sys; from bertfast.bench import routes
 t = routes.layernorm_family_table(__import__('json').load(open(sys.argv[1])), sys.argv[1])
 cuda = [f\"{e['op']} {e['direction']} {e['dtype']} {e['max_width']}\" for e in t['entries'] if e['backend'] == 'cuda']
@@ -216,6 +216,10 @@ for r in d["results"]:
             f" | {k} {v['host_us']:.1f} us" for k, v in r["variants"].items() if k.startswith(("triton_", "cuda_")) and
             v.get("status") == "ok")
         print(f"{r['name'][:44]:<44} {fig:>14} {sp}")
+        continue
+    if r["suite"] == "st":  # issue 18: SentenceTransformer.encode, accelerated vs as it ships
+        print(f"{r['name'][:56]:<56} {s.get('sentences_per_s', 0):>10.4g} sent/s " +
+              " ".join(f"{k}={v:.2f}x" for k, v in r["speedup"].items()))
         continue
     if r["suite"] == "graphs":  # issue 14: graphed serving and the graphed packed pre-training step
         fig = f"{s.get('tokens_per_s', 0):.3g} tok/s" + (f" {s['peak_memory_mb']:.0f}MB" if "peak_memory_mb" in s else "")

@@ -3,6 +3,7 @@ every ratio it reports is finite. Seconds, not minutes: tiny ops, a 2-layer mode
 torch.compile (the compile baselines are exercised by `bertfast bench` itself)."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -236,3 +237,17 @@ def test_ops_race_variant_refuses_a_backend_that_cannot_serve():
         ops_suite.forced_backend(ops.bias_gelu, "bias_gelu", "cuda", torch.device("cpu"))(x, b)
     out = ops_suite.forced_backend(ops.bias_gelu, "bias_gelu", "reference", torch.device("cpu"))(x, b)
     torch.testing.assert_close(out, ops.bias_gelu_ref(x, b))
+
+
+def test_plots_of_a_suite_with_no_baseline(tiny_run, tmp_path):
+    """A suite where only bertfast ran (every baseline skipped) still plots (no legend), and a
+    plot failure never costs the JSON/markdown."""
+    pytest.importorskip("matplotlib")
+    from bertfast.bench import report
+
+    src, _ = tiny_run
+    data = json.loads((src / "bench.json").read_text())
+    results = [dict(r, variants={"bertfast": r["variants"]["bertfast"]}, speedup={}) for r in data["results"]
+               if r["suite"] == "ops"][:1]
+    paths = report.write_plots(results, data, str(tmp_path), "solo")
+    assert [os.path.basename(p) for p in paths] == ["solo_ops.png"]

@@ -163,6 +163,8 @@ def _legend_below(ax) -> None:
     ax.set_xlabel("")
     ax.set_title(label, fontsize=8)
     handles, labels = ax.get_legend_handles_labels()
+    if not handles:  # e.g. a suite whose only variant that ran is bertfast: no baselines to name
+        return
     ax.legend(handles, labels, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False,
               bbox_transform=offset_copy(ax.transAxes, fig=ax.figure, y=-18, units="points"),
               ncol=min(4, len(labels)))
@@ -248,7 +250,11 @@ def save(results: List[dict], meta: dict, out_dir: str, prefix: str = "bench", p
     os.replace(tmp, paths["json"])  # a run killed mid-write still leaves the last complete file
     write_markdown(results, meta, paths["markdown"])
     if plots:
-        paths["plots"] = write_plots(results, meta, out_dir, prefix)
+        try:
+            paths["plots"] = write_plots(results, meta, out_dir, prefix)
+        except Exception as e:  # noqa: BLE001 - a plot must never cost the measurements (JSON, markdown)
+            print(f"bench: plots not written ({reason(e)})", file=sys.stderr)
+            paths["plots"] = []
     return paths
 
 
