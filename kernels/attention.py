@@ -737,14 +737,15 @@ def _desc_wanted() -> bool:
 
 
 def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, dtype, max_q: int, max_k: int,
-            family: str):
+            family: str, desc_ok=None):
     """Launch `fn` with the heuristic's configuration or, with BERTFAST_AUTOTUNE=1, the fastest
     candidate for (kernel, head_dim, dtype, sequence-length buckets, constexpr flags), timed once
     on the real arguments and cached (every kernel here overwrites its outputs, so that is safe).
-    grid_of(cfg) / args_of(cfg): the grid and the arguments depend on the tile sizes."""
+    grid_of(cfg) / args_of(cfg): the grid and the arguments depend on the tile sizes.
+    desc_ok: None, or a callable saying whether the tensor-descriptor variants may serve these
+    tensors; asked only when they are wanted (BERTFAST_ATTN_DESC=1) or being tuned."""
     cfg = _forced.get(kernel)
     dropout = bool(constexprs.get("DROPOUT", False))
-    desc = bool(constexprs.pop("_DESC_OK", False))
     if cfg is not None:
         _launch_one(fn, cfg, grid_of, args_of, constexprs)
         return
@@ -757,7 +758,7 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
 
             best = None
             for c in candidates(kernel, head_dim, dtype, dropout, family) + (
-                    candidates(kernel, head_dim, dtype, dropout, family, desc=True) if desc else []):
+                    candidates(kernel, head_dim, dtype, dropout, family, desc=True) if desc_ok and desc_ok() else []):
                 try:
                     t = do_bench(lambda c=c: _launch_one(fn, c, grid_of, args_of, constexprs), warmup=5, rep=20)
                 except Exception:  # noqa: BLE001 - a candidate that does not fit (shared memory) is skipped
@@ -766,7 +767,8 @@ def _launch(kernel: str, fn, grid_of, args_of, constexprs: dict, head_dim: int, 
                     best = (t, c)
             cfg = _tuned[key] = best[1] if best else pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family)
     if cfg is None:
-        cfg = pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family, desc=desc and _desc_wanted())
+        desc = desc_ok is not None and _desc_wanted() and desc_ok()
+        cfg = pick_config(kernel, head_dim, dtype, max_q, max_k, dropout, family, desc=desc)
         # a GPU of the family with less shared memory per block (sm_86/89/120: ~99 KB) cannot
         # run the biggest tiles: the first launch finds out, later launches reuse the answer
         if _shrunk:
@@ -890,14 +892,14 @@ def attention_fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             c["stride_lb"], c["stride_lh"], c["stride_bias"], H, max_q, max_k)
     tail = (scale * LOG2E,) + c["seeds"]
-    cx = dict(c["constexprs"])
     fam = device_family(q.device)
-    # the tensor-descriptor variants: Hopper (or the interpreter), 16-bit, TMA-aligned tensors
-    cx["_DESC_OK"] = q.dtype != torch.float32 and fam == "sm90" and (q.is_cuda or _interpret()) and desc_aligned(
-        q, k, v)
+    # the tensor-descriptor variants: Hopper (or the interpreter), 16-bit, TMA-aligned tensors; the
+    # alignment is read only when they are asked for, not on every launch
+    desc_ok = (lambda: desc_aligned(q, k, v)) if (
+        q.dtype != torch.float32 and fam == "sm90" and (q.is_cuda or _interpret())) else None
     _launch("fwd", _attn_fwd, lambda cfg: (triton.cdiv(max_q, cfg.block_m) * B * H,),
             lambda cfg: head + (triton.cdiv(max_q, cfg.block_m),) + tail,
-            cx, c["head_dim"], q.dtype, max_q, max_k, fam)
+            c["constexprs"], c["head_dim"], q.dtype, max_q, max_k, fam, desc_ok)
     return out, lse
 
 
