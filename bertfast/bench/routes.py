@@ -28,6 +28,8 @@ import os
 import sys
 from typing import Optional
 
+from .common import NORM_OPS
+
 ROUTE_OF_LAYOUT = {"padded": ("sdpa", "sdpa_graph"), "varlen": ("varlen_attn", "varlen_attn_graph")}
 
 
@@ -75,7 +77,6 @@ def attention_table(data: dict, source_path: str) -> dict:
 
 
 MARGIN = 0.03  # CUDA C++ replaces Triton only when faster by more than this fraction
-NORM_OPS = ("embedding_layernorm", "bias_gelu", "bias_residual_layernorm", "gelu_layernorm")
 NORM_BACKENDS = ("triton", "cuda")
 
 

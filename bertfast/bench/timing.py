@@ -207,19 +207,7 @@ def graphed(factory):
     """A variant factory whose calls are captured once per input set in CUDA graphs and replayed."""
     def graph_factory(meta):
         rot = factory(meta)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up outside capture: compilation, autotuning, allocator
-            for _ in range(2):
-                for st in rot.sets:
-                    rot.fn(*st)
-        torch.cuda.current_stream().wait_stream(s)
-        graphs = []
-        for st in rot.sets:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                rot.fn(*st)
-            graphs.append((g,))
+        graphs = [(capture(lambda st=st: rot.fn(*st)),) for st in rot.sets]
         meta["cuda_graph"] = True
 
         def replay(g, _inputs=rot):  # the graphs read rot's input tensors: keep them alive
