@@ -8,10 +8,10 @@ import os
 
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["bertfast", "bertfast.*"]) + ["bertfast.kernels", "bertfast.csrc"]
+packages = find_packages(include=["bertfast", "bertfast.*"]) + ["bertfast.csrc"]
 # kernels/ -> bertfast.kernels; csrc/ -> bertfast.csrc (data only: the C++ sources the JIT
 # build compiles after a non-editable install).
-package_dir = {"bertfast.kernels": "kernels", "bertfast.csrc": "csrc"}
+package_dir = {"bertfast.csrc": "csrc"}
 ext_modules, cmdclass = [], {}
 
 if os.environ.get("BERTFAST_BUILD_EXT") == "1":

@@ -26,7 +26,7 @@
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-# A source checkout, not installed: bertfast/__init__.py maps bertfast.kernels onto ./kernels.
+# A source checkout, not installed: bertfast.kernels is the link bertfast/kernels -> ../kernels.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRANSFORMERS_VERBOSITY=error

@@ -6,17 +6,8 @@ triton; models, ops and the tokenizer load on first attribute access.
 from __future__ import annotations
 
 import importlib
-import os
 
 __version__ = "0.1.0"
-
-# A source checkout used without installing (PYTHONPATH=repo, e.g. on a GPU box with no
-# internet): `kernels/` then lives beside this package; let `bertfast.kernels` find it the
-# way the installed layout (setup.py's package_dir) does.
-_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if (not os.path.isdir(os.path.join(os.path.dirname(__file__), "kernels"))
-        and os.path.isfile(os.path.join(_root, "kernels", "_bertfast_kernels"))):
-    __path__.append(_root)  # noqa: F821 - module __path__
 
 _LAZY = {
     "BertConfig": "bertfast.models",

@@ -1,4 +1,5 @@
-"""A normal (non-editable) install ships kernels/ as bertfast.kernels and no top-level `kernels`."""
+"""kernels/ is `bertfast.kernels` in a wheel, an editable install and a bare checkout alike, and never
+a top-level `kernels` module: that name is Hugging Face's package, which transformers imports."""
 import os
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def test_installed_layout_imports(wheel, tmp_path):
     code = ("import importlib.util, bertfast, bertfast.ops; "
             f"assert bertfast.__file__.startswith({str(tmp_path)!r}), bertfast.__file__; "
             "assert importlib.util.find_spec('bertfast.kernels') is not None; "
-            "assert importlib.util.find_spec('kernels') is None, 'top-level kernels importable'; print('ok')")
+            "s = importlib.util.find_spec('kernels'); "
+            f"assert s is None or not (s.origin or '').startswith({str(tmp_path)!r}), s; print('ok')")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                        timeout=300)
@@ -71,4 +73,50 @@ def test_cpu_use_without_triton():
             "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def _run_from_root(code, path_entries=None):
+    env = dict(os.environ)
+    if path_entries is not None:
+        env["PYTHONPATH"] = os.pathsep.join(path_entries)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+
+
+def test_transformers_imports_from_the_repository_root():
+    """`python -c` / `python -m` from the root put the root first on sys.path: our kernels/ folder must
+    not shadow Hugging Face's `kernels` (transformers >= 5.25 imports it at `import transformers`)."""
+    pytest.importorskip("transformers")
+    code = ("import bertfast, transformers\n"
+            "from transformers import BertModel\n"
+            "import bertfast.kernels, importlib.util, os\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            f"root = os.path.realpath({ROOT!r})\n"
+            "ours = os.path.realpath(os.path.join(root, 'kernels'))\n"
+            "if spec is not None:\n"
+            "    import kernels\n"
+            "    assert not os.path.realpath(kernels.__file__).startswith(ours), kernels.__file__\n"
+            "assert os.path.realpath(bertfast.kernels.__file__).startswith(ours), bertfast.kernels.__file__\n"
+            "print('ok')\n")
+    r = _run_from_root(code)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_the_root_offers_no_top_level_kernels():
+    """With only the checkout's root on sys.path (no installed `kernels` anywhere), `import kernels`
+    fails as if the folder were not there, and `bertfast.kernels` imports from the same root."""
+    code = ("import sys\n"
+            "sys.path[:] = [p for p in sys.path if 'site-packages' not in p and 'dist-packages' not in p]\n"
+            "try:\n"
+            "    import kernels\n"
+            "except ModuleNotFoundError as e:\n"
+            "    assert e.name == 'kernels', e\n"
+            "else:\n"
+            "    raise AssertionError('a top-level kernels imported: ' + repr(kernels))\n"
+            "assert 'kernels' not in sys.modules\n"
+            "import importlib.util\n"
+            "assert importlib.util.find_spec('bertfast.kernels') is not None\n"
+            "print('ok')\n")
+    r = _run_from_root(code, [ROOT])
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
