@@ -12,15 +12,15 @@ COMMANDS = {
     "bench": ("bertfast.bench", "benchmarks: ops, attention, encoder (ratios vs eager, compile, SDPA, HF)"),
     "pretrain": ("bertfast.train", "MLM + NSP pre-training from text files"),
     "finetune": ("bertfast.train", "fine-tune a checkpoint: cls | nli | ner | qa"),
-    "fill-mask": ("bertfast.task_commands", "top-k tokens for each [MASK] in a text"),
-    "embed": ("bertfast.task_commands", "sentence embeddings of texts"),
-    "search": ("bertfast.task_commands", "top-k cosine search of queries over a corpus"),
-    "cluster": ("bertfast.task_commands", "k-means over sentence embeddings"),
+    "fill-mask": ("bertfast.tasks.commands", "top-k tokens for each [MASK] in a text"),
+    "embed": ("bertfast.tasks.commands", "sentence embeddings of texts"),
+    "search": ("bertfast.tasks.commands", "top-k cosine search of queries over a corpus"),
+    "cluster": ("bertfast.tasks.commands", "k-means over sentence embeddings"),
     "classic": ("bertfast.classic.cli", "word2vec, TextCNN, ELMo, RNN seq2seq, Transformer, GPT: train and use"),
     "compare": ("bertfast.classic.cli", "classic sentence classifiers vs BERT fine-tuned on the same real task"),
-    "classify": ("bertfast.task_commands", "labels of texts or pairs, fine-tuned cls/nli model (JSONL in and out)"),
-    "tag": ("bertfast.task_commands", "word labels and entity spans, fine-tuned ner model (JSONL in and out)"),
-    "answer": ("bertfast.task_commands", "answer questions from a context, fine-tuned qa model (JSONL in and out)"),
+    "classify": ("bertfast.tasks.commands", "labels of texts or pairs, fine-tuned cls/nli model (JSONL in and out)"),
+    "tag": ("bertfast.tasks.commands", "word labels and entity spans, fine-tuned ner model (JSONL in and out)"),
+    "answer": ("bertfast.tasks.commands", "answer questions from a context, fine-tuned qa model (JSONL in and out)"),
 }
 
 

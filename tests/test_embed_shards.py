@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertfast import embed_shards
+from bertfast.tasks import shards as embed_shards
 from bertfast import tasks as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,5 @@
 """The task commands: `bertfast fill-mask | embed | search | cluster | classify | tag | answer`,
-each a thin layer of argument checks, input reading and JSON output over bertfast.tasks.
+each a thin layer of argument checks, input reading and JSON output over the task modules beside it.
 
 Inputs never guess: positional arguments are files (one text per line, or JSONL records),
 `-` is standard input, literal texts go through --text (--query for search, --question with
@@ -17,17 +17,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .tasks import (
-    answer_batch,
-    classify,
-    embed,
-    fill_mask,
-    iter_jsonl,
-    kmeans,
-    search,
-    tag_batch,
-    truncation_notes,
-)
+from .classification import classify
+from .common import iter_jsonl, truncation_notes
+from .embedding import embed, kmeans, search
+from .mask_filling import fill_mask
+from .question_answering import answer_batch
+from .tagging import tag_batch
 
 CLI_COMMANDS = ("fill-mask", "embed", "search", "cluster", "classify", "tag", "answer")
 
@@ -113,8 +108,8 @@ def _field(where: str, rec: dict, names: Sequence[str], kind=str, required: bool
 
 
 def _load(cls_name: str, folder: str):
-    from . import models
-    from .tokenizer import Tokenizer
+    from .. import models
+    from ..tokenizer import Tokenizer
 
     if not os.path.isdir(folder):
         raise ValueError(f"--model must be a checkpoint folder (config.json + weights + tokenizer), got {folder!r}")
@@ -171,7 +166,7 @@ def _write_jsonl(rows, out: Optional[str]) -> None:
 
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
-    from .cli import COMMANDS, HelpFormatter
+    from ..cli import COMMANDS, HelpFormatter
 
     p = argparse.ArgumentParser(prog=f"bertfast {cmd}", description=COMMANDS[cmd][1], epilog=_EPILOG.get(cmd),
                                 formatter_class=HelpFormatter)
@@ -194,7 +189,7 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
             p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
             p.add_argument("--out", required=True, help="a .npy file (N, hidden) float32, rows in input order, or "
                            "a folder: shards + index.json, split over torchrun's processes, resumable (see "
-                           "bertfast.embed_shards)")
+                           "bertfast.tasks.shards)")
             p.add_argument("--shard-size", type=int, help="texts per shard of a folder --out (default: one per "
                            "process)")
         else:
@@ -265,7 +260,7 @@ def _run_cli(cmd: str, args) -> int:
         to_folder = _embed_to_folder(args.out)
         texts = _texts(args, "embed")
         if to_folder:
-            from .embed_shards import run
+            from .shards import run
 
             summary = run(args, texts, lambda: _load("BertModel", args.model))
             if summary:  # rank 0's

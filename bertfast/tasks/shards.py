@@ -123,7 +123,7 @@ def _barrier(world: int) -> None:
 
 def run(args, texts: List[str], load_model) -> dict:
     """The `bertfast embed --out DIR` job on this rank; returns rank 0's summary (other ranks: {})."""
-    from .tasks import embed
+    from .embedding import embed
 
     rank, world, local_rank = _dist()
     try:

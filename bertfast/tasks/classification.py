@@ -1,0 +1,60 @@
+"""Sequence classification (single- and multi-label) and NLI with a BertForSequenceClassification."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from .common import id2label_of, model_device, resolve_max_length, warn_truncated
+
+
+def decode_classification(logits: torch.Tensor, id2label: Dict[int, str], multi_label: bool = False,
+                          threshold: float = 0.5, top_k: Optional[int] = None) -> List:
+    """Softmax (single-label: the best label and its score, or the top_k) or sigmoid (multi-label:
+    every label whose probability >= threshold, best first)."""
+    out = []
+    for row in logits.float():
+        if multi_label:
+            p = torch.sigmoid(row)
+            keep = [(id2label[i], float(p[i])) for i in range(len(p)) if float(p[i]) >= threshold]
+            out.append([{"label": lab, "score": s} for lab, s in sorted(keep, key=lambda t: -t[1])])
+        else:
+            p = row.softmax(-1)
+            order = p.argsort(descending=True).tolist()
+            ranked = [{"label": id2label[i], "score": float(p[i])} for i in order]
+            out.append(ranked[:top_k] if top_k else ranked[0])
+    return out
+
+
+@torch.no_grad()
+def classify(model, tokenizer, texts, text_pairs=None, multi_label: Optional[bool] = None, threshold: float = 0.5,
+             top_k: Optional[int] = None, max_length: Optional[int] = None, batch_size: int = 32):
+    """Labels of a BertForSequenceClassification: softmax (best label and score) or, for a
+    multi-label model (config.problem_type == 'multi_label_classification', or multi_label=True),
+    every label with sigmoid >= threshold. Texts (pairs) over max_length tokens are cut to it, with
+    one TruncationWarning."""
+    single = isinstance(texts, str)
+    texts = [texts] if single else list(texts)
+    if text_pairs is not None:
+        text_pairs = [text_pairs] if isinstance(text_pairs, str) else list(text_pairs)
+    if multi_label is None:
+        multi_label = getattr(model.config, "problem_type", None) == "multi_label_classification"
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    model.eval()
+    max_length = resolve_max_length(model, tokenizer, max_length)
+    full = tokenizer.encodings(texts, text_pairs)
+    warn_truncated("classify", sum(len(e.ids) > max_length for e in full), len(texts), max_length)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        pairs = text_pairs[i:i + batch_size] if text_pairs is not None else None
+        batch = tokenizer(texts[i:i + batch_size], pairs, padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt").to(model_device(model))
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits.cpu()
+        out += decode_classification(logits, id2label_of(model), multi_label, threshold, top_k)
+    return out[0] if single else out
+
+
+def nli(model, tokenizer, premises, hypotheses, **kw):
+    """3-way NLI (entailment / neutral / contradiction, as the model's id2label names them) over pairs."""
+    return classify(model, tokenizer, premises, hypotheses, multi_label=False, **kw)

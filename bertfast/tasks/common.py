@@ -1,0 +1,81 @@
+"""What the task modules share: the model's device and length limit, right-padded batches of
+token id lists, label names, the TruncationWarning the commands print as notes, and the helpers
+the commands and fine-tuning use to read JSONL records and report truncation."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import warnings
+from typing import Dict, Optional, Sequence
+
+import torch
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+class TruncationWarning(UserWarning):
+    """Texts longer than the model's limit were cut to it (the command line prints these as notes)."""
+
+
+def warn_truncated(task: str, n_cut: int, total: int, max_length: int, remedy: str = "") -> None:
+    if n_cut:
+        warnings.warn(f"{task}: {n_cut} of {total} texts are longer than {max_length} tokens (the model's limit) "
+                      f"and were cut to it{remedy}", TruncationWarning, stacklevel=4)  # caller, through torch.no_grad
+
+
+def resolve_max_length(model, tokenizer, max_length: Optional[int]) -> int:
+    encoder = getattr(model, "bert", model)
+    return max_length or min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+
+
+def padded_batch(rows: Sequence[Sequence[int]], pad_id: int, device, type_rows=None):
+    """Right-padded (ids, attention_mask, token_type_ids) int64 tensors of token id lists."""
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    tt = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+        if type_rows is not None:
+            tt[i, :len(r)] = torch.tensor(type_rows[i], dtype=torch.long)
+    return ids.to(device), mask.to(device), tt.to(device)
+
+
+def id2label_of(model) -> Dict[int, str]:
+    m = model.config.id2label or {}
+    return {i: m.get(i, f"LABEL_{i}") for i in range(model.config.num_labels)}
+
+
+def iter_jsonl(lines, name: str, what: str):
+    """(line number, object) of each non-blank line of a JSONL stream; an error names the line."""
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what}: {name} line {i} is not JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{what}: {name} line {i} must be a JSON object, got {type(rec).__name__}")
+        yield i, rec
+
+
+@contextlib.contextmanager
+def truncation_notes(cmd: str):
+    """A command's TruncationWarnings as plain `bertfast CMD: note: ...` lines on stderr once it is
+    done (other warnings as Python shows them), not as Python warning blocks."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TruncationWarning)
+            yield
+    finally:  # outside the recording context, or showwarning would record into the list it walks
+        for w in caught:
+            if issubclass(w.category, TruncationWarning):
+                print(f"bertfast {cmd}: note: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)

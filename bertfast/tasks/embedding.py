@@ -1,0 +1,170 @@
+"""Sentence embeddings and what is built on them: embed (pooled hidden states), search (cosine
+top-k over a corpus), cluster (k-means). Pooling, cosine top-k and k-means are pure functions."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .common import model_device, padded_batch, resolve_max_length, warn_truncated
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """(B, S, H) -> (B, H): the first token ('cls') or the mean over valid tokens ('mean'); 'max'
+    takes the max over valid tokens."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+    if pooling == "max":
+        return hidden.masked_fill(mask == 0, float("-inf")).amax(1)
+    raise ValueError(f"pooling must be 'mean', 'cls' or 'max', got {pooling!r}")
+
+
+def cosine_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scores, indices), each (n_queries, k): the k corpus rows most cosine-similar to each query."""
+    if queries.dim() == 1:
+        queries = queries.unsqueeze(0)
+    if corpus.dim() != 2 or queries.shape[-1] != corpus.shape[-1]:
+        raise ValueError(f"queries (.., {queries.shape[-1]}) and corpus {tuple(corpus.shape)} must be 2-D "
+                         "with the same embedding size")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k!r}")
+    sim = similarity(queries, corpus)
+    return sim.topk(min(k, corpus.shape[0]), dim=-1)
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity matrix (len(a), len(b))."""
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100, cosine: bool = True):
+    """k-means (k-means++ initialisation, Lloyd iterations) with a seeded generator.
+    Returns (labels (n,), centroids (k, d)). cosine=True clusters L2-normalised rows."""
+    x = x.float()
+    n = x.shape[0]
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int in [1, {n}] (the number of points), got {k!r}")
+    if cosine:
+        x = F.normalize(x, dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    cent = [x[torch.randint(n, (1,), generator=g)].squeeze(0)]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, torch.stack(cent)).min(1).values ** 2
+        if float(d2.sum()) <= 0:
+            cent.append(x[torch.randint(n, (1,), generator=g)].squeeze(0))
+        else:
+            cent.append(x[torch.multinomial(d2 / d2.sum(), 1, generator=g)].squeeze(0))
+    c = torch.stack(cent)
+    labels = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(iters):
+        new = torch.cdist(x, c).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            members = x[labels == j]
+            if len(members):
+                c[j] = members.mean(0)
+    return labels, c
+
+
+def _windows(ids: List[int], size: int, stride: int) -> List[List[int]]:
+    """Windows of `size` tokens every `stride` tokens, the last one ending at the text's end."""
+    if len(ids) <= size:
+        return [ids]
+    starts = list(range(0, len(ids) - size, stride)) + [len(ids) - size]
+    return [ids[a:a + size] for a in starts]
+
+
+@torch.no_grad()
+def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch_size: int = 32,
+          max_length: Optional[int] = None, normalize: bool = False, long_texts: str = "truncate",
+          window_stride: Optional[int] = None, cuda_graphs: Optional[bool] = None) -> torch.Tensor:
+    """(N, hidden) float32 sentence embeddings. layer indexes hidden_states (0 = embeddings,
+    -1 = last layer). Texts are sorted by length into batches, so padding (which the encoder
+    drops anyway) stays small; rows come back in input order.
+
+    A text longer than max_length tokens (default: the model's limit) is cut to it, with one
+    TruncationWarning saying how many were (long_texts='truncate'), or embedded whole
+    (long_texts='windows') as the mean of the pooled embeddings of overlapping windows of
+    max_length tokens, one every window_stride content tokens (default: half a window).
+
+    cuda_graphs: serve the batches through CUDA graphs per total-token bucket (bertfast.graphs,
+    captured on first use and kept with the model); the default on CUDA for the last layer.
+    False runs the eager forward; True on a CPU runs the same bucketing eagerly."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts must hold at least one text")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if long_texts not in ("truncate", "windows"):
+        raise ValueError(f"long_texts must be 'truncate' or 'windows', got {long_texts!r}")
+    encoder = getattr(model, "bert", model)
+    n_layers = encoder.config.num_hidden_layers
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise ValueError(f"layer must be in [{-(n_layers + 1)}, {n_layers}] for a {n_layers}-layer model, got {layer}")
+    encoder.eval()
+    dev = model_device(encoder)
+    max_length = resolve_max_length(encoder, tokenizer, max_length)
+    size = max_length - 2  # content tokens per row, between [CLS] and [SEP]
+    if size < 1:
+        raise ValueError(f"max_length must leave room for [CLS], [SEP] and one token, got {max_length}")
+    stride = window_stride or max(1, size // 2)
+    if not 1 <= stride <= size:
+        raise ValueError(f"window_stride must be in [1, {size}] (the content tokens of a window), got {window_stride}")
+    rows, owner = [], []
+    n_long = 0
+    for i, enc in enumerate(tokenizer.encodings(texts, add_special_tokens=False)):
+        n_long += len(enc.ids) > size
+        pieces = _windows(enc.ids, size, stride) if long_texts == "windows" else [enc.ids[:size]]
+        rows += [[tokenizer.cls_token_id] + w + [tokenizer.sep_token_id] for w in pieces]
+        owner += [i] * len(pieces)
+    if long_texts == "truncate":
+        warn_truncated("embed", n_long, len(texts), max_length,
+                        "; long_texts='windows' (--long-texts windows) embeds them whole as the mean over "
+                        "overlapping windows")
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    pooled = torch.empty(len(rows), encoder.config.hidden_size)
+    want_all = layer != -1
+    run = encoder
+    if (dev.type == "cuda" if cuda_graphs is None else cuda_graphs) and not want_all \
+            and hasattr(encoder, "forward_packed"):
+        from ..graphs import cached_encoder
+
+        run = cached_encoder(encoder, max_tokens=min(batch_size * max_length, 16384), max_seqs=batch_size,
+                             max_seqlen=min(max_length, encoder.config.max_position_embeddings))
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        ids, mask, tt = padded_batch([rows[j] for j in idx], tokenizer.pad_token_id, dev)
+        res = encoder(ids, mask, tt, output_hidden_states=want_all) if run is encoder else run(ids, mask, tt)
+        hidden = res.hidden_states[layer] if want_all else res.last_hidden_state
+        pooled[idx] = pool(hidden.float(), mask, pooling).cpu()
+    if len(rows) == len(texts):
+        out = pooled
+    else:  # windows: each text the mean of its windows
+        who = torch.tensor(owner)
+        out = torch.zeros(len(texts), pooled.shape[1]).index_add_(0, who, pooled)
+        out /= torch.bincount(who, minlength=len(texts)).unsqueeze(1).to(out.dtype)
+    return F.normalize(out, dim=-1) if normalize else out
+
+
+def search(model, tokenizer, queries, corpus, k: int = 5, pooling: str = "mean", corpus_embeddings=None,
+           cuda_graphs: Optional[bool] = None, long_texts: str = "truncate"):
+    """Top-k cosine search of each query over the corpus texts: (scores, indices), (n_queries, k)."""
+    q = embed(model, tokenizer, queries, pooling, cuda_graphs=cuda_graphs, long_texts=long_texts)
+    c = corpus_embeddings if corpus_embeddings is not None else embed(model, tokenizer, corpus, pooling,
+                                                                     cuda_graphs=cuda_graphs, long_texts=long_texts)
+    return cosine_topk(q, c, k)
+
+
+def cluster(model, tokenizer, texts, k: int, seed: int = 0, pooling: str = "mean",
+            cuda_graphs: Optional[bool] = None, long_texts: str = "truncate"):
+    """k-means cluster ids (N,) of the texts' embeddings, and the centroids."""
+    return kmeans(embed(model, tokenizer, texts, pooling, cuda_graphs=cuda_graphs, long_texts=long_texts), k,
+                  seed=seed)
