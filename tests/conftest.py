@@ -36,7 +36,7 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
 def assert_within_eager_error(names, got, low, oracle, floor):
-    """DESIGN.md's accuracy rule, output by output: against the float64 oracle, a kernel's error
+    """The accuracy rule of docs/testing.md, output by output: against the float64 oracle, a kernel's error
     is at most twice eager PyTorch's in the same precision (`low`), plus floor x the output's scale.
     Returns each output's kernel error."""
     errs = {}
@@ -74,8 +74,8 @@ def minilm_path():
 
 @pytest.fixture
 def one_thread():
-    """Tiny models train on one torch thread: on a shared 2-core machine two OpenMP threads
-    spin against other processes and run many times slower."""
+    """Tiny models train on one torch thread: when other processes hold the cores, OpenMP
+    threads spin waiting for a descheduled peer and run many times slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

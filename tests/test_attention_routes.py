@@ -31,7 +31,7 @@ def test_committed_attention_table_is_the_runs_data():
     with open(os.path.join(ROOT, "bertfast", "routing_tables", "attention.json")) as f:
         committed = json.load(f)
     assert routes.attention_table(data, t.source["results"]) == committed
-    # the H200 run: SDPA's cuDNN kernel beat ours on the padded bf16 cases it measured, not varlen
+    # the committed table: SDPA's kernel beat ours on the padded bf16 cases its run measured, not varlen
     assert t.lookup("attention", "fwd", torch.bfloat16, 64, "padded", 128)[0] == "sdpa"
     assert t.lookup("attention", "fwd", torch.bfloat16, 64, "varlen", 128)[0] == "triton"
     assert t.lookup("attention", "fwd", torch.bfloat16, 64, "padded", 1024)[0] == "triton"  # never measured

@@ -18,8 +18,8 @@ from bertfast.bench import timing
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One run of all three suites at tiny shapes; 1 thread, so a busy 2-core CI box does not
-    stall every parallel region on a descheduled thread."""
+    """One run of all three suites at tiny shapes; 1 thread, so that when other processes hold
+    the cores no parallel region stalls on a descheduled thread."""
     tmp_path = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()  # restored: the rest of the session keeps its thread count
     try:
@@ -131,7 +131,7 @@ def test_host_suite_times_host_us_per_layer_and_per_call():
     cases.append(host_suite._op_case(dev, torch.float32, 32, quick=True))
     runner = Runner(dev, tiny, {"copy_gbps": 1.0}, None)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a parallel region on a busy 2-core box waits for descheduled threads
+    torch.set_num_threads(1)  # a parallel region on a shared machine waits for descheduled threads
     try:
         for case in cases:
             case.plan = tiny

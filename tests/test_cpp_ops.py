@@ -1,7 +1,7 @@
 """The C++ CPU kernels (csrc/cpu via bertfast/_cpp.py) against the plain-PyTorch references.
 
 Every test forces the `cpp` backend with BERTFAST_STRICT=1, so a silent fallback to the
-reference fails the test. Accuracy rule (DESIGN.md): against a float64 oracle, a kernel's
+reference fails the test. Accuracy rule (docs/testing.md): against a float64 oracle, a kernel's
 error must stay within 2x the error eager PyTorch makes in the same precision, plus a small
 floor. The first test session builds the extension (cached afterwards).
 """

@@ -3,10 +3,10 @@
 ATen picks its vectorised kernels (GEMMs, softmax, its flash attention, the eager ops the accuracy
 rule measures) by CPU capability: AVX-512, AVX2 or the portable `default`. A suite tuned on an
 AVX-512 machine can fail on an AVX2 one, so on an AVX-512 machine tests/test_cpp_ops.py reruns here
-in a subprocess with ATEN_CPU_CAPABILITY=avx2 and =default (each ~20 s on 2 cores).
+in a subprocess with ATEN_CPU_CAPABILITY=avx2 and =default.
 
 The extension itself stays the one this machine built (BERTFAST_CPU_CAPABILITY pinned to it): a
-build per capability costs ~2 minutes each on 2 cores, too much for every run. Set
+build per capability is minutes of compiling each, too much for every run. Set
 BERTFAST_TEST_CPU_BUILDS=1 to build and test the extension for each lower capability as well.
 """
 import os

@@ -8,7 +8,7 @@ spills; the scalar fallback for odd widths and misaligned rows may spill a littl
 registers, spills and shared memory of every kernel are printed (pytest -s) and written to
 <cache>/report.txt.
 
-Cost on the 2-core CI machine: ~40 s of CPU per file for one architecture, so the files are
+Cost: ~40 CPU-seconds per file for one architecture, so the files are
 compiled concurrently (one nvcc each) for sm_90a only (the JIT build adds sm_80 and PTX on a GPU
 machine); the objects and the ptxas report are cached under a hash of the sources, the flags and
 the nvcc version (BERTFAST_CUDA_CHECK_CACHE, default ~/.cache/bertfast_cuda_check), so a rerun

@@ -2,7 +2,7 @@
 
 Every test forces the `cuda` backend with BERTFAST_STRICT=1 (a silent fallback fails), at the
 widths the kernels switch variants on (1, 17: scalar rows; 384, 1000: warp rows; 4096, 8192:
-block rows), in fp32, fp16 and bf16. Accuracy rule (DESIGN.md): against a float64 oracle the
+block rows), in fp32, fp16 and bf16. Accuracy rule (docs/testing.md): against a float64 oracle the
 kernel's error is at most twice eager PyTorch's in the same precision, plus a small floor.
 Dropout masks must be those of the Triton kernels and the reference bit for bit, and repeated
 backward passes bitwise equal. They skip without a CUDA device; names carry "gpu" so

@@ -1,4 +1,4 @@
-"""Hardening (issue 15): bad input never crashes the process or corrupts memory, no cache serves
+"""Hardening: bad input never crashes the process or corrupts memory, no cache serves
 stale weights, torch.compile works in every grad mode, in-place ops keep autograd honest, and
 configs / checkpoints with bad contents fail with errors that say what and where.
 

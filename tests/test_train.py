@@ -388,7 +388,7 @@ def test_finetune_help_shows_the_data_formats_and_defaults(capsys):
     assert "(default: 5e-05)" in " ".join(out.split())
 
 
-# ---- damaged checkpoints, planted pickles, full disks, changed settings (issue 15) ---------------
+# ---- damaged checkpoints, planted pickles, full disks, changed settings --------------------------
 
 
 @pytest.fixture(scope="module")

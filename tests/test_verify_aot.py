@@ -3,8 +3,7 @@ Hopper and Ampere on this GPU-less machine (ptxas and cuobjdump ship with triton
 
 It runs in a subprocess without TRITON_INTERPRET (conftest sets it for the interpreter tests;
 jitted functions cannot be compiled under it). Compiles are cached by Triton
-(~/.triton/cache), so only the first run pays for them: about 10 minutes on 2 cores for all
-kernels and both architectures, most of it the attention kernels.
+(~/.triton/cache), so only the first run pays for them, most of it for the attention kernels.
 """
 import os
 import subprocess
