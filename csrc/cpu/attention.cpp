@@ -42,7 +42,8 @@ inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_
 // vector registers with AVX-512, 16 with AVX2): 24 (12) accumulators, NV loads of B and one
 // broadcast of A per k. Column panels of 4 vectors serve S = Q K^T (N = keys); panels of 2 or 1
 // vectors serve O = P V and the backward's products with head_dim 32/64 columns, where tall row
-// blocks keep the FMA units busy (an 8-accumulator 4x2 block ran attention at 0.75x ATen's).
+// blocks keep the FMA units busy (with 8 accumulators they wait on load latency; before and
+// after: benchmarks/results/cpu-2026-11-26-c/NOTES.md).
 constexpr int kWideRegs = kVec >= 16;
 constexpr int kMR4 = kWideRegs ? 6 : 3;   // rows with 4-vector panels
 constexpr int kMR2 = kWideRegs ? 12 : 6;  // rows with 2-vector panels

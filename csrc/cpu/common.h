@@ -139,8 +139,9 @@ inline void vloop(int64_t n, const F& f) {
 }
 
 // vloop with four vectors per iteration, for long dependency chains (GELU's division and
-// polynomials): four independent chains in one block keep the FMA and divide units busy.
-// Measured on AVX-512 (8192 x 384 fp32 bias+GELU): 1.3-1.4x faster than one vector per step.
+// polynomials): four independent chains in one block keep the FMA and divide units busy, where
+// one vector per step leaves them waiting on its own previous result (the side-by-side figures:
+// benchmarks/results/cpu-2026-11-26-b/NOTES.md).
 template <typename F>
 inline void vloop4(int64_t n, const F& f) {
   int64_t i = 0;

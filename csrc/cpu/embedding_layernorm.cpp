@@ -23,8 +23,8 @@ at::Tensor ids_i64(const at::Tensor& ids, int64_t table_rows, const char* name) 
 }
 
 // The next token's word row is a random row of a table far larger than the caches: fetching it
-// while the current row is normalised hides the miss (measured: forward 1.02-1.23x ->
-// 1.22-1.60x torch.compile at 8192 tokens).
+// while the current row is normalised hides the miss (before and after:
+// benchmarks/results/cpu-2026-11-26-b/NOTES.md).
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   const char* p = reinterpret_cast<const char*>(row);
