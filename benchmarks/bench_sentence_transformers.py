@@ -5,8 +5,8 @@
 
 Each measurement runs in a fresh process (a process that ran one variant leaves caches, allocator
 state and threads behind that flatter or hurt the next), and the two variants alternate, each round
-starting with the other one, so this machine's drift (up to 1.5x within a minute on the 2-core VM)
-falls on both alike. A child loads the model, warms up with one full `encode`, then times `--repeats`
+starting with the other one, so a shared machine's drift in speed (it can reach 1.5x within a
+minute) falls on both alike. A child loads the model, warms up with one full `encode`, then times `--repeats`
 more and reports the median; the parent prints per-round and median ratios (transformers time /
 bertfast time: > 1 means bertfast is faster) and the largest difference between the two variants'
 embeddings. Without sentence-transformers the same comparison runs on the transformers BertModel

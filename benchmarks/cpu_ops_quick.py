@@ -42,7 +42,7 @@ def _inputs(op, T, n, dtype, grad):
 def _time_all(fns: dict, min_run_time: float, rounds: int = 7) -> dict:
     """Milliseconds per call of each candidate: the candidates are timed in turn, `rounds` times,
     and each keeps its fastest round. Interleaving and the minimum make the ratios robust to
-    other processes sharing the cores (this box is shared); medians drift with their load."""
+    other processes sharing the cores; medians drift with their load."""
     timers, number = {}, {}
     for k, fn in fns.items():
         fn()

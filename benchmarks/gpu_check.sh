@@ -12,14 +12,15 @@
 #   bench_ops.png, bench_attention.png, bench_encoder.png   speedup plots (the host, graphs and st
 #                   suites' figures are in bench.md: their plots are dropped to stay within 8 files)
 #   profile.txt     benchmarks/gpu_profile.py: the encoder's heaviest kernels, host reads, op host cost
-# What it measures, per open issue: 14 (host suite: us per layer and per fused-op launch; encoder:
+# What it measures: host time (host suite: us per layer and per fused-op launch; encoder:
 # BERT-base 256x128, 8x128 eager latency, MLM+NSP step; graphs: ragged serving, 8x128 graphed,
-# packed pre-training), 17 (attention: padded and varlen vs every SDPA backend and varlen_attn,
-# head_dim 64/128, seq 128/256/512, fill 0.6/0.4, fwd and fwd+bwd; ops: norm-family bandwidth),
-# 18 (st: SentenceTransformer.encode vs bertfast.accelerate), 20 (CUDA C++ kernels' GPU tests and
-# the Triton race in the ops suite). After the bench it prints the routing tables the run implies.
+# packed pre-training); attention (padded and varlen vs every SDPA backend and varlen_attn,
+# head_dim 64/128, seq 128/256/512, fill 0.6/0.4, fwd and fwd+bwd); the norm-family ops' bandwidth
+# and the Triton / CUDA C++ race; st (SentenceTransformer.encode vs bertfast.accelerate); the CUDA
+# C++ kernels' GPU tests. After the bench it prints the routing tables the run implies.
+# docs/gpu_check.md describes every step.
 #   STEPS=variants bash benchmarks/gpu_check.sh   (alone: its own files) runs the kernel-variant
-#   sweeps instead: benchmarks/attention_variants.py and benchmarks/norm_variants.py (issue 17).
+#   sweeps instead: benchmarks/attention_variants.py and benchmarks/norm_variants.py.
 # Each step runs under `timeout`, so a hung kernel or a slow compile cannot eat the budget;
 # the bench writes its JSON after every case and on SIGTERM, so a cut-off run still leaves
 # what it measured. The last lines printed are a short summary.
@@ -157,7 +158,7 @@ if has bench; then
     # bf16 everywhere first (the encoder runs in the first dtype); fp16 and fp32 at the target shape
     # of each op and attention case as the budgets allow
     DTYPES=bf16,fp16,fp32
-    # the ops at the issues' shapes: 32768 tokens x hidden 768 (the LayerNorms) and x 3072 (the FFN width)
+    # the ops at the target shapes: 32768 tokens x hidden 768 (the LayerNorms) and x 3072 (the FFN width)
     OPS_SHAPES="--tokens 32768 --hidden 768,3072"
     [ "$DEVARG" = cpu ] && DTYPES=fp32,bf16 && OPS_SHAPES=""
     timeout -k 15 "$T_BENCH" $PY -m bertfast bench --device "$DEVARG" --dtype "$DTYPES" --suite ops,attention,encoder,host,graphs,st \
@@ -208,23 +209,23 @@ for r in d["results"]:
     s = r["variants"].get("bertfast", {})
     if s.get("status") != "ok":
         continue
-    # the issue targets: ops at 32768 x 768 and x 3072, attention in bf16, every encoder workload
+    # the targets: ops at 32768 x 768 and x 3072, attention in bf16, every encoder workload
     ops_target = "32768x768" in r["name"] or "32768x3072" in r["name"]
     if (r["suite"] == "ops" and not ops_target) or (r["suite"] == "attention" and r["dtype"] != "bf16"):
         continue
     bw = s.get("frac_copy_bw_interleaved", s.get("frac_copy_bw"))
-    if r["suite"] == "host":  # issue 14: host us per layer / per op call; raw Triton launches cached vs JIT
+    if r["suite"] == "host":  # host us per layer / per op call; raw Triton launches cached vs JIT
         fig = f"{s['host_us']:.1f} us/{r.get('host_unit', 'call').split()[-1]}"
         sp = " ".join(f"{k}={v:.2f}x" for k, v in r["speedup"].items()) + "".join(
             f" | {k} {v['host_us']:.1f} us" for k, v in r["variants"].items() if k.startswith(("triton_", "cuda_")) and
             v.get("status") == "ok")
         print(f"{r['name'][:44]:<44} {fig:>14} {sp}")
         continue
-    if r["suite"] == "st":  # issue 18: SentenceTransformer.encode, accelerated vs as it ships
+    if r["suite"] == "st":  # SentenceTransformer.encode, accelerated vs as it ships
         print(f"{r['name'][:56]:<56} {s.get('sentences_per_s', 0):>10.4g} sent/s " +
               " ".join(f"{k}={v:.2f}x" for k, v in r["speedup"].items()))
         continue
-    if r["suite"] == "graphs":  # issue 14: graphed serving and the graphed packed pre-training step
+    if r["suite"] == "graphs":  # graphed serving and the graphed packed pre-training step
         fig = f"{s.get('tokens_per_s', 0):.3g} tok/s" + (f" {s['peak_memory_mb']:.0f}MB" if "peak_memory_mb" in s else "")
         print(f"{r['name'][:56]:<56} {fig:>16} " + " ".join(f"{k}={v:.2f}x" for k, v in r["speedup"].items()))
         continue

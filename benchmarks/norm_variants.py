@@ -1,4 +1,4 @@
-"""Where the LayerNorm-family Triton kernels lose bandwidth: every op at the issue shapes under
+"""Where the LayerNorm-family Triton kernels lose bandwidth: every op at the target shapes under
 alternative tilings, and stage-dropping comparisons, timed on the GPU from CUDA graphs.
 
     python benchmarks/norm_variants.py [--out DIR] [--budget 120] [--dry-run]

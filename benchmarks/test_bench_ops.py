@@ -6,7 +6,7 @@
     pytest benchmarks/ --benchmark-only --benchmark-group-by=param:case   # bertfast vs eager side by side
 
 Not collected by the main `pytest` run (pyproject's testpaths = ["tests"]). Each op is timed
-forward and forward+backward at the issue-6 shapes (8192 tokens x {384, 768, 1024}, fp32 and
+forward and forward+backward at the ops suite's target shapes (8192 tokens x {384, 768, 1024}, fp32 and
 bf16; BERTFAST_BENCH_QUICK=1 shrinks them to 2048 x 768 fp32) for the bertfast op (whatever
 backend serves it here: `extra_info["backend"]`) and its eager `_ref`; the inputs rotate
 through several sets, as in `bertfast bench`. `bertfast bench --suite ops` adds
