@@ -111,7 +111,7 @@ def values(shape, dtype, kind, g):
 
 
 # ---------------------------------------------------------------------------------------------
-# attention, packed varlen: offsets valid or broken in every way the issue lists
+# attention, packed varlen: offsets valid, or broken in every way a caller can break them
 
 
 @st.composite

@@ -36,7 +36,7 @@ def _run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_issue_offsets_that_crashed_raise_valueerror_on_every_backend():
-    """The issue's cases (segfault, heap corruption, silent garbage) in a child process: each must
+    """Offsets that once crashed (segfault, heap corruption, silent garbage), in a child process: each must
     raise the same ValueError on the C++, reference and Triton paths."""
     proc = _run("""
         import warnings, torch, bertfast

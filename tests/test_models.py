@@ -540,7 +540,7 @@ def test_heads_ignore_padding_amount_and_side(name):
 
 
 def test_question_answering_loss_of_a_row_ignores_padding():
-    """The issue's case: start/end logits of padded positions were exactly 0.0 and entered the span
+    """The bug this guards: start/end logits of padded positions were exactly 0.0 and entered the span
     softmax, so the loss and its gradients depended on the amount of padding."""
     _, qa = hf_twin("BertForQuestionAnswering", num_labels=2)
     ids = torch.randint(1, 101, (1, 6), generator=torch.Generator().manual_seed(0))
