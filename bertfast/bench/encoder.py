@@ -126,8 +126,8 @@ def real_text_batches(tok, n_batches: int, batch: int = 32, max_len: int = 128, 
 
 def _sentences(n: int) -> List[str]:
     """The first n sentences of testing.system_sentences(), reading only as many documents as
-    that takes (system_sentences itself parses every document on the machine first: ~6 s idle,
-    far more on a busy machine)."""
+    that takes (system_sentences itself parses every document on the machine first, which takes
+    seconds)."""
     from ..testing import system_documents
 
     limit = 16
@@ -196,7 +196,7 @@ def _graph_fn(model, batches, device):
 def encoder_cases(device, dtype, quick: bool, compile_mode: str, models_list=("minilm", "base"),
                   real_batches=None, fixed=None, train: Optional[bool] = None) -> List[Case]:
     """Fixed-length inference, real variable-length text (fill ~0.4) and full packed rows of
-    the same text (fill 1.0); on CUDA also the issue-7 workloads (256x128 throughput, 8x128
+    the same text (fill 1.0); on CUDA also the GPU targets (256x128 throughput, 8x128
     latency with CUDA graphs, BERT-base MLM+NSP training step), which come first so that a
     time budget cuts the real-text cases before them."""
     cases: List[Case] = []
@@ -204,14 +204,14 @@ def encoder_cases(device, dtype, quick: bool, compile_mode: str, models_list=("m
     if fixed is None:
         fixed = [(256, 128), (8, 128)] if cuda else ([(4, 128)] if quick else [(32, 128)])
     if real_batches is None:
-        # CPU: BERT-base on a few thousand tokens already takes tens of seconds per pass here
+        # CPU: BERT-base on a few thousand tokens takes tens of seconds per pass
         real_batches = {"minilm": 16, "base": 16} if cuda else {"minilm": 2 if quick else 8,
                                                                   "base": 0 if quick else 2}
     for mname in models_list:
         if cuda and mname == "minilm" and "base" in models_list:
-            continue  # the GPU workloads of issue 7 are BERT-base's; the real-text cases cover MiniLM
+            continue  # the GPU targets are BERT-base's; the real-text cases cover MiniLM
         if quick and not cuda and mname == "base" and len(models_list) > 1:
-            continue  # BERT-base takes ~10 s per 4x128 call on a busy 2-core machine: full runs only
+            continue  # BERT-base takes seconds per 4x128 call on a CPU: full runs only
         for B, S in fixed:
             cases.append(_fixed_case(mname, device, dtype, B, S, compile_mode, quick))
     if train is None:

@@ -1,5 +1,5 @@
-"""The graphs suite: CUDA-graph serving of ragged batches and the graphed, packed pre-training step
-(issue 14), against bertfast eager and transformers in the same run.
+"""The graphs suite: CUDA-graph serving of ragged batches and the graphed, packed pre-training step,
+against bertfast eager and transformers in the same run.
 
 - `serve`: MiniLM on real English text, 32 sentences per batch (fill ~0.4): bertfast's
   GraphedEncoder (one graph per total-token bucket) against bertfast eager, transformers SDPA

@@ -1,7 +1,7 @@
 """The host suite: Python/dispatcher time per encoder layer and per fused-op call, on any machine.
 
 On a GPU a BERT layer's kernels take microseconds at serving batch sizes, so the host's time
-per call decides the speed (issue 14). This suite makes that time visible without a GPU: BERT-base
+per call decides the speed. This suite makes that time visible without a GPU: BERT-base
 depth (12 layers) at widths where weights sit in cache and kernels cost next to nothing (on a CPU
 32 and 64, heads of 32; on CUDA BERT-base's 768, heads of 64; FFN 4x), one row of 8 tokens of
 which 6 are valid (padding: bertfast's packed layout, transformers' masked SDPA), then:

@@ -124,7 +124,7 @@ def forced_backend(fn, op: str, backend_name: str, device):
 def ops_cases(device, dtypes, tokens_list, hiddens, compile_mode: str, backward_modes=(False, True),
               ops_list=NORM_OPS, compile_backward: bool = True) -> List[Case]:
     cases = []
-    # the issue-3 target shape (most tokens, hidden 768, first dtype) first, so a time budget
+    # the target shape (most tokens, hidden 768, first dtype) first, so a time budget
     # that runs out cuts the least important cases
     order = sorted(((dt, t, h) for dt in dtypes for t in tokens_list for h in hiddens),
                    key=lambda c: (not (c[2] == 768 and c[1] == max(tokens_list)), c[0] != dtypes[0], c[2] != 768,

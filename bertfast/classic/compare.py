@@ -34,7 +34,7 @@ from . import bow, datasets, elmo, textcnn, word2vec
 from .training import accuracy, majority_accuracy, predict_classes
 
 # (steps, seconds) per system: training stops at whichever comes first. `full` for the committed
-# run (640 s wall on the 2-core VM under load), `quick` for a smoke run.
+# run (benchmarks/results/classic-2026-12-01), `quick` for a smoke run.
 BUDGETS = {
     "full": dict(bow=(600, 60), textcnn=(1500, 90), elmo_lm=(1500, 120), elmo_clf=(600, 60), bert=(400, 150),
                  word2vec=(8000, 60)),

@@ -20,7 +20,7 @@ from .runtime import MetricsLog, Runtime, build_optimizer, progress_bar, warmup_
 TASKS = ("cls", "nli", "ner", "qa")
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
 
-# `bertfast finetune --help` prints this; the README repeats it.
+# `bertfast finetune --help` prints this; docs/cli.md repeats it.
 DATA_FORMATS = """data formats (one record per line for .jsonl; a header row for .csv/.tsv):
   cls  {"text": "...", "label": "sports"}  optional "text_pair"; multi-label (--multi-label): "labels": [...]
        csv/tsv columns: text,label[,text_pair]
