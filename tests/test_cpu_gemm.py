@@ -1,0 +1,206 @@
+"""bertfast.dispatch.cpu_gemm: every CPU GEMM implementation equals F.linear (fp32 tolerance;
+bf16 / int8 within their precision), packs follow weight edits, the measured choice is saved
+and read back. Small odd shapes; the measurement runs on tiny buckets only."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bertfast.dispatch import cpu_gemm
+
+FP32 = [i for i in cpu_gemm.IMPLS if i in cpu_gemm.candidates("fp32", "gelu")]
+INT8 = list(cpu_gemm.candidates("int8", "none"))
+HAS_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+HAS_VNNI = torch.cpu._is_vnni_supported()
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BERTFAST_CACHE_DIR", str(tmp_path))
+    cpu_gemm.forget_choices()
+    yield
+    cpu_gemm.forget_choices()
+
+
+def _params(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(n, k, generator=g) * k ** -0.5)
+    b = torch.nn.Parameter(torch.randn(n, generator=g))
+    return w, b
+
+
+def _gelu_finish(approximate="none"):
+    return lambda y, bias: F.gelu(y.float() + bias.float(), approximate=approximate).to(y.dtype)
+
+
+def _ref(x, ws, bs, epilogue):
+    w, b = torch.cat(ws), torch.cat(bs)
+    y = F.linear(x.double(), w.double(), None if epilogue == "none" else b.double())
+    if epilogue in ("gelu", "gelu_tanh"):
+        y = F.gelu(y, approximate="tanh" if epilogue == "gelu_tanh" else "none")
+    return y
+
+
+@pytest.mark.parametrize("impl", FP32)
+@pytest.mark.parametrize("epilogue", cpu_gemm.EPILOGUES)
+@pytest.mark.parametrize("rows,k,n", [(1, 17, 5), (37, 384, 1000), (130, 97, 129)])
+def test_fp32_equals_linear(monkeypatch, impl, epilogue, rows, k, n):
+    if impl == "onednn_gelu" and epilogue not in ("gelu", "gelu_tanh"):
+        pytest.skip("the GELU post-op serves GELU epilogues only")
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", impl)
+    w1, b1 = _params(n // 2, k, 1)
+    w2, b2 = _params(n - n // 2, k, 2)  # two weights concatenated along N, as Q/K/V are
+    x = torch.randn(rows, k)
+    with torch.inference_mode():
+        y = cpu_gemm.linear(x, (w1, w2), (b1, b2), epilogue,
+                            finish=_gelu_finish("tanh" if epilogue == "gelu_tanh" else "none"))
+    ref = _ref(x, (w1, w2), (b1, b2), epilogue)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", FP32)
+def test_weight_edit_after_packing_is_seen(monkeypatch, impl):
+    """In-place edits (optimizer steps, loaders) and `.data` swaps both invalidate the pack."""
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", impl)
+    epilogue = "gelu" if impl == "onednn_gelu" else "bias"
+    w, b = _params(33, 65)
+    x = torch.randn(9, 65)
+    with torch.inference_mode():
+        cpu_gemm.linear(x, (w,), (b,), epilogue, finish=_gelu_finish())
+    with torch.no_grad():
+        w.mul_(-2.0)
+        b.add_(1.0)
+    with torch.inference_mode():
+        y = cpu_gemm.linear(x, (w,), (b,), epilogue, finish=_gelu_finish())
+    torch.testing.assert_close(y.double(), _ref(x, (w,), (b,), epilogue), rtol=1e-5, atol=2e-5)
+    w.data = torch.randn(33, 65)
+    with torch.inference_mode():
+        y = cpu_gemm.linear(x, (w,), (b,), epilogue, finish=_gelu_finish())
+    torch.testing.assert_close(y.double(), _ref(x, (w,), (b,), epilogue), rtol=1e-5, atol=2e-5)
+    assert cpu_gemm.pack_count(w) == 1  # the stale pack was replaced, not kept beside
+
+
+def test_pack_made_once(monkeypatch):
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", "onednn")
+    w, b = _params(16, 8)
+    made = []
+    real = cpu_gemm._Pack.__init__
+
+    def spy(self, *a, **k):
+        made.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(cpu_gemm._Pack, "__init__", spy)
+    with torch.inference_mode():
+        for rows in (3, 50, 3):
+            cpu_gemm.linear(torch.randn(rows, 8), (w,), (b,), "bias")
+    assert len(made) == 1
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="no AVX512-BF16 / AMX on this CPU")
+@pytest.mark.parametrize("impl", ["mkl", "onednn", "onednn_gelu"])
+def test_bf16_within_bf16_error(monkeypatch, impl):
+    """bf16 GEMM (fp32 accumulation) within 2x the error of eager bf16 F.linear, plus a floor."""
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", impl)
+    epilogue = "gelu" if impl == "onednn_gelu" else "bias"
+    w, b = _params(200, 96)
+    x = torch.randn(45, 96)
+    with torch.inference_mode():
+        y = cpu_gemm.linear(x, (w,), (b,), epilogue, "bf16", finish=_gelu_finish())
+    assert y.dtype == torch.bfloat16
+    ref = _ref(x, (w,), (b,), epilogue)
+    eager = F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()).double()
+    if epilogue == "gelu":
+        eager = F.gelu(eager)
+    assert (y.double() - ref).abs().max() <= 2 * (eager - ref).abs().max() + 1e-2
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="no VNNI on this CPU")
+@pytest.mark.parametrize("impl", INT8)
+@pytest.mark.parametrize("epilogue", ["none", "bias", "gelu"])
+def test_int8_dynamic_quantisation(monkeypatch, impl, epilogue):
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", impl)
+    w, b = _params(130, 384)
+    x = torch.randn(70, 384)
+    with torch.inference_mode():
+        y = cpu_gemm.linear(x, (w,), (b,), epilogue, "int8", finish=_gelu_finish())
+    ref = _ref(x, (w,), (b,), epilogue)
+    assert y.dtype == torch.float32
+    # per-channel int8 weights and per-call uint8 activations: ~1% of the output's scale
+    assert (y.double() - ref).abs().max() <= 0.03 * ref.abs().max()
+    cos = F.cosine_similarity(y.double().flatten(), ref.flatten(), dim=0)
+    assert cos > 0.999
+
+
+def test_measured_choice_saved_and_reused(monkeypatch, tmp_path):
+    monkeypatch.delenv("BERTFAST_CPU_GEMM", raising=False)
+    measured = []
+    real = cpu_gemm.measure
+
+    def spy(*a, **k):
+        measured.append(a)
+        return real(*a, **k, rounds=1)
+
+    monkeypatch.setattr(cpu_gemm, "measure", spy)
+    w, b = _params(24, 40)
+    with torch.inference_mode():
+        x = torch.randn(5, 40)
+        y = cpu_gemm.linear(x, (w,), (b,), "gelu", finish=_gelu_finish())
+        cpu_gemm.linear(torch.randn(11, 40), (w,), (b,), "gelu", finish=_gelu_finish())  # same bucket
+    assert len(measured) == 1
+    torch.testing.assert_close(y.double(), _ref(x, (w,), (b,), "gelu"), rtol=1e-5, atol=2e-5)
+    data = json.loads(open(cpu_gemm.cache_path()).read())
+    (key, entry), = data["entries"].items()
+    assert key == "fp32/gelu/16/40/24" and entry["impl"] in cpu_gemm.candidates("fp32", "gelu")
+    assert set(entry["us"]) == set(cpu_gemm.candidates("fp32", "gelu"))
+    assert data["threads"] == torch.get_num_threads() and data["torch"] == torch.__version__
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    # a new process reads the file instead of measuring
+    cpu_gemm.forget_choices()
+    with torch.inference_mode():
+        cpu_gemm.linear(torch.randn(16, 40), (w,), (b,), "gelu", finish=_gelu_finish())
+    assert len(measured) == 1
+
+
+def test_damaged_cache_file_is_measured_again(monkeypatch):
+    monkeypatch.delenv("BERTFAST_CPU_GEMM", raising=False)
+    monkeypatch.setattr(cpu_gemm, "measure", lambda *a, **k: {"mkl": 2.0, "onednn": 1.0})
+    path = cpu_gemm.cache_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").write("{not json")
+    assert cpu_gemm.choose("fp32", "bias", 3, 8, 8) == "onednn"
+    assert json.load(open(path))["entries"]["fp32/bias/16/8/8"]["impl"] == "onednn"
+
+
+def test_bad_arguments_are_named(monkeypatch):
+    w, b = _params(4, 4)
+    with pytest.raises(ValueError, match="epilogue"):
+        cpu_gemm.linear(torch.randn(2, 4), (w,), (b,), "relu")
+    with pytest.raises(ValueError, match="finish"):
+        cpu_gemm.linear(torch.randn(2, 4), (w,), (b,), "gelu")
+    with pytest.raises(ValueError, match="precision"):
+        cpu_gemm.check_precision("fp8")
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", "cublas")
+    with pytest.raises(ValueError, match="BERTFAST_CPU_GEMM"):
+        cpu_gemm.linear(torch.randn(2, 4), (w,), (b,), "bias")
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", "fbgemm")
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_gemm.linear(torch.randn(2, 4), (w,), (b,), "bias")
+
+
+def test_refuses_precision_without_instructions(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    with pytest.raises(RuntimeError, match="AVX512-BF16"):
+        cpu_gemm.check_precision("bf16")
+    with pytest.raises(RuntimeError, match="VNNI"):
+        cpu_gemm.check_precision("int8")
+    assert cpu_gemm.check_precision("fp32") == "fp32"
+
+
+def test_bucket():
+    assert [cpu_gemm.bucket(m) for m in (1, 16, 17, 1000, 4096, 50000)] == [16, 16, 32, 1024, 4096, 4096]
