@@ -425,9 +425,7 @@ class BertPreTrainedModel(nn.Module):
     def save_pretrained(self, folder: str, tokenizer=None) -> None:
         """config.json + model.safetensors, and the tokenizer's files when one is given (the
         command line and from_pretrained users need both in one folder)."""
-        save_pretrained(self, folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+        save_pretrained(self, folder, tokenizer=tokenizer)
 
     @property
     def device(self) -> torch.device:

@@ -163,12 +163,12 @@ class BertConfig:
         return d
 
     def save_pretrained(self, folder: str, architecture: Optional[str] = None) -> None:
-        os.makedirs(folder, exist_ok=True)
+        from .._io import write_json
+
         d = self.to_dict()
         if architecture:
             d["architectures"] = [architecture]
-        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(d, f, indent=2, sort_keys=True)
+        write_json(os.path.join(folder, "config.json"), d, indent=2, sort_keys=True)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, BertConfig) and self.to_dict() == other.to_dict()

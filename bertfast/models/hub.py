@@ -100,6 +100,9 @@ def load_state(model: torch.nn.Module, state: dict, *, strict: bool = False, sou
 def load_pretrained(cls, folder: str, config: Optional[BertConfig] = None, *, strict: bool = False,
                     output_loading_info: bool = False, dtype: Optional[torch.dtype] = None,
                     device=None, **config_overrides):
+    from .._io import recover_folder
+
+    recover_folder(folder)  # a save cut between its two renames left the previous version aside
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"from_pretrained: {folder!r} is not a folder (expected config.json + "
                                 f"{WEIGHTS_SAFE} or {WEIGHTS_BIN}); nothing is downloaded")
@@ -118,17 +121,21 @@ def load_pretrained(cls, folder: str, config: Optional[BertConfig] = None, *, st
     return model
 
 
-def save_pretrained(model, folder: str) -> None:
-    """config.json + model.safetensors; tied tensors (the MLM decoder) are stored once, as
-    transformers does, and re-tied on load."""
-    from safetensors.torch import save_file
+def save_pretrained(model, folder: str, tokenizer=None) -> None:
+    """config.json + model.safetensors (+ the tokenizer's files when one is given); tied tensors
+    (the MLM decoder) are stored once, as transformers does, and re-tied on load.
 
-    os.makedirs(folder, exist_ok=True)
-    model.config.save_pretrained(folder, architecture=type(model).__name__)
+    All-or-nothing: the whole folder is written beside `folder` and swapped in (bertfast._io.
+    atomic_folder), so a failed or killed save never leaves new label names beside old weights;
+    other files already in `folder` are kept, a stale pytorch_model.bin is not."""
+    from .._io import atomic_folder, save_safetensors
+
     state = model.state_dict()
     for key in getattr(model, "tied_weight_keys", ()):
         state.pop(key, None)
-    tmp = os.path.join(folder, WEIGHTS_SAFE + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(folder, WEIGHTS_SAFE))  # atomic: never a half-written checkpoint
-
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    with atomic_folder(folder, replaces=(WEIGHTS_BIN,)) as tmp:
+        model.config.save_pretrained(tmp, architecture=type(model).__name__)
+        save_safetensors(tensors, os.path.join(tmp, WEIGHTS_SAFE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.write_files(tmp)

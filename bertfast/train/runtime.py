@@ -142,10 +142,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from .._io import write_text
+
+    write_text(path, text)
 
 
 class MetricsLog:
@@ -165,8 +164,10 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            from .._io import json_safe
+
+            with open(self.path, "a", encoding="utf-8") as f:  # standard JSON: NaN is written as null
+                f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 def read_metrics(path: str) -> List[dict]:
@@ -203,7 +204,7 @@ MANIFEST = "manifest.json"
 # pre-training arguments whose change breaks an exact resume (data order, masks, schedule, model)
 EXACT_ARGS = ("seed", "batch_size", "seq_len", "grad_accum", "max_steps", "lr", "warmup_steps", "weight_decay",
               "max_grad_norm", "mlm_probability", "whole_word_mask", "short_seq_prob", "dense_mlm", "train",
-              "tokenizer", "vocab_size", "cased", "config", "dropout", "attention_dropout", "init")
+              "tokenizer", "vocab_size", "cased", "config", "dropout", "attention_dropout", "init", "corpus_sha256")
 
 
 def _sha256(path: str) -> str:
@@ -212,6 +213,11 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def corpus_fingerprint(files) -> List[str]:
+    """The SHA-256 of each corpus file, in order: what an exact resume must read again."""
+    return [_sha256(f) for f in ([files] if isinstance(files, str) else list(files or ()))]
 
 
 def write_manifest(folder: str) -> None:
@@ -286,7 +292,9 @@ def exactness_differences(saved: dict, now: dict) -> List[str]:
     """The arguments of EXACT_ARGS that differ between a checkpoint's run and this one."""
     diffs = []
     for k in EXACT_ARGS:
-        if k in saved and k in now and saved[k] != now[k]:
+        if k == "corpus_sha256" and k in saved and k in now and saved[k] != now[k]:
+            diffs.append("the --train files' content changed since the checkpoint (SHA-256 differs)")
+        elif k in saved and k in now and saved[k] != now[k]:
             diffs.append(f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, now {now[k]!r}")
     return diffs
 
@@ -336,6 +344,8 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, rt: Runtim
     leaves the previous checkpoint intact. With the tokenizer beside the weights, every checkpoint
     is a folder the command line and from_pretrained take as it is. A full disk stops the run with
     a clear error and the partial folder removed."""
+    from .._io import WriteError, is_no_space, save_torch
+
     rngs = rt.gather(rng_state())
     if rt.main:
         root = os.path.join(out, "checkpoints")
@@ -347,14 +357,16 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, rt: Runtim
             model.save_pretrained(tmp, tokenizer=tokenizer)
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": rngs, "world_size": rt.world, **extra}
-            torch.save(state, os.path.join(tmp, STATE_FILE))
+            save_torch(state, os.path.join(tmp, STATE_FILE))
             write_manifest(tmp)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - torch.save and safetensors wrap ENOSPC in their own errors
             shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno == errno.ENOSPC:
-                raise OSError(errno.ENOSPC, f"no space left on the device while writing checkpoint {tmp} (step "
-                                            f"{step}); the partial folder was removed and the previous checkpoint "
-                                            f"is intact. Free space (or lower --keep-checkpoints) and --resume") from e
+            if is_no_space(e):
+                err = WriteError(errno.ENOSPC, f"no space left on device while writing checkpoint {tmp} (step "
+                                               f"{step}); the partial folder was removed and the previous checkpoint "
+                                               f"is intact. Free space (or lower --keep-checkpoints) and --resume")
+                err.path = tmp
+                raise err from e
             raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
