@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -43,6 +44,9 @@ class Tokenizer:
         self._tok = tokenizer
         self._tok.no_padding()
         self._tok.no_truncation()
+        # `tokenizers` keeps truncation settings on the object, so truncating calls never touch
+        # self._tok: each thread encodes through its own copies, one per (max_length, strategy)
+        self._local = threading.local()
         self.model_max_length = int(model_max_length)
         vocab = self._tok.get_vocab()
         missing = [t for t in SPECIAL_TOKENS if t not in vocab]
@@ -51,6 +55,15 @@ class Tokenizer:
         self.pad_token, self.unk_token, self.cls_token, self.sep_token, self.mask_token = SPECIAL_TOKENS
         self.pad_token_id, self.unk_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id = (
             vocab[t] for t in SPECIAL_TOKENS)
+
+    def __getstate__(self):  # pickling (worker pools): the per-thread copies stay behind
+        state = self.__dict__.copy()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     # ---- construction -------------------------------------------------------------------
 
@@ -75,13 +88,21 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, folder: str) -> "Tokenizer":
         """Load from a folder with tokenizer.json (preferred) or vocab.txt (+ tokenizer_config.json)."""
+        from ._io import recover_folder
+
+        recover_folder(folder)  # a save cut between its two renames left the previous version aside
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"Tokenizer.from_pretrained: {folder!r} is not a folder; nothing is downloaded")
         conf = {}
         conf_path = os.path.join(folder, "tokenizer_config.json")
         if os.path.isfile(conf_path):
-            with open(conf_path, encoding="utf-8") as f:
-                conf = json.load(f)
+            try:
+                with open(conf_path, encoding="utf-8") as f:
+                    conf = json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+                raise ValueError(f"{conf_path}: not a readable JSON file ({e})") from None
+            if not isinstance(conf, dict):
+                raise ValueError(f"{conf_path}: must hold a JSON object, got a JSON {type(conf).__name__}")
         max_len = conf.get("model_max_length", 512)
         if not isinstance(max_len, int) or max_len > 1_000_000:  # HF writes a huge sentinel for "unset"
             max_len = 512
@@ -89,9 +110,22 @@ class Tokenizer:
         if os.path.isfile(tj):
             from tokenizers import Tokenizer as _Tok
 
-            return cls(_Tok.from_file(tj), max_len)
+            try:
+                raw = _Tok.from_file(tj)
+            except Exception as e:  # noqa: BLE001 - the library's error names neither the file nor the cause's place
+                raise ValueError(f"{tj}: not a readable tokenizers file (damaged or not a tokenizer.json?): "
+                                 f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+            try:
+                return cls(raw, max_len)
+            except ValueError as e:
+                raise ValueError(f"{tj}: {e}") from None
         if os.path.isfile(vt):
-            return cls(cls._wordpiece_from_vocab(vt, bool(conf.get("do_lower_case", True))), max_len)
+            try:
+                return cls(cls._wordpiece_from_vocab(vt, bool(conf.get("do_lower_case", True))), max_len)
+            except ValueError as e:
+                raise ValueError(f"{vt}: {e}" if vt not in str(e) else str(e)) from None
+            except Exception as e:  # noqa: BLE001 - e.g. a vocab.txt that is not UTF-8
+                raise ValueError(f"{vt}: not a readable vocabulary file: {type(e).__name__}: {e}") from None
         raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {folder!r}")
 
     @classmethod
@@ -123,8 +157,16 @@ class Tokenizer:
         return cls(tok)
 
     def save_pretrained(self, folder: str) -> None:
-        """tokenizer.json + vocab.txt + tokenizer_config.json (transformers' BertTokenizerFast reads it)."""
-        os.makedirs(folder, exist_ok=True)
+        """tokenizer.json + vocab.txt + tokenizer_config.json (transformers' BertTokenizerFast reads
+        it), all-or-nothing: written beside `folder` and swapped in; other files there are kept."""
+        from ._io import atomic_folder
+
+        with atomic_folder(folder) as tmp:
+            self.write_files(tmp)
+
+    def write_files(self, folder: str) -> None:
+        """The tokenizer's files into an existing folder (a model's save writes them into its own
+        temporary folder: see models/hub.save_pretrained)."""
         self._tok.save(os.path.join(folder, "tokenizer.json"))
         vocab = sorted(self._tok.get_vocab().items(), key=lambda kv: kv[1])
         with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
@@ -141,6 +183,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def check_fits(self, vocab_size: int, where: str) -> None:
+        """Refuse a model whose embedding table is smaller than this vocabulary (found when loading,
+        not as an index error at the first forward that meets a high id)."""
+        if self.vocab_size > int(vocab_size):
+            raise ValueError(f"{where}: the tokenizer has {self.vocab_size} tokens but the model's vocab_size is "
+                             f"{vocab_size} (config.json), so ids >= {vocab_size} have no embedding; use the "
+                             f"tokenizer the model was trained with")
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -179,22 +229,46 @@ class Tokenizer:
     def batch_decode(self, batch, skip_special_tokens: bool = True) -> List[str]:
         return [self.decode(ids, skip_special_tokens) for ids in batch]
 
+    def _truncating(self, max_length: int, strategy: str):
+        """This thread's copy of the tokenizer that truncates to max_length with `strategy`
+        (enable_truncation mutates a tokenizers.Tokenizer, so the shared one never gets it)."""
+        cache = getattr(self._local, "truncating", None)
+        if cache is None:
+            cache = self._local.truncating = {}
+        key = (max_length, strategy)
+        if key not in cache:
+            from tokenizers import Tokenizer as _Tok
+
+            if len(cache) >= 8:
+                cache.clear()
+            raw = _Tok.from_str(self._tok.to_str())
+            raw.enable_truncation(max_length, strategy=strategy)
+            cache[key] = raw
+        return cache[key]
+
     def encodings(self, text, text_pair=None, truncation=False, max_length=None, add_special_tokens=True):
-        """The raw `tokenizers` Encoding objects (offsets, word ids, sequence ids), truncated."""
+        """The raw `tokenizers` Encoding objects (offsets, word ids, sequence ids), truncated.
+        Safe to call from several threads at once, with different max_length values."""
         texts, pairs, _ = self._normalise_inputs(text, text_pair)
         max_length = self._max_length(truncation, max_length)
-        if max_length is not None:
-            self._tok.enable_truncation(max_length, strategy=_TRUNCATION[truncation])
+        raw = self._tok if max_length is None else self._truncating(max_length, _TRUNCATION[truncation])
         try:
             inputs = texts if pairs is None else list(zip(texts, pairs))
-            return self._tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+            return raw.encode_batch(inputs, add_special_tokens=add_special_tokens)
         except Exception as e:
             if "Truncation error" in str(e) or "truncat" in str(e).lower():
                 raise ValueError(f"cannot truncate to max_length={max_length} with truncation={truncation!r}: "
                                  f"{e}") from e
             raise
-        finally:
-            self._tok.no_truncation()
+
+    def word_encodings(self, words_list: Sequence[Sequence[str]], max_length: Optional[int] = None):
+        """Encodings of pre-split words (their word_ids map pieces back to word indices), cut to
+        max_length tokens when given. Thread-safe as `encodings` is."""
+        words_list = [list(map(str, words)) for words in words_list]
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        raw = self._tok if max_length is None else self._truncating(max_length, "longest_first")
+        return raw.encode_batch(words_list, is_pretokenized=True)
 
     @staticmethod
     def _normalise_inputs(text, text_pair):
