@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 
+from .._io import json_safe
 from ..data import CorpusError
 from ..tasks import truncation_notes
 from .finetune import finetune, finetune_parser
@@ -21,9 +22,9 @@ def cli_main(cmd: str, argv: Sequence[str]) -> int:
     try:
         with truncation_notes(cmd):
             result = pretrain(args) if cmd == "pretrain" else finetune(args)
-    except (CorpusError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (CorpusError, ValueError, OSError, RuntimeError, FloatingPointError) as e:
         print(f"bertfast {cmd}: error: {e}", file=sys.stderr)
         return 1
     if result and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
+        print(json.dumps(json_safe(result), allow_nan=False))  # standard JSON: a NaN prints as null
     return 0

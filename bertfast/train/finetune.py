@@ -79,6 +79,37 @@ def _labels_of(rec, path, what, multi):
 
 
 def label_set(task: str, records: List[dict], path: str, multi: bool = False, given: Optional[str] = None):
+    labels = _label_set(task, records, path, multi, given)
+    where = "--labels" if given else f"--train {path}"
+    _refuse_numeric_twins(labels, where)
+    if task in ("cls", "nli") and not multi and len(labels) < 2:
+        # one class trains to loss 0 and then answers it for every text with score 1.0
+        raise ValueError(f"{where}: a classifier needs at least two classes, found only {labels}; add examples of "
+                         f"the other classes (or name them all with --labels)")
+    if task == "ner" and len(labels) < 2:
+        warnings.warn(f"{where}: every token has the tag {labels[0]!r}: the tagger will learn to answer it for "
+                      f"every word", stacklevel=2)
+    return labels
+
+
+def _refuse_numeric_twins(labels: List[str], where: str) -> None:
+    """Labels written as numbers in two spellings (3 and 3.0: JSON int and float, or "03") would
+    become two classes that mean one."""
+    by_value: Dict[float, List[str]] = {}
+    for lab in labels:
+        try:
+            v = float(lab)
+        except ValueError:
+            continue
+        if math.isfinite(v):
+            by_value.setdefault(v, []).append(lab)
+    twins = [sorted(v) for v in by_value.values() if len(v) > 1]
+    if twins:
+        raise ValueError(f"{where}: the labels {' / '.join(repr(t) for t in twins[0])} are one number written two "
+                         f"ways and would train as different classes; write each label one way")
+
+
+def _label_set(task, records, path, multi, given):
     if given:
         return [x.strip() for x in given.split(",") if x.strip()]
     if task == "nli":
@@ -140,7 +171,7 @@ def build_features(task: str, records: List[dict], tok, path: str, what: str, la
                 raise ValueError(f"{what}: {path} line {r['_line']}: {len(words)} tokens but {len(tags)} tags")
             words_list.append(words)
             tags_list.append([_label_id(t, label2id, r, path, what) for t in tags])
-        _note_cut(what, sum(len(e.ids) > max_seq_len for e in tok._tok.encode_batch(words_list, is_pretokenized=True)),
+        _note_cut(what, sum(len(e.ids) > max_seq_len for e in tok.word_encodings(words_list)),
                   len(words_list), max_seq_len, " (their last words are not trained on)")
         for r, e, tags in zip(records, encode_words(tok, words_list, max_seq_len), tags_list):
             labels, prev = [], None
@@ -192,12 +223,7 @@ def _note_cut(what: str, n_cut: int, total: int, max_seq_len: int, consequence: 
 
 def encode_words(tok, words_list: List[List[str]], max_seq_len: int):
     """Encodings of pre-split words (word_ids map pieces back to words), truncated to max_seq_len."""
-    raw = tok._tok
-    raw.enable_truncation(max_seq_len)
-    try:
-        return raw.encode_batch(words_list, is_pretokenized=True)
-    finally:
-        raw.no_truncation()
+    return tok.word_encodings(words_list, max_seq_len)
 
 
 def collate_features(feats: List[dict], pad_id: int, task: str) -> Dict[str, torch.Tensor]:
@@ -291,6 +317,39 @@ def evaluate_finetune(task: str, model, feats: List[dict], tok, rt: Runtime, bat
     return res
 
 
+def check_finetune_options(args) -> None:
+    """Every numeric option checked for type, finiteness and range before anything is read or
+    written (NaN compares false with everything, so each test is written to fail on it)."""
+    for name in ("epochs", "batch_size", "max_seq_len", "log_every", "max_answer_len", "doc_stride"):
+        v = getattr(args, name, 1)
+        low = 0 if name == "doc_stride" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+    if getattr(args, "threads", None) is not None and (not isinstance(args.threads, int) or args.threads < 1):
+        raise ValueError(f"--threads must be a positive integer, got {args.threads!r}")
+    ranges = {  # name: (lowest, highest, lowest allowed itself)
+        "lr": (0.0, math.inf, False), "weight_decay": (0.0, math.inf, True), "max_grad_norm": (0.0, math.inf, False),
+        "warmup_ratio": (0.0, 1.0, True), "threshold": (0.0, 1.0, True)}
+    for name, (lo, hi, lo_ok) in ranges.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{flag} must be a finite number, got {v!r}")
+        if not (v >= lo if lo_ok else v > lo) or v > hi:
+            want = f"in [{lo:g}, {hi:g}]" if hi != math.inf else (f">= {lo:g}" if lo_ok else f"> {lo:g}")
+            raise ValueError(f"{flag} must be {want}, got {v!r}")
+
+
+def _stop_if_not_finite(loss: float, step: int, epoch: int) -> None:
+    """A NaN or infinite loss stops fine-tuning before its optimizer step (as pre-training does):
+    training on spreads NaN into every weight, and --out must not receive such a model."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss} at step {step + 1} (epoch {epoch + 1}); stopped before "
+                                 f"the optimizer step and nothing was saved. Lower --lr or --max-grad-norm")
+
+
 def finetune(args) -> dict:
     rt = Runtime(args.device)
     try:
@@ -309,9 +368,7 @@ def _finetune(args, rt: Runtime) -> dict:
         raise ValueError(f"--crf is a sequence-labelling head: it needs --task ner, got --task {args.task}")
     if not os.path.isdir(args.model):
         raise ValueError(f"--model must be a checkpoint folder (config.json + weights), got {args.model!r}")
-    for name in ("epochs", "batch_size", "max_seq_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_finetune_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     multi = bool(args.multi_label)
@@ -328,6 +385,7 @@ def _finetune(args, rt: Runtime) -> dict:
     eval_feats = build_features(args.task, eval_recs, tok, args.eval, "--eval", label2id, args.max_seq_len, multi,
                                 args.doc_stride) if eval_recs else []
     cfg = BertConfig.from_pretrained(args.model).to_dict()
+    tok.check_fits(cfg["vocab_size"], f"--model {args.model}")
     cfg.pop("architectures", None)
     if labels:
         cfg.update(num_labels=len(labels), id2label={i: lab for i, lab in enumerate(labels)}, label2id=label2id)
@@ -374,6 +432,8 @@ def _finetune(args, rt: Runtime) -> dict:
             torch.manual_seed(derive_seed(args.seed, "dropout", step, rt.rank))
             with rt.autocast():
                 out = ddp_model(**batch)
+            loss_value = out.loss.item()
+            _stop_if_not_finite(loss_value, step, epoch)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
@@ -381,8 +441,8 @@ def _finetune(args, rt: Runtime) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            run_loss += out.loss.item()
-            epoch_loss += out.loss.item()
+            run_loss += loss_value
+            epoch_loss += loss_value
             run_n += 1
             bar.update(1)
             if step % args.log_every == 0:
@@ -400,6 +460,10 @@ def _finetune(args, rt: Runtime) -> dict:
                 bar.write(json.dumps(last))
         rt.barrier()
     bar.close()
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:  # the last optimizer step can overflow after a finite loss
+        raise FloatingPointError(f"the trained weights hold NaN or inf ({len(bad)} tensors, e.g. {bad[0]}); nothing "
+                                 f"was saved to {args.out}. Lower --lr or --max-grad-norm")
     if rt.main:
         model.save_pretrained(args.out, tokenizer=tok)
     rt.barrier()

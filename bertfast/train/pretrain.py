@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import math
 import os
-import shutil
 import time
 import warnings
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 from ..data import (IGNORE_INDEX, PretrainingStream, batch_iterator, check_corpus_files, derive_seed,
                     packed_batch_iterator)
-from .runtime import (MetricsLog, Runtime, build_optimizer, checkpoint_candidates, load_checkpoint, progress_bar,
+from .runtime import (MetricsLog, corpus_fingerprint, Runtime, build_optimizer, checkpoint_candidates, load_checkpoint, progress_bar,
                       remove_partial_checkpoints, save_checkpoint, set_rng_state, warmup_linear_schedule)
 
 # ---- pre-training ---------------------------------------------------------------------------
@@ -33,11 +32,7 @@ def _load_or_train_tokenizer(args, rt: Runtime):
         return Tokenizer.from_pretrained(folder)
     if rt.main:
         tok = Tokenizer.train(args.train, vocab_size=args.vocab_size, lowercase=not args.cased)
-        tmp = folder + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        tok.save_pretrained(folder)  # all-or-nothing
     rt.barrier()
     return Tokenizer.from_pretrained(folder)
 
@@ -196,6 +191,7 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
     torch.manual_seed(args.seed)
     if args.init:
         model = model_cls.from_pretrained(args.init).to(rt.device)
+        tok.check_fits(model.config.vocab_size, f"--init {args.init}")
     else:
         model = model_cls(_model_config(args, tok.vocab_size)).to(rt.device)
     model.train()
@@ -215,10 +211,12 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
     consumed = {s: 0 for s in range(num_shards)}  # examples read from each shard
     step, tokens_seen = 0, 0
     ckpt = None
+    # the corpus by content: an edited file under the same name would resume at shifted positions
+    run_args = {**vars(args), "corpus_sha256": corpus_fingerprint(args.train)}
     if args.resume:
         # the newest intact checkpoint (damaged ones skipped with a warning); tensors and plain
         # values only (weights_only=True): a planted pickle cannot run
-        state = load_checkpoint(args.out, model, optimizer, scheduler, vars(args), force=args.force_resume)
+        state = load_checkpoint(args.out, model, optimizer, scheduler, run_args, force=args.force_resume)
         ckpt = state["path"]
         step, tokens_seen = state["step"], state.get("tokens_seen", 0)
         consumed.update({int(k): v for k, v in state["consumed"].items()})
@@ -264,7 +262,7 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
         return rec
 
     extra_state = lambda: {"consumed": consumed, "num_shards": num_shards, "tokens_seen": tokens_seen,  # noqa: E731
-                           "args": vars(args)}
+                           "args": run_args}
     if step == 0 and args.eval_every:
         run_eval()
     bar = progress_bar(args.max_steps, step, rt.main and not args.no_progress, "pretrain")
