@@ -4,13 +4,18 @@
     batch = tok(["a text", "another"], padding=True, truncation=True, max_length=128,
                 return_tensors="pt")               # input_ids, token_type_ids, attention_mask
     pairs = tok(questions, contexts, truncation="only_second", max_length=384)
+    packed = tok.pack(["a text", "another"], truncation=True)   # no padding: ids (total,),
+    out = model.forward_packed(packed.input_ids, packed.cu_seqlens, packed.max_seqlen,
+                               packed.token_type_ids)             # cu_seqlens, max_seqlen
     tok = Tokenizer.train(["corpus.txt"], vocab_size=8000)
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
+from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -31,6 +36,44 @@ class BatchEncoding(dict):
 
     def to(self, device):
         return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Sequences one after the other, no padding: the packed encoder's input, built on the host.
+
+    input_ids, token_type_ids: int64 (total,); cu_seqlens: int32 (n + 1,), where sequence i is
+    rows cu_seqlens[i]:cu_seqlens[i + 1]; max_seqlen: the longest sequence (a host int);
+    lengths: the n lengths as host ints (so no caller reads them back from a device). Positions
+    are left to the model, whose packed forward restarts them at every sequence (from 0 for BERT,
+    after padding_idx for RoBERTa)."""
+
+    input_ids: torch.Tensor
+    token_type_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    lengths: tuple
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.token_type_ids.to(device), self.cu_seqlens.to(device),
+                           self.max_seqlen, self.lengths)
+
+
+def pack_rows(rows: Sequence[Sequence[int]], type_rows: Optional[Sequence[Sequence[int]]] = None) -> PackedBatch:
+    """A PackedBatch of token id lists (and their token type lists; default all 0). Empty rows
+    are allowed: they are zero-length sequences."""
+    lengths = tuple(len(r) for r in rows)
+    if type_rows is not None and tuple(len(t) for t in type_rows) != lengths:
+        raise ValueError("type_rows must hold one token type per token of each row")
+    total = sum(lengths)
+    ids = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.int64).reshape(total)
+    tt = torch.zeros(total, dtype=torch.int64) if type_rows is None else \
+        torch.tensor(list(itertools.chain.from_iterable(type_rows)), dtype=torch.int64).reshape(total)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    return PackedBatch(ids, tt, cu, max(lengths, default=0), lengths)
 
 
 class Tokenizer:
@@ -269,6 +312,14 @@ class Tokenizer:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         raw = self._tok if max_length is None else self._truncating(max_length, "longest_first")
         return raw.encode_batch(words_list, is_pretokenized=True)
+
+    def pack(self, text, text_pair=None, truncation: Union[bool, str] = False, max_length: Optional[int] = None,
+             add_special_tokens: bool = True) -> PackedBatch:
+        """The texts (or pairs) packed one after the other with no padding (a PackedBatch:
+        input_ids, token_type_ids, cu_seqlens, max_seqlen, lengths), the tokens and truncation
+        of __call__ for the same arguments."""
+        encs = self.encodings(text, text_pair, truncation, max_length, add_special_tokens)
+        return pack_rows([e.ids for e in encs], [e.type_ids for e in encs])
 
     @staticmethod
     def _normalise_inputs(text, text_pair):

@@ -126,3 +126,29 @@ def test_training_is_reproducible_across_processes(tmp_path):
                               env=dict(os.environ, PYTHONPATH=root)) for _ in range(2)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs) and outs[0] and outs[0] == outs[1]
+
+
+def test_pack_holds_the_padded_batch_tokens_without_padding(pair):
+    """Tokenizer.pack: each row's tokens and token types of __call__ (same truncation), one after
+    the other; cu_seqlens where each starts, max_seqlen the longest, pairs and empty rows included."""
+    from bertfast.tokenizer import pack_rows
+
+    ours = pair[0]
+    texts = ["a short one", "", "a much longer sentence about licences " * 20, "x"]
+    pairs = ["its pair", "b", "c", "the second text of the last pair"]
+    for p in (None, pairs):
+        padded = ours(texts, p, padding=True, truncation=True, max_length=24, return_tensors="pt")
+        packed = ours.pack(texts, p, truncation=True, max_length=24)
+        keep = padded["attention_mask"].bool()
+        assert torch.equal(packed.input_ids, padded["input_ids"][keep])
+        assert torch.equal(packed.token_type_ids, padded["token_type_ids"][keep])
+        lengths = keep.sum(1)
+        assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens.tolist() == [0] + lengths.cumsum(0).tolist()
+        assert packed.max_seqlen == int(lengths.max()) == 24 and packed.lengths == tuple(lengths.tolist())
+        assert len(packed) == 4 and packed.to("cpu").input_ids is not None
+    rows = pack_rows([[5, 6], [], [7]])
+    assert rows.input_ids.tolist() == [5, 6, 7] and rows.cu_seqlens.tolist() == [0, 2, 2, 3] and rows.max_seqlen == 2
+    assert rows.token_type_ids.tolist() == [0, 0, 0]
+    assert pack_rows([]).cu_seqlens.tolist() == [0] and pack_rows([]).max_seqlen == 0
+    with pytest.raises(ValueError, match="type_rows"):
+        pack_rows([[5, 6]], [[0]])
