@@ -6,11 +6,14 @@ graphs practical for ragged batches:
 
     enc = GraphedEncoder(model, max_tokens=4096, max_seqs=64)    # captures one graph per bucket
     out = enc(input_ids, attention_mask)     # .last_hidden_state (B, S, H), .pooler_output (B, H)
+    rows = enc.forward_packed(ids, cu_seqlens, max_seqlen)       # already packed: (total, H) rows
     enc.memory_bytes; enc.release()
 
 A batch is packed (its valid tokens one after the other), padded up to the smallest bucket of
 the token ladder that holds it, copied into static buffers and replayed; its rows are copied out
-of the graph's output, padded back to (B, S) with zeros. The static layout has `max_seqs`
+of the graph's output, padded back to (B, S) with zeros. A batch that comes packed (a
+Tokenizer.pack batch: ids, cu_seqlens, max_seqlen) goes into the buffers as it is and its rows
+come back packed: no unpadding and no padding on either side. The static layout has `max_seqs`
 sequence slots (a batch of fewer rows leaves zero-length slots) and, after them, the bucket's
 dummy tokens as sequences of `pad_chunk` tokens (so they cost the attention kernel little and every
 token belongs to a sequence), and the attention kernels get max_seqlen = min(bucket, max
@@ -32,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .models.bert import BertModelOutput, _check_inputs, _read_back, first_tokens
+from .models.bert import BertModelOutput, _check_inputs, _check_packed, _read_back, first_tokens, packed_positions
 from .ops._common import no_host_reads
 from .padding import layout_of, pad_input
 
@@ -95,6 +98,10 @@ class GraphedEncoder:
                              f"(max_position_embeddings), got {max_seqlen!r}")
         self.chunk = min(pad_chunk, self.max_seqlen)
         self.device = model.device
+        # the position of a sequence's first token, for packed batches that bring none: the model's
+        # own default (0 for BERT, padding_idx + 1 for RoBERTa, whose positions count past the pad id)
+        probe = torch.full((1, 1), 1 if (cfg.pad_token_id or 0) == 0 else 0, device=self.device)
+        self._first_position = int(model.default_position_ids(probe)[0, 0])
         self.capture = _capturing_default(self.device) if capture is None else bool(capture)
         if self.capture and self.device.type != "cuda":
             raise ValueError(f"capture=True needs the model on a CUDA device, it is on {self.device}")
@@ -240,6 +247,35 @@ class GraphedEncoder:
         if self.model.pooler is not None and self.pooler:
             pooled = self.model.pooler(first[:B])
         return BertModelOutput(last_hidden_state=last, pooler_output=pooled)
+
+    @torch.inference_mode()
+    def forward_packed(self, input_ids, cu_seqlens, max_seqlen: int, token_type_ids=None,
+                       position_ids=None) -> torch.Tensor:
+        """The last layer's packed rows (total, hidden) of sequences already packed (the arguments
+        of BertModel.forward_packed, e.g. from Tokenizer.pack), from the smallest graph that holds
+        them, else eagerly. Positions default to the model's own, restarting at every sequence."""
+        ids, cu = _check_packed(self.config, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids)
+        total, n = ids.numel(), cu.numel() - 1
+        bucket = self.bucket_for(total) if self.buckets else None
+        if (bucket is None or n > self.max_seqs or max_seqlen > self.max_seqlen
+                or (position_ids is None and self._first_position + max_seqlen > self.config.max_position_embeddings)):
+            self.fallbacks += 1
+            return self.model.forward_packed(ids, cu, max_seqlen, token_type_ids, position_ids,
+                                             pool=False).last_hidden_state
+        if position_ids is None:
+            position_ids = packed_positions(cu, total) + self._first_position
+        tt = token_type_ids.reshape(-1) if token_type_ids is not None else torch.zeros_like(ids)
+        rows = torch.stack([ids.long(), tt.long(), position_ids.reshape(-1).long()])
+        if self.capture and bucket not in self._graphs:  # lazy: captured on first use (it fills the buffers)
+            self._capture(bucket)
+        self._fill(bucket, total, rows, cu)
+        if self.capture:
+            self._graphs[bucket].replay()
+            hidden = self._outs[bucket][0]
+        else:
+            hidden = self._forward(bucket)[0]
+        self.replays[bucket] += 1
+        return hidden[:total].clone()  # the next call overwrites the static output
 
     def _eager(self, input_ids, attention_mask, token_type_ids, position_ids) -> BertModelOutput:
         self.fallbacks += 1

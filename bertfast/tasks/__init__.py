@@ -2,7 +2,7 @@
 classification, NLI, tagging (NER/POS) and extractive QA, one module per task family:
 
     mask_filling.py         fill_mask, topk_tokens
-    embedding.py            embed, search, cluster; pool, cosine_topk, similarity, kmeans
+    embedding.py            embed, search, cluster; pool, pool_packed, cosine_topk, similarity, kmeans
     classification.py       classify, nli; decode_classification
     tagging.py              tag, tag_batch; piece_tags, word_labels, bio_spans
     question_answering.py   answer, answer_batch, qa_windows; best_span, normalize_answer, answer_f1
@@ -23,14 +23,14 @@ so the decoding rules are unit-testable without a model.
 """
 from .classification import classify, decode_classification, nli
 from .common import TruncationWarning, iter_jsonl, truncation_notes
-from .embedding import cluster, cosine_topk, embed, kmeans, pool, search, similarity
+from .embedding import cluster, cosine_topk, embed, kmeans, pool, pool_packed, search, similarity
 from .mask_filling import fill_mask, topk_tokens
 from .question_answering import answer, answer_batch, answer_f1, best_span, normalize_answer, qa_windows
 from .tagging import bio_spans, piece_tags, tag, tag_batch, word_labels
 
 __all__ = [
     "fill_mask", "topk_tokens",
-    "embed", "search", "cluster", "pool", "cosine_topk", "similarity", "kmeans",
+    "embed", "search", "cluster", "pool", "pool_packed", "cosine_topk", "similarity", "kmeans",
     "classify", "nli", "decode_classification",
     "tag", "tag_batch", "piece_tags", "word_labels", "bio_spans",
     "answer", "answer_batch", "qa_windows", "best_span", "normalize_answer", "answer_f1",

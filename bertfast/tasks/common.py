@@ -45,6 +45,13 @@ def padded_batch(rows: Sequence[Sequence[int]], pad_id: int, device, type_rows=N
     return ids.to(device), mask.to(device), tt.to(device)
 
 
+def token_types(encoder, token_type_ids):
+    """token_type_ids for `encoder`, or None for a model with a single token type (DistilBERT has
+    no token type embeddings, RoBERTa one): their tokenizers give no segment ids, while BERT's
+    WordPiece marks a pair's second text with type 1."""
+    return token_type_ids if getattr(encoder.config, "type_vocab_size", 2) > 1 else None
+
+
 def id2label_of(model) -> Dict[int, str]:
     m = model.config.id2label or {}
     return {i: m.get(i, f"LABEL_{i}") for i in range(model.config.num_labels)}

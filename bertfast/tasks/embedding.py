@@ -1,5 +1,10 @@
 """Sentence embeddings and what is built on them: embed (pooled hidden states), search (cosine
-top-k over a corpus), cluster (k-means). Pooling, cosine top-k and k-means are pure functions."""
+top-k over a corpus), cluster (k-means). Pooling, cosine top-k and k-means are pure functions.
+
+embed feeds the packed encoder: the tokenizer's rows go in one after the other (ids, cu_seqlens,
+max_seqlen built on the host), the encoder returns packed rows, and pooling reads each sequence's
+rows through cu_seqlens, so no padded tensor is built, read back, unpacked or padded again. The
+padded path (packed=False) is kept for models without a packed forward and as the reference."""
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -7,7 +12,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .common import model_device, padded_batch, resolve_max_length, warn_truncated
+from ..tokenizer import pack_rows
+from .common import model_device, padded_batch, resolve_max_length, token_types, warn_truncated
+
+POOLINGS = ("mean", "cls", "max")
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
@@ -21,6 +29,32 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mea
     if pooling == "max":
         return hidden.masked_fill(mask == 0, float("-inf")).amax(1)
     raise ValueError(f"pooling must be 'mean', 'cls' or 'max', got {pooling!r}")
+
+
+def pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """(total, H) packed rows -> (n, H), sequence i being rows cu_seqlens[i]:cu_seqlens[i + 1]: its
+    first row ('cls'), the mean ('mean') or the max ('max') of its rows; a zero-length sequence
+    pools to zeros. The same vectors as pool() on the padded batch, without building it."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be 'mean', 'cls' or 'max', got {pooling!r}")
+    if hidden.dim() != 2 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"hidden must be (total, hidden) and cu_seqlens (n + 1,), got {tuple(hidden.shape)} and "
+                         f"{tuple(cu_seqlens.shape)}")
+    total, n = hidden.shape[0], cu_seqlens.numel() - 1
+    cu = cu_seqlens.to(device=hidden.device, dtype=torch.long)
+    lengths = cu[1:] - cu[:-1]
+    out = hidden.new_zeros(n, hidden.shape[1])
+    if total == 0 or n == 0:
+        return out
+    if pooling == "cls":
+        first = hidden.index_select(0, cu[:-1].clamp(max=total - 1))
+        return torch.where((lengths > 0).unsqueeze(1), first, out)
+    # the sequence each row belongs to (output_size: no read-back of the lengths)
+    seq = torch.repeat_interleave(torch.arange(n, device=hidden.device), lengths, output_size=total)
+    if pooling == "mean":
+        return out.index_add_(0, seq, hidden) / lengths.clamp_min(1).unsqueeze(1).to(hidden.dtype)
+    # max: include_self=False leaves a zero-length sequence's zeros untouched
+    return out.scatter_reduce_(0, seq.unsqueeze(1).expand_as(hidden), hidden, "amax", include_self=False)
 
 
 def cosine_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +117,10 @@ def _windows(ids: List[int], size: int, stride: int) -> List[List[int]]:
 @torch.no_grad()
 def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch_size: int = 32,
           max_length: Optional[int] = None, normalize: bool = False, long_texts: str = "truncate",
-          window_stride: Optional[int] = None, cuda_graphs: Optional[bool] = None) -> torch.Tensor:
+          window_stride: Optional[int] = None, cuda_graphs: Optional[bool] = None, packed: bool = True
+          ) -> torch.Tensor:
     """(N, hidden) float32 sentence embeddings. layer indexes hidden_states (0 = embeddings,
-    -1 = last layer). Texts are sorted by length into batches, so padding (which the encoder
-    drops anyway) stays small; rows come back in input order.
+    -1 = last layer). Texts are sorted by length into batches; rows come back in input order.
 
     A text longer than max_length tokens (default: the model's limit) is cut to it, with one
     TruncationWarning saying how many were (long_texts='truncate'), or embedded whole
@@ -95,7 +129,10 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
 
     cuda_graphs: serve the batches through CUDA graphs per total-token bucket (bertfast.graphs,
     captured on first use and kept with the model); the default on CUDA for the last layer.
-    False runs the eager forward; True on a CPU runs the same bucketing eagerly."""
+    False runs the eager forward; True on a CPU runs the same bucketing eagerly.
+
+    packed: feed the packed encoder and pool over cu_seqlens (the default, for every model with
+    forward_packed); False builds right-padded batches with an attention mask instead."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
@@ -105,6 +142,8 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if long_texts not in ("truncate", "windows"):
         raise ValueError(f"long_texts must be 'truncate' or 'windows', got {long_texts!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be 'mean', 'cls' or 'max', got {pooling!r}")
     encoder = getattr(model, "bert", model)
     n_layers = encoder.config.num_hidden_layers
     if not -(n_layers + 1) <= layer <= n_layers:
@@ -132,6 +171,7 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     pooled = torch.empty(len(rows), encoder.config.hidden_size)
     want_all = layer != -1
+    packed = packed and hasattr(encoder, "forward_packed")
     run = encoder
     if (dev.type == "cuda" if cuda_graphs is None else cuda_graphs) and not want_all \
             and hasattr(encoder, "forward_packed"):
@@ -141,7 +181,18 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
                              max_seqlen=min(max_length, encoder.config.max_position_embeddings))
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
+        if packed:
+            batch = pack_rows([rows[j] for j in idx]).to(dev)
+            args = (batch.input_ids, batch.cu_seqlens, batch.max_seqlen, token_types(encoder, batch.token_type_ids))
+            if run is encoder:
+                res = encoder.forward_packed(*args, output_hidden_states=want_all, pool=False)
+                hidden = res.hidden_states[layer] if want_all else res.last_hidden_state
+            else:
+                hidden = run.forward_packed(*args)
+            pooled[idx] = pool_packed(hidden.float(), batch.cu_seqlens, pooling).cpu()
+            continue
         ids, mask, tt = padded_batch([rows[j] for j in idx], tokenizer.pad_token_id, dev)
+        tt = token_types(encoder, tt)
         res = encoder(ids, mask, tt, output_hidden_states=want_all) if run is encoder else run(ids, mask, tt)
         hidden = res.hidden_states[layer] if want_all else res.last_hidden_state
         pooled[idx] = pool(hidden.float(), mask, pooling).cpu()
@@ -155,16 +206,18 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
 
 
 def search(model, tokenizer, queries, corpus, k: int = 5, pooling: str = "mean", corpus_embeddings=None,
-           cuda_graphs: Optional[bool] = None, long_texts: str = "truncate"):
-    """Top-k cosine search of each query over the corpus texts: (scores, indices), (n_queries, k)."""
-    q = embed(model, tokenizer, queries, pooling, cuda_graphs=cuda_graphs, long_texts=long_texts)
-    c = corpus_embeddings if corpus_embeddings is not None else embed(model, tokenizer, corpus, pooling,
-                                                                     cuda_graphs=cuda_graphs, long_texts=long_texts)
+           cuda_graphs: Optional[bool] = None, long_texts: str = "truncate", packed: bool = True, **embed_kw):
+    """Top-k cosine search of each query over the corpus texts: (scores, indices), (n_queries, k).
+    embed_kw (batch_size, max_length, ...) go to embed."""
+    kw = dict(cuda_graphs=cuda_graphs, long_texts=long_texts, packed=packed, **embed_kw)
+    q = embed(model, tokenizer, queries, pooling, **kw)
+    c = corpus_embeddings if corpus_embeddings is not None else embed(model, tokenizer, corpus, pooling, **kw)
     return cosine_topk(q, c, k)
 
 
 def cluster(model, tokenizer, texts, k: int, seed: int = 0, pooling: str = "mean",
-            cuda_graphs: Optional[bool] = None, long_texts: str = "truncate"):
-    """k-means cluster ids (N,) of the texts' embeddings, and the centroids."""
-    return kmeans(embed(model, tokenizer, texts, pooling, cuda_graphs=cuda_graphs, long_texts=long_texts), k,
-                  seed=seed)
+            cuda_graphs: Optional[bool] = None, long_texts: str = "truncate", packed: bool = True, **embed_kw):
+    """k-means cluster ids (N,) of the texts' embeddings, and the centroids. embed_kw (batch_size,
+    max_length, ...) go to embed."""
+    return kmeans(embed(model, tokenizer, texts, pooling, cuda_graphs=cuda_graphs, long_texts=long_texts,
+                        packed=packed, **embed_kw), k, seed=seed)
