@@ -9,14 +9,23 @@ import torch
 from .common import id2label_of, model_device, padded_batch, resolve_max_length, warn_truncated
 
 
-def word_labels(piece_labels: Sequence[int], word_ids: Sequence[Optional[int]]) -> List[int]:
+def word_labels(piece_labels: Sequence[int], word_ids: Sequence[Optional[int]],
+                n_words: Optional[int] = None) -> List[Optional[int]]:
     """Word-level labels from word-piece labels: each word takes its first piece's label;
-    special tokens (word id None) and continuation pieces are skipped."""
+    special tokens (word id None) and continuation pieces are skipped.
+
+    With n_words (pre-split words), the result is aligned by word index: entry w is word w's
+    label, and a word without pieces (an empty string, a zero-width space, a control character,
+    or a word cut by truncation) gets None, so no label slides onto the next word. Without it,
+    the labels of the words that have pieces, in order (a text split by the pre-tokenizer, whose
+    words are exactly those)."""
     out: Dict[int, int] = {}
     for lab, w in zip(piece_labels, word_ids):
         if w is not None and w not in out:
             out[w] = int(lab)
-    return [out[w] for w in sorted(out)]
+    if n_words is None:
+        return [out[w] for w in sorted(out)]
+    return [out.get(w) for w in range(n_words)]
 
 
 def bio_spans(tags: Sequence[str]) -> List[dict]:
@@ -57,22 +66,24 @@ def _tag_encode(tokenizer, text, max_length: int):
         words = [text[spans_of[w][0]:spans_of[w][1]] for w in sorted(spans_of)]
         return enc, words, [tuple(spans_of[w]) for w in sorted(spans_of)], len(full.ids)
     words = [str(w) for w in text]
-    raw = tokenizer._tok
-    full = raw.encode(words, is_pretokenized=True)
-    raw.enable_truncation(max_length)
-    try:
-        enc = raw.encode(words, is_pretokenized=True)
-    finally:
-        raw.no_truncation()
-    return enc, words, None, len(full.ids)
+    full = tokenizer.word_encodings([words])[0]
+    enc = tokenizer.word_encodings([words], max_length)[0]
+    # words whose pieces truncation removed get no label: the words from the first of them on are
+    # left out (a word that never had pieces is kept, with the label None)
+    cut = {w for w in full.word_ids if w is not None} - {w for w in enc.word_ids if w is not None}
+    return enc, words[:min(cut, default=len(words))], None, len(full.ids)
 
 
 def _tag_decode(model, logits: torch.Tensor, enc, words, char, text, id2label) -> dict:
     # word ids restart per sequence; one text has one sequence, so they are word indices
     word_ids = list(enc.word_ids)
-    wl = [id2label[i] for i in word_labels(piece_tags(model, logits, word_ids), word_ids)]
+    if char is None:  # pre-split words: aligned by word index, None for a word without pieces
+        wl = [None if i is None else id2label[i]
+              for i in word_labels(piece_tags(model, logits, word_ids), word_ids, len(words))]
+    else:
+        wl = [id2label[i] for i in word_labels(piece_tags(model, logits, word_ids), word_ids)]
     words = words[:len(wl)]  # words cut by truncation get no label
-    spans = bio_spans(wl)
+    spans = bio_spans(["O" if t is None else t for t in wl])
     for s in spans:
         if char is not None:
             s["start_char"], s["end_char"] = char[s["start"]][0], char[s["end"] - 1][1]
@@ -122,5 +133,7 @@ def tag_batch(model, tokenizer, texts, max_length: Optional[int] = None, batch_s
 def tag(model, tokenizer, text, max_length: Optional[int] = None) -> dict:
     """Token classification of one text (a str, split by the tokenizer's pre-tokenizer, or a list
     of words): {'words', 'labels' (one per word), 'spans' ([{'type', 'start', 'end', 'text'}], BIO
-    merged; with a str input, start/end are character offsets into it)}."""
+    merged; with a str input, start/end are character offsets into it)}. A pre-split word with no
+    word piece (an empty string, a zero-width space) gets the label None, explicitly: labels are
+    aligned with words by index, never shifted."""
     return tag_batch(model, tokenizer, [text], max_length)[0]

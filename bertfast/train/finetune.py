@@ -39,22 +39,20 @@ def read_records(path: str, what: str) -> List[dict]:
         raise ValueError(f"{what}: {path!r} does not exist or is not a file")
     ext = os.path.splitext(path)[1].lower()
     rows: List[dict] = []
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if ext in (".jsonl", ".json"):
-                from ..tasks import iter_jsonl
+    from ..tasks.common import iter_jsonl, utf8_lines
 
-                for i, rec in iter_jsonl(f, path, what):
-                    rec["_line"] = i
-                    rows.append(rec)
-            elif ext in (".csv", ".tsv"):
-                for i, rec in enumerate(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","), 2):
-                    rec["_line"] = i
-                    rows.append(rec)
-            else:
-                raise ValueError(f"{what}: {path!r} must end in .jsonl, .json, .csv or .tsv")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{what}: {path!r} is not UTF-8 text") from e
+    with open(path, "rb") as f:  # invalid UTF-8 is an error naming the file and line, as in every command
+        if ext in (".jsonl", ".json"):
+            for i, rec in iter_jsonl(f, path, what):
+                rec["_line"] = i
+                rows.append(rec)
+        elif ext in (".csv", ".tsv"):
+            text = (line for _, line in utf8_lines(f, path, what))
+            for i, rec in enumerate(csv.DictReader(text, delimiter="\t" if ext == ".tsv" else ","), 2):
+                rec["_line"] = i
+                rows.append(rec)
+        else:
+            raise ValueError(f"{what}: {path!r} must end in .jsonl, .json, .csv or .tsv")
     if not rows:
         raise ValueError(f"{what}: {path!r} holds no records")
     return rows
@@ -277,15 +275,19 @@ def evaluate_finetune(task: str, model, feats: List[dict], tok, rt: Runtime, bat
         elif task == "ner":
             logits = out.logits.float().cpu()
             for f, lg in zip(chunk, logits):
+                # aligned by word index: a word without pieces has no prediction (None), and words
+                # past the last one the truncated encoding reaches are not scored
+                n = 1 + max((w for w in f["word_ids"] if w is not None), default=-1)
                 pred_words = T.word_labels(T.piece_tags(model, lg[:len(f["input_ids"])], f["word_ids"]),
-                                           f["word_ids"])
-                n = len(pred_words)
+                                           f["word_ids"], n)
                 gold_tags = [id2label[t] for t in f["tags"][:n]]
-                pred_tags = [id2label[p] for p in pred_words]
-                correct += sum(a == b for a, b in zip(gold_tags, pred_tags))
-                total += n
+                pred_tags = [None if p is None else id2label[p] for p in pred_words]
+                scored = [(a, b) for a, b in zip(gold_tags, pred_tags) if b is not None]
+                correct += sum(a == b for a, b in scored)
+                total += len(scored)
                 g = {(s["start"], s["end"], s["type"]) for s in T.bio_spans(gold_tags)}
-                p = {(s["start"], s["end"], s["type"]) for s in T.bio_spans(pred_tags)}
+                pred_spans = T.bio_spans(["O" if t is None else t for t in pred_tags])
+                p = {(s["start"], s["end"], s["type"]) for s in pred_spans}
                 tp, fp, fn = tp + len(g & p), fp + len(p - g), fn + len(g - p)
         else:
             st, en = out.start_logits.float().cpu(), out.end_logits.float().cpu()
