@@ -76,17 +76,19 @@ def test_resume_skips_finished_shards(setup, tmp_path, capsys):
     first = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert first["shards"] == 4 and first["written"] == 4
     np.testing.assert_allclose(embed_shards.load(str(out)), ref.numpy(), atol=1e-5, rtol=1e-5)
-    # a crash: shard 2 never written (a temporary file left behind), shard 0 marked so a rewrite shows
+    # a crash: shard 2 never written (a temporary file left behind); shard 1 zero-filled at the
+    # right shape (damaged: its SHA-256 no longer matches its record); shard 0 untouched
     (out / "shard-00002.npy").rename(out / "shard-00002.npy.tmp123.npy")
-    np.save(out / "shard-00000.npy", np.full((9, 32), 7.0, dtype=np.float32))  # 37 rows in 4 shards: 9, 9, 9, 10
+    np.save(out / "shard-00001.npy", np.zeros((9, 32), dtype=np.float32))  # 37 rows in 4 shards: 9, 9, 9, 10
+    before = os.stat(out / "shard-00000.npy")
     with pytest.raises(ValueError, match="not complete"):
         embed_shards.load(str(out))
     assert main(args + ["--shard-size", "3"]) == 0  # the layout of the first run is kept
     again = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert (again["written"], again["skipped"]) == (1, 3)
-    got = embed_shards.load(str(out))
-    assert (got[:9] == 7.0).all()  # finished shards are not redone
-    np.testing.assert_allclose(got[9:], ref.numpy()[9:], atol=1e-5, rtol=1e-5)
+    assert (again["written"], again["skipped"]) == (2, 2)
+    after = os.stat(out / "shard-00000.npy")
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # finished shards are not redone
+    np.testing.assert_allclose(embed_shards.load(str(out)), ref.numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_other_job_in_the_folder_is_refused(setup, tmp_path, capsys):

@@ -9,11 +9,14 @@ or `--shard-size` texts each. Shard i holds rows [start, end) of the corpus in D
 Inside a shard `tasks.embed` batches texts of similar length together (fewer padding tokens) and
 returns the rows in input order, so the vectors are those of one process embedding the corpus.
 
-DIR/index.json names the job (model, corpus fingerprint, pooling, layer, normalize, max_length)
-and the shard layout; it is written before any shard. Each shard is written to a temporary file
-and renamed, so a shard file that exists is complete: a rerun of the same job (after a crash,
-a pre-emption, or with another number of processes) computes only the missing shards. A folder
-that holds another job is refused. `load(DIR)` returns the whole (N, hidden) matrix.
+DIR/index.json names the job (what decides the vectors: the SHA-256 of the model's weights,
+config and tokenizer files, the corpus fingerprint, pooling, layer, normalize, max_length) and
+the shard layout; it is written before any shard. Each shard is written to a temporary file and
+renamed, then its record shard-NNNNN.json (rows, width, dtype, SHA-256): a shard counts as done
+only when its file matches its record, so a rerun of the same job (after a crash, a pre-emption,
+or with another number of processes) computes only the missing or damaged shards. A folder that
+holds another job (other weights in the same model folder included) is refused. `load(DIR)`
+returns the whole (N, hidden) matrix, every shard verified.
 """
 from __future__ import annotations
 
@@ -48,30 +51,81 @@ def layout(n: int, shards: int) -> List[dict]:
     return [{"file": _shard_name(i), "start": cuts[i], "end": cuts[i + 1]} for i in range(shards)]
 
 
+# what decides the vectors besides the job's options: these files of the model folder, by content
+MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt",
+               "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(folder: str) -> dict:
+    """{file: SHA-256} of the model folder's files that decide the vectors (MODEL_FILES present)."""
+    return {name: _sha256(os.path.join(folder, name)) for name in MODEL_FILES
+            if os.path.isfile(os.path.join(folder, name))}
+
+
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    from .._io import write_json
+
+    write_json(path, obj, indent=1)
 
 
 def _read_index(out: str) -> Optional[dict]:
     path = os.path.join(out, INDEX)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e}); delete the folder to start over") from None
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(index, dict) or not isinstance(index.get("job"), dict) or not isinstance(shards, list) or \
+            not all(isinstance(x, dict) and isinstance(x.get("file"), str) and isinstance(x.get("start"), int)
+                    and isinstance(x.get("end"), int) for x in shards):
+        got = f"a JSON {type(index).__name__}" if not isinstance(index, dict) else "an object without a valid layout"
+        raise ValueError(f"{path}: not a sharded-embedding index (a JSON object with 'job' and 'shards'), got {got}; "
+                         f"delete the folder to start over")
+    return index
+
+
+def _record_name(shard: dict) -> str:
+    return os.path.splitext(shard["file"])[0] + ".json"
+
+
+def _write_shard(out: str, shard: dict, emb: np.ndarray) -> None:
+    """The shard's .npy, then its record (rows, width, dtype, SHA-256), each all-or-nothing."""
+    from .._io import save_numpy
+
+    path = os.path.join(out, shard["file"])
+    save_numpy(path, emb)
+    _write_json(os.path.join(out, _record_name(shard)), {"rows": int(emb.shape[0]), "hidden": int(emb.shape[1]),
+                                                         "dtype": str(emb.dtype), "sha256": _sha256(path)})
 
 
 def _shard_done(out: str, shard: dict) -> bool:
+    """The shard's file exists, is a 2-D float32 array of its rows, and matches its record's SHA-256
+    (a file of the wrong width or dtype, zero-filled, or swapped in by hand does not count)."""
     path = os.path.join(out, shard["file"])
     if not os.path.isfile(path):
         return False
     try:
+        with open(os.path.join(out, _record_name(shard)), encoding="utf-8") as f:
+            rec = json.load(f)
         arr = np.load(path, mmap_mode="r")
     except (OSError, ValueError):
         return False
-    return arr.ndim == 2 and arr.shape[0] == shard["end"] - shard["start"]
+    if not isinstance(rec, dict) or arr.ndim != 2 or arr.dtype != np.float32:
+        return False
+    if arr.shape != (shard["end"] - shard["start"], rec.get("hidden")) or rec.get("rows") != arr.shape[0]:
+        return False
+    return rec.get("sha256") == _sha256(path)
 
 
 def plan(out: str, job: dict, n: int, world: int, shard_size: Optional[int]) -> dict:
@@ -128,7 +182,8 @@ def run(args, texts: List[str], load_model) -> dict:
     rank, world, local_rank = _dist()
     try:
         out = args.out
-        job = {"model": os.path.abspath(args.model), "corpus_sha256": fingerprint(texts), "texts": len(texts),
+        job = {"model_sha256": model_fingerprint(args.model), "corpus_sha256": fingerprint(texts),
+               "texts": len(texts),
                "pooling": args.pooling, "layer": args.layer, "normalize": bool(args.normalize),
                "max_length": getattr(args, "max_length", None), "long_texts": getattr(args, "long_texts", "truncate")}
         if os.path.exists(out) and not os.path.isdir(out):
@@ -139,7 +194,7 @@ def run(args, texts: List[str], load_model) -> dict:
         if rank == 0 and fresh:
             os.makedirs(out, exist_ok=True)
             for f in os.listdir(out):  # shards without an index belong to no job: never reused
-                if f.startswith("shard-") and f.endswith(".npy"):
+                if f.startswith("shard-") and f.endswith((".npy", ".json")):
                     os.remove(os.path.join(out, f))
             _write_json(os.path.join(out, INDEX), index)
         _barrier(world)  # the index exists and every rank has seen which shards were done before
@@ -154,17 +209,18 @@ def run(args, texts: List[str], load_model) -> dict:
                             max_length=getattr(args, "max_length", None), normalize=args.normalize,
                             cuda_graphs=None if getattr(args, "cuda_graphs", True) else False,
                             long_texts=job["long_texts"])
-                path = os.path.join(out, s["file"])
-                tmp = f"{path}.tmp{os.getpid()}.npy"
-                np.save(tmp, emb.numpy().astype(np.float32))
-                os.replace(tmp, path)  # a shard file that exists is complete
+                _write_shard(out, s, emb.numpy().astype(np.float32))
         _barrier(world)
         if rank != 0:
             return {}
         missing = [s["file"] for s in index["shards"] if not _shard_done(out, s)]
         if missing:
             raise RuntimeError(f"shards {missing[:5]} were not written; rerun the same command to finish")
-        hidden = int(np.load(os.path.join(out, index["shards"][0]["file"]), mmap_mode="r").shape[1])
+        widths = {int(np.load(os.path.join(out, s["file"]), mmap_mode="r").shape[1]) for s in index["shards"]}
+        if len(widths) != 1:
+            raise RuntimeError(f"--out {out!r}: shards of different widths {sorted(widths)}; delete the folder and "
+                               f"start over")
+        hidden = widths.pop()
         _write_json(os.path.join(out, INDEX), {**index, "hidden": hidden, "complete": True})
         return {"out": out, "shape": [len(texts), hidden], "shards": len(index["shards"]),
                 "written": len(index["shards"]) - len(done_before), "skipped": len(done_before), "processes": world}
