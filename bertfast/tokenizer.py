@@ -397,8 +397,13 @@ def _word_counts(files: Sequence[str], normalizer, pre_tokenizer) -> dict:
 
     counts: Counter = Counter()
     for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:  # never silently replaced: the vocabulary would learn U+FFFD
+                    raise ValueError(f"files: {path} line {i} is not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                     f"{e.start + 1})") from None
                 if line.strip():
                     counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
     return counts

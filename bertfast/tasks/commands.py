@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .classification import classify
-from .common import iter_jsonl, truncation_notes
+from .common import binary_source, iter_jsonl, truncation_notes, utf8_lines
 from .embedding import embed, kmeans, search
 from .mask_filling import fill_mask
 from .question_answering import answer_batch
@@ -48,13 +48,14 @@ _EPILOG = {
 
 def _read_lines(path: str, what: str) -> List[str]:
     """Non-blank lines of a file (`-`: standard input), stripped."""
-    if path == "-":
-        lines = [ln.strip() for ln in sys.stdin if ln.strip()]
-    else:
-        if not os.path.isfile(path):
-            raise ValueError(f"{what}: no such file {path!r} (texts go through --text or standard input: -)")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
+    if path != "-" and not os.path.isfile(path):
+        raise ValueError(f"{what}: no such file {path!r} (texts go through --text or standard input: -)")
+    f = binary_source(path)
+    try:  # invalid UTF-8 is an error naming the file and line, in every command
+        lines = [ln.strip() for _, ln in utf8_lines(f, "standard input" if path == "-" else path, what) if ln.strip()]
+    finally:
+        if path != "-":
+            f.close()
     if not lines:
         raise ValueError(f"{what}: {'standard input' if path == '-' else repr(path)} holds no non-blank lines")
     return lines
@@ -83,11 +84,11 @@ def _read_records(sources: Sequence[str], what: str) -> List[dict]:
     for src in sources:
         if src != "-" and not os.path.isfile(src):
             raise ValueError(f"{what}: no such file {src!r} (JSONL records; - reads standard input)")
-        f = sys.stdin if src == "-" else open(src, encoding="utf-8")
+        f = binary_source(src)
         try:
             recs += [(f"{src} line {i}", rec) for i, rec in iter_jsonl(f, src, what)]
         finally:
-            if f is not sys.stdin:
+            if src != "-":
                 f.close()
     return recs
 
@@ -122,6 +123,7 @@ def _load(cls_name: str, folder: str):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, info = cls.from_pretrained(folder, output_loading_info=True)
+    tok.check_fits(model.config.vocab_size, f"--model {folder}")
     heads = {"BertForMaskedLM": ("cls.predictions", "fill-mask needs a pre-trained BertForPreTraining/"
                                  "BertForMaskedLM checkpoint"),
              "BertForSequenceClassification": ("classifier", "classify needs a model from `bertfast finetune --task "
@@ -158,11 +160,9 @@ def _write_jsonl(rows, out: Optional[str]) -> None:
         for r in rows:
             print(json.dumps(r, ensure_ascii=False))
         return
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    from .._io import write_text
+
+    write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
@@ -271,9 +271,9 @@ def _run_cli(cmd: str, args) -> int:
                     cuda_graphs=None if args.cuda_graphs else False, long_texts=args.long_texts)
         import numpy as np
 
-        tmp = args.out + ".tmp.npy"
-        np.save(tmp, emb.numpy().astype(np.float32))
-        os.replace(tmp, args.out)  # never a half-written output
+        from .._io import save_numpy
+
+        save_numpy(args.out, emb.numpy().astype(np.float32))  # never a half-written output
         print(json.dumps({"out": args.out, "shape": list(emb.shape)}))
     elif cmd == "search":
         if args.queries == "-" and args.corpus == "-":
@@ -308,6 +308,8 @@ def _run_cli(cmd: str, args) -> int:
 
 def _run_head_cli(cmd: str, args) -> None:
     """classify / tag / answer: every record is checked before the model is loaded."""
+    if args.out is not None and os.path.isdir(args.out):  # before any model load
+        raise ValueError(f"--out {args.out!r} is a folder; name the JSONL file to write")
     recs = []
     if cmd == "answer":
         if (args.question is None) != (args.context is None):

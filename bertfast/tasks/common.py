@@ -57,9 +57,32 @@ def id2label_of(model) -> Dict[int, str]:
     return {i: m.get(i, f"LABEL_{i}") for i in range(model.config.num_labels)}
 
 
-def iter_jsonl(lines, name: str, what: str):
-    """(line number, object) of each non-blank line of a JSONL stream; an error names the line."""
+def utf8_lines(lines, name: str, what: str):
+    """(line number, text) of each line of a file opened in binary mode (or of a text stream),
+    decoded as UTF-8. Invalid UTF-8 is an error naming the file and the line: one rule for every
+    command (nothing is silently replaced)."""
     for i, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{what}: {name} line {i} is not UTF-8 text (byte 0x{line[e.start]:02x} at column "
+                                 f"{e.start + 1}); save the file as UTF-8") from None
+        yield i, line
+
+
+def binary_source(path: str):
+    """The file to read lines from: `-` is standard input (its bytes, where it has them)."""
+    if path == "-":
+        return getattr(sys.stdin, "buffer", sys.stdin)
+    return open(path, "rb")
+
+
+def iter_jsonl(lines, name: str, what: str):
+    """(line number, object) of each non-blank line of a JSONL stream (binary or text); an error
+    names the line: invalid UTF-8, invalid JSON, not an object, or a string holding a lone
+    surrogate escape ("\\ud800", valid JSON but no text: it cannot be encoded or tokenized)."""
+    for i, line in utf8_lines(lines, name, what):
         if not line.strip():
             continue
         try:
@@ -68,6 +91,12 @@ def iter_jsonl(lines, name: str, what: str):
             raise ValueError(f"{what}: {name} line {i} is not JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{what}: {name} line {i} must be a JSON object, got {type(rec).__name__}")
+        if "\\u" in line:  # only an escape can smuggle a lone surrogate past the UTF-8 decoding
+            try:
+                json.dumps(rec, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{what}: {name} line {i} holds a lone surrogate escape (such as \\ud800): not "
+                                 f"text that can be encoded") from None
         yield i, rec
 
 

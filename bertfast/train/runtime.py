@@ -216,8 +216,29 @@ def _sha256(path: str) -> str:
 
 
 def corpus_fingerprint(files) -> List[str]:
-    """The SHA-256 of each corpus file, in order: what an exact resume must read again."""
-    return [_sha256(f) for f in ([files] if isinstance(files, str) else list(files or ()))]
+    """The SHA-256 of each corpus file, in order: what an exact resume must read again. The same
+    pass checks the whole file is UTF-8 (an error names the file and line), so a bad byte deep in a
+    corpus stops the run before its first step rather than hours into it."""
+    import codecs
+
+    out = []
+    for path in [files] if isinstance(files, str) else list(files or ()):
+        h, dec, lines = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+                try:
+                    dec.decode(chunk)
+                except UnicodeDecodeError as e:
+                    line = lines + chunk[:max(0, e.start)].count(b"\n") + 1
+                    raise ValueError(f"--train: {path} line {line} is not UTF-8 text; save the corpus as UTF-8") from None
+                lines += chunk.count(b"\n")
+            try:
+                dec.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise ValueError(f"--train: {path} ends inside a UTF-8 character (truncated?)") from None
+        out.append(h.hexdigest())
+    return out
 
 
 def write_manifest(folder: str) -> None:
