@@ -91,15 +91,15 @@ def iter_documents(files: Sequence[str]) -> Iterator[List[str]]:
 
 def write_corpus(documents: Sequence[Sequence[str]], path: str) -> str:
     """Write documents in BERT format (atomically) and return the path."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    from ._io import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for doc in documents:
             for sent in doc:
                 sent = " ".join(sent.split())
                 if sent:
                     f.write(sent + "\n")
             f.write("\n")
-    os.replace(tmp, path)
     return path
 
 

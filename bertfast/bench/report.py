@@ -150,8 +150,9 @@ def write_markdown(results: List[dict], meta: dict, path: str):
                     reason = str(v.get("reason", "")).replace("|", "/")[:160]
                     lines.append(f"| {r['name']} | {vname} | {v.get('status')} | | | {reason} |")
         lines += ["", "</details>", ""]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    from .._io import write_text
+
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _legend_below(ax) -> None:
@@ -231,7 +232,10 @@ def write_plots(results: List[dict], meta: dict, out_dir: str, prefix: str) -> L
                      f"threads {env['torch_threads']}", fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{prefix}_{suite}.png")
-        fig.savefig(path, dpi=100, bbox_inches="tight")  # the legends below the axes included
+        from .._io import atomic_file
+
+        with atomic_file(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")  # the legends below the axes included
         plt.close(fig)
         paths.append(path)
     return paths
@@ -244,10 +248,11 @@ def _jsonable(results):
 def save(results: List[dict], meta: dict, out_dir: str, prefix: str = "bench", plots: bool = True) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, f"{prefix}.json"), "markdown": os.path.join(out_dir, f"{prefix}.md")}
-    tmp = paths["json"] + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({**meta, "results": _jsonable(results)}, f, indent=1, default=str)
-    os.replace(tmp, paths["json"])  # a run killed mid-write still leaves the last complete file
+    from .._io import json_safe, write_text
+
+    # all-or-nothing: a run killed mid-write still leaves the last complete file; standard JSON (no NaN)
+    write_text(paths["json"], json.dumps(json_safe({**meta, "results": _jsonable(results)}), indent=1, default=str,
+                                         allow_nan=False))
     write_markdown(results, meta, paths["markdown"])
     if plots:
         try:

@@ -221,9 +221,8 @@ def cli_main(argv: Sequence[str]) -> int:
     table = markdown(res)
     print(table)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "compare.json"), "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=2)
-        with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as f:
-            f.write(table)
+        from .._io import write_json, write_text
+
+        write_json(os.path.join(args.out, "compare.json"), res)
+        write_text(os.path.join(args.out, "compare.md"), table)
     return 0

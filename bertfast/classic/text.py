@@ -178,21 +178,22 @@ def write_tsv(path: str, first: Sequence[str], second: Sequence[str]) -> None:
 def save_folder(folder: str, system: str, config: dict, model: torch.nn.Module, vocabs: Dict[str, Vocab],
                 extra: Optional[dict] = None) -> None:
     """config.json ({'system', 'config', ...extra}), vocab.json and model.safetensors."""
-    from safetensors.torch import save_file
+    from .._io import atomic_folder, save_safetensors, write_json
 
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-        json.dump({"system": system, "config": config, **(extra or {})}, f, indent=2)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({k: v.to_dict() for k, v in vocabs.items()}, f)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              os.path.join(folder, "model.safetensors"))
+    with atomic_folder(folder) as tmp:  # all-or-nothing: never a new config beside old weights
+        write_json(os.path.join(tmp, "config.json"), {"system": system, "config": config, **(extra or {})})
+        write_json(os.path.join(tmp, "vocab.json"), {k: v.to_dict() for k, v in vocabs.items()}, indent=None)
+        save_safetensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                         os.path.join(tmp, "model.safetensors"))
 
 
 def load_folder(folder: str, system: str) -> Tuple[dict, Dict[str, torch.Tensor], Dict[str, Vocab]]:
     """(config.json contents, state dict, vocabularies) of a folder written by save_folder."""
     from safetensors.torch import load_file
 
+    from .._io import recover_folder
+
+    recover_folder(folder)  # a save cut between its two renames left the previous version aside
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"--model must be a folder written by `bertfast classic {system} train`, got {folder!r}")
