@@ -369,3 +369,186 @@ def test_a_model_smaller_than_its_tokenizer_is_refused_when_loaded(tok_folder, t
     with pytest.raises(ValueError, match=f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
                                          f"is {tok.vocab_size - 3}"):
         finetune(_ft_args(str(tmp_path / "m"), train, tmp_path / "out"))
+
+
+# ---- tagging: labels aligned by word index --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tagger(tok_folder, tmp_path_factory):
+    from bertfast import BertConfig, BertForTokenClassification, Tokenizer
+
+    tok = Tokenizer.from_pretrained(tok_folder)
+    labels = ["O", "B-PER", "I-PER", "B-LOC"]
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64, num_labels=4, id2label=dict(enumerate(labels)))
+    torch.manual_seed(3)
+    model = BertForTokenClassification(cfg).eval()
+    folder = str(tmp_path_factory.mktemp("tagger") / "m")
+    model.save_pretrained(folder, tokenizer=tok)
+    return model, tok, folder
+
+
+@pytest.mark.parametrize("gap", ["", "\u200b", "\x07"])
+def test_tag_gives_a_word_without_pieces_no_label_and_shifts_nothing(tagger, gap):
+    from bertfast.tasks import tag
+
+    model, tok, _ = tagger
+    plain = tag(model, tok, ["john", "lives", "in", "paris"])
+    gapped = tag(model, tok, ["john", gap, "lives", "in", "paris"])
+    assert gapped["words"] == ["john", gap, "lives", "in", "paris"]
+    assert gapped["labels"] == [plain["labels"][0], None, *plain["labels"][1:]]
+
+
+def test_ner_evaluation_aligns_gold_tags_by_word_index(tagger):
+    """The gold tags of the words after a word without pieces used to be compared with the
+    predictions of the words before them."""
+    from bertfast.train.finetune import build_features, evaluate_finetune
+    from bertfast.train.runtime import Runtime
+
+    model, tok, _ = tagger
+    label2id = {lab: i for i, lab in model.config.id2label.items()}
+    with torch.no_grad():  # make the model answer a known tag per word: O except 'paris' (B-LOC)
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([1.0, 0, 0, 0]))
+        model.bert.embeddings.word_embeddings.weight[tok.convert_tokens_to_ids("paris")] = 0
+    records = [{"tokens": ["john", "", "lives", "in", "paris"], "tags": ["O", "O", "O", "O", "O"], "_line": 1}]
+    feats = build_features("ner", records, tok, "t.jsonl", "--eval", label2id, 32)
+    res = evaluate_finetune("ner", model, feats, tok, Runtime("cpu"), 4, model.config.id2label)
+    assert res["eval_token_accuracy"] == 1.0  # four words with pieces, all O; the empty one is not scored
+    records[0]["tags"] = ["O", "O", "O", "O", "B-LOC"]
+    res = evaluate_finetune("ner", model, build_features("ner", records, tok, "t.jsonl", "--eval", label2id, 32),
+                            tok, Runtime("cpu"), 4, model.config.id2label)
+    assert res["eval_token_accuracy"] == 0.75 and res["eval_entity_f1"] == 0.0
+
+
+# ---- sharded embedding: a resume knows what it resumes -------------------------------------------
+
+
+@pytest.fixture()
+def encoder(tok_folder, tmp_path):
+    from bertfast import BertConfig, BertModel, Tokenizer
+
+    tok = Tokenizer.from_pretrained(tok_folder)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
+    folder = str(tmp_path / "enc")
+    model.save_pretrained(folder, tokenizer=tok)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the film is {w}" for w in ["good", "bad", "long", "very good", "a text", "the"]))
+    return folder, str(corpus), model, tok
+
+
+def test_embed_resume_refuses_other_weights_in_the_same_folder(encoder, tmp_path, capsys):
+    from bertfast.cli import main
+
+    folder, corpus, model, tok = encoder
+    out = tmp_path / "emb"
+    args = ["embed", "--model", folder, corpus, "--out", str(out), "--shard-size", "2"]
+    assert main(args) == 0
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.mul_(2)
+    model.save_pretrained(folder, tokenizer=tok)
+    os.remove(out / "shard-00001.npy")
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "another job" in err and "model_sha256" in err
+
+
+def test_embed_index_that_is_not_an_object_is_a_clear_error(encoder, tmp_path, capsys):
+    from bertfast.cli import main
+
+    folder, corpus, _, _ = encoder
+    out = tmp_path / "emb"
+    out.mkdir()
+    (out / "index.json").write_text("[1, 2]")
+    assert main(["embed", "--model", folder, corpus, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'index.json'}: not a sharded-embedding index" in err and "Traceback" not in err
+
+
+def test_embed_shard_of_the_wrong_width_or_dtype_is_redone(encoder, tmp_path, capsys):
+    from bertfast.cli import main
+    from bertfast.tasks import shards
+
+    folder, corpus, _, _ = encoder
+    out = tmp_path / "emb"
+    args = ["embed", "--model", folder, corpus, "--out", str(out), "--shard-size", "2"]
+    assert main(args) == 0
+    good = shards.load(str(out))
+    np.save(out / "shard-00000.npy", np.zeros((2, 8), np.float32))
+    np.save(out / "shard-00002.npy", np.zeros((2, 16), np.float64))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["written"] == 2
+    np.testing.assert_array_equal(shards.load(str(out)), good)
+
+
+# ---- the command line: files named, one rule for invalid UTF-8, no leftovers ---------------------
+
+
+def test_invalid_utf8_is_refused_by_every_command_naming_file_and_line(tagger, encoder, tmp_path, capsys):
+    from bertfast.cli import main
+
+    _, _, tag_folder = tagger
+    enc_folder = encoder[0]
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_bytes(b'{"text": "the film"}\n{"text": "caf\xe9"}\n')
+    bad_txt = tmp_path / "bad.txt"
+    bad_txt.write_bytes(b"the film\ncaf\xe9 is good\n")
+    for argv, path in ((["tag", "--model", tag_folder, str(bad_jsonl)], bad_jsonl),
+                       (["embed", "--model", enc_folder, str(bad_txt), "--out", str(tmp_path / "e.npy")], bad_txt),
+                       (["cluster", "--model", enc_folder, str(bad_txt), "--k", "1"], bad_txt),
+                       (["search", "--model", enc_folder, "--corpus", str(bad_txt), "--query", "film"], bad_txt)):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert f"{path} line 2 is not UTF-8 text" in err and "Traceback" not in err, err
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_a_lone_surrogate_escape_names_its_line(tagger, tmp_path, capsys):
+    from bertfast.cli import main
+
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"text": "john lives"}\n{"text": "bad \\ud800 one"}\n')
+    assert main(["tag", "--model", tagger[2], str(f)]) == 1
+    err = capsys.readouterr().err
+    assert f"{f} line 2 holds a lone surrogate escape" in err
+
+
+def test_classify_out_folder_is_refused_and_leaves_nothing(tok_folder, tmp_path, capsys):
+    from bertfast.cli import main
+
+    model, tok = _model(tok_folder, ["neg", "pos"])
+    model.save_pretrained(str(tmp_path / "m"), tokenizer=tok)
+    (tmp_path / "dir").mkdir()
+    assert main(["classify", "--model", str(tmp_path / "m"), "--text", "the film", "--out", str(tmp_path / "dir")]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["dir", "m"]
+    assert main(["classify", "--model", str(tmp_path / "m"), "--text", "the film", "--out",
+                 str(tmp_path / "p.jsonl")]) == 0
+    assert json.loads((tmp_path / "p.jsonl").read_text())["label"] in ("neg", "pos")
+    assert sorted(os.listdir(tmp_path)) == ["dir", "m", "p.jsonl"]
+
+
+def test_cli_names_a_malformed_tokenizer_and_a_too_small_model(tok_folder, tmp_path, capsys):
+    from bertfast.cli import main
+
+    model, tok = _model(tok_folder, ["neg", "pos"])
+    folder = tmp_path / "m"
+    model.save_pretrained(str(folder), tokenizer=tok)
+    (folder / "tokenizer.json").write_text("{broken")
+    assert main(["classify", "--model", str(folder), "--text", "the film"]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder / 'tokenizer.json'}: not a readable tokenizers file" in err and "Traceback" not in err
+    cfg = json.loads((folder / "config.json").read_text())
+    tok.save_pretrained(str(folder))
+    small, _ = _model(tok_folder, ["neg", "pos"])
+    from bertfast import BertConfig, BertForSequenceClassification
+
+    small = BertForSequenceClassification(BertConfig.from_dict({**cfg, "vocab_size": tok.vocab_size - 2}))
+    small.save_pretrained(str(folder))
+    assert main(["classify", "--model", str(folder), "--text", "the film"]) == 1
+    assert "the tokenizer has" in capsys.readouterr().err
