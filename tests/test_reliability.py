@@ -279,7 +279,8 @@ CLS_ROWS = [{"text": f"the film is {w}", "label": "pos" if w == "good" else "neg
 @pytest.mark.parametrize("option,value,message", [
     ("--lr", "inf", "--lr must be a finite number"), ("--lr", "nan", "--lr must be a finite number"),
     ("--lr", "0", "--lr must be > 0"), ("--max-grad-norm", "nan", "--max-grad-norm must be a finite"),
-    ("--weight-decay", "nan", "--weight-decay must be a finite"), ("--weight-decay", "-1", "--weight-decay must be >= 0"),
+    ("--weight-decay", "nan", "--weight-decay must be a finite"),
+    ("--weight-decay", "-1", "--weight-decay must be >= 0"),
     ("--warmup-ratio", "-5", r"--warmup-ratio must be in \[0, 1\]"), ("--warmup-ratio", "1.5", "--warmup-ratio"),
     ("--log-every", "0", "--log-every must be an integer >= 1"), ("--threshold", "nan", "--threshold"),
     ("--max-answer-len", "0", "--max-answer-len")])

@@ -231,7 +231,8 @@ def corpus_fingerprint(files) -> List[str]:
                     dec.decode(chunk)
                 except UnicodeDecodeError as e:
                     line = lines + chunk[:max(0, e.start)].count(b"\n") + 1
-                    raise ValueError(f"--train: {path} line {line} is not UTF-8 text; save the corpus as UTF-8") from None
+                    raise ValueError(f"--train: {path} line {line} is not UTF-8 text; save the corpus as "
+                                     f"UTF-8") from None
                 lines += chunk.count(b"\n")
             try:
                 dec.decode(b"", final=True)
