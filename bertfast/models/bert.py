@@ -93,7 +93,10 @@ def _linear(x, weight, bias=None, out: Optional[torch.Tensor] = None):
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
-def _act(name: str):
+def _act(name):
+    """The activation named `name` (a callable, e.g. transformers' activation module, is itself)."""
+    if callable(name):
+        return name
     if name not in _ACTS and name not in FUSED_ACTS:
         raise ValueError(f"hidden_act must be one of {sorted(set(_ACTS) | set(FUSED_ACTS))}, got {name!r}")
     return _ACTS.get(name)

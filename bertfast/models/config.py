@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from typing import Any, Optional
 
@@ -80,8 +81,8 @@ class BertConfig:
             raise ValueError(f"{type(self).__name__}.hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads})")
         eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0:
-            raise ValueError(f"{type(self).__name__}.layer_norm_eps must be a float in (0, 1), got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < math.inf:
+            raise ValueError(f"{type(self).__name__}.layer_norm_eps must be a positive finite float, got {eps!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             v = getattr(self, name)
             if v is None and name == "classifier_dropout":
