@@ -14,6 +14,7 @@ from .timing import TimingPlan
 
 NAME = "encoder"
 GRAPHED = False  # its CUDA-graph variants (bertfast_graph, hf_graph) are compared in finish()
+BASELINE_PACKAGES = ("transformers",)  # hf_sdpa, hf_compile, hf_graph
 PLOT_METRIC = ("tokens_per_s", "real tokens / s")
 
 

@@ -30,6 +30,7 @@ from .timing import TimingPlan
 
 NAME = "graphs"
 GRAPHED = False  # the graphed variants are compared with every other variant directly
+BASELINE_PACKAGES = ("transformers",)
 PLOT_METRIC = ("tokens_per_s", "real tokens / s")
 
 SERVE_BATCH, SERVE_LEN = 32, 128

@@ -29,6 +29,7 @@ from .timing import TimingPlan
 
 NAME = "host"
 GRAPHED = False
+BASELINE_PACKAGES = ("transformers",)
 PLOT_METRIC = ("host_us", "host microseconds (per layer, or per op call)")
 
 LAYERS = 12

@@ -5,10 +5,11 @@ import json
 import math
 import os
 import sys
-from typing import List
+from typing import List, Optional
 
 
 from . import suites
+from .baselines import not_measured
 from .common import COPY, SUBJECT, reason
 
 
@@ -78,7 +79,12 @@ def summary_rows(results: List[dict]):
     return rows
 
 
-def print_table(results: List[dict], file=sys.stdout):
+def print_table(results: List[dict], file=sys.stdout, meta: Optional[dict] = None):
+    missing = not_measured(results, meta or {})
+    if missing:
+        print("\nNOT MEASURED (promised baselines that could not run here, and why):", file=file)
+        for line in missing:
+            print(f"  - {line}", file=file)
     rows = summary_rows(results)
     if not rows:
         return
@@ -95,7 +101,12 @@ def print_table(results: List[dict], file=sys.stdout):
 
 def write_markdown(results: List[dict], meta: dict, path: str):
     env, ceil = meta["environment"], meta["ceilings"]
-    lines = [f"# bertfast bench: {env.get('device')}", "",
+    lines = [f"# bertfast bench: {env.get('device')}", ""]
+    missing = not_measured(results, meta)
+    if missing:  # first, before the set-up: a comparison that is absent must not go unseen
+        lines += ["**Not measured** (promised baselines that could not run here, and why):", ""]
+        lines += [f"- {m}" for m in missing] + [""]
+    lines += [
              f"- date {env['date']}, commit `{env['git_commit']}`",
              f"- torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
              f"threads {env['torch_threads']} of {env['cpu_count']} CPUs, load average at start "
@@ -273,7 +284,7 @@ def render(path: str, plots: bool = True) -> dict:
     md = os.path.join(out_dir, prefix + ".md")
     write_markdown(results, data, md)
     pngs = write_plots(results, data, out_dir, prefix) if plots else []
-    print_table(results)
+    print_table(results, meta=data)
     print(f"\nbench: rendered {md} and {len(pngs)} plot(s) from {path}")
     return {"results": results, "meta": data, "paths": {"json": path, "markdown": md, "plots": pngs}}
 

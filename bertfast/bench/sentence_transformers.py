@@ -21,6 +21,7 @@ from .timing import TimingPlan
 
 NAME = "st"
 GRAPHED = False
+BASELINE_PACKAGES = ("sentence-transformers", "transformers")  # without the first: hf_automodel
 PLOT_METRIC = ("sentences_per_s", "sentences / s (encode)")
 
 BATCH = 32

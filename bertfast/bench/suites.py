@@ -6,6 +6,8 @@ A suite is one module of this package that defines:
     GRAPHED       True when its CUDA cases also replay variants from CUDA graphs (`<variant>_graph`,
                   compared among themselves as speedup_graph, not with the eager variants)
     PLOT_METRIC   (result key, axis label) of the figure its plot shows per variant
+    BASELINE_PACKAGES  optional: the packages its baselines import (names in baselines.PACKAGES),
+                  checked before the run: one that is installed but fails to import fails the run
     plan_cases(opts: common.SuiteOptions) -> List[runner.Case]
     finish(case, result, ceilings)   optional: figures known only after the case ran
     cleanup()                        optional: drop what the suite cached between cases
