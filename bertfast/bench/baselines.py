@@ -10,8 +10,9 @@ Two sources:
   measures what it can, names the failure at the top of the terminal table and of bench.md, and
   `bertfast bench` exits non-zero.
 - the variants skipped while the run went on (a baseline that failed to set up here, a time
-  budget used up), one line per variant and reason with how many cases it missed. Choices made
-  on the command line (--skip, --compile, --quick's "not run: ..." reasons) are not listed.
+  budget used up), one line per variant and reason with how many cases it missed. Variants left
+  out when the cases were planned (a flag such as --skip or --compile, a CUDA-only baseline on a
+  CPU) are not listed: that is the plan, not a loss.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def import_errors(meta: dict) -> List[dict]:
 
 
 def _chosen(why: str) -> bool:
-    """A variant left out on purpose (a flag, --quick's plan): not a dropped baseline."""
+    """A variant left out on purpose (a flag, --quick's plan), in results written before variants
+    were marked "planned"."""
     return why.startswith("not run:")
 
 
@@ -92,7 +94,7 @@ def not_measured(results: List[dict], meta: dict) -> List[str]:
     for r in results:
         for vname, v in r["variants"].items():
             why = str(v.get("reason", ""))
-            if vname == COPY or v.get("status") not in ("skipped", "error") or _chosen(why):
+            if vname == COPY or v.get("status") not in ("skipped", "error") or v.get("planned") or _chosen(why):
                 continue
             groups[(r["suite"], vname, why)] = groups.get((r["suite"], vname, why), 0) + 1
     for (suite, vname, why), n in groups.items():

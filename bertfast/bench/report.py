@@ -82,7 +82,7 @@ def summary_rows(results: List[dict]):
 def print_table(results: List[dict], file=sys.stdout, meta: Optional[dict] = None):
     missing = not_measured(results, meta or {})
     if missing:
-        print("\nNOT MEASURED (promised baselines that could not run here, and why):", file=file)
+        print("\nNOT MEASURED (what this run set out to measure and could not, and why):", file=file)
         for line in missing:
             print(f"  - {line}", file=file)
     rows = summary_rows(results)
@@ -104,7 +104,7 @@ def write_markdown(results: List[dict], meta: dict, path: str):
     lines = [f"# bertfast bench: {env.get('device')}", ""]
     missing = not_measured(results, meta)
     if missing:  # first, before the set-up: a comparison that is absent must not go unseen
-        lines += ["**Not measured** (promised baselines that could not run here, and why):", ""]
+        lines += ["**Not measured** (what this run set out to measure and could not, and why):", ""]
         lines += [f"- {m}" for m in missing] + [""]
     lines += [
              f"- date {env['date']}, commit `{env['git_commit']}`",
