@@ -5,6 +5,8 @@ before triton is first imported, so it is set here (only when CUDA is absent, so
 suite runs the real kernels on a GPU machine).
 """
 import os
+import sys
+import threading
 
 import pytest
 import torch
@@ -26,6 +28,32 @@ def _has_triton():
 
 
 HAS_TRITON = _has_triton()
+
+_CONFIG = None
+
+
+def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
+
+
+_PROGRESS_LOCK = threading.Lock()
+
+
+def progress(msg: str) -> None:
+    """A line on the terminal now, past pytest's output capture: a test that works for minutes
+    (compiling every kernel, say) tells what it is doing, so a run is never silent for a minute.
+    Safe from worker threads (one line at a time)."""
+    plugins = _CONFIG.pluginmanager if _CONFIG is not None else None
+    reporter = plugins.get_plugin("terminalreporter") if plugins is not None else None
+    capture = plugins.get_plugin("capturemanager") if plugins is not None else None
+    with _PROGRESS_LOCK:
+        if reporter is None or capture is None:
+            print(msg, file=sys.__stderr__, flush=True)
+            return
+        with capture.global_and_fixture_disabled():  # what capsys.disabled() does
+            reporter.write_line(f"    {msg}")
+            reporter.flush()
 
 # The device the Triton tests run on: the GPU when there is one, else CPU tensors through
 # the interpreter.
