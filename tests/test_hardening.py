@@ -307,7 +307,7 @@ def test_ids_out_of_range_under_compile():
 def test_triton_embedding_clamps_ids():
     """The Triton gather clamps ids into the tables, so an unchecked bad id (a CUDA graph or
     torch.compile, where nothing is read back) never reads outside them."""
-    from kernels.embedding_layernorm import embedding_layernorm_fwd
+    from bertfast.kernels.embedding_layernorm import embedding_layernorm_fwd
 
     dev = TRITON_DEVICE
     word, pe, te = (torch.randn(n, 8, device=dev) for n in (5, 4, 2))
