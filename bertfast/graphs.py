@@ -35,7 +35,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .models.bert import BertModelOutput, _check_inputs, _check_packed, _read_back, first_tokens, packed_positions
+from .models._engine import check_inputs, check_packed, first_tokens, packed_positions, read_back
+from .models.outputs import BertModelOutput
 from .ops._common import no_host_reads
 from .padding import layout_of, pad_input
 
@@ -213,7 +214,7 @@ class GraphedEncoder:
         """BertModel's forward (last_hidden_state with zeros at padded positions, pooler_output),
         from the smallest graph that holds the batch, else eagerly."""
         cfg = self.config
-        _check_inputs(cfg, input_ids, attention_mask, token_type_ids, position_ids)
+        check_inputs(cfg, input_ids, attention_mask, token_type_ids, position_ids)
         B, S = input_ids.shape
         if B > self.max_seqs or B * S == 0 or not self.buckets:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
@@ -222,7 +223,7 @@ class GraphedEncoder:
         # range-checked with the ids
         pos_full = position_ids.expand(B, S) if position_ids is not None else \
             self.model.default_position_ids(input_ids)
-        total, longest = _read_back(cfg, input_ids, mask, token_type_ids, pos_full)  # one host read
+        total, longest = read_back(cfg, input_ids, mask, token_type_ids, pos_full)  # one host read
         bucket = self.bucket_for(total)
         if bucket is None or total == 0 or longest > self.max_seqlen:
             return self._eager(input_ids, attention_mask, token_type_ids, position_ids)
@@ -254,7 +255,7 @@ class GraphedEncoder:
         """The last layer's packed rows (total, hidden) of sequences already packed (the arguments
         of BertModel.forward_packed, e.g. from Tokenizer.pack), from the smallest graph that holds
         them, else eagerly. Positions default to the model's own, restarting at every sequence."""
-        ids, cu = _check_packed(self.config, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids)
+        ids, cu = check_packed(self.config, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids)
         total, n = ids.numel(), cu.numel() - 1
         bucket = self.bucket_for(total) if self.buckets else None
         if (bucket is None or n > self.max_seqs or max_seqlen > self.max_seqlen

@@ -82,7 +82,7 @@ _PLACEHOLDER_ACT = "relu"  # what the twin is built with before such an activati
 def _build_family(hf_encoder: nn.Module) -> nn.Module:
     """The bertfast encoder of the transformers encoder's model_type (models.convert): BertModel,
     RobertaModel, XLMRobertaModel, DistilBertModel, ElectraModel; without a pooler where it has none."""
-    from .models.bert import _ACTS
+    from .models._engine import ACTS
     from .models.config import FUSED_ACTS
     from .models.convert import BASE_MODELS, config_from_hf
 
@@ -99,7 +99,7 @@ def _build_family(hf_encoder: nn.Module) -> nn.Module:
         d["position_embedding_type"] = "absolute"  # this transformers computes absolute positions whatever it says
     act = None
     for key in ("hidden_act", "activation"):  # DistilBERT's name is `activation`
-        if key in d and not (isinstance(d[key], str) and (d[key] in FUSED_ACTS or d[key] in _ACTS)):
+        if key in d and not (isinstance(d[key], str) and (d[key] in FUSED_ACTS or d[key] in ACTS)):
             act = _transformers_activation(d[key])
             d[key] = _PLACEHOLDER_ACT
     try:

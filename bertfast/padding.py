@@ -234,6 +234,14 @@ def layout_of(keep: torch.Tensor, total: int, max_seqlen: int, lens: Optional[to
     return PackedLayout._trusted(indices, cu, max_seqlen, batch, keep.shape[1])
 
 
+def packed_layout(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> PackedLayout:
+    """The layout of `total` tokens already packed one after the other (one row of `total`, so the
+    indices are 0 .. total - 1) into the sequences of int32 `cu_seqlens`, not checked: the caller
+    checked the offsets, or clamped them into the tokens (BertModel.forward_packed)."""
+    indices = torch.arange(total, device=cu_seqlens.device)
+    return PackedLayout._trusted(indices, cu_seqlens, max_seqlen, cu_seqlens.shape[0] - 1, total)
+
+
 def _layout_clamped(keep, lens, total, max_seqlen) -> PackedLayout:
     """layout_of for counts that could not be checked: indices padded with a valid position and
     lengths clamped to max_seqlen and to total, so the layout stays inside the packed tokens."""

@@ -7,7 +7,7 @@ import torch
 
 import bertfast
 from bertfast import hf_accelerate
-from bertfast.models.bert import HEADS as HF_HEADS
+from bertfast.models.heads import HEADS as HF_HEADS
 from bertfast.testing import ODD_BERT, assert_grads_match, minilm_path, system_sentences
 
 transformers = pytest.importorskip("transformers")

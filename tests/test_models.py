@@ -261,7 +261,7 @@ def test_cpu_inference_workspace(pad):
     import pickle
     import threading
 
-    from bertfast.models import bert as bert_mod
+    from bertfast.models import _engine as engine
 
     torch.manual_seed(0)
     m = bertfast.BertModel(BertConfig(**odd_config(num_hidden_layers=3))).eval()
@@ -270,7 +270,7 @@ def test_cpu_inference_workspace(pad):
     want = [(w.last_hidden_state.detach(), w.pooler_output.detach()) for w in want]
     with torch.no_grad():
         got = [m(ids, mask, tt) for ids, tt, mask in inputs]
-    ws = bert_mod._workspace(m)
+    ws = engine.workspace_of(m)
     buffers = {t.untyped_storage().data_ptr() for t in ws.bufs.values()}
     assert {k[0] for k in ws.bufs} == {"qkv", "attn", "inter", "out"}
     for g, (w_last, w_pool) in zip(got, want):  # earlier results survive later calls
@@ -299,13 +299,13 @@ def test_cpu_inference_workspace(pad):
             torch.testing.assert_close(o, want[i][0], atol=1e-6, rtol=1e-6)
     pickle.loads(pickle.dumps(copy.deepcopy(m)))
     m.release_workspace()
-    assert m not in bert_mod._WORKSPACES.table
+    assert m not in engine.WORKSPACES.table
 
 
 def test_cpu_inference_workspace_limit(monkeypatch):
     """BERTFAST_CPU_WORKSPACE_MB caps what a model keeps: a batch whose buffers would exceed it
     runs without them (same values); a malformed value is an error that names the variable."""
-    from bertfast.models import bert as bert_mod
+    from bertfast.models import _engine as engine
 
     torch.manual_seed(0)
     m = bertfast.BertModel(BertConfig(**odd_config())).eval()
@@ -314,11 +314,11 @@ def test_cpu_inference_workspace_limit(monkeypatch):
     monkeypatch.setenv("BERTFAST_CPU_WORKSPACE_MB", "0")
     with torch.no_grad():
         torch.testing.assert_close(m(ids, mask, tt).last_hidden_state, want, atol=1e-6, rtol=1e-6)
-    assert not bert_mod._workspace(m).bufs
+    assert not engine.workspace_of(m).bufs
     monkeypatch.setenv("BERTFAST_CPU_WORKSPACE_MB", "1")  # 33 rows x 217 columns x 4 bytes fit
     with torch.no_grad():
         torch.testing.assert_close(m(ids, mask, tt).last_hidden_state, want, atol=1e-6, rtol=1e-6)
-    assert bert_mod._workspace(m).bufs
+    assert engine.workspace_of(m).bufs
     monkeypatch.setenv("BERTFAST_CPU_WORKSPACE_MB", "lots")
     with torch.no_grad(), pytest.raises(ValueError, match="BERTFAST_CPU_WORKSPACE_MB"):
         m(ids, mask, tt)
@@ -568,7 +568,7 @@ def test_layers_take_the_lean_path_with_the_public_ops_results(monkeypatch, unpa
     which torch.compile traces, in training and inference. With dropout, the forward draws its
     seeds at once: a fixed torch.manual_seed reproduces the masks, another seed changes them."""
     from bertfast import backend
-    from bertfast.models import bert
+    from bertfast.models import _engine as engine
 
     torch.manual_seed(0)
     model = bertfast.BertForMaskedLM(BertConfig(**odd_config(num_hidden_layers=3, hidden_dropout_prob=0.1,
@@ -602,9 +602,9 @@ def test_layers_take_the_lean_path_with_the_public_ops_results(monkeypatch, unpa
     assert not torch.equal(dropped[0], lean[0][0])
     public_calls = []
     for name in ("attention", "bias_residual_layernorm", "bias_gelu"):
-        fn = getattr(bert.ops, name)
-        monkeypatch.setattr(bert.ops, name, lambda *a, _fn=fn, _n=name, **k: public_calls.append(_n) or _fn(*a, **k))
-    monkeypatch.setattr(bert._Eager, "resolve", classmethod(lambda cls, *a: None))  # what compile tracing gets
+        fn = getattr(engine.ops, name)
+        monkeypatch.setattr(engine.ops, name, lambda *a, _fn=fn, _n=name, **k: public_calls.append(_n) or _fn(*a, **k))
+    monkeypatch.setattr(engine.Eager, "resolve", classmethod(lambda cls, *a: None))  # what compile tracing gets
     public = step(True, dropout=False), step(False)
     assert len(public_calls) == 2 * 3 * 4  # 3 layers x 4 op calls, twice: the public path did run
     for a, b in zip(lean[0] + lean[1], public[0] + public[1]):

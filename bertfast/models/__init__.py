@@ -1,9 +1,10 @@
 """BertConfig, BertModel and every head, with Hugging Face's names; the BERT family (RoBERTa,
 XLM-RoBERTa, DistilBERT, ELECTRA) on the same encoder; `from_hf` and the registry of HF names
 (convert.py)."""
-from .bert import (BertForMaskedLM, BertForNextSentencePrediction, BertForPreTraining, BertForQuestionAnswering,
-                   BertForSequenceClassification, BertForTokenClassification, BertModel, BertModelOutput,
-                   BertPreTrainedModel)
+from .bert import BertModel, BertPreTrainedModel
+from .heads import (BertForMaskedLM, BertForNextSentencePrediction, BertForPreTraining, BertForQuestionAnswering,
+                    BertForSequenceClassification, BertForTokenClassification)
+from .outputs import BertModelOutput
 from .config import PRESETS, BertConfig
 from .distilbert import (DistilBertConfig, DistilBertForMaskedLM, DistilBertForQuestionAnswering,
                          DistilBertForSequenceClassification, DistilBertForTokenClassification, DistilBertModel)

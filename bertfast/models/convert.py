@@ -9,15 +9,15 @@ and class names -> bertfast's.
     from_hf(hf_model)               -> the bertfast twin: same weights, device, dtype, train/eval mode
     from_pretrained(folder)         -> a checkpoint folder loaded as the class its config.json names
 
-Imports go config <- hub (checkpoint files) <- bert (modules) <- roberta/distilbert/electra <- convert:
-hub never needs the model classes, so no module of this package imports one that imports it back.
+Imports go config <- hub (checkpoint files) <- _engine (execution) <- bert (modules) <- heads <-
+roberta/distilbert/electra <- convert: hub never needs the model classes, so no module of this package imports one that imports it back.
 """
 from __future__ import annotations
 
 import json
 import os
 
-from . import bert, distilbert, electra, roberta
+from . import distilbert, electra, heads, roberta
 from .config import BertConfig
 from .distilbert import DistilBertConfig
 from .electra import ElectraConfig
@@ -26,7 +26,7 @@ from .roberta import RobertaConfig, XLMRobertaConfig
 
 MODEL_TYPES = {cfg.model_type: cfg for cfg in (BertConfig, RobertaConfig, XLMRobertaConfig, DistilBertConfig,
                                                ElectraConfig)}
-CLASSES = {**bert.HEADS, **roberta.HEADS, **distilbert.HEADS, **electra.HEADS}
+CLASSES = {**heads.HEADS, **roberta.HEADS, **distilbert.HEADS, **electra.HEADS}
 # the bare encoder of each model_type (what a checkpoint loads as when its config names no head)
 BASE_MODELS = {cls.config_class.model_type: cls for cls in CLASSES.values() if cls.__name__.endswith("Model")}
 

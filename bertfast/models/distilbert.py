@@ -14,12 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.embedding_layernorm import _embedding_layernorm
-from .bert import (BertModel, BertPreTrainedModel, BertSelfAttention, _act, dense_act, dense_act_layernorm,
-                   dense_add_norm)
+from ._engine import ForwardContext, activation_fn, dense_act, dense_add_norm, embedding_layernorm_rows
+from .bert import BertModel, BertPreTrainedModel, BertSelfAttention
 from .config import BertConfig
 from .heads import (MaskedLMHead, QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead,
-                    first_token)
+                    dense_act_layernorm, first_token)
 
 # DistilBERT's config names -> the BertConfig fields the shared encoder reads
 _NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
@@ -86,10 +85,9 @@ class DistilBertEmbeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids, position_ids, ranges_checked: bool = False):
         word = self.word_embeddings.weight
-        return _embedding_layernorm(
+        return embedding_layernorm_rows(
             input_ids, token_type_ids, position_ids, word, self.position_embeddings.weight,
-            word.new_zeros(1, word.shape[1]), self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
-            self.dropout_p if self.training else 0.0, ranges_checked=ranges_checked)
+            word.new_zeros(1, word.shape[1]), self.LayerNorm, self.dropout_p if self.training else 0.0, ranges_checked)
 
 
 class DistilBertSelfAttention(BertSelfAttention):
@@ -114,7 +112,7 @@ class FFN(nn.Module):
         self.lin2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = config.hidden_act
         self.dropout_p = config.hidden_dropout_prob
-        _act(config.hidden_act)  # an unknown name fails here
+        activation_fn(config.hidden_act)  # an unknown name fails here
 
 
 class TransformerBlock(nn.Module):
@@ -127,17 +125,16 @@ class TransformerBlock(nn.Module):
         self.ffn = FFN(config)
         self.output_layer_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
 
-    def forward(self, hidden, layout, shape, key_mask=None, ws=None, last: bool = True, eager=None):
+    def forward(self, hidden, ctx: ForwardContext):
         rows = hidden.shape[0]
-        ctx = self.attention(hidden, layout, shape, key_mask, ws, eager)
+        context = self.attention(hidden, ctx)
         # no dropout between out_lin and the residual add in DistilBERT
-        attn = dense_add_norm(ctx, self.attention.out_lin, hidden, self.sa_layer_norm, 0.0,
-                              ws.get("attn", rows, self.attention.out_lin.weight.shape[0], hidden) if ws else None,
-                              eager)
-        inter = dense_act(attn, self.ffn.lin1, self.ffn.act, ws, eager)
-        out = ws.get("out", rows, self.ffn.lin2.weight.shape[0], hidden) if ws and not last else None
+        attn = dense_add_norm(context, self.attention.out_lin, hidden, self.sa_layer_norm, 0.0,
+                              ctx.buffer("attn", rows, self.attention.out_lin.weight.shape[0], hidden), ctx)
+        inter = dense_act(attn, self.ffn.lin1, self.ffn.act, ctx)
+        out = ctx.output_buffer("out", rows, self.ffn.lin2.weight.shape[0], hidden)
         p = self.ffn.dropout_p if self.training else 0.0
-        return dense_add_norm(inter, self.ffn.lin2, attn, self.output_layer_norm, p, out, eager)
+        return dense_add_norm(inter, self.ffn.lin2, attn, self.output_layer_norm, p, out, ctx)
 
 
 class Transformer(nn.Module):

@@ -11,17 +11,15 @@ embedding width, GELU, LayerNorm; `generator_lm_head` tied to the word embedding
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bert import BertEmbeddings, BertModel, BertPreTrainedModel, _classifier_dropout, _Output, dense_act_layernorm
+from .bert import BertEmbeddings, BertModel, BertPreTrainedModel
 from .config import BertConfig
-from .heads import (ClassificationHead, MaskedLMHead, QuestionAnsweringHead, SequenceClassificationHead,
-                    TokenClassificationHead, _FamilyHead, activation)
+from .heads import (ClassificationHead, FamilyHead, MaskedLMHead, QuestionAnsweringHead, SequenceClassificationHead,
+                    TokenClassificationHead, activation, classifier_dropout, dense_act_layernorm, replaced_token_loss)
+from .outputs import ElectraForPreTrainingOutput
 
 
 class ElectraConfig(BertConfig):
@@ -40,13 +38,6 @@ class ElectraConfig(BertConfig):
         v = getattr(self, "embedding_size", None)
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"ElectraConfig.embedding_size must be a positive int, got {v!r}")
-
-
-@dataclass
-class ElectraForPreTrainingOutput(_Output):
-    loss: Optional[torch.Tensor] = None
-    logits: torch.Tensor = None
-    hidden_states: Optional[tuple] = None
 
 
 class ElectraEmbeddings(BertEmbeddings):
@@ -76,7 +67,7 @@ class ElectraModel(ElectraPreTrainedModel, BertModel):
             self.embeddings_project = nn.Linear(config.embedding_size, config.hidden_size)
             self.init_weights()
 
-    def _embed(self, input_ids, token_type_ids, position_ids, ranges_checked: bool):
+    def embed_tokens(self, input_ids, token_type_ids, position_ids, ranges_checked: bool):
         rows = self.embeddings(input_ids, token_type_ids, position_ids, ranges_checked)
         project = self._modules.get("embeddings_project")
         return rows if project is None else project(rows)
@@ -110,7 +101,7 @@ class ElectraClassificationHead(ClassificationHead):
         super().__init__(config, F.gelu)
 
 
-class ElectraForPreTraining(_FamilyHead, ElectraPreTrainedModel):
+class ElectraForPreTraining(FamilyHead, ElectraPreTrainedModel):
     """The discriminator: a replaced-token logit per token; labels 1 = replaced, 0 = original."""
 
     def __init__(self, config: ElectraConfig):
@@ -121,15 +112,9 @@ class ElectraForPreTraining(_FamilyHead, ElectraPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False):
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits = self.discriminator_predictions(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            if attention_mask is not None:  # HF's loss: over the attended tokens only
-                active = attention_mask.reshape(logits.shape) == 1
-                loss = F.binary_cross_entropy_with_logits(logits[active].float(), labels[active].float())
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.reshape(logits.shape).float())
+        loss = None if labels is None else replaced_token_loss(logits, labels, attention_mask)
         return ElectraForPreTrainingOutput(loss, logits, out.hidden_states)
 
 
@@ -163,7 +148,7 @@ class ElectraForTokenClassification(TokenClassificationHead, ElectraPreTrainedMo
         super().__init__(config)
         self.num_labels = config.num_labels
         self.electra = ElectraModel(config)
-        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.dropout = nn.Dropout(classifier_dropout(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 

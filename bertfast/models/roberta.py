@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bert import (BertEmbeddings, BertModel, BertPreTrainedModel, _classifier_dropout, dense_act_layernorm,
-                   packed_positions)
+from ._engine import packed_positions
+from .bert import BertEmbeddings, BertModel, BertPreTrainedModel
 from .config import BertConfig
 from .heads import (ClassificationHead, MaskedLMHead, QuestionAnsweringHead, SequenceClassificationHead,
-                    TokenClassificationHead)
+                    TokenClassificationHead, classifier_dropout, dense_act_layernorm)
 
 
 class RobertaConfig(BertConfig):
@@ -139,7 +139,7 @@ class RobertaForTokenClassification(TokenClassificationHead, RobertaPreTrainedMo
         super().__init__(config)
         self.num_labels = config.num_labels
         self.roberta = self._encoder(add_pooling_layer=False)
-        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.dropout = nn.Dropout(classifier_dropout(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 

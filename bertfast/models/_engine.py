@@ -1,0 +1,400 @@
+"""How the encoder executes: what bert.py's module tree calls into, and nothing a user builds with.
+
+One `ForwardContext` per encoder forward carries what every layer needs besides its input rows:
+the layout (packed varlen rows with their cu_seqlens, or the (batch, seq) rows of a padded batch
+with an optional key mask), the CPU inference workspace the GEMMs write into, and the ops'
+backends resolved once for the whole forward (`Eager`: the lean path). The layers take that one
+object instead of threading six arguments through every forward.
+
+Also here: the host side of a forward (argument checks and the one device-to-host read-back of
+everything the host must know), the packed-layout helpers (first token of each sequence, packed
+position ids) and the fused steps the layers share (`dense_add_norm`, `dense_act`).
+
+The names are public so the family files, graphs.py and the heads import them without reaching
+into private ones; the module is private because none of it is a user's API.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Iterator, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import backend, ops
+from ..ops._common import can_sync
+from ..ops._rng import draw_seeds
+from ..ops.attention import attention_route, attention_unchecked, key_padding_bias
+from ..ops.bias_gelu import bias_gelu_unchecked
+from ..ops.bias_residual_layernorm import bias_residual_layernorm_unchecked
+from ..ops.embedding_layernorm import _embedding_layernorm, id_range_error
+from ..padding import PackedLayout
+from .config import FUSED_ACTS, BertConfig
+
+__all__ = ["ACTS", "Eager", "ForwardContext", "Workspace", "activation_fn", "can_sync", "check_inputs",
+           "check_packed", "dense_act", "dense_add_norm", "embedding_layernorm_rows", "first_tokens", "linear",
+           "packed_positions", "read_back", "release_workspace", "select_backend", "workspace_limit",
+           "workspace_of"]
+
+# activations the layers run in PyTorch (the GELU flavours are fused: config.FUSED_ACTS)
+ACTS = {"relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh, "gelu": F.gelu}
+
+
+def activation_fn(name):
+    """The PyTorch function of an unfused activation (None for a fused GELU flavour); a callable
+    (e.g. transformers' activation module) is itself; a clear error for a name neither knows."""
+    if callable(name):
+        return name
+    if name not in ACTS and name not in FUSED_ACTS:
+        raise ValueError(f"hidden_act must be one of {sorted(set(ACTS) | set(FUSED_ACTS))}, got {name!r}")
+    return ACTS.get(name)
+
+
+# --------------------------------------------------------------------------------------
+# CPU inference workspace
+
+
+class Workspace:
+    """Buffers for the encoder layers' GEMM outputs during CPU inference, kept by the model between
+    calls (one set per thread). Each layer writes its fused QKV projection, attention projection,
+    intermediate and output GEMMs into them, and the fused ops finish in place, so a forward
+    allocates almost nothing: a fresh multi-MB GEMM output costs its page faults on every call
+    once glibc has handed freed memory back to the system. The last layer writes fresh memory:
+    nothing returned to the caller aliases these buffers. Held: one layer's activations (e.g.
+    13.5 MB for MiniLM at 8 x 128 tokens), up to BERTFAST_CPU_WORKSPACE_MB (512 by default; larger
+    batches go without); `BertModel.release_workspace()` frees them."""
+
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def get(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())
+        t = self.bufs.get(key)
+        if t is None or t.numel() < rows * cols:
+            t = self.bufs[key] = torch.empty(rows * cols, dtype=like.dtype, device=like.device)
+        return t[: rows * cols].view(rows, cols)
+
+
+# per thread (a model served from several threads must not share buffers), per model; held
+# outside the module so that pickling, deepcopy and state dicts never see it
+WORKSPACES = threading.local()
+
+
+def workspace_of(model) -> Workspace:
+    """The calling thread's workspace of `model` (made on first use)."""
+    table = getattr(WORKSPACES, "table", None)
+    if table is None:
+        table = WORKSPACES.table = weakref.WeakKeyDictionary()
+    if model not in table:
+        table[model] = Workspace()
+    return table[model]
+
+
+def release_workspace(model) -> None:
+    """Drops the calling thread's workspace of `model`."""
+    table = getattr(WORKSPACES, "table", None)
+    if table is not None:
+        table.pop(model, None)
+
+
+def workspace_limit() -> int:
+    """Bytes one model may keep per thread for CPU inference buffers: BERTFAST_CPU_WORKSPACE_MB
+    (default 512; 0 turns the workspace off). Larger batches allocate per call as before."""
+    raw = os.environ.get("BERTFAST_CPU_WORKSPACE_MB", "512")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"BERTFAST_CPU_WORKSPACE_MB must be a number of megabytes, got {raw!r}") from None
+    return int(mb * 2**20)
+
+
+def linear(x, weight, bias=None, out: Optional[torch.Tensor] = None):
+    """F.linear, or the same product written into `out` (a workspace buffer)."""
+    if out is None:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
+# --------------------------------------------------------------------------------------
+# the per-forward context
+
+
+def select_backend(op: str, device_type: str):
+    """Which implementation serves `op` on `device_type`: the engine's one call into backend
+    selection (it reads BERTFAST_BACKEND and use_backend)."""
+    return backend.select(op, device_type)
+
+
+class Eager(NamedTuple):
+    """What one eager encoder forward resolves once for all its layers' op calls (the lean
+    path): each op's backend (once per forward instead of once per call), whether autograd
+    records (torch.is_grad_enabled()), the padded layout's key bias, the forward's dropout seeds
+    (one draw from torch's generator for all layers, not one per op call) and (memo, filled by
+    the first layer) which attention kernel serves the forward's shape. The layers then call the
+    ops' `_unchecked` entry points: the inputs were validated at the model boundary, so no
+    per-call argument checks either."""
+
+    grad: bool
+    attention: backend.Impl
+    bias_residual_layernorm: backend.Impl
+    bias_gelu: backend.Impl
+    key_bias: Optional[torch.Tensor]
+    seeds: Optional[Iterator[int]]
+    memo: dict
+
+    @classmethod
+    def resolve(cls, device_type: str, key_mask: Optional[torch.Tensor], n_seeds: int = 0) -> "Eager":
+        """n_seeds: how many dropout calls the forward may make (0: none, e.g. in eval mode)."""
+        seeds = iter(draw_seeds(n_seeds)) if n_seeds else None
+        return cls(torch.is_grad_enabled(), select_backend("attention", device_type),
+                   select_backend("bias_residual_layernorm", device_type), select_backend("bias_gelu", device_type),
+                   None if key_mask is None else key_padding_bias(key_mask), seeds, {})
+
+    def seed(self, p: float) -> Optional[int]:
+        """The next dropout seed of this forward for a call with rate p (None: the op draws one)."""
+        return next(self.seeds, None) if p > 0.0 and self.seeds is not None else None
+
+    def attention_call(self, q, k, v, layout: Optional[PackedLayout], p: float):
+        """Self-attention of one layer: the public op's routing decided once per forward."""
+        route = self.memo.get("route", False)
+        if route is False:
+            training = self.grad and (q.requires_grad or k.requires_grad or v.requires_grad)
+            route = self.memo["route"] = attention_route(q, layout, self.key_bias, p, training)
+        return attention_unchecked(self.attention, self.grad, q, k, v, layout, self.key_bias, p, route,
+                                   self.seed(p))
+
+
+class ForwardContext:
+    """Everything an encoder layer needs besides its input rows, made once per forward.
+
+    layout: the packed layout (varlen rows) or None (the (batch, seq) = `shape` rows of a padded
+    batch, with `key_mask` (batch, seq) or None); workspace: CPU inference buffers for the GEMM
+    outputs (see Workspace) or None; eager: the forward's resolved lean path, or None where the
+    layers call the public, checked ops (torch.compile tracing, CUDA-graph capture, an empty
+    batch); last: whether the layer now running is the last one (its output is returned, so it
+    is fresh memory, never a workspace buffer)."""
+
+    __slots__ = ("layout", "shape", "key_mask", "workspace", "eager", "last")
+
+    def __init__(self, layout: Optional[PackedLayout], shape: Tuple[int, int], key_mask: Optional[torch.Tensor] = None,
+                 workspace: Optional[Workspace] = None, eager: Optional[Eager] = None):
+        self.layout, self.shape, self.key_mask = layout, shape, key_mask
+        self.workspace, self.eager = workspace, eager
+        self.last = True
+
+    @classmethod
+    def begin(cls, model, hidden: torch.Tensor, layout: Optional[PackedLayout], shape, key_mask,
+              keep_hidden: bool) -> "ForwardContext":
+        """The context of one forward of `model` (a BertModel) over the embedded rows `hidden`;
+        keep_hidden: every layer's output is returned (so none may live in the workspace)."""
+        cfg = model.config
+        ws = None
+        # CPU inference: GEMM outputs go to buffers reused across layers and calls; not while
+        # torch.compile traces (the buffers are Python state, and the fused ops do not write in
+        # place there)
+        if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and not keep_hidden
+                and not torch.compiler.is_compiling()):
+            need = hidden.shape[0] * (5 * cfg.hidden_size + cfg.intermediate_size) * hidden.element_size()
+            if need <= workspace_limit():  # an occasional huge batch is not kept for the process' life
+                ws = workspace_of(model)
+        # eager: the inputs were validated at the model boundary, so the layers take the ops'
+        # unchecked paths with backends resolved once here; torch.compile and CUDA-graph capture
+        # trace the public ops (the custom ops), and so does an empty batch (no valid token: the
+        # public ops' empty-input handling)
+        eager = None
+        if hidden.shape[0] and can_sync():
+            # dropout calls per layer: attention probabilities and the two add-and-norms
+            eager = Eager.resolve(hidden.device.type, key_mask, 3 * len(model.encoder.layer) if model.training else 0)
+        return cls(layout, shape, key_mask, ws, eager)
+
+    def buffer(self, name: str, rows: int, cols: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The workspace buffer `name` as a (rows, cols) tensor, or None without a workspace."""
+        ws = self.workspace
+        return ws.get(name, rows, cols, like) if ws is not None else None
+
+    def output_buffer(self, name: str, rows: int, cols: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """buffer() for a layer's output: None in the last layer (what the caller gets is fresh)."""
+        return None if self.last else self.buffer(name, rows, cols, like)
+
+    def attention(self, q, k, v, p: float):
+        """Self-attention over q, k, v ((total, H, D) packed or (B, S, H, D) padded) in this layout."""
+        if self.eager is not None:
+            return self.eager.attention_call(q, k, v, self.layout, p)
+        if self.layout is not None:  # the layout itself: no per-layer host read
+            return ops.attention(q, k, v, cu_seqlens=self.layout, dropout_p=p)
+        return ops.attention(q, k, v, self.key_mask, dropout_p=p)
+
+
+# --------------------------------------------------------------------------------------
+# the fused steps the layers share
+
+
+def embedding_layernorm_rows(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb,
+                             norm: nn.LayerNorm, dropout_p: float, ranges_checked: bool):
+    """The fused embedding op on the (packed or padded) ids; ranges_checked: the forward's
+    read_back checked the ids against their tables already."""
+    return _embedding_layernorm(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, norm.weight,
+                                norm.bias, norm.eps, dropout_p, ranges_checked=ranges_checked)
+
+
+def dense_add_norm(hidden, dense: nn.Linear, residual, norm: nn.LayerNorm, dropout_p: float,
+                   out: Optional[torch.Tensor] = None, ctx: Optional[ForwardContext] = None):
+    """LayerNorm(dropout(dense(hidden)) + residual): the GEMM without its bias, then the bias add,
+    dropout, residual add and LayerNorm as one op. `out`: a workspace buffer for the GEMM; inplace,
+    because the fresh GEMM output is read by nothing else (used only without autograd). With the
+    context's lean path the op's unchecked entry, else the public, checked op."""
+    x = linear(hidden, dense.weight, out=out)
+    eager = ctx.eager if ctx is not None else None
+    if eager is not None:
+        return bias_residual_layernorm_unchecked(eager.bias_residual_layernorm, eager.grad, x, dense.bias, residual,
+                                                 norm.weight, norm.bias, norm.eps, dropout_p, inplace=True,
+                                                 seed=eager.seed(dropout_p))
+    return ops.bias_residual_layernorm(x, dense.bias, residual, norm.weight, norm.bias, norm.eps, dropout_p,
+                                       inplace=True)
+
+
+def dense_act(hidden, dense: nn.Linear, act: str, ctx: Optional[ForwardContext] = None):
+    """act(dense(hidden)), the FFN's first half: bias and GELU fused after the GEMM (written into the
+    workspace's "inter" buffer when there is one); other activations in PyTorch."""
+    if act in FUSED_ACTS:
+        out = ctx.buffer("inter", hidden.shape[0], dense.weight.shape[0], hidden) if ctx is not None else None
+        x = linear(hidden, dense.weight, out=out)
+        eager = ctx.eager if ctx is not None else None
+        if eager is not None:
+            return bias_gelu_unchecked(eager.bias_gelu, eager.grad, x, dense.bias, FUSED_ACTS[act], inplace=True)
+        return ops.bias_gelu(x, dense.bias, FUSED_ACTS[act], inplace=True)
+    return activation_fn(act)(dense(hidden))
+
+
+# --------------------------------------------------------------------------------------
+# the host side of a forward: argument checks and the one read-back
+
+
+def check_inputs(config: BertConfig, input_ids, attention_mask, token_type_ids, position_ids) -> None:
+    """BertModel.forward's argument checks (types, shapes, devices): a clear error naming the argument."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be an integer (int64 or int32) tensor of token ids, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    B, S = input_ids.shape
+    if B == 0 or S == 0:
+        raise ValueError(f"input_ids must hold at least one token per batch row, got an empty batch of shape {(B, S)}")
+    if S > config.max_position_embeddings:
+        raise ValueError(f"input_ids has sequence length {S}, longer than max_position_embeddings "
+                         f"({config.max_position_embeddings})")
+    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (B, S):
+            raise ValueError(f"{name} must have the shape of input_ids {(B, S)}, got {tuple(t.shape)}")
+        if t.device != input_ids.device:
+            raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
+    if token_type_ids is not None and (token_type_ids.dtype.is_floating_point or token_type_ids.dtype == torch.bool):
+        raise TypeError(f"token_type_ids must be an integer tensor, got {token_type_ids.dtype}")
+    if position_ids is not None:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
+            raise TypeError("position_ids must be an integer torch.Tensor")
+        if position_ids.shape[-1] != S or position_ids.dim() > 2:
+            raise ValueError(f"position_ids must be (seq_len,) or (batch, seq_len) = {(B, S)}, "
+                             f"got {tuple(position_ids.shape)}")
+
+
+def read_back(config: BertConfig, input_ids, attention_mask, token_type_ids, position_ids):
+    """The values the forward needs on the host, in one device-to-host transfer: every id range
+    (a kernel must never gather outside its table) and, for the packed layout, the number of
+    valid tokens and the longest row. On a GPU each read drains the queue of launched kernels,
+    so one read per forward instead of one per check (and none per layer).
+    Returns (valid tokens, longest row); both are None without a mask."""
+    checks = [("input_ids", input_ids, config.vocab_size, "word_emb")]
+    if token_type_ids is not None:
+        checks.append(("token_type_ids", token_type_ids, config.type_vocab_size, "type_emb"))
+    if position_ids is not None:
+        checks.append(("position_ids", position_ids, config.max_position_embeddings, "pos_emb"))
+    vals = []
+    for _, t, _, _ in checks:
+        lo, hi = torch.aminmax(t)
+        vals += [lo.long(), hi.long()]
+    if attention_mask is not None:
+        lens = (attention_mask != 0).sum(1)
+        vals += [lens.sum(), lens.max()]
+    host = torch.stack(vals).tolist()
+    for i, (name, _, rows, table) in enumerate(checks):
+        err = id_range_error(name, host[2 * i], host[2 * i + 1], rows, table)
+        if err is not None:
+            raise err
+    if attention_mask is None:
+        return None, None
+    return host[-2], host[-1]
+
+
+def check_packed(config: BertConfig, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids):
+    """forward_packed's argument checks; the value checks (id ranges, offsets) in one read-back.
+    Returns (flat ids, contiguous cu_seqlens)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be an int64 or int32 tensor of packed token ids, got "
+                        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+    ids = input_ids.reshape(-1)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+            or cu_seqlens.numel() < 2:
+        raise TypeError(f"cu_seqlens must be an int32 tensor of shape (sequences + 1,), got "
+                        f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+                        f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if cu_seqlens.device != ids.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but input_ids is on {ids.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or not 1 <= max_seqlen:
+        raise ValueError(f"max_seqlen must be a positive int (a bound on the longest sequence), got {max_seqlen!r}")
+    if ids.numel() == 0:
+        raise ValueError("input_ids must hold at least one packed token, got none")
+    for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.numel() != ids.numel() or t.device != ids.device:
+            raise ValueError(f"{name} must hold one id per packed token ({ids.numel()}) on {ids.device}, "
+                             f"got shape {tuple(t.shape)} on {t.device}")
+    if can_sync():
+        read_back(config, ids, None, token_type_ids, position_ids)
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        first, last, shortest, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1], lens.min(), lens.max()]).tolist()
+        if first != 0 or last != ids.numel() or shortest < 0:
+            raise ValueError(f"cu_seqlens must rise from 0 to the number of packed tokens ({ids.numel()}), "
+                             f"got {first} .. {last}" + (" with a decreasing step" if shortest < 0 else ""))
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen ({max_seqlen}) is shorter than the longest sequence ({longest})")
+        if longest > config.max_position_embeddings and position_ids is None:
+            raise ValueError(f"a sequence of {longest} tokens is longer than max_position_embeddings "
+                             f"({config.max_position_embeddings})")
+    return ids, cu_seqlens.contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# packed-layout helpers
+
+
+def first_tokens(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(n, hidden): the first packed row of each sequence of `cu_seqlens`, zeros for empty ones
+    (no host read: a graph can capture it)."""
+    n = cu_seqlens.shape[0] - 1
+    first = hidden.new_zeros(n, hidden.shape[-1])
+    if not hidden.shape[0]:
+        return first
+    nonempty = cu_seqlens[1:] > cu_seqlens[:-1]
+    starts = cu_seqlens[:-1].long().clamp(max=hidden.shape[0] - 1)
+    return torch.where(nonempty.unsqueeze(-1), hidden.index_select(0, starts), first)
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 (total,) position ids 0, 1, ... restarting at every sequence of `cu_seqlens`."""
+    t = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True)  # the sequence each token is in
+    return t - cu_seqlens.long().clamp(max=total).index_select(0, seq.clamp(max=cu_seqlens.shape[0] - 2))
