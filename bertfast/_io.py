@@ -236,11 +236,7 @@ def atomic_folder(folder: str, replaces: Iterable[str] = ()) -> Iterator[str]:
         raise _write_error(folder, e) from e
     try:
         yield tmp
-        if os.path.isdir(folder):
-            skip = set(replaces) | set(os.listdir(tmp))
-            for entry in os.listdir(folder):
-                if entry not in skip:
-                    _link_tree(os.path.join(folder, entry), os.path.join(tmp, entry))
+        _carry_over(folder, tmp, set(replaces) | set(os.listdir(tmp)))
         _swap_in(tmp, folder)
     except Exception as e:  # noqa: BLE001 - see atomic_file
         _remove(tmp)
@@ -248,6 +244,21 @@ def atomic_folder(folder: str, replaces: Iterable[str] = ()) -> Iterator[str]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _carry_over(folder: str, tmp: str, skip: set) -> None:
+    """Link the entries of `folder` that are not in `skip` into `tmp`. Another writer may swap
+    `folder` away meanwhile: what vanished is not carried (the last writer's version wins)."""
+    try:
+        entries = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry not in skip:
+            try:
+                _link_tree(os.path.join(folder, entry), os.path.join(tmp, entry))
+            except FileNotFoundError:
+                pass
 
 
 def _swap_in(tmp: str, folder: str) -> None:

@@ -553,3 +553,31 @@ def test_cli_names_a_malformed_tokenizer_and_a_too_small_model(tok_folder, tmp_p
     small.save_pretrained(str(folder))
     assert main(["classify", "--model", str(folder), "--text", "the film"]) == 1
     assert "the tokenizer has" in capsys.readouterr().err
+
+
+def test_concurrent_saves_to_one_folder_leave_one_whole_model(tok_folder, tmp_path):
+    """Several writers saving to the same folder at once (two runs with the same --out): each
+    has its own temporary, the last swap wins, and the folder always holds one model whole."""
+    from bertfast import BertForSequenceClassification
+
+    models = [_model(tok_folder, [f"a{i}", f"b{i}"], seed=i) for i in range(4)]
+    folder = str(tmp_path / "m")
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                models[i][0].save_pretrained(folder, tokenizer=models[i][1])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    back = BertForSequenceClassification.from_pretrained(folder)
+    i = int(back.config.id2label[0][1:])
+    torch.testing.assert_close(back.classifier.weight, models[i][0].classifier.weight)
+    assert os.listdir(tmp_path) == ["m"]

@@ -155,14 +155,16 @@ def _embed_to_folder(out: str) -> bool:
 
 
 def _write_jsonl(rows, out: Optional[str]) -> None:
-    """JSON lines to standard output, or to `out` written whole and then renamed (never half a file)."""
-    if out is None:
-        for r in rows:
-            print(json.dumps(r, ensure_ascii=False))
-        return
-    from .._io import write_text
+    """JSON lines to standard output, or to `out` written whole and then renamed (never half a file);
+    standard JSON: a non-finite score is null, never NaN."""
+    from .._io import json_safe, write_text
 
-    write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    lines = (json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
+    if out is None:
+        for line in lines:
+            print(line, end="")
+        return
+    write_text(out, "".join(lines))
 
 
 def _parser(cmd: str) -> argparse.ArgumentParser:
