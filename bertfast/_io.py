@@ -226,7 +226,8 @@ def atomic_folder(folder: str, replaces: Iterable[str] = ()) -> Iterator[str]:
     """
     folder = os.path.abspath(os.fspath(folder))
     parent, name = os.path.split(folder)
-    recover_folder(folder)
+    # no recover_folder here: while another writer is between its renames, the folder is briefly
+    # absent by design, and putting its old version back would only make that writer retry
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise _write_error(folder, NotADirectoryError(errno.ENOTDIR, "it exists and is not a folder"))
     try:
