@@ -72,6 +72,29 @@ def _write_error(path: str, exc: BaseException) -> WriteError:
     return err
 
 
+def _umask() -> int:
+    try:  # read without changing it (os.umask can only be read by setting it, racing other threads)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _set_mode(tmp: str, target: str, default: int) -> None:
+    """mkstemp/mkdtemp make owner-only temporaries: give the output the mode the target had, else
+    the one a plain open/mkdir would have given it (default minus the umask)."""
+    try:
+        mode = os.stat(target).st_mode & 0o7777
+    except OSError:
+        mode = default & ~_umask()
+    os.chmod(tmp, mode)
+
+
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -96,6 +119,7 @@ def atomic_file(path: str, suffix: str = "") -> Iterator[str]:
         raise _write_error(path, e) from e
     try:
         yield tmp
+        _set_mode(tmp, path, 0o666)  # after the writer: some (safetensors) replace the file they are given
         os.replace(tmp, path)
     except WriteError:
         _remove(tmp)
@@ -191,6 +215,8 @@ def recover_folder(folder: str) -> None:
     if os.path.exists(folder):
         return
     for old in _asides(folder):
+        if not os.listdir(old):  # an empty placeholder of a swap that never moved anything aside
+            continue
         with contextlib.suppress(OSError):
             os.rename(old, folder)
             warnings.warn(f"{folder}: a save was interrupted while swapping the new version in; the previous "
@@ -233,6 +259,7 @@ def atomic_folder(folder: str, replaces: Iterable[str] = ()) -> Iterator[str]:
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{name}{TMP_MARK}", dir=parent)
+        _set_mode(tmp, folder, 0o777)
     except OSError as e:
         raise _write_error(folder, e) from e
     try:

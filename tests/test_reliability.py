@@ -581,3 +581,19 @@ def test_concurrent_saves_to_one_folder_leave_one_whole_model(tok_folder, tmp_pa
     i = int(back.config.id2label[0][1:])
     torch.testing.assert_close(back.classifier.weight, models[i][0].classifier.weight)
     assert os.listdir(tmp_path) == ["m"]
+
+
+def test_outputs_get_the_mode_a_plain_write_would_give(tok_folder, tmp_path):
+    """mkstemp and mkdtemp make owner-only temporaries; the outputs must not stay that way."""
+    old = os.umask(0o022)
+    try:
+        _io.write_text(str(tmp_path / "a.txt"), "x")
+        model, tok = _model(tok_folder, ["a", "b"])
+        model.save_pretrained(str(tmp_path / "m"), tokenizer=tok)
+        os.chmod(tmp_path / "a.txt", 0o640)
+        _io.write_text(str(tmp_path / "a.txt"), "y")  # a replaced file keeps its mode
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "m").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "m" / "model.safetensors").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == 0o640
