@@ -379,7 +379,10 @@ def _run(hf: nn.Module, args, kwargs):
     call = dict(zip(names, args), **kwargs)
     words = hf.get_input_embeddings().weight
     if words is not state.word_embeddings or words.shape[0] != state.twin.config.vocab_size:
+        precision = getattr(state.twin, "inference_precision", None)
         state = hf.__dict__["_bertfast"] = _twin_of(hf)  # resized or replaced since: build again
+        if precision is not None and state.twin is not None:  # the rebuilt twin keeps the precision asked for
+            state.twin.inference_precision = precision
         if state.refusal is not None:
             return _run(hf, args, kwargs)
     if state.own[0].training != hf.training:
@@ -448,14 +451,20 @@ def _encoders(model: nn.Module):
     return served, unserved
 
 
-def accelerate(model):
+def accelerate(model, precision: Optional[str] = None):
     """Run every transformers encoder inside `model` on bertfast's kernels, in place, and return `model`.
 
     `model`: a transformers model of the BERT family (Bert, Roberta, XLMRoberta, DistilBert, Electra:
     the base model or a head), a sentence_transformers SentenceTransformer
     (or CrossEncoder) whose transformer module holds one, or any nn.Module containing them. Parameters
     are shared, not copied. An encoder whose configuration or layers the fused ops cannot compute
-    keeps transformers' forward, with one warning (an error under BERTFAST_STRICT=1)."""
+    keeps transformers' forward, with one warning (an error under BERTFAST_STRICT=1).
+    precision: the encoders' CPU inference GEMMs, "fp32" (default), "bf16" or "int8" (see
+    bertfast.models.precision; refused on a CPU without the instructions)."""
+    if precision is not None:
+        from .dispatch.cpu_gemm import check_precision
+
+        check_precision(precision)
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: model must be a torch.nn.Module (a transformers model or a "
                         f"SentenceTransformer), got {type(model).__name__}")
@@ -475,6 +484,10 @@ def accelerate(model):
             warnings.warn(f"bertfast.accelerate: {state.refusal}; this encoder runs transformers' forward",
                           stacklevel=2)
     for hf, state in zip(served, states):
+        if precision is not None and state.twin is not None:
+            from .models.precision import set_inference_precision
+
+            set_inference_precision(state.twin, precision)
         object.__setattr__(hf, "_bertfast", state)  # a plain attribute: not a submodule, not in the state dict
         object.__setattr__(hf, "forward", AcceleratedForward(hf))
     return model

@@ -54,11 +54,19 @@ def packed_logits(model, batch) -> Optional[torch.Tensor]:
 @torch.no_grad()
 def classify(model, tokenizer, texts, text_pairs=None, multi_label: Optional[bool] = None, threshold: float = 0.5,
              top_k: Optional[int] = None, max_length: Optional[int] = None, batch_size: int = 32,
-             packed: bool = True):
+             packed: bool = True, precision: Optional[str] = None):
     """Labels of a BertForSequenceClassification: softmax (best label and score) or, for a
     multi-label model (config.problem_type == 'multi_label_classification', or multi_label=True),
     every label with sigmoid >= threshold. Texts (pairs) over max_length tokens are cut to it, with
-    one TruncationWarning. packed=False runs right-padded batches instead of packed ones."""
+    one TruncationWarning. packed=False runs right-padded batches instead of packed ones.
+    precision: the CPU GEMMs' precision for this call, "fp32", "bf16" or "int8" (see
+    bertfast.models.precision; None: the model's own setting)."""
+    if precision is not None:
+        from ..models.precision import inference_precision
+
+        with inference_precision(model, precision):
+            return classify(model, tokenizer, texts, text_pairs, multi_label, threshold, top_k, max_length,
+                            batch_size, packed)
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
     if text_pairs is not None:

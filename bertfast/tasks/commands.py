@@ -220,6 +220,10 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
             p.add_argument("--threshold", type=float, default=0.5, help="multi-label models: sigmoid cut-off")
         p.add_argument("--batch-size", type=int, default=32, help="texts (answer: context windows) per forward")
         p.add_argument("--out", help="output .jsonl file (default: standard output)")
+    if cmd in ("embed", "search", "cluster", "classify"):
+        p.add_argument("--precision", choices=["fp32", "bf16", "int8"],
+                       help="CPU inference GEMMs: fp32 (default), bf16 (AVX512-BF16/AMX) or int8 (dynamic "
+                            "quantisation, VNNI); refused on a CPU without the instructions")
     if cmd in ("embed", "search", "cluster"):
         p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="run the eager forward on CUDA (default: CUDA graphs per token bucket)")
@@ -246,8 +250,25 @@ def _positive(args, *names) -> None:
             raise ValueError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
 
 
+def _load_for(cls_name: str, args):
+    """_load, with --precision set on the model where the command has it."""
+    model, tok = _load(cls_name, args.model)
+    if getattr(args, "precision", None):
+        from ..models.precision import set_inference_precision
+
+        set_inference_precision(model, args.precision)
+    return model, tok
+
+
 def _run_cli(cmd: str, args) -> int:
     _positive(args, "batch_size", "top_k", "k", "max_answer_len", "max_seq_len", "shard_size")
+    if getattr(args, "precision", None):  # before any file is read or model loaded
+        from ..dispatch.cpu_gemm import check_precision
+
+        try:
+            check_precision(args.precision)
+        except RuntimeError as e:
+            raise ValueError(f"--precision {args.precision}: {e}") from None
     if cmd == "fill-mask":
         for i, t in enumerate(args.text):
             if "[MASK]" not in t:
@@ -264,11 +285,11 @@ def _run_cli(cmd: str, args) -> int:
         if to_folder:
             from .shards import run
 
-            summary = run(args, texts, lambda: _load("BertModel", args.model))
+            summary = run(args, texts, lambda: _load_for("BertModel", args))
             if summary:  # rank 0's
                 print(json.dumps(summary))
             return 0
-        model, tok = _load("BertModel", args.model)
+        model, tok = _load_for("BertModel", args)
         emb = embed(model, tok, texts, args.pooling, args.layer, args.batch_size, normalize=args.normalize,
                     cuda_graphs=None if args.cuda_graphs else False, long_texts=args.long_texts)
         import numpy as np
@@ -286,7 +307,7 @@ def _run_cli(cmd: str, args) -> int:
         if not queries:
             raise ValueError("no query: give --query TEXT (repeatable) or --queries FILE")
         corpus = _read_lines(args.corpus, "--corpus")
-        model, tok = _load("BertModel", args.model)
+        model, tok = _load_for("BertModel", args)
         scores, idx = search(model, tok, queries, corpus, args.k, args.pooling,
                              cuda_graphs=None if args.cuda_graphs else False, long_texts=args.long_texts)
         for qn, (q, row_s, row_i) in enumerate(zip(queries, scores.tolist(), idx.tolist())):
@@ -297,7 +318,7 @@ def _run_cli(cmd: str, args) -> int:
         texts = _texts(args, "cluster")
         if not 1 <= args.k <= len(texts):
             raise ValueError(f"--k must be in [1, {len(texts)}] (the number of texts), got {args.k}")
-        model, tok = _load("BertModel", args.model)
+        model, tok = _load_for("BertModel", args)
         labels, _ = kmeans(embed(model, tok, texts, args.pooling, batch_size=args.batch_size,
                                  cuda_graphs=None if args.cuda_graphs else False, long_texts=args.long_texts),
                            args.k, seed=args.seed)
@@ -330,7 +351,7 @@ def _run_head_cli(cmd: str, args) -> None:
         pairs = [_field(w, r, CLASSIFY_PAIR, required=False) for w, r in recs]
         # as fine-tuning encodes them: when any record has a pair, the others get an empty one
         pairs = [p or "" for p in pairs] if any(pairs) else None
-        model, tok = _load("BertForSequenceClassification", args.model)
+        model, tok = _load_for("BertForSequenceClassification", args)
         preds = classify(model, tok, texts, pairs, threshold=args.threshold, top_k=args.top_k,
                          batch_size=args.batch_size)
         out = [{**r, **(p if isinstance(p, dict) else {"labels": p})} for r, p in zip(rows, preds)]

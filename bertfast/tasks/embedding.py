@@ -117,8 +117,8 @@ def _windows(ids: List[int], size: int, stride: int) -> List[List[int]]:
 @torch.no_grad()
 def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch_size: int = 32,
           max_length: Optional[int] = None, normalize: bool = False, long_texts: str = "truncate",
-          window_stride: Optional[int] = None, cuda_graphs: Optional[bool] = None, packed: bool = True
-          ) -> torch.Tensor:
+          window_stride: Optional[int] = None, cuda_graphs: Optional[bool] = None, packed: bool = True,
+          precision: Optional[str] = None) -> torch.Tensor:
     """(N, hidden) float32 sentence embeddings. layer indexes hidden_states (0 = embeddings,
     -1 = last layer). Texts are sorted by length into batches; rows come back in input order.
 
@@ -132,7 +132,16 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
     False runs the eager forward; True on a CPU runs the same bucketing eagerly.
 
     packed: feed the packed encoder and pool over cu_seqlens (the default, for every model with
-    forward_packed); False builds right-padded batches with an attention mask instead."""
+    forward_packed); False builds right-padded batches with an attention mask instead.
+
+    precision: the CPU GEMMs' precision for this call, "fp32", "bf16" or "int8" (see
+    bertfast.models.precision; None: the model's own setting, fp32 by default)."""
+    if precision is not None:
+        from ..models.precision import inference_precision
+
+        with inference_precision(model, precision):
+            return embed(model, tokenizer, texts, pooling, layer, batch_size, max_length, normalize, long_texts,
+                         window_stride, cuda_graphs, packed)
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
@@ -208,7 +217,7 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
 def search(model, tokenizer, queries, corpus, k: int = 5, pooling: str = "mean", corpus_embeddings=None,
            cuda_graphs: Optional[bool] = None, long_texts: str = "truncate", packed: bool = True, **embed_kw):
     """Top-k cosine search of each query over the corpus texts: (scores, indices), (n_queries, k).
-    embed_kw (batch_size, max_length, ...) go to embed."""
+    embed_kw (batch_size, max_length, precision, ...) go to embed."""
     kw = dict(cuda_graphs=cuda_graphs, long_texts=long_texts, packed=packed, **embed_kw)
     q = embed(model, tokenizer, queries, pooling, **kw)
     c = corpus_embeddings if corpus_embeddings is not None else embed(model, tokenizer, corpus, pooling, **kw)
@@ -218,6 +227,6 @@ def search(model, tokenizer, queries, corpus, k: int = 5, pooling: str = "mean",
 def cluster(model, tokenizer, texts, k: int, seed: int = 0, pooling: str = "mean",
             cuda_graphs: Optional[bool] = None, long_texts: str = "truncate", packed: bool = True, **embed_kw):
     """k-means cluster ids (N,) of the texts' embeddings, and the centroids. embed_kw (batch_size,
-    max_length, ...) go to embed."""
+    max_length, precision, ...) go to embed."""
     return kmeans(embed(model, tokenizer, texts, pooling, cuda_graphs=cuda_graphs, long_texts=long_texts,
                         packed=packed, **embed_kw), k, seed=seed)
