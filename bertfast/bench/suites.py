@@ -27,6 +27,7 @@ SUITES = {
     "host": "bertfast.bench.host",
     "graphs": "bertfast.bench.graphs",
     "st": "bertfast.bench.sentence_transformers",
+    "cpu-peers": "bertfast.bench.cpu_peers",
 }
 
 
