@@ -39,7 +39,9 @@ def build_parser():
                                 description="one harness for the op, attention and encoder benchmarks")
     p.add_argument("--suite", default="ops,attention,encoder",
                    help="comma list of ops, attention, encoder, host (host time per layer and per op call), st "
-                        "(SentenceTransformer.encode plain vs bertfast.accelerate); host and st are not in the default")
+                        "(SentenceTransformer.encode plain vs bertfast.accelerate), cpu-peers (bertfast fp32/bf16/"
+                        "int8 against transformers, torch.compile, ONNX Runtime, OpenVINO, CTranslate2 on CPU); "
+                        "host, st and cpu-peers are not in the default")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="comma list of fp32, bf16, fp16 (default: cuda bf16; cpu fp32,bf16;"
                                                  " the encoder suite uses the first)")
