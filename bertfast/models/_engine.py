@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backend, ops
+from ..dispatch import cpu_gemm
 from ..ops._common import can_sync
 from ..ops._rng import draw_seeds
 from ..ops.attention import attention_route, attention_unchecked, key_padding_bias
@@ -35,7 +36,8 @@ from ..padding import PackedLayout
 from .config import FUSED_ACTS, BertConfig
 
 __all__ = ["ACTS", "Eager", "ForwardContext", "Workspace", "activation_fn", "can_sync", "check_inputs",
-           "check_packed", "dense_act", "dense_add_norm", "embedding_layernorm_rows", "first_tokens", "linear",
+           "check_packed", "dense_act", "dense_add_norm", "embedding_layernorm_rows", "first_tokens", "gemm_precision",
+           "linear", "packed_qkv",
            "packed_positions", "read_back", "release_workspace", "select_backend", "workspace_limit",
            "workspace_of"]
 
@@ -120,6 +122,26 @@ def linear(x, weight, bias=None, out: Optional[torch.Tensor] = None):
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
+def gemm_precision(model, hidden: torch.Tensor) -> Optional[str]:
+    """The precision the encoder's GEMMs run in through dispatch/cpu_gemm (the fastest library
+    per shape, weights packed once), or None where `linear` (F.linear) serves: on a GPU, when
+    autograd records, under torch.compile or autocast, for activations other than fp32, and with
+    BERTFAST_CPU_GEMM=off. The precision is the model's inference setting (models/precision.py)."""
+    if (hidden.device.type != "cpu" or torch.is_grad_enabled() or hidden.dtype != torch.float32
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")):
+        return None
+    if os.environ.get("BERTFAST_CPU_GEMM", "").strip().lower() == "off":
+        return None
+    return getattr(model, "inference_precision", "fp32")
+
+
+def packed_qkv(hidden, lins, ctx: "ForwardContext", out: Optional[torch.Tensor] = None):
+    """The Q, K and V projections as one GEMM on their weights packed together once (CPU
+    inference, ctx.gemm set): (tokens, 3 * hidden)."""
+    return cpu_gemm.linear(hidden, tuple(lin.weight for lin in lins), tuple(lin.bias for lin in lins), "bias",
+                           ctx.gemm, out=out)
+
+
 # --------------------------------------------------------------------------------------
 # the per-forward context
 
@@ -177,14 +199,15 @@ class ForwardContext:
     outputs (see Workspace) or None; eager: the forward's resolved lean path, or None where the
     layers call the public, checked ops (torch.compile tracing, CUDA-graph capture, an empty
     batch); last: whether the layer now running is the last one (its output is returned, so it
-    is fresh memory, never a workspace buffer)."""
+    is fresh memory, never a workspace buffer); gemm: the precision of the layers' GEMMs through
+    dispatch/cpu_gemm (CPU inference on the lean path), or None where they run F.linear."""
 
-    __slots__ = ("layout", "shape", "key_mask", "workspace", "eager", "last")
+    __slots__ = ("layout", "shape", "key_mask", "workspace", "eager", "last", "gemm")
 
     def __init__(self, layout: Optional[PackedLayout], shape: Tuple[int, int], key_mask: Optional[torch.Tensor] = None,
-                 workspace: Optional[Workspace] = None, eager: Optional[Eager] = None):
+                 workspace: Optional[Workspace] = None, eager: Optional[Eager] = None, gemm: Optional[str] = None):
         self.layout, self.shape, self.key_mask = layout, shape, key_mask
-        self.workspace, self.eager = workspace, eager
+        self.workspace, self.eager, self.gemm = workspace, eager, gemm
         self.last = True
 
     @classmethod
@@ -210,7 +233,8 @@ class ForwardContext:
         if hidden.shape[0] and can_sync():
             # dropout calls per layer: attention probabilities and the two add-and-norms
             eager = Eager.resolve(hidden.device.type, key_mask, 3 * len(model.encoder.layer) if model.training else 0)
-        return cls(layout, shape, key_mask, ws, eager)
+        gemm = gemm_precision(model, hidden) if eager is not None else None
+        return cls(layout, shape, key_mask, ws, eager, gemm)
 
     def buffer(self, name: str, rows: int, cols: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         """The workspace buffer `name` as a (rows, cols) tensor, or None without a workspace."""
@@ -247,8 +271,13 @@ def dense_add_norm(hidden, dense: nn.Linear, residual, norm: nn.LayerNorm, dropo
     """LayerNorm(dropout(dense(hidden)) + residual): the GEMM without its bias, then the bias add,
     dropout, residual add and LayerNorm as one op. `out`: a workspace buffer for the GEMM; inplace,
     because the fresh GEMM output is read by nothing else (used only without autograd). With the
-    context's lean path the op's unchecked entry, else the public, checked op."""
-    x = linear(hidden, dense.weight, out=out)
+    context's lean path the op's unchecked entry, else the public, checked op. In CPU inference
+    (ctx.gemm) the GEMM runs through cpu_gemm; the bias stays in the add-and-norm kernel, which
+    reads it in the pass LayerNorm makes anyway."""
+    if ctx is not None and ctx.gemm is not None:
+        x = cpu_gemm.linear(hidden, (dense.weight,), (dense.bias,), "none", ctx.gemm, out=out)
+    else:
+        x = linear(hidden, dense.weight, out=out)
     eager = ctx.eager if ctx is not None else None
     if eager is not None:
         return bias_residual_layernorm_unchecked(eager.bias_residual_layernorm, eager.grad, x, dense.bias, residual,
@@ -260,9 +289,16 @@ def dense_add_norm(hidden, dense: nn.Linear, residual, norm: nn.LayerNorm, dropo
 
 def dense_act(hidden, dense: nn.Linear, act: str, ctx: Optional[ForwardContext] = None):
     """act(dense(hidden)), the FFN's first half: bias and GELU fused after the GEMM (written into the
-    workspace's "inter" buffer when there is one); other activations in PyTorch."""
+    workspace's "inter" buffer when there is one); other activations in PyTorch. In CPU inference
+    (ctx.gemm) the GEMM runs through cpu_gemm, which folds bias and GELU into it where the chosen
+    library's post-op is faster and otherwise finishes with the same fused kernel."""
     if act in FUSED_ACTS:
         out = ctx.buffer("inter", hidden.shape[0], dense.weight.shape[0], hidden) if ctx is not None else None
+        if ctx is not None and ctx.gemm is not None and dense.bias is not None:
+            approximate, sel = FUSED_ACTS[act], ctx.eager.bias_gelu
+            return cpu_gemm.linear(hidden, (dense.weight,), (dense.bias,),
+                                   "gelu_tanh" if approximate == "tanh" else "gelu", ctx.gemm,
+                                   lambda y, b: bias_gelu_unchecked(sel, False, y, b, approximate, inplace=True), out)
         x = linear(hidden, dense.weight, out=out)
         eager = ctx.eager if ctx is not None else None
         if eager is not None:

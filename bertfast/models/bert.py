@@ -19,7 +19,8 @@ from torch import nn
 
 from ..padding import PackedLayout, clamp_offsets, layout_of, packed_layout, pad_input
 from ._engine import (ForwardContext, activation_fn, can_sync, check_inputs, check_packed, dense_act, dense_add_norm,
-                      embedding_layernorm_rows, first_tokens, linear, packed_positions, read_back, release_workspace)
+                      embedding_layernorm_rows, first_tokens, linear, packed_positions, packed_qkv, read_back,
+                      release_workspace)
 from .config import BertConfig
 from .hub import load_pretrained, save_pretrained
 from .outputs import BertModelOutput
@@ -54,14 +55,17 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def _qkv(self, hidden, out: Optional[torch.Tensor] = None):
+    def _qkv(self, hidden, out: Optional[torch.Tensor] = None, ctx: Optional[ForwardContext] = None):
         """Q, K and V projections of `hidden` in one (tokens, 3 * hidden) tensor, from the
         parameters as they are now: nothing is cached, so no write to them (optimizer steps,
         `.data` writes, loaders) can leave a stale copy behind. With autograd or under
         torch.compile: one GEMM on the concatenated weights (autograd differentiates the cat);
         otherwise three GEMMs into the column blocks of one output (BLAS writes strided rows), which
-        costs no concatenation of the weights per call."""
+        costs no concatenation of the weights per call. In CPU inference (ctx.gemm): one GEMM on the
+        three weights packed together once by dispatch/cpu_gemm (repacked when one changes)."""
         lins = (self.query, self.key, self.value)
+        if ctx is not None and ctx.gemm is not None and all(lin.bias is not None for lin in lins):
+            return packed_qkv(hidden, lins, ctx, out)
         ps = [p for lin in lins for p in (lin.weight, lin.bias)]
         if (torch.compiler.is_compiling() or torch.is_autocast_enabled(hidden.device.type)
                 or (torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in ps)))
@@ -78,7 +82,7 @@ class BertSelfAttention(nn.Module):
     def forward(self, hidden, ctx: ForwardContext):
         """hidden: (tokens, hidden) rows; packed varlen when ctx.layout is given, else the
         (batch, seq) = ctx.shape rows of a padded batch with an optional key mask."""
-        qkv = self._qkv(hidden, ctx.buffer("qkv", hidden.shape[0], 3 * self.query.weight.shape[0], hidden))
+        qkv = self._qkv(hidden, ctx.buffer("qkv", hidden.shape[0], 3 * self.query.weight.shape[0], hidden), ctx)
         H, D = self.num_attention_heads, self.attention_head_size
         p = self.dropout_p if self.training else 0.0
         if ctx.layout is not None:  # packed rows (total, 3 * hidden)
@@ -196,6 +200,17 @@ class BertPreTrainedModel(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         self.tie_weights()
+
+    def set_inference_precision(self, precision: str = "fp32"):
+        """The precision of the encoder's GEMMs in CPU inference (no_grad / inference_mode):
+        "fp32" (default), "bf16" (AVX512-BF16 / AMX GEMMs on bf16 weights packed once; LayerNorm
+        statistics and the residual stream stay fp32) or "int8" (dynamic quantisation: int8
+        weights with one scale per output channel, activations quantised per GEMM; VNNI).
+        Training, autograd, GPUs and torch.compile always run the fp32 parameters as they are.
+        Refuses a precision this CPU has no instructions for. Returns the model."""
+        from .precision import set_inference_precision
+
+        return set_inference_precision(self, precision)
 
     def tie_weights(self):
         """Share the parameters a model ties (none here; the MLM heads tie their decoder to the word
