@@ -228,6 +228,42 @@ def _meant_for(spec: dict, arch: str, archs) -> bool:
     return arch in meant
 
 
+def plan(specs, archs, full: bool = False) -> list:
+    """The (module name, spec index, spec, arch) compiles of a sweep over `specs` ((module name,
+    index, spec) triples) for `archs`, in order.
+
+    A spec that names its architectures ("archs": the attention tile lists of one GPU family) is
+    compiled for those. A spec that names none is architecture-neutral: its kernel uses neither
+    tensor-core dots nor tensor descriptors (the LayerNorm/GELU family), so Triton lowers it to the
+    same TTGIR for every NVIDIA target (blocked layouts, vector loads, warp reductions) and its
+    configurations differ from each other only in tile sizes. The first requested architecture
+    compiles every configuration; each further one compiles one representative per kernel, the
+    last configuration aot_specs() lists for it (they list tiles from the smallest to the
+    largest, so it is the one with the most registers per thread): that exercises what does
+    differ there, the LLVM lowering of the kernel's operations to that target's PTX and ptxas.
+    full=True compiles every configuration for every architecture."""
+    last = {}
+    for name, idx, s in specs:
+        last[(name, s["kernel"])] = idx
+    work = []
+    for i, arch in enumerate(archs):
+        for name, idx, s in specs:
+            if not _meant_for(s, arch, archs):
+                continue
+            if not full and i > 0 and not s.get("archs") and last[(name, s["kernel"])] != idx:
+                continue
+            work.append((name, idx, s, arch))
+    return work
+
+
+def _progress(done: int, total: int, item, result, t_start: float) -> None:
+    """One line on stderr per finished compile: a sweep of hundreds of compiles is never silent."""
+    name, _idx, s, arch = item
+    _usage, err, dt = result
+    print(f"[{done}/{total}] {name}.{s['kernel']} {arch} {'FAIL' if err else 'ok'} {dt:.1f}s "
+          f"({time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
+
+
 def verify_aot(archs, full=False, kernel_filter=None, jobs=1) -> int:
     mods = kernel_modules()
     specs = []
@@ -241,17 +277,25 @@ def verify_aot(archs, full=False, kernel_filter=None, jobs=1) -> int:
     if not specs:
         print("no aot_specs() entries found in bertfast.kernels", file=sys.stderr)
         return 1
-    work = [(name, idx, s, arch) for arch in archs for name, idx, s in specs if _meant_for(s, arch, archs)]
+    work = plan(specs, archs, full)
     items = [(name, idx, full, arch) for name, idx, _s, arch in work]
+    print(f"verify --aot: {len(work)} compiles for {', '.join(archs)} with {jobs} job{'s' * (jobs > 1)}",
+          file=sys.stderr, flush=True)
+    t_start = time.time()
+    results = []
     if jobs > 1:
         # processes, not threads: most of a compile holds the GIL (MLIR passes, LLVM)
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            results = list(ex.map(_compile_job, items))
+            for item, res in zip(work, ex.map(_compile_job, items)):
+                results.append(res)
+                _progress(len(results), len(work), item, res, t_start)
     else:
-        results = [_compile_job(it) for it in items]
+        for item, it in zip(work, items):
+            results.append(_compile_job(it))
+            _progress(len(results), len(work), item, results[-1], t_start)
     rows, failures, spilled = [], 0, 0
     for (name, _idx, s, arch), (u, err, dt) in zip(work, results):
         kern = f"{name}.{s['kernel']}"
