@@ -4,9 +4,11 @@ Without a GPU the Triton kernels run through the interpreter: TRITON_INTERPRET=1
 before triton is first imported, so it is set here (only when CUDA is absent, so the same
 suite runs the real kernels on a GPU machine).
 """
+import contextlib
 import os
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -78,6 +80,23 @@ def assert_within_eager_error(names, got, low, oracle, floor):
         assert err_k <= 2 * err_e + floor * scale, (
             f"{name}: kernel error {err_k:.3g} > 2 x eager error {err_e:.3g} + {floor} x {scale:.3g}")
     return errs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_kernels_built_first():
+    """The C++ CPU kernels are built on their first use, once per machine (minutes of compiling on
+    a new one): build them before the first test, where the build's own start and end lines reach
+    the terminal, not inside whichever test comes first, silently (its output captured)."""
+    import bertfast.ops as ops
+
+    t0 = time.time()
+    plugins = _CONFIG.pluginmanager if _CONFIG is not None else None
+    capture = plugins.get_plugin("capturemanager") if plugins is not None else None
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        ops.bias_gelu(torch.zeros(2, 8), torch.zeros(8))  # any op: one library serves them all
+    if time.time() - t0 > 10:
+        progress(f"C++ CPU kernels ready in {time.time() - t0:.0f} s")
+    yield
 
 
 @pytest.fixture(autouse=True)
