@@ -597,3 +597,62 @@ def test_outputs_get_the_mode_a_plain_write_would_give(tok_folder, tmp_path):
     assert os.stat(tmp_path / "m").st_mode & 0o777 == 0o755
     assert os.stat(tmp_path / "m" / "model.safetensors").st_mode & 0o777 == 0o644
     assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == 0o640
+
+
+def _fail_safetensors(monkeypatch):
+    import safetensors.torch
+
+    def full(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+
+
+def test_finetune_out_is_replaced_whole_or_not_at_all(ft_base, tmp_path, monkeypatch, capsys):
+    """The issue's case: a second fine-tune with other labels into the same --out, whose weight
+    write fails, used to leave the new label names beside the old weights."""
+    from bertfast import BertForSequenceClassification
+    from bertfast.train.cli import cli_main
+
+    out = tmp_path / "out"
+    argv = ["--task", "cls", "--model", ft_base, "--out", str(out), "--epochs", "1", "--batch-size", "4",
+            "--no-progress", "--threads", "1", "--max-seq-len", "16"]
+    assert cli_main("finetune", argv + ["--train", _write_jsonl(tmp_path / "a.jsonl", CLS_ROWS)]) == 0
+    before = BertForSequenceClassification.from_pretrained(str(out))
+    spam = [{**r, "label": "spam" if r["label"] == "pos" else "ham"} for r in CLS_ROWS]
+    _fail_safetensors(monkeypatch)
+    assert cli_main("finetune", argv + ["--train", _write_jsonl(tmp_path / "b.jsonl", spam)]) == 1
+    err = capsys.readouterr().err
+    assert f"could not write {out}: no space left on device" in err and "Traceback" not in err
+    monkeypatch.undo()
+    after = BertForSequenceClassification.from_pretrained(str(out))
+    assert after.config.id2label == before.config.id2label == {0: "neg", 1: "pos"}
+    torch.testing.assert_close(after.classifier.weight, before.classifier.weight)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_pretrain_out_is_replaced_whole_and_keeps_its_checkpoints(tok_folder, tmp_path, monkeypatch):
+    from bertfast import BertForPreTraining
+    from bertfast.train import pretrain, pretrain_parser
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join("\n".join(["the film is good . john lives in paris ."] * 4) for _ in range(4)))
+
+    def run(hidden, *extra):
+        cfg = tmp_path / f"c{hidden}.json"
+        cfg.write_text(json.dumps({"hidden_size": hidden, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "intermediate_size": 32, "max_position_embeddings": 64}))
+        pretrain(pretrain_parser().parse_args(
+            ["--train", str(corpus), "--tokenizer", tok_folder, "--config", str(cfg), "--out", str(tmp_path / "run"),
+             "--batch-size", "2", "--seq-len", "16", "--no-progress", "--threads", "1", "--eval-every", "0",
+             "--max-steps", "1", *extra]))
+
+    run(16, "--save-every", "1")
+    _fail_safetensors(monkeypatch)
+    with pytest.raises(OSError, match="no space left on device"):
+        run(32, "--save-every", "0")
+    monkeypatch.undo()
+    assert BertForPreTraining.from_pretrained(str(tmp_path / "run")).config.hidden_size == 16
+    run(32, "--save-every", "0")
+    assert BertForPreTraining.from_pretrained(str(tmp_path / "run")).config.hidden_size == 32
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", "step-00000001"]  # carried over
