@@ -272,15 +272,15 @@ def test_cli_fill_mask_embed_search_cluster(tiny, minilm, tmp_path, capsys, monk
     from bertfast.cli import main
 
     folder = tiny[0]
-    assert main(["fill-mask", "--model", folder, "--top-k", "2", "the [MASK] applies"]) == 0
+    assert main(["fill-mask", "--model", folder, "--top-k", "2", "--text", "the [MASK] applies"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert len(lines) == 2 and lines[0]["score"] >= lines[1]["score"] and lines[0]["text"] == 0
-    assert main(["fill-mask", "--model", folder, "no mask"]) == 1
+    assert len(lines) == 2 and lines[0]["score"] >= lines[1]["score"] and lines[0]["text"] == "the [MASK] applies"
+    assert main(["fill-mask", "--model", folder, "--text", "no mask"]) == 1
     err = capsys.readouterr().err
     assert "[MASK]" in err and len(err.strip().splitlines()) == 1
     path = minilm[0]
-    assert main(["fill-mask", "--model", path, "a [MASK]"]) == 1
-    assert "no cls.predictions.* head" in capsys.readouterr().err
+    assert main(["fill-mask", "--model", path, "--text", "a [MASK]"]) == 1
+    assert "is a BertModel (config.json \"architectures\")" in capsys.readouterr().err
 
     texts = tmp_path / "texts.txt"
     texts.write_text("The cat sat on the mat.\nStock markets fell sharply today.\n\nA kitten sleeps on the rug.\n")
@@ -335,7 +335,7 @@ def test_cli_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["embed", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
-    assert "(default: mean)" in out and "(default: 32)" in out and "(default: None)" not in out
+    assert "(default: truncate)" in out and "(default: 32)" in out and "(default: None)" not in out
 
 
 def test_fill_mask_keeps_the_other_masks_and_loads_pretraining_checkpoints_quietly(tiny, tmp_path):

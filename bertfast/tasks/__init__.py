@@ -11,6 +11,7 @@ classification, NLI, tagging (NER/POS) and extractive QA, one module per task fa
     commands.py             the commands (`bertfast embed`, `classify`, ...): inputs, checks, JSON out
     shards.py               sharded, resumable embedding of a corpus into a folder (torchrun)
 
+The names below load their module on first use (`import bertfast.tasks` imports no torch).
 Each task is split into a model call and a pure decoding function on tensors/lists (`topk_tokens`,
 `pool`, `cosine_topk`, `kmeans`, `decode_classification`, `word_labels`, `bio_spans`, `best_span`),
 so the decoding rules are unit-testable without a model.
@@ -21,18 +22,33 @@ so the decoding rules are unit-testable without a model.
     scores, idx = tasks.search(encoder, tok, ["query"], corpus_texts, k=5)
     tasks.answer(qa_model, tok, "Who?", "Ada wrote it.")            # {'answer': 'Ada', 'start': 0, ...}
 """
-from .classification import classify, decode_classification, nli
-from .common import TruncationWarning, iter_jsonl, truncation_notes
-from .embedding import cluster, cosine_topk, embed, kmeans, pool, pool_packed, search, similarity
-from .mask_filling import fill_mask, topk_tokens
-from .question_answering import answer, answer_batch, answer_f1, best_span, normalize_answer, qa_windows
-from .tagging import bio_spans, piece_tags, tag, tag_batch, word_labels
+import importlib
 
-__all__ = [
-    "fill_mask", "topk_tokens",
-    "embed", "search", "cluster", "pool", "pool_packed", "cosine_topk", "similarity", "kmeans",
-    "classify", "nli", "decode_classification",
-    "tag", "tag_batch", "piece_tags", "word_labels", "bio_spans",
-    "answer", "answer_batch", "qa_windows", "best_span", "normalize_answer", "answer_f1",
-    "TruncationWarning", "iter_jsonl", "truncation_notes",
-]
+# public name -> the module that defines it; loaded on first use, so that `bertfast embed --help`
+# and argument errors (bertfast.tasks.commands) answer before torch is imported
+_LAZY = {
+    **dict.fromkeys(("fill_mask", "topk_tokens"), "mask_filling"),
+    **dict.fromkeys(("embed", "search", "cluster", "pool", "pool_packed", "cosine_topk", "similarity", "kmeans"),
+                    "embedding"),
+    **dict.fromkeys(("classify", "nli", "decode_classification", "packed_logits"), "classification"),
+    **dict.fromkeys(("tag", "tag_batch", "piece_tags", "word_labels", "bio_spans"), "tagging"),
+    **dict.fromkeys(("answer", "answer_batch", "qa_windows", "best_span", "span_probability", "normalize_answer",
+                     "answer_f1"),
+                    "question_answering"),
+    **dict.fromkeys(("TruncationWarning", "iter_jsonl", "truncation_notes"), "common"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'bertfast.tasks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -10,7 +10,7 @@ import torch
 
 from ..models import BertForSequenceClassification
 from ..models.heads import SequenceClassificationHead
-from .common import id2label_of, model_device, resolve_max_length, token_types, warn_truncated
+from .common import id2label_of, model_device, progress, resolve_max_length, token_types, warn_truncated
 
 
 def decode_classification(logits: torch.Tensor, id2label: Dict[int, str], multi_label: bool = False,
@@ -54,19 +54,20 @@ def packed_logits(model, batch) -> Optional[torch.Tensor]:
 @torch.no_grad()
 def classify(model, tokenizer, texts, text_pairs=None, multi_label: Optional[bool] = None, threshold: float = 0.5,
              top_k: Optional[int] = None, max_length: Optional[int] = None, batch_size: int = 32,
-             packed: bool = True, precision: Optional[str] = None):
+             packed: bool = True, precision: Optional[str] = None, progress_bar: bool = False):
     """Labels of a BertForSequenceClassification: softmax (best label and score) or, for a
     multi-label model (config.problem_type == 'multi_label_classification', or multi_label=True),
     every label with sigmoid >= threshold. Texts (pairs) over max_length tokens are cut to it, with
     one TruncationWarning. packed=False runs right-padded batches instead of packed ones.
     precision: the CPU GEMMs' precision for this call, "fp32", "bf16" or "int8" (see
-    bertfast.models.precision; None: the model's own setting)."""
+    bertfast.models.precision; None: the model's own setting).
+    progress_bar: a bar on stderr for runs of a few batches or more."""
     if precision is not None:
         from ..models.precision import inference_precision
 
         with inference_precision(model, precision):
             return classify(model, tokenizer, texts, text_pairs, multi_label, threshold, top_k, max_length,
-                            batch_size, packed)
+                            batch_size, packed, progress_bar=progress_bar)
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
     if text_pairs is not None:
@@ -80,20 +81,22 @@ def classify(model, tokenizer, texts, text_pairs=None, multi_label: Optional[boo
     full = tokenizer.encodings(texts, text_pairs)
     warn_truncated("classify", sum(len(e.ids) > max_length for e in full), len(texts), max_length)
     out = []
-    for i in range(0, len(texts), batch_size):
-        pairs = text_pairs[i:i + batch_size] if text_pairs is not None else None
-        logits = None
-        if packed:
-            batch = tokenizer.pack(texts[i:i + batch_size], pairs, truncation=True, max_length=max_length)
-            logits = packed_logits(model, batch.to(model_device(model)))
-        if logits is None:
-            batch = tokenizer(texts[i:i + batch_size], pairs, padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt").to(model_device(model))
-            encoder = getattr(model, getattr(model, "base_model_prefix", "bert"), model)
-            logits = model(batch["input_ids"], batch["attention_mask"],
-                           token_types(encoder, batch["token_type_ids"])).logits
-        logits = logits.cpu()
-        out += decode_classification(logits, id2label_of(model), multi_label, threshold, top_k)
+    with progress(progress_bar, len(texts), batch_size, "classify") as bar:
+        for i in range(0, len(texts), batch_size):
+            pairs = text_pairs[i:i + batch_size] if text_pairs is not None else None
+            logits = None
+            if packed:
+                batch = tokenizer.pack(texts[i:i + batch_size], pairs, truncation=True, max_length=max_length)
+                logits = packed_logits(model, batch.to(model_device(model)))
+            if logits is None:
+                batch = tokenizer(texts[i:i + batch_size], pairs, padding=True, truncation=True, max_length=max_length,
+                                  return_tensors="pt").to(model_device(model))
+                encoder = getattr(model, getattr(model, "base_model_prefix", "bert"), model)
+                logits = model(batch["input_ids"], batch["attention_mask"],
+                               token_types(encoder, batch["token_type_ids"])).logits
+            logits = logits.cpu()
+            out += decode_classification(logits, id2label_of(model), multi_label, threshold, top_k)
+            bar(len(texts[i:i + batch_size]))
     return out[0] if single else out
 
 

@@ -9,7 +9,22 @@ import sys
 import warnings
 from typing import Dict, Optional, Sequence
 
-import torch
+
+# a progress bar appears for work of at least this many batches (short runs stay quiet)
+PROGRESS_MIN_BATCHES = 4
+
+
+@contextlib.contextmanager
+def progress(enabled: bool, items: int, batch_size: int, desc: str, unit: str = "text"):
+    """A tqdm bar on stderr counting `items` (yields its update(n)), shown when `enabled` and the
+    work takes at least PROGRESS_MIN_BATCHES batches; otherwise a no-op update."""
+    if not enabled or -(-items // max(batch_size, 1)) < PROGRESS_MIN_BATCHES:
+        yield lambda n=1: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=items, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar.update
 
 
 def model_device(model):
@@ -33,6 +48,7 @@ def resolve_max_length(model, tokenizer, max_length: Optional[int]) -> int:
 
 def padded_batch(rows: Sequence[Sequence[int]], pad_id: int, device, type_rows=None):
     """Right-padded (ids, attention_mask, token_type_ids) int64 tensors of token id lists."""
+    import torch  # here: the commands import this module before they parse their arguments
     n = max(len(r) for r in rows)
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)

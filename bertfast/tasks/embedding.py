@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tokenizer import pack_rows
-from .common import model_device, padded_batch, resolve_max_length, token_types, warn_truncated
+from .common import model_device, padded_batch, progress, resolve_max_length, token_types, warn_truncated
 
 POOLINGS = ("mean", "cls", "max")
 
@@ -118,7 +118,7 @@ def _windows(ids: List[int], size: int, stride: int) -> List[List[int]]:
 def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch_size: int = 32,
           max_length: Optional[int] = None, normalize: bool = False, long_texts: str = "truncate",
           window_stride: Optional[int] = None, cuda_graphs: Optional[bool] = None, packed: bool = True,
-          precision: Optional[str] = None) -> torch.Tensor:
+          precision: Optional[str] = None, progress_bar: bool = False) -> torch.Tensor:
     """(N, hidden) float32 sentence embeddings. layer indexes hidden_states (0 = embeddings,
     -1 = last layer). Texts are sorted by length into batches; rows come back in input order.
 
@@ -135,13 +135,14 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
     forward_packed); False builds right-padded batches with an attention mask instead.
 
     precision: the CPU GEMMs' precision for this call, "fp32", "bf16" or "int8" (see
-    bertfast.models.precision; None: the model's own setting, fp32 by default)."""
+    bertfast.models.precision; None: the model's own setting, fp32 by default).
+    progress_bar: a bar on stderr for runs of a few batches or more (the commands' default)."""
     if precision is not None:
         from ..models.precision import inference_precision
 
         with inference_precision(model, precision):
             return embed(model, tokenizer, texts, pooling, layer, batch_size, max_length, normalize, long_texts,
-                         window_stride, cuda_graphs, packed)
+                         window_stride, cuda_graphs, packed, progress_bar=progress_bar)
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
@@ -188,23 +189,27 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
 
         run = cached_encoder(encoder, max_tokens=min(batch_size * max_length, 16384), max_seqs=batch_size,
                              max_seqlen=min(max_length, encoder.config.max_position_embeddings))
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        if packed:
-            batch = pack_rows([rows[j] for j in idx]).to(dev)
-            args = (batch.input_ids, batch.cu_seqlens, batch.max_seqlen, token_types(encoder, batch.token_type_ids))
-            if run is encoder:
-                res = encoder.forward_packed(*args, output_hidden_states=want_all, pool=False)
-                hidden = res.hidden_states[layer] if want_all else res.last_hidden_state
-            else:
-                hidden = run.forward_packed(*args)
-            pooled[idx] = pool_packed(hidden.float(), batch.cu_seqlens, pooling).cpu()
-            continue
-        ids, mask, tt = padded_batch([rows[j] for j in idx], tokenizer.pad_token_id, dev)
-        tt = token_types(encoder, tt)
-        res = encoder(ids, mask, tt, output_hidden_states=want_all) if run is encoder else run(ids, mask, tt)
-        hidden = res.hidden_states[layer] if want_all else res.last_hidden_state
-        pooled[idx] = pool(hidden.float(), mask, pooling).cpu()
+    with progress(progress_bar, len(rows), batch_size, "embed") as bar:
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            if packed:
+                batch = pack_rows([rows[j] for j in idx]).to(dev)
+                args = (batch.input_ids, batch.cu_seqlens, batch.max_seqlen,
+                        token_types(encoder, batch.token_type_ids))
+                if run is encoder:
+                    res = encoder.forward_packed(*args, output_hidden_states=want_all, pool=False)
+                    hidden = res.hidden_states[layer] if want_all else res.last_hidden_state
+                else:
+                    hidden = run.forward_packed(*args)
+                pooled[idx] = pool_packed(hidden.float(), batch.cu_seqlens, pooling).cpu()
+                bar(len(idx))
+                continue
+            ids, mask, tt = padded_batch([rows[j] for j in idx], tokenizer.pad_token_id, dev)
+            tt = token_types(encoder, tt)
+            res = encoder(ids, mask, tt, output_hidden_states=want_all) if run is encoder else run(ids, mask, tt)
+            hidden = res.hidden_states[layer] if want_all else res.last_hidden_state
+            pooled[idx] = pool(hidden.float(), mask, pooling).cpu()
+            bar(len(idx))
     if len(rows) == len(texts):
         out = pooled
     else:  # windows: each text the mean of its windows

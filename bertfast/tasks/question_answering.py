@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .common import model_device, padded_batch
+from .common import model_device, padded_batch, progress
 
 
 def best_span(start_logits: torch.Tensor, end_logits: torch.Tensor, allowed: torch.Tensor,
@@ -78,30 +78,48 @@ def qa_windows(tokenizer, question: str, context: str, max_seq_len: int = 384, d
 
 
 @torch.no_grad()
+def span_probability(start_logits: torch.Tensor, end_logits: torch.Tensor, allowed: torch.Tensor, start: int,
+                     end: int) -> float:
+    """P(start) * P(end), each a softmax over the allowed (context) tokens of one window: the
+    span's probability, as transformers' question-answering pipeline scores it."""
+    ok = allowed.bool()
+    p_start = start_logits.float().masked_fill(~ok, float("-inf")).softmax(-1)
+    p_end = end_logits.float().masked_fill(~ok, float("-inf")).softmax(-1)
+    return float(p_start[start] * p_end[end])
+
+
 def answer_batch(model, tokenizer, pairs, max_answer_len: int = 30, max_seq_len: int = 384, doc_stride: int = 128,
-                 batch_size: int = 32) -> List[dict]:
+                 batch_size: int = 32, progress_bar: bool = False) -> List[dict]:
     """answer() of each (question, context) pair; the windows of all pairs go through the model
-    batch_size at a time (right-padded: padding is never a context token, so never an answer)."""
+    batch_size at a time (right-padded: padding is never a context token, so never an answer).
+    progress_bar: a bar on stderr for runs of a few batches or more."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     model.eval()
     wins = [(n, w) for n, (q, c) in enumerate(pairs) for w in qa_windows(tokenizer, q, c, max_seq_len, doc_stride)]
     best: List[Optional[Tuple[int, int, float]]] = [None] * len(pairs)
-    for i in range(0, len(wins), batch_size):
-        chunk = wins[i:i + batch_size]
-        ids, mask, tt = padded_batch([w["input_ids"] for _, w in chunk], tokenizer.pad_token_id, model_device(model),
-                                       [w["token_type_ids"] for _, w in chunk])
-        out = model(ids, mask, tt)
-        for row, (n, w) in enumerate(chunk):
-            k = len(w["input_ids"])
-            span = best_span(out.start_logits[row, :k].cpu(), out.end_logits[row, :k].cpu(),
-                             torch.tensor(w["is_context"]), max_answer_len)
-            if span is not None and (best[n] is None or span[2] > best[n][2]):
-                best[n] = (w["offsets"][span[0]][0], w["offsets"][span[1]][1], span[2])
+    with progress(progress_bar, len(wins), batch_size, "answer", unit="window") as bar:
+        for i in range(0, len(wins), batch_size):
+            chunk = wins[i:i + batch_size]
+            ids, mask, tt = padded_batch([w["input_ids"] for _, w in chunk], tokenizer.pad_token_id,
+                                         model_device(model), [w["token_type_ids"] for _, w in chunk])
+            out = model(ids, mask, tt)
+            for row, (n, w) in enumerate(chunk):
+                k = len(w["input_ids"])
+                s_l, e_l, ctx = out.start_logits[row, :k].cpu(), out.end_logits[row, :k].cpu(), torch.tensor(
+                    w["is_context"])
+                span = best_span(s_l, e_l, ctx, max_answer_len)
+                if span is None:
+                    continue
+                # windows compete by the span's probability in its own window
+                p = span_probability(s_l, e_l, ctx, span[0], span[1])
+                if best[n] is None or p > best[n][2]:
+                    best[n] = (w["offsets"][span[0]][0], w["offsets"][span[1]][1], p)
+            bar(len(chunk))
     res = []
     for (_, context), b in zip(pairs, best):
         if b is None:
-            res.append({"answer": "", "start": 0, "end": 0, "score": float("-inf")})
+            res.append({"answer": "", "start": 0, "end": 0, "score": 0.0})
         else:
             res.append({"answer": context[b[0]:b[1]], "start": b[0], "end": b[1], "score": b[2]})
     return res
@@ -110,5 +128,7 @@ def answer_batch(model, tokenizer, pairs, max_answer_len: int = 30, max_seq_len:
 def answer(model, tokenizer, question: str, context: str, max_answer_len: int = 30, max_seq_len: int = 384,
            doc_stride: int = 128) -> dict:
     """Extractive QA: the best span (start <= end, at most max_answer_len tokens, inside the context)
-    over all windows of the context: {'answer', 'start', 'end' (char offsets in context), 'score'}."""
+    over all windows of the context: {'answer', 'start', 'end' (char offsets in context), 'score'}.
+    score: the span's probability (span_probability: P(start) * P(end) in its window), as in
+    transformers' pipeline; 0.0 with an empty answer when no span is allowed."""
     return answer_batch(model, tokenizer, [(question, context)], max_answer_len, max_seq_len, doc_stride)[0]

@@ -208,7 +208,8 @@ def run(args, texts: List[str], load_model) -> dict:
                 emb = embed(model, tok, texts[s["start"]:s["end"]], args.pooling, args.layer, args.batch_size,
                             max_length=getattr(args, "max_length", None), normalize=args.normalize,
                             cuda_graphs=None if getattr(args, "cuda_graphs", True) else False,
-                            long_texts=job["long_texts"])
+                            long_texts=job["long_texts"],
+                            progress_bar=rank == 0 and not getattr(args, "quiet", False))
                 _write_shard(out, s, emb.numpy().astype(np.float32))
         _barrier(world)
         if rank != 0:

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .common import id2label_of, model_device, padded_batch, resolve_max_length, warn_truncated
+from .common import id2label_of, model_device, padded_batch, progress, resolve_max_length, warn_truncated
 
 
 def word_labels(piece_labels: Sequence[int], word_ids: Sequence[Optional[int]],
@@ -108,9 +108,11 @@ def piece_tags(model, logits: torch.Tensor, word_ids: Sequence[Optional[int]]) -
 
 
 @torch.no_grad()
-def tag_batch(model, tokenizer, texts, max_length: Optional[int] = None, batch_size: int = 32) -> List[dict]:
+def tag_batch(model, tokenizer, texts, max_length: Optional[int] = None, batch_size: int = 32,
+              progress_bar: bool = False) -> List[dict]:
     """tag() of each text (a str or a list of words), batch_size texts per forward. Words past
-    max_length tokens get no label; one TruncationWarning says how many texts lost some."""
+    max_length tokens get no label; one TruncationWarning says how many texts lost some.
+    progress_bar: a bar on stderr for runs of a few batches or more."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     model.eval()
@@ -120,13 +122,15 @@ def tag_batch(model, tokenizer, texts, max_length: Optional[int] = None, batch_s
                     " (their last words get no label)")
     id2label = id2label_of(model)
     out = []
-    for i in range(0, len(coded), batch_size):
-        chunk = coded[i:i + batch_size]
-        ids, mask, tt = padded_batch([c[0].ids for c in chunk], tokenizer.pad_token_id, model_device(model),
-                                       [c[0].type_ids for c in chunk])
-        logits = model(ids, mask, tt).logits.cpu()
-        for row, (enc, words, char, _), text in zip(logits, chunk, texts[i:i + batch_size]):
-            out.append(_tag_decode(model, row[:len(enc.ids)], enc, words, char, text, id2label))
+    with progress(progress_bar, len(coded), batch_size, "tag") as bar:
+        for i in range(0, len(coded), batch_size):
+            chunk = coded[i:i + batch_size]
+            ids, mask, tt = padded_batch([c[0].ids for c in chunk], tokenizer.pad_token_id, model_device(model),
+                                         [c[0].type_ids for c in chunk])
+            logits = model(ids, mask, tt).logits.cpu()
+            for row, (enc, words, char, _), text in zip(logits, chunk, texts[i:i + batch_size]):
+                out.append(_tag_decode(model, row[:len(enc.ids)], enc, words, char, text, id2label))
+            bar(len(chunk))
     return out
 
 
