@@ -293,8 +293,10 @@ def test_cli_fill_mask_embed_search_cluster(tiny, minilm, tmp_path, capsys, monk
     assert np.load(tmp_path / "e.npy").shape == (2, 384)
     monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\n\nand again\n"))
     assert main(["embed", "--model", path, "-", "--out", str(tmp_path / "s.npy")]) == 0
+    # MiniLM's folder is a sentence-transformers one: its max_seq_length and Normalize are followed
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "s.npy")),
-                               T.embed(minilm[1], minilm[2], ["from stdin", "and again"]))
+                               T.embed(minilm[1], minilm[2], ["from stdin", "and again"], max_length=256,
+                                       normalize=True))
     assert main(["embed", "--model", path, "--text", "x", "--out", str(tmp_path / "e.txt")]) == 1
     assert main(["embed", "--model", str(tmp_path / "nope"), "--text", "x", "--out", str(tmp_path / "f.npy")]) == 1
     assert not os.path.exists(tmp_path / "f.npy")
