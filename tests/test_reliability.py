@@ -656,3 +656,18 @@ def test_pretrain_out_is_replaced_whole_and_keeps_its_checkpoints(tok_folder, tm
     run(32, "--save-every", "0")
     assert BertForPreTraining.from_pretrained(str(tmp_path / "run")).config.hidden_size == 32
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", "step-00000001"]  # carried over
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--lr", "inf", "--lr must be a finite number"), ("--max-grad-norm", "nan", "--max-grad-norm must be a finite"),
+    ("--mlm-probability", "1.5", r"--mlm-probability must be in \(0, 1\]"),
+    ("--dropout", "1", r"--dropout must be in \[0, 1\)")])
+def test_pretrain_refuses_bad_float_options_before_writing(tok_folder, tmp_path, option, value, message):
+    from bertfast.train import pretrain, pretrain_parser
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the film is good .\njohn lives in paris .\n")
+    with pytest.raises(ValueError, match=message):
+        pretrain(pretrain_parser().parse_args(["--train", str(corpus), "--tokenizer", tok_folder, "--config", "tiny",
+                                               "--out", str(tmp_path / "run"), "--max-steps", "1", option, value]))
+    assert not (tmp_path / "run").exists()

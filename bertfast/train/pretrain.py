@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from ..data import (IGNORE_INDEX, PretrainingStream, batch_iterator, check_corpus_files, derive_seed,
                     packed_batch_iterator)
-from .runtime import (MetricsLog, corpus_fingerprint, Runtime, build_optimizer, checkpoint_candidates, load_checkpoint, progress_bar,
-                      remove_partial_checkpoints, save_checkpoint, set_rng_state, warmup_linear_schedule)
+from .runtime import (MetricsLog, Runtime, build_optimizer, checkpoint_candidates, corpus_fingerprint, load_checkpoint,
+                      progress_bar, remove_partial_checkpoints, save_checkpoint, set_rng_state, warmup_linear_schedule)
 
 # ---- pre-training ---------------------------------------------------------------------------
 
@@ -125,11 +125,31 @@ def pretrain(args) -> dict:
         rt.close()
 
 
+def _check_floats(args) -> None:
+    """Every float option finite and in range (NaN compares false with everything, so each test is
+    written to fail on it): an infinite or NaN learning rate would train NaN into every weight."""
+    ranges = {  # name: (accepts the value?, what is expected)
+        "lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+        "max_grad_norm": (lambda v: v > 0, "> 0"), "mlm_probability": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "short_seq_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"), "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "attention_dropout": (lambda v: 0 <= v < 1, "in [0, 1)")}
+    for name, (ok, want) in ranges.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{flag} must be a finite number, got {v!r}")
+        if not ok(v):
+            raise ValueError(f"{flag} must be {want}, got {v!r}")
+
+
 def _validate_pretrain_args(args):
     for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "vocab_size", "eval_batches"):
         v = getattr(args, name)
         if not isinstance(v, int) or v < (0 if name == "eval_batches" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    _check_floats(args)
     if args.seq_len < 8:
         raise ValueError(f"--seq-len must be >= 8 (room for [CLS] A [SEP] B [SEP]), got {args.seq_len}")
     if args.eval_only:
