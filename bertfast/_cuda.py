@@ -88,7 +88,7 @@ def arch_flags(targets: tuple) -> list[str]:
 
 def nvcc_flags(targets: tuple) -> list[str]:
     """Every nvcc flag the JIT build passes besides torch's own (include paths, the no-half-operator
-    defines, TORCH_EXTENSION_NAME, the C++ standard); tests/test_cuda_compile.py compiles with the same."""
+    defines, TORCH_EXTENSION_NAME, the C++ standard); tests/dispatch/test_cuda_compile.py compiles with the same."""
     return _CUDA_FLAGS + arch_flags(targets)
 
 

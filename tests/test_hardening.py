@@ -3,7 +3,7 @@ stale weights, torch.compile works in every grad mode, in-place ops keep autogra
 configs / checkpoints with bad contents fail with errors that say what and where.
 
 Calls that crashed the process before the fix run in a subprocess, so a regression is a failed
-test instead of a dead test run. tests/test_fuzz_ops.py fuzzes the same entries at random."""
+test instead of a dead test run. tests/ops/test_fuzz_ops.py fuzzes the same entries at random."""
 import copy
 import importlib
 import json

@@ -203,7 +203,7 @@ struct RowGroup {
 // vector backward (two row arrays and three gradient accumulators) within the 255 registers of
 // a 256-thread launch bound without spills. The scalar fallback (odd widths, misaligned rows) has
 // an address per element and spills a little in some backward kernels: 16 x 512 spills least of
-// the shapes tried (32 x 256 spilled up to 172 bytes); tests/test_cuda_compile.py reports them.
+// the shapes tried (32 x 256 spilled up to 172 bytes); tests/dispatch/test_cuda_compile.py reports them.
 constexpr int kElemsPerLane = 32, kNVScalar = 16, kWarpsPerBlock = 4;
 
 template <int VEC>

@@ -1,4 +1,4 @@
-"""Fuzz worker for tests/test_fuzz_ops.py: random (and often invalid) calls of the public ops on
+"""Fuzz worker for tests/ops/test_fuzz_ops.py: random (and often invalid) calls of the public ops on
 every backend that runs here, in its own process so that a crash is a failed test, not a dead run.
 
 For each generated call, every backend (the C++ CPU kernels, the reference, the Triton kernels
@@ -15,7 +15,7 @@ import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # this checkout's bertfast, not an installed one
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 os.environ.setdefault("BERTFAST_CPU_WORKSPACE_MB", "0")
 
 import torch  # noqa: E402

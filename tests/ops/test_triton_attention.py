@@ -452,7 +452,7 @@ def test_aot_compile_sm90_no_spills():
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"no NVIDIA backend in this triton: {e}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "fwd,dq,fwd_tma"], env=env, capture_output=True, text=True,
                        timeout=300, cwd=root)
@@ -536,7 +536,7 @@ def test_attention_variants_plan():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "benchmarks/attention_variants.py", "--dry-run"], cwd=root,
                        capture_output=True, text=True, timeout=120)
     lines = r.stdout.split("\n")

@@ -15,7 +15,7 @@ import torch
 from bertfast import tasks as T
 from bertfast.testing import minilm_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

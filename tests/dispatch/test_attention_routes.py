@@ -16,7 +16,7 @@ from bertfast.bench import attention as attention_suite
 from bertfast.bench import routes
 from bertfast.ops import _attention_torch as torch_routes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = {"device": "NVIDIA H200", "date": "2026-11-26"}
 
 

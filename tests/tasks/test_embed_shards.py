@@ -12,7 +12,7 @@ import torch
 from bertfast.tasks import shards as embed_shards
 from bertfast import tasks as T
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from conftest import progress
 
 from bertfast import _cuda
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = os.path.join(ROOT, "csrc", "cuda")
 ARCH = "sm_90a"
 # sm_80, device code only: one file per op family (see the module docstring)

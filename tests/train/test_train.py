@@ -14,7 +14,7 @@ from bertfast.testing import system_documents
 from bertfast.train import (finetune, finetune_parser, parameter_groups, pretrain, pretrain_parser, read_metrics,
                             warmup_linear_schedule)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
          "max_position_embeddings": 128}
 

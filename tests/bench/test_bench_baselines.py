@@ -10,7 +10,7 @@ import sys
 from bertfast.bench import baselines
 from bertfast.bench import cli as bench_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLASH = "cannot import name 'CUDAProperties' from 'kernels' (a stand-in for a broken install)"
 
 
