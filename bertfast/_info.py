@@ -66,29 +66,47 @@ def info(print_: bool = True) -> dict:
     except Exception as e:  # noqa: BLE001 - a broken table file is reported, not fatal here
         d["routing_tables"] = f"unreadable ({type(e).__name__}: {e})"
     if print_:
-        width = max(len(k) for k in d)
-        for k, v in d.items():
-            if k != "backends":
-                print(f"{k:<{width}}  {_cpp_row(v) if k == 'cpp_extension' else v}")
-        print("\nop@device                         backend    why")
-        for k, v in d["backends"].items():
-            print(f"{k:<33} {v['backend']:<10} {v['why']}")
+        print(format_report(d))
     return d
 
 
-def _cpp_row(st) -> str:
-    """One readable line for the extension's status dict: state, instruction set, where, why."""
+def format_report(d: dict) -> str:
+    """info()'s dict as aligned text: one `name  value` line each (a table's rows indented under
+    its name, an extension's status on one line), then the op@device table."""
+    rows = {k: v for k, v in d.items() if k != "backends"}
+    width = max(len(k) for k in rows)
+    lines = []
+    for k, v in rows.items():
+        if isinstance(v, dict) and "state" not in v:  # a table: its rows aligned under the name
+            inner = max((len(str(n)) for n in v), default=0)
+            entries = [f"{str(n):<{inner}}  {x}" for n, x in v.items()] or ["(none)"]
+            lines += [f"{k if i == 0 else '':<{width}}  {e}" for i, e in enumerate(entries)]
+        else:
+            lines.append(f"{k:<{width}}  {_status_row(v)}")
+    table = d.get("backends", {})
+    if table:
+        w_op = max(len("op@device"), *(len(k) for k in table))
+        w_be = max(len("backend"), *(len(str(v["backend"])) for v in table.values()))
+        lines += ["", f"{'op@device':<{w_op}}  {'backend':<{w_be}}  why"]
+        lines += [f"{k:<{w_op}}  {str(v['backend']):<{w_be}}  {v['why']}" for k, v in table.items()]
+    return "\n".join(lines)
+
+
+def _status_row(st) -> str:
+    """One readable line for an extension's status dict (state, instruction set or architecture,
+    build time, where, why), the value itself for anything else."""
     if not isinstance(st, dict):
         return str(st)
     parts = [st.get("state") or "?"]
-    if st.get("capability"):
-        parts.append(st["capability"])
+    for key in ("capability", "arch"):
+        if st.get(key):
+            parts.append(str(st[key]))
     if st.get("build_seconds") is not None:
         parts.append(f"built in {st['build_seconds']} s")
     if st.get("path"):
-        parts.append(st["path"])
+        parts.append(str(st["path"]))
     if st.get("reason"):
-        parts.append(st["reason"])
+        parts.append(str(st["reason"]))
     return ", ".join(parts)
 
 

@@ -132,7 +132,19 @@ def verify_numerics(backends=None) -> int:
     _table(("op", "backend", "device", "dtype", "ok", "max rel err"), rows)
     if not rows:
         print("no backend other than the reference can run here")
+    print(summary_line(rows))
     return 1 if failed else 0
+
+
+def summary_line(rows) -> str:
+    """The last line of `bertfast verify`: checks passed, failed and skipped, over which backends
+    and devices, and the verdict."""
+    count = {k: sum(r[4] == k for r in rows) for k in ("ok", "FAIL", "skip")}
+    backends = sorted({r[1] for r in rows if r[4] != "skip"})
+    devices = sorted({r[2] for r in rows})
+    verdict = "FAILED" if count["FAIL"] else "all checks passed" if count["ok"] else "nothing checked"
+    return (f"verify: {verdict}: {count['ok']} ok, {count['FAIL']} failed, {count['skip']} skipped "
+            f"({', '.join(backends) or 'no backend'} against the reference on {', '.join(devices) or 'no device'})")
 
 
 # ---------------------------------------------------------------------------------------
