@@ -373,7 +373,7 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
     if rt.main:
         model.save_pretrained(args.out, tokenizer=tok)
     rt.barrier()
-    return last
+    return {"out": args.out, **last}  # the command's last line names the folder it wrote
 
 
 def _eval_stream_batches(args, tok, max_batches):

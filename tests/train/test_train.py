@@ -70,10 +70,12 @@ def test_warmup_then_linear_decay():
 
 def test_pretraining_lowers_loss_and_writes_metrics(setup, tmp_path):
     out = tmp_path / "run"
-    pretrain(_args(setup, out, "--max-steps", "30", "--lr", "2e-3", "--warmup-steps", "3", "--eval", setup["corpus"],
-                   "--eval-every", "30", "--eval-batches", "3", "--save-every", "0", "--log-every", "5"))
+    res = pretrain(_args(setup, out, "--max-steps", "30", "--lr", "2e-3", "--warmup-steps", "3", "--eval",
+                         setup["corpus"], "--eval-every", "30", "--eval-batches", "3", "--save-every", "0",
+                         "--log-every", "5"))
     rows = read_metrics(str(out / "metrics.jsonl"))
     train = [r for r in rows if "mlm_loss" in r]
+    assert res["out"] == str(out) and res["step"] == 30  # the command's last line names its folder
     evals = [r for r in rows if "eval_mlm_loss" in r]
     assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
     for key in ("mlm_loss", "nsp_loss", "lr", "tokens_per_s", "mlm_acc"):
