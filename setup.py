@@ -2,7 +2,7 @@
 `kernels` module: that name belongs to another PyPI package).
 
 The C++ CPU extension is JIT-built with ninja on first use and cached (see
-bertfast/_cpp.py); set BERTFAST_BUILD_EXT=1 at install time to prebuild it instead.
+bertfast/dispatch/cpp.py); set BERTFAST_BUILD_EXT=1 at install time to prebuild it instead.
 """
 import os
 
@@ -16,7 +16,7 @@ ext_modules, cmdclass = [], {}
 
 if os.environ.get("BERTFAST_BUILD_EXT") == "1":
     # Prebuild the C++ CPU kernels as bertfast._C (otherwise they are JIT-built with ninja on
-    # first use). The flags are the JIT build's (bertfast/_cpp.py): the instruction set of this
+    # first use). The flags are the JIT build's (bertfast/dispatch/cpp.py): the instruction set of this
     # machine, or BERTFAST_CPU_CAPABILITY=avx2|avx512|default for a wheel meant for other
     # machines; the source hash baked in lets bertfast refuse a stale or too-new-ISA library.
     import glob
@@ -25,7 +25,7 @@ if os.environ.get("BERTFAST_BUILD_EXT") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bertfast import _cpp
+    from bertfast.dispatch import cpp as _cpp
 
     cap = _cpp.capability()
     ext_modules = [
@@ -43,7 +43,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data={"bertfast.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"],
-                  "bertfast": ["routing_tables/*.json"]},
+                  "bertfast": ["dispatch/routing_tables/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

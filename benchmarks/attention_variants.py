@@ -53,14 +53,14 @@ def _inputs(layout, B, S, H, D, fill, device, grad):
 
 
 def _ours(layout, q, k, v, cu, S, grad, forced):
-    from bertfast import backend, ops
+    from bertfast import dispatch, ops
     from bertfast.kernels import attention as K
 
     def call():
         K._forced.clear()
         K._forced.update(forced)
         try:
-            with backend.use_backend("triton"):
+            with dispatch.use_backend("triton"):
                 out = ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=S) if layout == "varlen" \
                     else ops.attention(q, k, v)
                 if grad:
@@ -72,7 +72,7 @@ def _ours(layout, q, k, v, cu, S, grad, forced):
 
 
 def _theirs(layout, q, k, v, cu, S, grad):
-    from bertfast.ops import _attention_torch as T
+    from bertfast.dispatch import torch_attention as T
 
     def call():
         out = T.varlen(q, k, v, cu, cu, S, S, q.shape[-1] ** -0.5, False) if layout == "varlen" \

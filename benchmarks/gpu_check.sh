@@ -108,7 +108,7 @@ if has cuda; then
     step "CUDA C++ kernels: building in the background (sm ${BERTFAST_CUDA_ARCH}), cap $(( T_TESTS + 20 ))s"
     BUILD_LOG=$(mktemp)
     ( timeout -k 5 $(( T_TESTS + 20 )) $PY -c \
-        "from bertfast import _cuda; _cuda.load(); print('cuda extension', _cuda.status())" >"$BUILD_LOG" 2>&1
+        "from bertfast.dispatch import cuda; cuda.load(); print('cuda extension', cuda.status())" >"$BUILD_LOG" 2>&1
       echo $? >"$BUILD_LOG.rc" ) &
     BUILD_PID=$!
 fi
@@ -167,7 +167,7 @@ if has bench; then
     BENCH_RC=${PIPESTATUS[0]}
     rm -f "$DIR"/bench_host.png "$DIR"/bench_graphs.png "$DIR"/bench_st.png  # at most 8 files; figures in bench.md
     # the attention routes this run implies (PyTorch's kernels where they measured faster); to adopt:
-    # python -m bertfast.bench.routes RUN/bench.json --out bertfast/routing_tables
+    # python -m bertfast.bench.routes RUN/bench.json --out bertfast/dispatch/routing_tables
     [ "$DEVARG" = cuda ] && [ -f "$DIR/bench.json" ] && $PY -c "
 import json, sys; from bertfast.bench import routes
 t = routes.attention_table(json.load(open(sys.argv[1])), sys.argv[1])
@@ -175,7 +175,7 @@ torch_ = [f\"{e['direction']} {e['layout']} d{e['max_width']} s{e['max_seq']}\" 
 print(f\"routing (attention): {len(t['entries'])} cases measured, PyTorch's kernel faster in {len(torch_)}: {', '.join(torch_)}\")
 " "$DIR/bench.json" 2>&1 | tail -n 3
     # the Triton / CUDA C++ routing table this run measured; to make `auto` follow it:
-    # python -m bertfast.bench.routes RUN/bench.json --table layernorm_family --out bertfast/routing_tables
+    # python -m bertfast.bench.routes RUN/bench.json --table layernorm_family --out bertfast/dispatch/routing_tables
     [ "$DEVARG" = cuda ] && [ -f "$DIR/bench.json" ] && $PY -c "
 import sys; from bertfast.bench import routes
 t = routes.layernorm_family_table(__import__('json').load(open(sys.argv[1])), sys.argv[1])

@@ -62,7 +62,7 @@ def gelu_variants(n: int):
 
 
 def _op_fn(op, tokens, hidden, backward):
-    from bertfast import backend
+    from bertfast import dispatch
     from bertfast.bench.ops import op_call, op_fns, op_inputs
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -75,7 +75,7 @@ def _op_fn(op, tokens, hidden, backward):
     call = op_call(fast, backward)
 
     def fn():
-        with backend.use_backend("triton"):
+        with dispatch.use_backend("triton"):
             return call(args, diff, dout)
 
     return fn

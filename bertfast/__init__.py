@@ -47,7 +47,7 @@ _LAZY = {
     "ElectraForTokenClassification": "bertfast.models",
     "ElectraForQuestionAnswering": "bertfast.models",
     "Tokenizer": "bertfast.tokenizer",
-    "use_backend": "bertfast.backend",
+    "use_backend": "bertfast.dispatch",
     "info": "bertfast._info",
     "ops": "bertfast.ops",
     "padding": "bertfast.padding",

@@ -18,7 +18,7 @@ def info(print_: bool = True) -> dict:
     """A dict (and a printed report) of versions, devices and the backend serving each op."""
     import torch
 
-    from . import __version__, backend, ops
+    from . import __version__, dispatch, ops
 
     devices = ["cpu"]
     if torch.cuda.is_available():
@@ -41,23 +41,23 @@ def info(print_: bool = True) -> dict:
     }
     for op in ops.OPS:
         for dev in devices:
-            name, why = backend.explain(op, dev)
+            name, why = dispatch.explain(op, dev)
             d["backends"][f"{op}@{dev}"] = {"backend": name, "why": why}
     # after the table: explaining the CPU rows loads (or builds) the extension, so its state is final
     try:
-        from . import _cpp
+        from .dispatch import cpp
 
-        d["cpp_extension"] = _cpp.status()
+        d["cpp_extension"] = cpp.status()
     except Exception as e:  # noqa: BLE001
         d["cpp_extension"] = f"unavailable ({type(e).__name__}: {e})"
     try:
-        from . import _cuda
+        from .dispatch import cuda
 
-        d["cuda_extension"] = _cuda.status()
+        d["cuda_extension"] = cuda.status()
     except Exception as e:  # noqa: BLE001
         d["cuda_extension"] = f"unavailable ({type(e).__name__}: {e})"
     try:
-        from . import routing
+        from .dispatch import routing
 
         d["routing_tables"] = {t.name: (f"{os.path.basename(t.path)}: "
                                         + (f"measured on {routing._src(t.source)}" if t.source else "no measurement")

@@ -473,7 +473,7 @@ def accelerate(model, precision: Optional[str] = None):
         found = sorted({m.config.model_type for m in unserved})
         raise TypeError(f"accelerate: model must hold a transformers encoder of a served type ({sorted(ENCODERS)}); "
                         f"found {found or 'none'} in {type(model).__name__}")
-    from .backend import strict
+    from .dispatch import strict
 
     states = [_twin_of(hf) for hf in served]  # errors before anything is changed
     for state in states:

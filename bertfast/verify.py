@@ -73,11 +73,18 @@ def _devices():
 
 
 def _candidates(op: str, device: str):
-    """Backends registered for `op` that claim to serve `device` here (reference excluded)."""
-    from . import backend
+    """Backends with an implementation of `op` declared for `device` here (reference excluded)."""
+    from .dispatch import core
 
-    spec = backend._ops[op]
-    return [name for name, im in spec.impls.items() if name != "reference" and backend._serves(im, device)]
+    return core.backends_for(op, device)
+
+
+def _why_not(op: str, name: str, device: str, dtype):
+    """Why backend `name` cannot serve a small call of `op` here (None: it can)."""
+    from .dispatch import core
+
+    call = core.spec(op).typical(device)._replace(dtype=dtype, seq=5, direction="fwd")
+    return core.why_not(op, name, call)
 
 
 def verify_numerics(backends=None) -> int:
@@ -85,7 +92,7 @@ def verify_numerics(backends=None) -> int:
     reference: forward and input gradients on small inputs. Returns 1 if any fails."""
     import torch
 
-    from . import backend, ops  # noqa: F401 - registers every op
+    from . import dispatch, ops  # noqa: F401 - registers every op
 
     rows, failed = [], 0
     for device in _devices():
@@ -94,19 +101,19 @@ def verify_numerics(backends=None) -> int:
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             for op, call in _cases(device, dtype):
                 base = op.split("(")[0]
-                if base not in backend._ops:
+                if base not in dispatch.registered_ops():
                     continue
-                with backend.use_backend("reference"):
+                with dispatch.use_backend("reference"):
                     ref = call()
                 for name in _candidates(base, device):
                     if backends and name not in backends:
                         continue
-                    reason = backend._why_not(backend._ops[base], name, device)
+                    reason = _why_not(base, name, device, dtype)
                     if reason is not None:
                         rows.append((op, name, device, str(dtype).replace("torch.", ""), "skip", reason[:60]))
                         continue
                     try:
-                        with backend.use_backend(name):
+                        with dispatch.use_backend(name):
                             got = call()
                         err = max(((a.float() - c.float()).abs().max().item() / (1.0 + c.float().abs().max().item()))
                                   for a, c in zip(got, ref) if c is not None)
@@ -119,14 +126,13 @@ def verify_numerics(backends=None) -> int:
                                      f"{type(e).__name__}: {e}"[:60]))
                     failed += not ok
         # ops without a case above (e.g. attention): forward on the op's own probe inputs
-        for op in backend.registered_ops():
+        for op in dispatch.registered_ops():
             if op in {c[0].split("(")[0] for c in _cases("cpu", torch.float32)}:
                 continue
-            spec = backend._ops[op]
             for name in _candidates(op, device):
                 if backends and name not in backends:
                     continue
-                reason = backend._why_not(spec, name, device)
+                reason = _why_not(op, name, device, torch.float32)
                 rows.append((op, name, device, "probe", "ok" if reason is None else "skip",
                              "forward probe matches" if reason is None else reason[:60]))
     _table(("op", "backend", "device", "dtype", "ok", "max rel err"), rows)

@@ -25,12 +25,12 @@ Supported inputs
   in the way PyTorch matmuls do (torch.backends.cuda.matmul.allow_tf32 or
   torch.set_float32_matmul_precision("high")). fp32 uses small tiles: it is the accurate path,
   bf16/fp16 the fast one.
-  fp64 is served by the reference implementation (a fallback with a warning; an error with
-  BERTFAST_STRICT=1).
+  No fp64: dispatch sends it to the reference (bertfast/dispatch/table.py declares what these
+  kernels serve; nothing here falls back).
 - head_dim: 32, 64 and 128 are native (the tuned configurations). Any other head_dim up to 256
   is served by padding it inside the kernel to the next power of two (>= 16): the loads of the
-  extra columns are masked to zero, so no copy of q/k/v is made. head_dim > 256 falls back to
-  the reference with a warning (error under BERTFAST_STRICT=1). v may have its own head_dim.
+  extra columns are masked to zero, so no copy of q/k/v is made. head_dim <= MAX_HEAD_DIM = 256
+  (declared in bertfast/dispatch/table.py). v may have its own head_dim.
 - key_bias (padded layout): any fp32 additive per-key bias (0 / -inf / any float); rows that see
   no key at all (fully masked, or causal with Lq > Lk) give zeros, lse = +inf and zero grads.
 - dropout: kernels/_rng.py's Philox stream at offset ((b*H + h)*max_q + i)*max_k + j, so the
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +63,7 @@ import triton.language as tl
 import triton.runtime.errors
 
 from ._launch import FastKernel
+from ._launch_params import dropout_args
 from ._rng import dropout_keep, split_seed
 
 LOG2E = 1.4426950408889634
@@ -795,23 +795,6 @@ _shrunk: dict = {}
 # launchers (the backend functions)
 
 
-def _fallback(reason: str):
-    from bertfast import backend
-
-    msg = f"bertfast: attention cannot use the Triton kernels ({reason})"
-    if backend.strict():
-        raise backend.BackendError(msg + " [BERTFAST_STRICT=1]")
-    warnings.warn(msg + "; the reference implementation serves this call", RuntimeWarning, stacklevel=3)
-
-
-def _unsupported(q, v):
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype} (the kernels serve float16, bfloat16, float32)"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]}/{v.shape[-1]} > {MAX_HEAD_DIM}"
-    return None
-
-
 def _dot_precision(dtype) -> str:
     if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
@@ -834,13 +817,12 @@ def _strides(t, varlen):
 def _seeds(p, seed):
     if p <= 0.0:
         return 0, 0, 0, 1.0
-    from bertfast.ops._rng import dropout_threshold
-
     lo, hi = split_seed(int(seed))
     # passed as int32 (the kernel reinterprets them as uint32) so every seed runs the same binary
     lo = lo - (1 << 32) if lo >= (1 << 31) else lo
     hi = hi - (1 << 32) if hi >= (1 << 31) else hi
-    return lo, hi, dropout_threshold(p), 1.0 / (1.0 - p)
+    threshold, _ = dropout_args(p)
+    return lo, hi, threshold, 1.0 / (1.0 - p)
 
 
 def _common(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed, lse_like):
@@ -866,12 +848,6 @@ def _common(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed,
 
 def attention_fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
     """Forward: (out in q's dtype, lse fp32); see bertfast.ops.attention for the contract."""
-    reason = _unsupported(q, v)
-    if reason is not None:
-        from bertfast.ops.attention import _fwd_reference
-
-        _fallback(reason)
-        return _fwd_reference(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed)
     # the kernel reads any token/head/batch strides: views of a fused QKV projection need no copy
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     key_bias = key_bias.float().contiguous() if key_bias is not None else None
@@ -905,13 +881,6 @@ def attention_fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
 
 def attention_bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
     """Backward: (dq, dk, dv) in the dtypes of q, k, v; deterministic (no atomics)."""
-    reason = _unsupported(q, v)
-    if reason is not None:
-        from bertfast.ops.attention import _bwd_reference
-
-        _fallback(reason)
-        return _bwd_reference(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
-                              seed)
     q, k, v, out, dout = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), dout.contiguous()
     lse = lse.contiguous()
     key_bias = key_bias.float().contiguous() if key_bias is not None else None

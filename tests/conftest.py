@@ -102,9 +102,9 @@ def _cpu_kernels_built_first():
 @pytest.fixture(autouse=True)
 def _fresh_backend_state():
     """Each test starts with no cached backend choices or warnings."""
-    from bertfast import backend
+    from bertfast import dispatch
 
-    backend.reset()
+    dispatch.reset()
     yield
 
 

@@ -75,8 +75,8 @@ def test_cpp_kernel_checks_offsets_itself():
     fix this aborted with heap corruption)."""
     proc = _run("""
         import torch
-        from bertfast import _cpp
-        _cpp.load()
+        from bertfast.dispatch import cpp
+        cpp.load()
         q = torch.randn(10, 2, 16)
         for cu, m in (([0, 12, 10], 12), ([0, 5, 10], 3), ([0, 5, 11], 6), ([1, 5, 10], 6)):
             cu = torch.tensor(cu, dtype=torch.int32)

@@ -29,7 +29,7 @@ def test_wheel_layout(wheel):
     for mod in ("attention", "bias_gelu", "bias_residual_layernorm", "embedding_layernorm", "gelu_layernorm", "_rng"):
         assert f"bertfast/kernels/{mod}.py" in names
     assert any(n.startswith("bertfast/csrc/cpu/") and n.endswith(".cpp") for n in names)
-    assert "bertfast/routing_tables/layernorm_family.json" in names
+    assert "bertfast/dispatch/routing_tables/layernorm_family.json" in names
     assert "bertfast/csrc/cuda/common.cuh" in names and "bertfast/csrc/cuda/bias_gelu.cu" in names
 
 

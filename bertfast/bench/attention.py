@@ -3,7 +3,7 @@ compiled form, every SDPA backend that runs and, for varlen, PyTorch's bundled F
 varlen kernel (torch.nn.attention.varlen.varlen_attn, torch 2.10+).
 
 `bertfast` is what a user gets (the auto backend: where the committed routing table says one of
-PyTorch's kernels is faster for the case, that kernel, see bertfast/ops/_attention_torch.py);
+PyTorch's kernels is faster for the case, that kernel, see bertfast/dispatch/table.py);
 on CUDA `bertfast_triton` times bertfast's own kernel forced, so a run measures both and
 `python -m bertfast.bench.routes` turns its CUDA-graph figures into the next routing table."""
 from __future__ import annotations
@@ -107,7 +107,7 @@ def varlen_lengths(B: int, S: int, seed: int = 0, fill: float = 0.6) -> List[int
 
 
 def _attn_case(device, dt, B, S, H, D, bwd, compile_mode, layout, fill_target=0.6) -> Case:
-    from .. import backend
+    from .. import dispatch
     from .. import padding as _padding
     from ..ops import attention, attention_ref
 
@@ -139,7 +139,7 @@ def _attn_case(device, dt, B, S, H, D, bwd, compile_mode, layout, fill_target=0.
 
                 def f(q, k, v):
                     if forced:
-                        with backend.use_backend("triton"):
+                        with dispatch.use_backend("triton"):
                             return attention(q, k, v, attention_mask=mask)
                     return attention(q, k, v, attention_mask=mask)
             elif fn_kind in ("eager_ref", "compile_ref"):
@@ -194,15 +194,15 @@ def _attn_case(device, dt, B, S, H, D, bwd, compile_mode, layout, fill_target=0.
         layout = _padding.PackedLayout(torch.arange(total, device=device), cu, S, B, S)
 
         if kind == "varlen_attn":
-            from ..ops import _attention_torch
+            from ..dispatch import torch_attention
 
             scale = D ** -0.5
 
             def f(q, k, v):
-                return _attention_torch.varlen(q, k, v, cu, cu, S, S, scale, False)
+                return torch_attention.varlen(q, k, v, cu, cu, S, S, scale, False)
         elif kind == "bertfast_triton":
             def f(q, k, v):
-                with backend.use_backend("triton"):
+                with dispatch.use_backend("triton"):
                     return attention(q, k, v, cu_seqlens=layout)
         else:
             def f(q, k, v):

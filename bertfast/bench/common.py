@@ -51,10 +51,10 @@ def compiled(fn, dynamic=False):
 
 
 def served_by(op: str, device: torch.device) -> str:
-    from .. import backend
+    from .. import dispatch
 
     try:
-        name, why = backend.explain(op, device.type)
+        name, why = dispatch.explain(op, device.type)
         return name if why == "first choice" else f"{name} ({why})"
     except Exception as e:  # noqa: BLE001
         return f"unknown ({reason(e)})"

@@ -156,10 +156,10 @@ def _trained_tokenizer(vocab_size: int):
 
 def _infer_fn(model, batches, backend_name=None):
     """One pass over all batches (inference mode), under a forced bertfast backend if given."""
-    from .. import backend
+    from .. import dispatch
 
     def fn():
-        ctx = backend.use_backend(backend_name) if backend_name else contextlib.nullcontext()
+        ctx = dispatch.use_backend(backend_name) if backend_name else contextlib.nullcontext()
         with torch.inference_mode(), ctx:
             out = None
             for b in batches:

@@ -137,7 +137,7 @@ def _encoder_case(device, dtype, width, train: bool, quick: bool) -> Case:
 
 
 def _op_case(device, dtype, width, quick: bool) -> Case:
-    from .. import backend
+    from .. import dispatch
     from ..ops.bias_residual_layernorm import bias_residual_layernorm, bias_residual_layernorm_unchecked
 
     def tensors():
@@ -148,7 +148,7 @@ def _op_case(device, dtype, width, quick: bool) -> Case:
 
     def lean(meta):
         x, b, r, w, lb = tensors()
-        sel = backend.select("bias_residual_layernorm", device.type)
+        sel = dispatch.select("bias_residual_layernorm", dispatch.Call(device.type, dtype, width))
         meta["backend"] = sel.backend
 
         def fn():
@@ -193,18 +193,18 @@ def _op_case(device, dtype, width, quick: bool) -> Case:
         # the CUDA C++ extension (csrc/cuda): through the layers' lean path with the backend forced,
         # or its torch.ops callable alone (the whole Python cost of a launch from C++)
         def factory(meta):
-            from .. import _cuda
+            from ..dispatch import cuda as cuda_ext
 
             x, b, r, w, lb = tensors()
-            with backend.use_backend("cuda"):
-                sel = backend.select("bias_residual_layernorm", device.type)
+            with dispatch.use_backend("cuda"):
+                sel = dispatch.select("bias_residual_layernorm", dispatch.Call(device.type, dtype, width))
             if sel.backend != "cuda":
-                raise RuntimeError(f"the CUDA C++ kernels cannot serve here: {_cuda.status().get('reason')}")
+                raise RuntimeError(f"the CUDA C++ kernels cannot serve here: {cuda_ext.status().get('reason')}")
             if lean_path:
                 def fn():
                     bias_residual_layernorm_unchecked(sel, False, x, b, r, w, lb, 1e-12, 0.0)
             else:
-                op = _cuda._OPS["bias_residual_layernorm_fwd"]
+                op = cuda_ext._OPS["bias_residual_layernorm_fwd"]
 
                 def fn():
                     op(x, b, r, w, lb, 1e-12, 0.0, 0)

@@ -105,14 +105,14 @@ def forced_backend(fn, op: str, backend_name: str, device):
     """fn with `backend_name` forced for every call (the backward follows the forward's choice);
     raises at set-up, so the variant is reported as skipped, when that backend cannot serve op
     here instead of silently timing the reference it would fall back to."""
-    from .. import backend
+    from .. import dispatch
 
     checked = []
 
     def call(*args):
-        with backend.use_backend(backend_name):
+        with dispatch.use_backend(backend_name):
             if not checked:
-                served, why = backend.explain(op, device.type)
+                served, why = dispatch.explain(op, device.type)
                 if served != backend_name:
                     raise RuntimeError(f"{backend_name} cannot serve {op} here: {why}")
                 checked.append(True)
@@ -181,7 +181,7 @@ def _op_case(op, tokens, hidden, dt, device, bwd, compile_mode, is_target) -> Ca
                                    f"{'; --quick on CPU: forward only' if compile_mode == 'some' else ''})")
     if device.type == "cuda":
         # the race of the two GPU implementations, each forced: the Triton kernels and the CUDA C++
-        # extension (python -m bertfast.routing --bench turns these into the routing table auto uses)
+        # extension (python -m bertfast.bench.routes turns these into the routing table auto uses)
         for backend_name in RACE_BACKENDS:
             variants["backend_" + backend_name] = make(forced_backend(fast, op, backend_name, device))
         # the same calls replayed from CUDA graphs: no Python or launch overhead between kernels,

@@ -1,10 +1,10 @@
 """Routing tables from a GPU run: which implementation served each case faster, as data for
-bertfast/routing.py.
+bertfast/dispatch/routing.py.
 
     python -m bertfast.bench.routes RESULTS/bench.json [--table attention|layernorm_family]
-                                    [--out bertfast/routing_tables]
+                                    [--out bertfast/dispatch/routing_tables]
 
-Attention (an "op"-level table, bertfast/ops/_attention_torch.py): for every CUDA attention case
+Attention (an "op"-level table: PyTorch's kernels as rows of bertfast/dispatch/table.py): for every CUDA attention case
 of the run, bertfast's own kernel (`bertfast_triton_graph`, or `bertfast_graph` in runs made before
 routing existed) against the PyTorch kernel a route would call (`sdpa_graph` for the padded
 layout: PyTorch's own choice of SDPA backend; `varlen_attn_graph` for varlen), both replayed from
@@ -14,7 +14,7 @@ explicit: a call is served by the smallest measured bucket that holds it (head_d
 length <= max_seq) and by bertfast's kernel past the longest measured length. Nothing is written
 for cases the run did not measure.
 
-LayerNorm family (a "call"-level table: the auto backend's per-call router, bertfast/backend.py):
+LayerNorm family (a "call"-level table: the auto backend's per-pass choice, bertfast/dispatch/core.py):
 the ops suite times the Triton kernels and the CUDA C++ extension each forced (`backend_triton`,
 `backend_cuda`, and their `_graph` replays, preferred: kernel time). Per (op, dtype, hidden) the
 largest token count decides; a forward is its fwd case, a backward its fwd+bwd case minus its fwd

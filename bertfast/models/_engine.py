@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import backend, ops
+from .. import dispatch, ops
 from ..dispatch import cpu_gemm
 from ..ops._common import can_sync
 from ..ops._rng import draw_seeds
-from ..ops.attention import attention_route, attention_unchecked, key_padding_bias
+from ..ops.attention import attention_unchecked, key_padding_bias
 from ..ops.bias_gelu import bias_gelu_unchecked
 from ..ops.bias_residual_layernorm import bias_residual_layernorm_unchecked
 from ..ops.embedding_layernorm import _embedding_layernorm, id_range_error
@@ -38,7 +38,7 @@ from .config import FUSED_ACTS, BertConfig
 __all__ = ["ACTS", "Eager", "ForwardContext", "Workspace", "activation_fn", "can_sync", "check_inputs",
            "check_packed", "dense_act", "dense_add_norm", "embedding_layernorm_rows", "first_tokens", "gemm_precision",
            "linear", "packed_qkv",
-           "packed_positions", "read_back", "release_workspace", "select_backend", "workspace_limit",
+           "packed_positions", "read_back", "release_workspace", "workspace_limit",
            "workspace_of"]
 
 # activations the layers run in PyTorch (the GELU flavours are fused: config.FUSED_ACTS)
@@ -146,49 +146,44 @@ def packed_qkv(hidden, lins, ctx: "ForwardContext", out: Optional[torch.Tensor] 
 # the per-forward context
 
 
-def select_backend(op: str, device_type: str):
-    """Which implementation serves `op` on `device_type`: the engine's one call into backend
-    selection (it reads BERTFAST_BACKEND and use_backend)."""
-    return backend.select(op, device_type)
-
-
 class Eager(NamedTuple):
     """What one eager encoder forward resolves once for all its layers' op calls (the lean
-    path): each op's backend (once per forward instead of once per call), whether autograd
-    records (torch.is_grad_enabled()), the padded layout's key bias, the forward's dropout seeds
-    (one draw from torch's generator for all layers, not one per op call) and (memo, filled by
-    the first layer) which attention kernel serves the forward's shape. The layers then call the
-    ops' `_unchecked` entry points: the inputs were validated at the model boundary, so no
-    per-call argument checks either."""
+    path): the implementation serving each op's calls of this forward (dispatch.resolve_encoder,
+    the engine's one call into dispatch: it reads BERTFAST_BACKEND and use_backend once per forward
+    instead of once per call), whether autograd records (torch.is_grad_enabled()), the padded
+    layout's key bias and the forward's dropout seeds (one draw from torch's generator for all
+    layers, not one per op call). The layers then call the ops' `_unchecked` entry points: the
+    inputs were validated at the model boundary, so no per-call argument checks either."""
 
     grad: bool
-    attention: backend.Impl
-    bias_residual_layernorm: backend.Impl
-    bias_gelu: backend.Impl
+    attention: dispatch.Impl
+    bias_residual_layernorm: dispatch.Impl
+    bias_gelu: dispatch.Impl
     key_bias: Optional[torch.Tensor]
     seeds: Optional[Iterator[int]]
-    memo: dict
 
     @classmethod
-    def resolve(cls, device_type: str, key_mask: Optional[torch.Tensor], n_seeds: int = 0) -> "Eager":
+    def resolve(cls, hidden: torch.Tensor, config, layout: Optional[PackedLayout], shape,
+                key_mask: Optional[torch.Tensor], n_seeds: int = 0) -> "Eager":
         """n_seeds: how many dropout calls the forward may make (0: none, e.g. in eval mode)."""
         seeds = iter(draw_seeds(n_seeds)) if n_seeds else None
-        return cls(torch.is_grad_enabled(), select_backend("attention", device_type),
-                   select_backend("bias_residual_layernorm", device_type), select_backend("bias_gelu", device_type),
-                   None if key_mask is None else key_padding_bias(key_mask), seeds, {})
+        grad, dev = torch.is_grad_enabled(), hidden.device.type
+        # the projections' outputs (what attention and bias_gelu see) are in autocast's dtype
+        gemm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        impls = dispatch.resolve_encoder(
+            dev, gemm, hidden.dtype, config.hidden_size, config.intermediate_size,
+            config.hidden_size // config.num_attention_heads, layout is not None,
+            layout.max_seqlen if layout is not None else shape[1], key_mask is not None,
+            n_seeds > 0 and config.attention_probs_dropout_prob > 0, grad)
+        return cls(grad, *impls, None if key_mask is None else key_padding_bias(key_mask), seeds)
 
     def seed(self, p: float) -> Optional[int]:
         """The next dropout seed of this forward for a call with rate p (None: the op draws one)."""
         return next(self.seeds, None) if p > 0.0 and self.seeds is not None else None
 
     def attention_call(self, q, k, v, layout: Optional[PackedLayout], p: float):
-        """Self-attention of one layer: the public op's routing decided once per forward."""
-        route = self.memo.get("route", False)
-        if route is False:
-            training = self.grad and (q.requires_grad or k.requires_grad or v.requires_grad)
-            route = self.memo["route"] = attention_route(q, layout, self.key_bias, p, training)
-        return attention_unchecked(self.attention, self.grad, q, k, v, layout, self.key_bias, p, route,
-                                   self.seed(p))
+        """Self-attention of one layer through the implementation resolved for the forward."""
+        return attention_unchecked(self.attention, self.grad, q, k, v, layout, self.key_bias, p, self.seed(p))
 
 
 class ForwardContext:
@@ -232,7 +227,8 @@ class ForwardContext:
         eager = None
         if hidden.shape[0] and can_sync():
             # dropout calls per layer: attention probabilities and the two add-and-norms
-            eager = Eager.resolve(hidden.device.type, key_mask, 3 * len(model.encoder.layer) if model.training else 0)
+            eager = Eager.resolve(hidden, cfg, layout, shape, key_mask,
+                                  3 * len(model.encoder.layer) if model.training else 0)
         gemm = gemm_precision(model, hidden) if eager is not None else None
         return cls(layout, shape, key_mask, ws, eager, gemm)
 

@@ -20,7 +20,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .. import backend
+from .. import dispatch
+from ..dispatch import Call
 from ..padding import can_sync, no_host_reads  # noqa: F401 - the ops' names for them
 from ._rng import draw_seed
 
@@ -41,10 +42,12 @@ def seed_int(seed: Optional[torch.Tensor]) -> int:
 
 
 class FusedOp:
-    """One fused op: the backend implementations (`backend.Impl`: fwd/bwd) behind one autograd rule.
+    """One fused op: the implementations dispatch selects (`dispatch.Impl`: fwd/bwd) behind one
+    autograd rule.
 
-    `fwd_impl`/`bwd_impl` (the custom ops' bodies) look the backend up per call; the eager paths
-    below take it resolved. setup_context(ctx, inputs, output) saves what backward needs;
+    `call_of(direction, args, traced)` describes a call from the op's backend arguments (a
+    dispatch.Call). `fwd_impl`/`bwd_impl` (the custom ops' bodies) select per call through
+    `kernel(direction, args)`; the eager paths below take the selection made by their caller. setup_context(ctx, inputs, output) saves what backward needs;
     backward(ctx, grads, bwd) returns one gradient per input, calling `bwd(*args)` for the
     backward computation (the custom op under torch.compile, the backend directly in eager mode).
 
@@ -55,9 +58,10 @@ class FusedOp:
 
     def __init__(self, name: str, *, fwd_schema: str, bwd_schema: str, fwd_fake: Callable,
                  bwd_fake: Callable, fwd_impl: Callable, bwd_impl: Callable,
-                 setup_context: Callable, backward: Callable, n_nondiff_outputs: int = 0,
+                 setup_context: Callable, backward: Callable, call_of: Callable, n_nondiff_outputs: int = 0,
                  has_seed: bool = False):
         self.name = name
+        self.call_of = call_of
         self.has_seed = has_seed
         lib_name = f"bertfast::{name}"
         self.fwd_op = torch.library.custom_op(lib_name, fwd_impl, mutates_args=(), schema=fwd_schema)
@@ -98,33 +102,62 @@ class FusedOp:
 
         self._apply = apply
 
-    def eager(self, sel: backend.Impl, grad: bool, seed: int, *inputs):
-        """The eager call with everything resolved by the caller: `sel` the backend (one
-        backend.select per model forward, not per call), `grad` whether autograd may need the
+    def traced(self, dropout_p: float, *inputs):
+        """The registered custom op, as torch.compile traces it (inputs[-1] replaced by a traceable
+        seed tensor)."""
+        if self.has_seed:
+            inputs = inputs[:-1] + (seed_tensor(dropout_p),)
+        return self.fwd_op(*inputs)
+
+    def kernel(self, direction: str, args) -> dispatch.Impl:
+        """The implementation serving the registered op's body (torch.compile's graph) for `args`."""
+        return dispatch.select(self.name, self.call_of(direction, args, True))
+
+    def eager(self, sel: dispatch.Impl, grad: bool, seed: int, *inputs):
+        """The eager call with everything resolved by the caller: `sel` the implementation (one
+        dispatch.select per model forward, not per call), `grad` whether autograd may need the
         result (torch.is_grad_enabled() of the forward; inputs that need no gradient are fine),
         `seed` the dropout seed (0 without dropout), inputs with None in the seed slot."""
         if grad:
             return self._apply(sel, seed, *inputs)
         return sel.fwd(*inputs[:-1], seed) if self.has_seed else sel.fwd(*inputs)
 
-    def __call__(self, device_type: str, dropout_p: float, *inputs):
+    def __call__(self, dropout_p: float, *inputs):
         """The public functions' call after their argument checks: the custom op while
         torch.compile traces (inputs[-1] is then replaced by a traceable seed tensor), else the
-        eager path with this call's backend. Without autograd the backend is called directly."""
+        eager path with the implementation dispatch selects for this call. Without autograd it is
+        called directly."""
         if torch.compiler.is_compiling():
-            if self.has_seed:
-                inputs = inputs[:-1] + (seed_tensor(dropout_p),)
-            return self.fwd_op(*inputs)
+            return self.traced(dropout_p, *inputs)
         grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
         seed = draw_seed() if dropout_p > 0.0 else 0
-        return self.eager(backend.select(self.name, device_type), grad, seed, *inputs)
+        sel = dispatch.select(self.name, self.call_of("fwd+bwd" if grad else "fwd", inputs, False))
+        return self.eager(sel, grad, seed, *inputs)
 
 
-def impl(op: str, t: torch.Tensor) -> backend.Impl:
-    return backend.select(op, t.device.type)
+def rows_call(fwd_index: int = 0, bwd_index: int = 1) -> Callable:
+    """call_of for a token-wise op: device, dtype and width (last dimension) of one tensor
+    argument, args[fwd_index] of a forward, args[bwd_index] of a backward (default: x, and x after
+    dout)."""
+    def call_of(direction: str, args, traced: bool = False) -> Call:
+        t = args[bwd_index if direction == "bwd" else fwd_index]
+        return Call(t.device.type, t.dtype, t.shape[-1], direction, traced=traced)
+
+    return call_of
 
 
-def overwrite_impl(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> Optional[backend.Impl]:
+def rows_typical(width: int = 768):
+    """The call `bertfast info` describes for a token-wise op: BERT-base's hidden size, fp32 on a
+    CPU, bf16 on a GPU, a training forward."""
+    def typical(device_type: str) -> Call:
+        import torch
+
+        return Call(device_type, torch.float32 if device_type == "cpu" else torch.bfloat16, width, "fwd+bwd")
+
+    return typical
+
+
+def overwrite_impl(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> Optional[dispatch.Impl]:
     """The backend implementation to call with inplace=True, or None when the result must go to
     fresh memory: an autograd graph needs x, torch.compile is tracing, x is not contiguous, another
     input shares memory with x (it would be read after x's rows are overwritten), or the serving
@@ -137,8 +170,8 @@ def overwrite_impl(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) ->
         return None
     if any(t is not None and _overlaps(x, t) for t in others):
         return None
-    sel = impl(op, x)
-    return sel if sel.backend == "cpp" else None
+    sel = dispatch.select(op, Call(x.device.type, x.dtype, x.shape[-1], "fwd"))
+    return sel if sel.inplace else None
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -281,31 +314,3 @@ def gelu_grad(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
     pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
     return cdf + h * pdf
-
-
-def register_lazy(op: str, backend_name: str, module: str, devices) -> None:
-    """Register a backend whose forward/backward live in `module` (relative to bertfast) as
-    `<op>_fwd` and `<op>_bwd`, with the op's backend signatures. Loading imports the module
-    (and calls its `load()` when it has one, e.g. to build an extension) on first use."""
-    fns = {}
-
-    def load():
-        import importlib
-
-        mod = importlib.import_module(module, "bertfast")
-        if hasattr(mod, "load"):
-            mod.load()
-        fns["fwd"], fns["bwd"] = getattr(mod, f"{op}_fwd"), getattr(mod, f"{op}_bwd")
-        # from now on the Impl calls the module's functions directly: no forwarding frame per call
-        # (every load rebinds them: backend.reset() makes the next use load again)
-        impl = backend._ops[op].impls.get(backend_name)
-        if impl is not None and impl.extra.get("lazy_load") is load:
-            impl.fwd, impl.bwd = fns["fwd"], fns["bwd"]
-
-    def fwd(*args, **kwargs):
-        return fns["fwd"](*args, **kwargs)
-
-    def bwd(*args):
-        return fns["bwd"](*args)
-
-    backend.register_impl(op, backend_name, fwd=fwd, bwd=bwd, devices=devices, load=load, lazy_load=load)

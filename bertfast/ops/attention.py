@@ -15,7 +15,8 @@ softmax; probability (b, h, i, j) has offset ((b * H + h) * max_q + i) * max_k +
 shared Philox stream (ops/_rng.py), so the padded and the packed layouts of one batch draw
 the same mask.
 
-Backends (ops/_common + backend.py) see:
+Implementations (bertfast/dispatch/table.py: the C++ kernels, ATen's CPU flash attention, the
+Triton kernels, PyTorch's SDPA and varlen_attn, the reference below) see:
 fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed) -> (out, lse)
 bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed) -> (dq, dk, dv)
 key_bias: None or fp32 (B, Sk) additive (padded layout only); cu_*: None (padded) or int32.
@@ -29,19 +30,17 @@ from typing import Optional
 
 import torch
 
-from .. import backend
+from .. import dispatch
+from ..dispatch import Call
 from ._common import (
     FusedOp,
     can_sync,
     check_dropout,
     check_float,
     compare_close,
-    impl,
-    register_lazy,
     seed_int,
 )
 from ..padding import PackedLayout, clamp_offsets, offsets_error, offsets_summary, summary_error
-from . import _attention_torch as torch_routes
 from ._rng import draw_seed, keep_mask
 
 OP = "attention"
@@ -196,23 +195,51 @@ def _probe(device):
     return (q, k, v, bias, None, None, 5, 5, 0.0, 32 ** -0.5, False, 0), {}
 
 
-backend.register_op(OP, _probe, compare_close(2e-3, 2e-3))
-backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=backend.ANY_DEVICE)
-# Triton kernels (kernels/attention.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
-register_lazy(OP, "triton", ".kernels.attention", ("cuda",))
-register_lazy(OP, "cpp", "._cpp", ("cpu",))
+def attention_call(q, v, masked: bool, cu_q, cu_k, max_q: int, max_k: int, p: float, causal: bool,
+                   direction: str, traced: bool = False) -> Call:
+    """The dispatch.Call of one attention call: head_dim as the width, the layout, the longest
+    sequence, the mask kind, dropout, and causal as "self" where top-left and bottom-right alignment
+    agree (equal query and key lengths) or "cross"."""
+    varlen = cu_q is not None
+    if not causal:
+        kind = "none"
+    else:
+        kind = "self" if (cu_q is cu_k if varlen else max_q == max_k) else "cross"
+    return Call(q.device.type, q.dtype, max(q.shape[-1], v.shape[-1]), direction, "varlen" if varlen else "padded",
+                max(int(max_q), int(max_k)), "key" if masked else "none", p > 0.0, kind, traced)
+
+
+def _call_of(direction, args, traced=False) -> Call:
+    if direction == "bwd":
+        _, q, k, v, _, _, key_bias, cu_q, cu_k, max_q, max_k, p, _, causal, _ = args
+    else:
+        q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, _, causal, _ = args
+    return attention_call(q, v, key_bias is not None, cu_q, cu_k, max_q, max_k, p, causal, direction, traced)
+
+
+def _typical(device_type: str) -> Call:
+    """The call `bertfast info` describes: BERT's self-attention, head_dim 64, a padded batch of
+    128 tokens per row with a key mask, training (fp32 on a CPU, bf16 on a GPU)."""
+    dtype = torch.float32 if device_type == "cpu" else torch.bfloat16
+    return Call(device_type, dtype, 64, "fwd+bwd", "padded", 128, "key")
+
+
+dispatch.register_op(OP, reference=(_fwd_reference, _bwd_reference), make_probe=_probe,
+                     compare=compare_close(2e-3, 2e-3), typical=_typical)
+# its other implementations and what each serves: bertfast/dispatch/table.py
 
 
 # ---- registered op
 
 def _fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
     _check_host_offsets(cu_q, cu_k, q.shape[0], k.shape[0], max_q, max_k)
-    return impl(OP, q).fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed_int(seed))
+    args = (q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed_int(seed))
+    return _op.kernel("fwd", args).fwd(*args)
 
 
 def _bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
-    return impl(OP, q).bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
-                           seed_int(seed))
+    args = (dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed_int(seed))
+    return _op.kernel("bwd", args).bwd(*args)
 
 
 def _setup(ctx, inputs, output):
@@ -247,7 +274,8 @@ _op = FusedOp(
                "-> (Tensor, Tensor, Tensor)",
     fwd_fake=_fwd_fake,
     bwd_fake=lambda dout, q, k, v, *rest: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
-    fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=1, has_seed=True,
+    call_of=_call_of, fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=1,
+    has_seed=True,
 )
 
 
@@ -408,13 +436,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
             return q.new_zeros(q.shape[:-1] + v.shape[-1:])
         if p == 0.0:  # no sequence is longer than its tokens: a larger max_seqlen only adds empty blocks
             max_q, max_k = min(max_q, q.shape[0]), min(max_k, k.shape[0])
-        # a case where PyTorch's own kernel measured faster (bertfast/ops/_attention_torch.py)
-        if p == 0.0 and (not causal or cu_q is cu_k) and torch_routes.route(
-                q, "varlen", max_q, _training(q, k, v)) == "varlen_attn":
-            return torch_routes.varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, bool(causal))
-        # q/k/v go as they are (views of a fused QKV projection): each backend takes the layout it
-        # needs (the Triton kernels read any token/head strides, so the views cost no copy there)
-        return _op(q.device.type, p, q, k, v, None, cu_q, cu_k, max_q, max_k, p, scale, bool(causal), None)[0]
+        # q/k/v go as they are (views of a fused QKV projection): each implementation takes the layout
+        # it needs (the Triton kernels read any token/head strides, so the views cost no copy there)
+        return _run(q, k, v, None, cu_q, cu_k, max_q, max_k, p, scale, bool(causal))
     B, Sq, H, _ = q.shape
     if k.shape[0] != B:
         raise ValueError(f"k must have q's batch size {B}, got {k.shape[0]}")
@@ -429,43 +453,47 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
                                  seed=draw_seed() if p > 0.0 else 0)
     if q.numel() == 0 or k.shape[1] == 0:
         return q.new_zeros(q.shape[:-1] + v.shape[-1:])
-    if p == 0.0 and key_bias is None and (not causal or Sq == Sk) and torch_routes.route(
-            q, "padded", max(Sq, Sk), _training(q, k, v)) == "sdpa":
-        return torch_routes.sdpa(q, k, v, scale, bool(causal))
-    return _op(q.device.type, p, q, k, v, key_bias, None, None, Sq, Sk, p, scale, bool(causal), None)[0]
+    return _run(q, k, v, key_bias, None, None, Sq, Sk, p, scale, bool(causal))
 
 
-def attention_route(q: torch.Tensor, layout: Optional[PackedLayout], key_bias: Optional[torch.Tensor], p: float,
-                    training: bool) -> Optional[str]:
-    """The PyTorch kernel (bertfast/ops/_attention_torch.py) that serves the encoder's
-    self-attention calls of this shape, as the public op decides it, or None for bertfast's
-    backends: the same for every layer of a forward, so the model asks once per forward."""
-    if p != 0.0:
-        return None
-    if layout is not None:
-        return torch_routes.route(q, "varlen", layout.max_seqlen, training)
-    return None if key_bias is not None else torch_routes.route(q, "padded", q.shape[1], training)
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
-def attention_unchecked(sel: backend.Impl, grad: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _run(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal) -> torch.Tensor:
+    """The public function's call after its checks: the registered op while torch.compile traces,
+    else the implementation dispatch selects for this call (one with its own autograd, such as
+    SDPA where a routing table measured it faster, is called as it is)."""
+    args = (q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, None)
+    if _compiling():
+        return _op.traced(p, *args)[0]
+    grad = _training(q, k, v)
+    sel = dispatch.select(OP, attention_call(q, v, key_bias is not None, cu_q, cu_k, max_q, max_k, p, causal,
+                                             "fwd+bwd" if grad else "fwd"))
+    if sel.own_autograd:
+        return sel.fwd(*args[:-1], 0)[0]
+    return _op.eager(sel, grad, draw_seed() if p > 0.0 else 0, *args)[0]
+
+
+def attention_unchecked(sel: dispatch.Impl, grad: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         layout: Optional[PackedLayout], key_bias: Optional[torch.Tensor], p: float,
-                        route: Optional[str] = None, seed: Optional[int] = None) -> torch.Tensor:
+                        seed: Optional[int] = None) -> torch.Tensor:
     """The encoder layers' self-attention call, without the public checks (see
     bias_residual_layernorm_unchecked): q, k, v views of the fused QKV projection, packed
     (total, H, D) with the batch's `layout` (unpad_mask's, made once per forward) or padded
     (B, S, H, D) with `key_bias` (key_padding_bias of the mask, made once per forward, or None);
-    non-empty; scale 1/sqrt(head_dim), not causal. `route`: attention_route's answer for the
-    forward (a PyTorch kernel measured faster for this case), None for `sel`. `seed`: the dropout
+    non-empty; scale 1/sqrt(head_dim), not causal. `sel`: dispatch.resolve_encoder's choice for
+    the forward (an implementation with its own autograd is called as it is). `seed`: the dropout
     seed when p > 0 (None: drawn here)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if layout is not None:
         cu, m = layout.cu_seqlens, layout.max_seqlen
-        if route == "varlen_attn":
-            return torch_routes.varlen(q, k, v, cu, cu, m, m, scale, False)
+        if sel.own_autograd:
+            return sel.fwd(q, k, v, None, cu, cu, m, m, p, scale, False, 0)[0]
         seed = 0 if p == 0.0 else draw_seed() if seed is None else seed
         return _op.eager(sel, grad, seed, q, k, v, None, cu, cu, m, m, p, scale, False, None)[0]
-    if route == "sdpa":
-        return torch_routes.sdpa(q, k, v, scale, False)
     S = q.shape[1]
+    if sel.own_autograd:
+        return sel.fwd(q, k, v, key_bias, None, None, S, S, p, scale, False, 0)[0]
     seed = 0 if p == 0.0 else draw_seed() if seed is None else seed
     return _op.eager(sel, grad, seed, q, k, v, key_bias, None, None, S, S, p, scale, False, None)[0]

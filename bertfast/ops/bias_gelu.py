@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import backend
+from .. import dispatch
+from ._common import rows_call, rows_typical
 from ._common import (
     FusedOp,
     gelu,
@@ -17,9 +18,7 @@ from ._common import (
     check_vector,
     compare_close,
     gelu_grad,
-    impl,
     overwrite_impl,
-    register_lazy,
 )
 
 OP = "bias_gelu"
@@ -52,24 +51,21 @@ def _probe(device):
     return (x, b, "none"), {}
 
 
-backend.register_op(OP, _probe, compare_close(1e-5, 1e-5))
-backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=backend.ANY_DEVICE)
-# Triton kernels (kernels/bias_gelu.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
-register_lazy(OP, "triton", ".kernels.bias_gelu", ("cuda",))
-register_lazy(OP, "cpp", "._cpp", ("cpu",))
-# The CUDA C++ kernels (bertfast/_cuda.py, csrc/cuda): forced with BERTFAST_BACKEND=cuda, or per case
-# where the routing table (bertfast/routing_tables/layernorm_family.json) measured them faster.
-register_lazy(OP, "cuda", "._cuda", ("cuda",))
+dispatch.register_op(OP, reference=(_fwd_reference, _bwd_reference), make_probe=_probe,
+                     compare=compare_close(1e-5, 1e-5), typical=rows_typical())
+# its other implementations (C++ CPU, Triton, CUDA C++) and what they serve: bertfast/dispatch/table.py
 
 
 # ---- registered op
 
+_CALL = rows_call()
+
 def _fwd(x, bias, approximate):
-    return impl(OP, x).fwd(x, bias, approximate)
+    return _op.kernel("fwd", (x,)).fwd(x, bias, approximate)
 
 
 def _bwd(dout, x, bias, approximate):
-    return impl(OP, x).bwd(dout, x, bias, approximate)
+    return _op.kernel("bwd", (dout, x)).bwd(dout, x, bias, approximate)
 
 
 def _setup(ctx, inputs, output):
@@ -90,7 +86,7 @@ _op = FusedOp(
     bwd_schema="(Tensor dout, Tensor x, Tensor bias, str approximate) -> (Tensor, Tensor)",
     fwd_fake=lambda x, bias, approximate: torch.empty_like(x),
     bwd_fake=lambda dout, x, bias, approximate: (torch.empty_like(x), torch.empty_like(bias)),
-    fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward,
+    call_of=_CALL, fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward,
 )
 
 
@@ -111,13 +107,13 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none", in
         out = sel.fwd(x, bias.contiguous(), approximate, inplace=True)
         bump_version(x)
         return out
-    return _op(x.device.type, 0.0, x.contiguous(), bias.contiguous(), approximate)
+    return _op(0.0, x.contiguous(), bias.contiguous(), approximate)
 
 
-def bias_gelu_unchecked(sel: backend.Impl, grad: bool, x: torch.Tensor, bias: torch.Tensor,
+def bias_gelu_unchecked(sel: dispatch.Impl, grad: bool, x: torch.Tensor, bias: torch.Tensor,
                         approximate: str = "none", inplace: bool = False) -> torch.Tensor:
     """The encoder layers' call, without the public checks (see
     bias_residual_layernorm_unchecked): x non-empty contiguous rows, bias (hidden,)."""
-    if inplace and not grad and sel.backend == "cpp":
+    if inplace and not grad and sel.inplace:
         return sel.fwd(x, bias, approximate, inplace=True)
     return _op.eager(sel, grad, 0, x, bias, approximate)

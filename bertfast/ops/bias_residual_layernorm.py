@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .. import backend
+from .. import dispatch
+from ._common import rows_call, rows_typical
 from ._common import (
     FusedOp,
     bump_version,
@@ -25,11 +26,9 @@ from ._common import (
     check_same_shape,
     check_vector,
     compare_close,
-    impl,
     overwrite_impl,
     layernorm_bwd_fp32,
     layernorm_fp32,
-    register_lazy,
     rows,
     seed_int,
     stats_fake,
@@ -94,24 +93,21 @@ def _probe(device):
     return (x, b, r, w, lb, 1e-12, 0.0, 0), {}
 
 
-backend.register_op(OP, _probe, compare_close(1e-4, 1e-4))
-backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=backend.ANY_DEVICE)
-# Triton kernels (kernels/bias_residual_layernorm.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
-register_lazy(OP, "triton", ".kernels.bias_residual_layernorm", ("cuda",))
-register_lazy(OP, "cpp", "._cpp", ("cpu",))
-# The CUDA C++ kernels (bertfast/_cuda.py, csrc/cuda): forced with BERTFAST_BACKEND=cuda, or per case
-# where the routing table (bertfast/routing_tables/layernorm_family.json) measured them faster.
-register_lazy(OP, "cuda", "._cuda", ("cuda",))
+dispatch.register_op(OP, reference=(_fwd_reference, _bwd_reference), make_probe=_probe,
+                     compare=compare_close(1e-4, 1e-4), typical=rows_typical())
+# its other implementations (C++ CPU, Triton, CUDA C++) and what they serve: bertfast/dispatch/table.py
 
 
 # ---- registered op
 
+_CALL = rows_call()
+
 def _fwd(x, bias, residual, weight, ln_bias, eps, p, seed):
-    return impl(OP, x).fwd(x, bias, residual, weight, ln_bias, eps, p, seed_int(seed))
+    return _op.kernel("fwd", (x,)).fwd(x, bias, residual, weight, ln_bias, eps, p, seed_int(seed))
 
 
 def _bwd(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed):
-    return impl(OP, x).bwd(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed_int(seed))
+    return _op.kernel("bwd", (dout, x)).bwd(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed_int(seed))
 
 
 def _setup(ctx, inputs, output):
@@ -143,7 +139,7 @@ _op = FusedOp(
                "Tensor? seed) -> (Tensor, Tensor, Tensor)",
     bwd_schema="(Tensor dout, Tensor x, Tensor? bias, Tensor residual, Tensor weight, Tensor ln_bias, Tensor mean, "
                "Tensor rstd, float eps, float p, Tensor? seed) -> (Tensor, Tensor?, Tensor, Tensor, Tensor)",
-    fwd_fake=_fwd_fake, bwd_fake=_bwd_fake, fwd_impl=_fwd, bwd_impl=_bwd,
+    fwd_fake=_fwd_fake, bwd_fake=_bwd_fake, call_of=_CALL, fwd_impl=_fwd, bwd_impl=_bwd,
     setup_context=_setup, backward=_backward, n_nondiff_outputs=2, has_seed=True,
 )
 
@@ -183,10 +179,10 @@ def bias_residual_layernorm(x: torch.Tensor, bias: Optional[torch.Tensor], resid
         out = sel.fwd(rows(x), *args, draw_seed() if p > 0.0 else 0, inplace=True)[0].view(shape)
         bump_version(x)
         return out
-    return _op(x.device.type, p, rows(x), *args, None)[0].view(shape)
+    return _op(p, rows(x), *args, None)[0].view(shape)
 
 
-def bias_residual_layernorm_unchecked(sel: backend.Impl, grad: bool, x: torch.Tensor, bias: Optional[torch.Tensor],
+def bias_residual_layernorm_unchecked(sel: dispatch.Impl, grad: bool, x: torch.Tensor, bias: Optional[torch.Tensor],
                                       residual: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
                                       p: float, inplace: bool = False, seed: Optional[int] = None) -> torch.Tensor:
     """The encoder layers' call, without the public checks (BertModel validated its inputs once
@@ -198,6 +194,6 @@ def bias_residual_layernorm_unchecked(sel: backend.Impl, grad: bool, x: torch.Te
         wide = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(wide), residual.to(wide)
     seed = 0 if p == 0.0 else draw_seed() if seed is None else seed
-    if inplace and not grad and sel.backend == "cpp":
+    if inplace and not grad and sel.inplace:
         return sel.fwd(x, bias, residual, weight, ln_bias, eps, p, seed, inplace=True)[0]
     return _op.eager(sel, grad, seed, x, bias, residual, weight, ln_bias, eps, p, None)[0]

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .. import backend
+from .. import dispatch
+from ._common import rows_call, rows_typical
 from ._common import (
     FusedOp,
     can_sync,
@@ -24,10 +25,8 @@ from ._common import (
     check_same_device,
     check_vector,
     compare_close,
-    impl,
     layernorm_bwd_fp32,
     layernorm_fp32,
-    register_lazy,
     seed_int,
     stats_fake,
 )
@@ -105,29 +104,25 @@ def _probe(device):
     return (ids, tt, pos, word, pe, te, w, b, 1e-12, 0.0, 0), {}
 
 
-# routed by the tables' dtype and hidden size: word_emb is argument 3 of a forward, 4 of a backward
-backend.register_op(OP, _probe, compare_close(1e-4, 1e-4), route_key=backend.arg_route_key(3, 4))
-backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=backend.ANY_DEVICE)
-# Triton kernels (kernels/embedding_layernorm.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
-register_lazy(OP, "triton", ".kernels.embedding_layernorm", ("cuda",))
-register_lazy(OP, "cpp", "._cpp", ("cpu",))
-# The CUDA C++ kernels (bertfast/_cuda.py, csrc/cuda): forced with BERTFAST_BACKEND=cuda, or per case
-# where the routing table (bertfast/routing_tables/layernorm_family.json) measured them faster.
-register_lazy(OP, "cuda", "._cuda", ("cuda",))
+dispatch.register_op(OP, reference=(_fwd_reference, _bwd_reference), make_probe=_probe,
+                     compare=compare_close(1e-4, 1e-4), typical=rows_typical())
+# its other implementations (C++ CPU, Triton, CUDA C++) and what they serve: bertfast/dispatch/table.py
 
 
 # ---- registered op
 
+_CALL = rows_call(3, 4)  # word_emb: argument 3 of a forward, 4 of a backward
+
 def _fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed):
-    sel = impl(OP, word)
-    if sel.backend != "cpp" or word.dtype == torch.float64:  # the C++ kernels check their ids themselves
+    sel = _op.kernel("fwd", (ids, tt, pos, word))
+    if sel.backend != "cpp":  # the C++ kernels check their ids themselves
         host_id_check(ids, tt, pos, word, pos_emb, type_emb)
     return sel.fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed_int(seed))
 
 
 def _bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd, eps, p, seed):
-    return impl(OP, word).bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd, eps, p,
-                              seed_int(seed))
+    return _op.kernel("bwd", (dout, ids, tt, pos, word)).bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight,
+                                                              bias, mean, rstd, eps, p, seed_int(seed))
 
 
 def _setup(ctx, inputs, output):
@@ -154,7 +149,8 @@ _op = FusedOp(
                                                *stats_fake(word, ids.shape[:1])),
     bwd_fake=lambda dout, ids, tt, pos, word, pe, te, w, b, *rest: (
         torch.empty_like(word), torch.empty_like(pe), torch.empty_like(te), torch.empty_like(w), torch.empty_like(b)),
-    fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=2, has_seed=True,
+    call_of=_CALL, fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=2,
+    has_seed=True,
 )
 
 
@@ -255,7 +251,7 @@ def _embedding_layernorm(input_ids, token_type_ids, position_ids, word_emb, pos_
     eps, p = check_eps(eps), check_dropout(dropout_p)
     if input_ids.numel() == 0:
         return word_emb.new_empty(shape + (hidden,))
-    out = _op(word_emb.device.type, p, input_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(),
+    out = _op(p, input_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(),
               position_ids.reshape(-1).contiguous(), word_emb.contiguous(), pos_emb.contiguous(),
               type_emb.contiguous(), weight.contiguous(), bias.contiguous(), eps, p, None)[0]
     return out.view(shape + (hidden,))

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import backend
+from .. import dispatch
+from ._common import rows_call, rows_typical
 from ._common import (
     FusedOp,
     gelu,
@@ -17,10 +18,8 @@ from ._common import (
     check_vector,
     compare_close,
     gelu_grad,
-    impl,
     layernorm_bwd_fp32,
     layernorm_fp32,
-    register_lazy,
     rows,
     stats_fake,
 )
@@ -66,24 +65,21 @@ def _probe(device):
     return (x, b, w, lb, 1e-12, "none"), {}
 
 
-backend.register_op(OP, _probe, compare_close(1e-4, 1e-4))
-backend.register_impl(OP, "reference", fwd=_fwd_reference, bwd=_bwd_reference, devices=backend.ANY_DEVICE)
-# Triton kernels (kernels/gelu_layernorm.py) on CUDA; the C++ extension (bertfast/_cpp.py, csrc/cpu) on CPU.
-register_lazy(OP, "triton", ".kernels.gelu_layernorm", ("cuda",))
-register_lazy(OP, "cpp", "._cpp", ("cpu",))
-# The CUDA C++ kernels (bertfast/_cuda.py, csrc/cuda): forced with BERTFAST_BACKEND=cuda, or per case
-# where the routing table (bertfast/routing_tables/layernorm_family.json) measured them faster.
-register_lazy(OP, "cuda", "._cuda", ("cuda",))
+dispatch.register_op(OP, reference=(_fwd_reference, _bwd_reference), make_probe=_probe,
+                     compare=compare_close(1e-4, 1e-4), typical=rows_typical())
+# its other implementations (C++ CPU, Triton, CUDA C++) and what they serve: bertfast/dispatch/table.py
 
 
 # ---- registered op
 
+_CALL = rows_call()
+
 def _fwd(x, bias, weight, ln_bias, eps, approximate):
-    return impl(OP, x).fwd(x, bias, weight, ln_bias, eps, approximate)
+    return _op.kernel("fwd", (x,)).fwd(x, bias, weight, ln_bias, eps, approximate)
 
 
 def _bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approximate):
-    return impl(OP, x).bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approximate)
+    return _op.kernel("bwd", (dout, x)).bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approximate)
 
 
 def _setup(ctx, inputs, output):
@@ -107,7 +103,7 @@ _op = FusedOp(
     fwd_fake=lambda x, b, w, lb, eps, a: (torch.empty_like(x), *stats_fake(x, x.shape[:1])),
     bwd_fake=lambda do, x, b, w, lb, m, r, eps, a: (torch.empty_like(x), torch.empty_like(b), torch.empty_like(w),
                                                     torch.empty_like(lb)),
-    fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=2,
+    call_of=_CALL, fwd_impl=_fwd, bwd_impl=_bwd, setup_context=_setup, backward=_backward, n_nondiff_outputs=2,
 )
 
 
@@ -125,6 +121,6 @@ def gelu_layernorm(x: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, ln
     eps = check_eps(eps)
     if x.numel() == 0:
         return x.new_empty(x.shape)
-    out = _op(x.device.type, 0.0, rows(x), bias.contiguous(), weight.contiguous(), ln_bias.contiguous(), eps,
+    out = _op(0.0, rows(x), bias.contiguous(), weight.contiguous(), ln_bias.contiguous(), eps,
               approximate)[0]
     return out.view(x.shape)

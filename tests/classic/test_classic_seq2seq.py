@@ -81,23 +81,23 @@ def test_rnn_seq2seq_lstm_cell_trains():
 
 
 def _served_ops(monkeypatch):
-    """Records (op, backend) of every fused-op dispatch."""
-    from bertfast import backend
+    """Records (op, what served, the call) of every fused-op dispatch."""
+    from bertfast import dispatch
 
     seen = []
-    real = backend.select
+    real = dispatch.select
 
-    def select(op, device_type):
-        impl = real(op, device_type)
-        seen.append((op, impl.backend))
+    def select(op, call):
+        impl = real(op, call)
+        seen.append((op, impl.backend, call))
         return impl
 
-    monkeypatch.setattr(backend, "select", select)
+    monkeypatch.setattr(dispatch, "select", select)
     return seen
 
 
 def test_transformer_runs_on_the_fused_ops(monkeypatch):
-    from bertfast import backend
+    from bertfast import dispatch
 
     torch.manual_seed(0)
     model = transformer.TransformerSeq2Seq(30, 31, hidden=32, layers=1, heads=2, ffn=64, dropout=0.1)
@@ -105,14 +105,14 @@ def test_transformer_runs_on_the_fused_ops(monkeypatch):
     tgt, _ = pad_batch([[2, 10, 11, 3], [2, 12, 3]])
     seen = _served_ops(monkeypatch)
     model.loss(src, src_len, tgt).backward()
-    ops_seen = {op for op, _ in seen}
+    ops_seen = {op for op, _, _ in seen}
     assert {"embedding_layernorm", "attention", "bias_gelu", "bias_residual_layernorm"} <= ops_seen
-    for op, served in seen:  # whatever serves each op here (the C++ kernels on a CPU with a compiler)
-        assert served == backend.explain(op, "cpu")[0], (op, served)
+    for op, served, call in seen:  # whatever serves each op here (the C++ kernels on a CPU with a compiler)
+        assert served == dispatch.explain(op, "cpu", call)[0], (op, served)
     model.eval()
     with torch.no_grad():
         fused = model.decode(tgt[:, :-1], model.encode(src, src_len), tgt[:, :-1] != 0)
-        with backend.use_backend("reference"):
+        with dispatch.use_backend("reference"):
             ref = model.decode(tgt[:, :-1], model.encode(src, src_len), tgt[:, :-1] != 0)
     valid = (tgt[:, :-1] != 0)
     torch.testing.assert_close(fused[valid], ref[valid], rtol=1e-4, atol=1e-4)
@@ -156,7 +156,7 @@ def test_seq2seq_command_line(tmp_path, capsys):
 def test_classic_decoders_on_gpu(monkeypatch):
     """On a GPU the encoder-decoder and GPT run on the CUDA kernels (whatever `explain` names for
     each op), train a step, and decode the same tokens with and without the KV cache."""
-    from bertfast import backend
+    from bertfast import dispatch
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -166,9 +166,9 @@ def test_classic_decoders_on_gpu(monkeypatch):
     tgt = pad_batch([[2, 11, 12, 3], [2, 13, 3]])[0].to(dev)
     seen = _served_ops(monkeypatch)
     model.loss(src, src_len, tgt).backward()
-    assert {"attention", "bias_gelu", "bias_residual_layernorm", "embedding_layernorm"} <= {op for op, _ in seen}
-    for op, served in seen:
-        assert served == backend.explain(op, "cuda")[0] and served != "reference", (op, served)
+    assert {"attention", "bias_gelu", "bias_residual_layernorm", "embedding_layernorm"} <= {op for op, _, _ in seen}
+    for op, served, call in seen:
+        assert served == dispatch.explain(op, "cuda", call)[0] and served != "reference", (op, served)
     assert model.greedy(src, src_len, 8, use_cache=True) == model.greedy(src, src_len, 8, use_cache=False)
     lm = gpt.GPT(40, hidden=128, layers=2, heads=2, ffn=256).to(dev)
     prompt = torch.tensor([[2, 5, 6]] * 2, device=dev)
@@ -181,7 +181,7 @@ def test_decoder_cache_on_the_triton_kernels():
     """The Triton kernels (interpreted on a CPU) serve the decoder's causal self-attention over a
     growing cache (1 query against t keys, bottom-right aligned) and its cross-attention: the
     incremental logits equal a full reread's and the reference backend's."""
-    from bertfast import backend
+    from bertfast import dispatch
 
     torch.manual_seed(0)
     dev = torch.device(TRITON_DEVICE)
@@ -189,10 +189,10 @@ def test_decoder_cache_on_the_triton_kernels():
     src, src_len = (t.to(dev) for t in pad_batch([[5, 6, 7], [8, 9]]))
     tgt = torch.tensor([[2, 11, 12, 13], [2, 14, 15, 16]], device=dev)
     with torch.no_grad():
-        with backend.use_backend("reference"):
+        with dispatch.use_backend("reference"):
             ref = model.decode(tgt, model.encode(src, src_len))
-        with backend.use_backend("triton"):
-            assert backend.select("attention", dev.type).backend == "triton"
+        with dispatch.use_backend("triton"):
+            assert dispatch.explain("attention", dev.type)[0] == "triton"
             enc = model.encode(src, src_len)
             full = model.decode(tgt, enc)
             cache = [{} for _ in model.decoder]

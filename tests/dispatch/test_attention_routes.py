@@ -1,6 +1,7 @@
-"""attention's routes to PyTorch's own kernels (bertfast/ops/_attention_torch.py): the committed
-table is the measured data of a GPU run, the auto backend hands exactly the cases the table names
-to the named kernel (and nothing else), forced backends and compiled graphs keep bertfast's op."""
+"""attention's routes to PyTorch's own kernels (rows sdpa and varlen_attn of bertfast/dispatch/table.py,
+bertfast/dispatch/torch_attention.py): the committed table is the measured data of a GPU run, the auto
+backend hands exactly the cases the table names to the named kernel (and nothing else), forced
+backends and compiled graphs keep bertfast's op."""
 import json
 import os
 import sys
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 import bertfast
-from bertfast import backend, ops, routing
+from bertfast import dispatch, ops
 from bertfast.bench import attention as attention_suite
 from bertfast.bench import routes
-from bertfast.ops import _attention_torch as torch_routes
+from bertfast.dispatch import core, routing
+from bertfast.dispatch import torch_attention as torch_routes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = {"device": "NVIDIA H200", "date": "2026-11-26"}
@@ -28,7 +30,7 @@ def test_committed_attention_table_is_the_runs_data():
     path = os.path.join(ROOT, t.source["results"])
     with open(path) as f:
         data = json.load(f)
-    with open(os.path.join(ROOT, "bertfast", "routing_tables", "attention.json")) as f:
+    with open(os.path.join(ROOT, "bertfast", "dispatch", "routing_tables", "attention.json")) as f:
         committed = json.load(f)
     assert routes.attention_table(data, t.source["results"]) == committed
     # the committed table: SDPA's kernel beat ours on the padded bf16 cases its run measured, not varlen
@@ -75,7 +77,7 @@ def routed(tmp_path, monkeypatch):
     def install(entries):
         (tmp_path / "attention.json").write_text(json.dumps(_table(entries)))
         monkeypatch.setenv("BERTFAST_ROUTING_DIR", str(tmp_path))
-        backend.reset()
+        dispatch.reset()
         torch_routes.reset()
 
     calls = []
@@ -85,12 +87,11 @@ def routed(tmp_path, monkeypatch):
         calls.append(a[0].shape)
         return real(*a, **k)
 
-    monkeypatch.setattr(torch_routes, "ROUTED_DEVICES", ("cpu",))
-    monkeypatch.setattr(backend, "_ROUTED_DEVICES", ("cpu",))
+    monkeypatch.setattr(core, "ROUTED_DEVICES", ("cpu",))
     monkeypatch.setattr(torch_routes, "sdpa", spy)
     yield install, calls
     monkeypatch.delenv("BERTFAST_ROUTING_DIR", raising=False)
-    backend.reset()
+    dispatch.reset()
     torch_routes.reset()
 
 
@@ -106,8 +107,9 @@ def test_auto_serves_the_tables_cases_with_sdpa(routed):
     out = ops.attention(q, k, v)
     assert calls == [q.shape]
     torch.testing.assert_close(out, ops.attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
-    name, why = backend.explain("attention", "cpu")
-    assert "before the backends" in why and "sdpa for fp32 fwd width 1-32 padded seq <= 16" in why
+    call = dispatch.Call("cpu", torch.float32, 32, "fwd", "padded", 12)
+    name, why = dispatch.explain("attention", "cpu", call)
+    assert name == "sdpa" and "sdpa for fp32 fwd width 1-32 padded seq <= 16" in why, (name, why)
 
 
 def test_training_calls_route_only_by_a_fwd_bwd_entry(routed):
@@ -146,7 +148,7 @@ def test_calls_outside_the_table_or_semantics_stay_on_bertfast(routed, monkeypat
         q = q[:, :5]
         kw["causal"] = True
     elif case == "compiling":
-        monkeypatch.setattr(torch_routes, "_compiling", lambda: True)
+        monkeypatch.setattr(sys.modules["bertfast.ops.attention"], "_compiling", lambda: True)
     if case == "forced":
         with bertfast.use_backend("reference"):
             ops.attention(q, k, v)
@@ -169,16 +171,16 @@ def test_an_unavailable_route_falls_back_with_one_warning(routed, monkeypatch):
     install([_entry(layout="varlen", be="varlen_attn")])
     q = torch.randn(10, 2, 32)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-    with pytest.warns(RuntimeWarning, match="varlen_attn.*CUDA"):
+    with pytest.warns(RuntimeWarning, match="varlen_attn: does not serve cpu tensors.*routing table"):
         out = ops.attention(q, q, q, cu_seqlens=cu, max_seqlen=6)
     torch.testing.assert_close(out, ops.attention_ref(q, q, q, cu_q=cu, cu_k=cu, max_q=6, max_k=6),
                                atol=1e-5, rtol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.attention(q, q, q, cu_seqlens=cu, max_seqlen=6)  # warned once
-    backend.reset()
+    dispatch.reset()
     monkeypatch.setenv("BERTFAST_STRICT", "1")
-    with pytest.raises(backend.BackendError, match="varlen_attn"):
+    with pytest.raises(dispatch.BackendError, match="varlen_attn"):
         ops.attention(q, q, q, cu_seqlens=cu, max_seqlen=6)
 
 

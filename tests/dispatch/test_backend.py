@@ -1,11 +1,17 @@
-"""Backend selection: env switch, use_backend, probing, one warning per fallback, strict mode."""
+"""Backend selection (bertfast/dispatch): env switch, use_backend, probing, one warning per
+fallback, strict mode."""
 import warnings
 
 import pytest
 import torch
 
 import bertfast
-from bertfast import backend, ops
+from bertfast import dispatch, ops
+from bertfast.dispatch import Call, core
+from bertfast.dispatch.serves import Serves
+from bertfast.dispatch.table import Implementation
+
+CPU32 = Call("cpu", torch.float32, 8)
 
 
 def _x():
@@ -14,10 +20,10 @@ def _x():
 
 def test_reference_serves_when_forced(monkeypatch):
     monkeypatch.setenv("BERTFAST_BACKEND", "reference")
-    assert backend.select("bias_gelu", "cpu").backend == "reference"
+    assert dispatch.select("bias_gelu", CPU32).backend == "reference"
     with bertfast.use_backend("auto"):
-        assert backend.requested() == "auto"
-    assert backend.requested() == "reference"
+        assert dispatch.requested() == "auto"
+    assert dispatch.requested() == "reference"
 
 
 def test_bad_backend_names():
@@ -29,16 +35,31 @@ def test_bad_backend_names():
 
         os.environ["BERTFAST_BACKEND"] = "nope"
         try:
-            backend.requested()
+            dispatch.requested()
         finally:
             del os.environ["BERTFAST_BACKEND"]
 
 
-def _register_fake(name, fwd, devices=("cpu",), load=None):
-    spec = backend._ops["bias_gelu"]
-    saved = dict(spec.impls)
-    backend.register_impl("bias_gelu", name, fwd=fwd, bwd=spec.impls["reference"].bwd, devices=devices, load=load)
+def _register_fake(name, fwd, devices=("cpu",), load=None, bwd=None):
+    """A fake row `name` of bias_gelu (forced as backend `name`), declared for `devices`."""
+    spec = core.spec("bias_gelu")
+    saved = dict(spec.rows)
+    bwd = bwd or spec.reference.bwd
+
+    def loader():
+        if load is not None:
+            load()
+        return fwd, bwd
+
+    core.register_impl("bias_gelu", Implementation("bias_gelu", name, name, Serves(devices=devices), loader),
+                       first=True)
     return spec, saved
+
+
+def _restore(spec, saved):
+    spec.rows.clear()
+    spec.rows.update(saved)
+    dispatch.reset()
 
 
 def test_failed_probe_falls_back_with_one_warning(monkeypatch):
@@ -53,9 +74,7 @@ def test_failed_probe_falls_back_with_one_warning(monkeypatch):
                 warnings.simplefilter("error")  # the second call warns no more
                 ops.bias_gelu(x, b)
     finally:
-        spec.impls.clear()
-        spec.impls.update(saved)
-        backend.reset()
+        _restore(spec, saved)
 
 
 def test_failed_load_is_an_error_in_strict_mode(monkeypatch):
@@ -66,12 +85,10 @@ def test_failed_load_is_an_error_in_strict_mode(monkeypatch):
     try:
         monkeypatch.setenv("BERTFAST_STRICT", "1")
         with bertfast.use_backend("cuda"):
-            with pytest.raises(backend.BackendError, match="compiler exploded"):
+            with pytest.raises(dispatch.BackendError, match="compiler exploded"):
                 ops.bias_gelu(*_x())
     finally:
-        spec.impls.clear()
-        spec.impls.update(saved)
-        backend.reset()
+        _restore(spec, saved)
 
 
 def test_a_good_backend_is_probed_once_and_used(monkeypatch):
@@ -87,18 +104,16 @@ def test_a_good_backend_is_probed_once_and_used(monkeypatch):
             for _ in range(3):
                 ops.bias_gelu(*_x())
         assert len(calls) == 4  # one probe + three calls
-        assert backend.explain("bias_gelu", "cpu")[0] != "cuda"  # auto on CPU does not try 'cuda'
+        assert dispatch.explain("bias_gelu", "cpu")[0] != "cuda"  # auto on CPU does not try 'cuda'
     finally:
-        spec.impls.clear()
-        spec.impls.update(saved)
-        backend.reset()
+        _restore(spec, saved)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("BERTFAST_STRICT", "1")
     with bertfast.use_backend("triton"):
-        with pytest.raises(backend.BackendError, match="TRITON_INTERPRET"):
+        with pytest.raises(dispatch.BackendError, match="TRITON_INTERPRET"):
             ops.bias_gelu(*_x())
 
 
@@ -108,8 +123,9 @@ def test_info_lists_every_op():
         d = bertfast.info(print_=False)
     for op in ops.OPS:
         assert f"{op}@cpu" in d["backends"]
-        # one backend, or a routed "cuda|triton" (bertfast/routing.py)
-        assert set(d["backends"][f"{op}@cpu"]["backend"].split("|")) <= set(backend.BACKENDS)
+        # one implementation, or a forward's and a backward's ("aten_flash+cpp")
+        names = {r.name for r in core.spec(op).rows.values()}
+        assert set(d["backends"][f"{op}@cpu"]["backend"].split("+")) <= names
     assert d["torch"] == torch.__version__
 
 
@@ -129,15 +145,13 @@ def test_cli_info_runs():
 
 def test_backward_uses_the_backend_the_forward_was_asked_for():
     calls = []
-    spec = backend._ops["bias_gelu"]
-    saved = dict(spec.impls)
-    ref = spec.impls["reference"]
+    ref = core.spec("bias_gelu").reference
 
     def bwd(*a):
         calls.append("bwd")
         return ref.bwd(*a)
 
-    backend.register_impl("bias_gelu", "cuda", fwd=ref.fwd, bwd=bwd, devices=("cpu",))
+    spec, saved = _register_fake("cuda", ref.fwd, bwd=bwd)
     try:
         x = torch.randn(4, 8, requires_grad=True)
         with bertfast.use_backend("cuda"):
@@ -145,19 +159,17 @@ def test_backward_uses_the_backend_the_forward_was_asked_for():
         y.sum().backward()  # outside the block
         assert calls == ["bwd"]
     finally:
-        spec.impls.clear()
-        spec.impls.update(saved)
-        backend.reset()
+        _restore(spec, saved)
 
 
 def test_cuda_backend_is_never_built_for_cpu_tensors(monkeypatch):
     """Forcing `cuda` on CPU tensors falls back without trying to build the CUDA extension; and
     where torch has no CUDA, loading it fails at once with the reason (no nvcc is run)."""
-    from bertfast import _cuda
+    from bertfast.dispatch import cuda as _cuda
 
     monkeypatch.setattr(_cuda, "_jit_build", lambda src: pytest.fail("tried to build the CUDA kernels"))
     with bertfast.use_backend("cuda"):
-        with pytest.warns(RuntimeWarning, match="cuda does not serve cpu tensors"):
+        with pytest.warns(RuntimeWarning, match="cuda: does not serve cpu tensors"):
             ops.bias_gelu(*_x())
     assert _cuda.status()["state"] in ("not loaded", "cached", "built", "failed")
     if not torch.cuda.is_available():

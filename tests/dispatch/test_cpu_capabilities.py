@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-import bertfast._cpp as cpp
+import bertfast.dispatch.cpp as cpp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}

@@ -1,7 +1,7 @@
 """Compile-only check of the CUDA sources (csrc/cuda/*.cu) where nvcc exists, GPU or not.
 
 Every .cu file is compiled once to an object for sm_90a (one -gencode: SASS only, no PTX pass)
-with the JIT build's other flags (bertfast/_cuda.py nvcc_flags, torch's include paths and
+with the JIT build's other flags (bertfast/dispatch/cuda.py nvcc_flags, torch's include paths and
 defines; torch's headers ship in the CPU wheel too), with `-Xptxas -v`: a compile error fails the
 test, and so does any 16-byte-vector kernel that spills registers to local memory (the hot path
 is sized to stay within its launch bounds without spills; the scalar fallback for odd widths and
@@ -33,7 +33,7 @@ import pytest
 import torch
 from conftest import progress
 
-from bertfast import _cuda
+from bertfast.dispatch import cuda as _cuda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRC = os.path.join(ROOT, "csrc", "cuda")

@@ -1,4 +1,4 @@
-"""Measured routing tables (bertfast/routing.py) and the auto backend's per-call routing."""
+"""Measured routing tables (bertfast/dispatch/routing.py) and the auto backend's per-call routing."""
 import json
 import warnings
 
@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import bertfast
-from bertfast import backend, ops, routing
+from bertfast import dispatch, ops
+from bertfast.dispatch import core, routing
+from bertfast.dispatch.serves import Serves
+from bertfast.dispatch.table import Implementation
 
 
 def _table(entries, source=None, default="triton", ops_=("bias_gelu",)):
@@ -77,14 +80,25 @@ def test_two_tables_cannot_route_one_op(tmp_path, monkeypatch):
         routing.reset()
 
 
+def _fake_row(name, fwd, bwd, load=None):
+    """A row `name` of bias_gelu declared for CPU tensors, forced as backend `name`."""
+    def loader():
+        if load is not None:
+            load()
+        return fwd, bwd
+
+    core.register_impl("bias_gelu", Implementation("bias_gelu", name, name, Serves(devices=("cpu",)), loader),
+                       first=True)
+
+
 @pytest.fixture
 def routed_cpu(tmp_path, monkeypatch):
     """bias_gelu with two fake CPU backends, 'triton' (the table's default) and 'cuda', a table that
     sends fp32 forwards of width <= 16 to 'cuda', and auto consulting tables for CPU tensors."""
     calls = []
-    spec = backend._ops["bias_gelu"]
-    saved = dict(spec.impls)
-    ref = spec.impls["reference"]
+    spec = core.spec("bias_gelu")
+    saved = dict(spec.rows)
+    ref = spec.reference
 
     def fake(name):
         def fwd(*a, **k):
@@ -95,28 +109,29 @@ def routed_cpu(tmp_path, monkeypatch):
             calls.append((name, "bwd", a[1].shape[-1]))
             return ref.bwd(*a)
 
-        backend.register_impl("bias_gelu", name, fwd=fwd, bwd=bwd, devices=("cpu",))
+        _fake_row(name, fwd, bwd)
 
-    fake("triton")
     fake("cuda")
+    fake("triton")
     (tmp_path / "t.json").write_text(json.dumps(_table([_entry(16, "cuda", dtype="fp32")], source=SRC)))
     monkeypatch.setenv("BERTFAST_ROUTING_DIR", str(tmp_path))
-    monkeypatch.setattr(backend, "_ROUTED_DEVICES", ("cpu",))
-    monkeypatch.setattr(backend, "_AUTO_ORDER", {"cpu": ("triton", "reference")})
-    backend.reset()
+    monkeypatch.setattr(core, "ROUTED_DEVICES", ("cpu",))
+    monkeypatch.setitem(core.AUTO_ORDER, "cpu", ("triton", "reference"))
+    dispatch.reset()
     try:
         yield calls
     finally:
-        spec.impls.clear()
-        spec.impls.update(saved)
+        spec.rows.clear()
+        spec.rows.update(saved)
         monkeypatch.delenv("BERTFAST_ROUTING_DIR")
-        backend.reset()
+        dispatch.reset()
 
 
 def test_auto_routes_each_call_by_width_and_direction(routed_cpu):
     calls = routed_cpu
-    name, why = backend.explain("bias_gelu", "cpu")
-    assert name == "cuda|triton" and "cuda for fp32 fwd width 1-16" in why
+    call = dispatch.Call("cpu", torch.float32, 16, "fwd+bwd")
+    name, why = dispatch.explain("bias_gelu", "cpu", call)
+    assert name == "cuda+triton" and "cuda for fp32 fwd width 1-16" in why, (name, why)
     calls.clear()  # explain probed both
     for n in (8, 16, 17):
         x = torch.randn(3, n, requires_grad=True)
@@ -133,12 +148,11 @@ def test_a_routed_backend_that_cannot_load_falls_back_with_one_warning(routed_cp
     def load():
         raise RuntimeError("nvcc exploded")
 
-    spec = backend._ops["bias_gelu"]
-    c = spec.impls["cuda"]
-    backend.register_impl("bias_gelu", "cuda", fwd=c.fwd, bwd=c.bwd, devices=("cpu",), load=load)
+    c = core.spec("bias_gelu").rows["cuda"]
+    _fake_row("cuda", c.fwd, c.bwd, load=load)
     with pytest.warns(RuntimeWarning, match="cannot use backend 'cuda' .*nvcc exploded.*routing table t"):
         ops.bias_gelu(torch.randn(2, 8), torch.randn(8))
-    assert backend.select("bias_gelu", "cpu").backend == "triton"
+    assert dispatch.select("bias_gelu", dispatch.Call("cpu", torch.float32, 8)).backend == "triton"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.bias_gelu(torch.randn(2, 8), torch.randn(8))
@@ -146,27 +160,26 @@ def test_a_routed_backend_that_cannot_load_falls_back_with_one_warning(routed_cp
 
 def test_a_table_without_measurement_never_loads_its_other_backends(tmp_path, monkeypatch):
     loads = []
-    spec = backend._ops["bias_gelu"]
-    saved = dict(spec.impls)
-    ref = spec.impls["reference"]
-    for name in ("triton", "cuda"):
-        backend.register_impl("bias_gelu", name, fwd=ref.fwd, bwd=ref.bwd, devices=("cpu",),
-                              load=lambda name=name: loads.append(name))
+    spec = core.spec("bias_gelu")
+    saved = dict(spec.rows)
+    ref = spec.reference
+    for name in ("cuda", "triton"):
+        _fake_row(name, ref.fwd, ref.bwd, load=lambda name=name: loads.append(name))
     (tmp_path / "t.json").write_text(json.dumps(_table([])))
     monkeypatch.setenv("BERTFAST_ROUTING_DIR", str(tmp_path))
-    monkeypatch.setattr(backend, "_ROUTED_DEVICES", ("cpu",))
-    monkeypatch.setattr(backend, "_AUTO_ORDER", {"cpu": ("triton", "reference")})
-    backend.reset()
+    monkeypatch.setattr(core, "ROUTED_DEVICES", ("cpu",))
+    monkeypatch.setitem(core.AUTO_ORDER, "cpu", ("triton", "reference"))
+    dispatch.reset()
     try:
         ops.bias_gelu(torch.randn(2, 8), torch.randn(8))
         assert loads == ["triton"]
-        name, why = backend.explain("bias_gelu", "cpu")
+        name, why = dispatch.explain("bias_gelu", "cpu")
         assert name == "triton" and "no measurement" in why
     finally:
-        spec.impls.clear()
-        spec.impls.update(saved)
+        spec.rows.clear()
+        spec.rows.update(saved)
         monkeypatch.delenv("BERTFAST_ROUTING_DIR")
-        backend.reset()
+        dispatch.reset()
 
 
 def _bench_result(op, pas, tokens, hidden, dtype, triton_ms, cuda_ms):

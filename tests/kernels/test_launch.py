@@ -158,7 +158,7 @@ def test_gpu_fast_launch_matches_the_jit_and_skips_it(monkeypatch):
     """On a GPU: the cached compiled launches give the JIT's results bit for bit, for the
     LayerNorm, GELU and attention kernels, forward and backward, and after the first call of a
     variant no launch goes through the JIT."""
-    from bertfast import backend, ops
+    from bertfast import dispatch, ops
     from bertfast.kernels import _launch as launch_mod
     from bertfast.kernels import attention as ka
     from bertfast.kernels import bias_gelu as kg
@@ -173,7 +173,7 @@ def test_gpu_fast_launch_matches_the_jit_and_skips_it(monkeypatch):
     def run():
         leaves = [t.detach().clone().requires_grad_() for t in (x, b, r, w, lb, q, kk, v)]
         xs, bs, rs, ws, lbs, qs, ks, vs = leaves
-        with backend.use_backend("triton"):
+        with dispatch.use_backend("triton"):
             torch.manual_seed(1)
             y = ops.bias_residual_layernorm(ops.bias_gelu(xs, bs), bs, rs, ws, lbs, dropout_p=0.1)
             o = ops.attention(qs, ks, vs, dropout_p=0.1)

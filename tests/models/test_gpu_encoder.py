@@ -104,4 +104,4 @@ def test_gpu_packed_equals_padded_layout():
 def test_gpu_encoder_serves_triton():
     # on CUDA the auto order must land on the Triton kernels, not the reference fallback
     for op in ("embedding_layernorm", "bias_gelu", "bias_residual_layernorm", "attention"):
-        assert bertfast.backend.explain(op, "cuda")[0] == "triton", (op, bertfast.backend.explain(op, "cuda"))
+        assert bertfast.dispatch.explain(op, "cuda")[0] == "triton", (op, bertfast.dispatch.explain(op, "cuda"))

@@ -567,7 +567,7 @@ def test_layers_take_the_lean_path_with_the_public_ops_results(monkeypatch, unpa
     skip the public ops' checks; outputs and gradients equal those of the public (checked) ops,
     which torch.compile traces, in training and inference. With dropout, the forward draws its
     seeds at once: a fixed torch.manual_seed reproduces the masks, another seed changes them."""
-    from bertfast import backend
+    from bertfast.dispatch import core
     from bertfast.models import _engine as engine
 
     torch.manual_seed(0)
@@ -590,8 +590,8 @@ def test_layers_take_the_lean_path_with_the_public_ops_results(monkeypatch, unpa
         return [out.logits.detach()] + ([p.grad.clone() for p in model.parameters()] if train else [])
 
     calls = []
-    select = backend.select
-    monkeypatch.setattr(backend, "select", lambda op, dev: calls.append(op) or select(op, dev))
+    select = core.select
+    monkeypatch.setattr(core, "select", lambda op, call: calls.append(op) or select(op, call))
     lean = step(True, dropout=False), step(False)
     per_layer = {op: calls.count(op) for op in ("attention", "bias_residual_layernorm", "bias_gelu")}
     assert per_layer == {"attention": 2, "bias_residual_layernorm": 2, "bias_gelu": 2}  # one per forward

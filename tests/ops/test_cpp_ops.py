@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (csrc/cpu via bertfast/_cpp.py) against the plain-PyTorch references.
+"""The C++ CPU kernels (csrc/cpu via bertfast/dispatch/cpp.py) against the plain-PyTorch references.
 
 Every test forces the `cpp` backend with BERTFAST_STRICT=1, so a silent fallback to the
 reference fails the test. Accuracy rule (docs/testing.md): against a float64 oracle, a kernel's
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import bertfast
-import bertfast._cpp as cpp
-from bertfast import backend, ops
+import bertfast.dispatch.cpp as cpp
+from bertfast import dispatch, ops
+from bertfast.dispatch import Call
 from bertfast.ops._rng import keep_mask
 
 HIDDEN = (1, 17, 384, 768, 1000)
@@ -286,7 +287,7 @@ def test_dropout_through_public_op_reproducible():
 def test_selected_by_default_on_cpu(monkeypatch):
     monkeypatch.delenv("BERTFAST_BACKEND", raising=False)
     for op in ("embedding_layernorm", "bias_residual_layernorm", "bias_gelu", "gelu_layernorm"):
-        assert backend.select(op, "cpu").backend == "cpp"
+        assert dispatch.select(op, Call("cpu", torch.float32, 768, "fwd+bwd")).backend == "cpp"
     assert cpp.status()["capability"] in ("AVX512", "AVX2", "DEFAULT")
 
 
@@ -302,7 +303,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path, capfd)
     monkeypatch.delenv("BERTFAST_STRICT")
     monkeypatch.setattr(cpp, "_LOADED", None)
     monkeypatch.setattr(cpp, "_state", dict(cpp._state))
-    backend.reset()
+    dispatch.reset()
     x, b = torch.randn(4, 8), torch.randn(8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -327,11 +328,11 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path, capfd)
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "deliberately broken" in msgs[0] and not calls, (msgs, calls)
     # strict mode turns the same fallback into an error
-    backend.reset()
+    dispatch.reset()
     monkeypatch.setenv("BERTFAST_STRICT", "1")
-    with bertfast.use_backend("cpp"), pytest.raises(backend.BackendError, match="failed to build"):
+    with bertfast.use_backend("cpp"), pytest.raises(dispatch.BackendError, match="failed to build"):
         ops.bias_gelu(x, b)
-    backend.reset()
+    dispatch.reset()
 
 
 # ---------------------------------------------------------------------------------------
@@ -497,9 +498,13 @@ def test_unmasked_padded_attention_served_by_aten_flash(monkeypatch, causal, dty
     monkeypatch.setenv("BERTFAST_STRICT", "1")
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 9, 3, 32, generator=g).to(dtype) for _ in range(3))
-    assert cpp._aten_flash_serves(q, k, None, None, 0.0, causal) == (dtype == torch.bfloat16)
-    assert cpp._aten_flash_serves(q, k, None, None, 0.0, causal, backward=True) == (dtype == torch.float32)
-    out, lse = cpp.attention_fwd(q, k, v, None, None, None, 9, 9, 0.0, 0.2, causal, 0)
+    call = Call("cpu", dtype, 32, "fwd+bwd", "padded", 9, "none", False, "self" if causal else "none")
+    sel = dispatch.select("attention", call)
+    assert sel.backend == ("aten_flash+cpp" if dtype == torch.bfloat16 else "cpp+aten_flash"), sel
+    # a key mask or dropout: the C++ kernels serve both passes
+    assert dispatch.select("attention", call._replace(mask="key")).backend == "cpp"
+    assert dispatch.select("attention", call._replace(dropout=True)).backend == "cpp"
+    out, lse = sel.fwd(q, k, v, None, None, None, 9, 9, 0.0, 0.2, causal, 0)
     ref_out, ref_lse = att._fwd_reference(q.double(), k.double(), v.double(), None, None, None, 9, 9, 0.0, 0.2,
                                           causal, 0)
     # eager PyTorch in the same dtype, with autograd: the error the rule allows twice of
@@ -509,7 +514,7 @@ def test_unmasked_padded_attention_served_by_aten_flash(monkeypatch, causal, dty
     _check(lse, low_lse, ref_lse, dtype, "lse")
     dout = torch.randn(out.shape, generator=g).to(dtype)
     low_grads = torch.autograd.grad(low_out, low, dout)
-    got = cpp.attention_bwd(dout, q, k, v, out, lse, None, None, None, 9, 9, 0.0, 0.2, causal, 0)
+    got = sel.bwd(dout, q, k, v, out, lse, None, None, None, 9, 9, 0.0, 0.2, causal, 0)
     ref = att._bwd_reference(dout.double(), q.double(), k.double(), v.double(), ref_out, ref_lse, None, None, None,
                              9, 9, 0.0, 0.2, causal, 0)
     for name, a, lo, b in zip("qkv", got, low_grads, ref):

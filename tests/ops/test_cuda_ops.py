@@ -1,4 +1,4 @@
-"""The CUDA C++ kernels (csrc/cuda via bertfast/_cuda.py) on a GPU, against the references.
+"""The CUDA C++ kernels (csrc/cuda via bertfast/dispatch/cuda.py) on a GPU, against the references.
 
 Every test forces the `cuda` backend with BERTFAST_STRICT=1 (a silent fallback fails), at the
 widths the kernels switch variants on (1, 17: scalar rows; 384, 1000: warp rows; 4096, 8192:
@@ -15,7 +15,8 @@ import torch
 from conftest import assert_within_eager_error, requires_cuda
 
 import bertfast
-from bertfast import backend, ops
+from bertfast import dispatch, ops
+from bertfast.dispatch import Call
 
 pytestmark = requires_cuda
 DEV = "cuda"
@@ -27,7 +28,7 @@ SEED = (1 << 40) + 12345  # both 32-bit halves of the Philox key
 
 @pytest.fixture(scope="module", autouse=True)
 def _built():
-    from bertfast import _cuda
+    from bertfast.dispatch import cuda as _cuda
 
     _cuda.load()  # a build failure on a GPU machine is an error, not a skip
     assert _cuda.status()["state"] in ("built", "cached"), _cuda.status()
@@ -43,8 +44,8 @@ def _mod(op):
 
 
 def _cu(op):
-    """The CUDA backend's fwd/bwd of op (bertfast/_cuda.py)."""
-    from bertfast import _cuda
+    """The CUDA backend's fwd/bwd of op (bertfast/dispatch/cuda.py)."""
+    from bertfast.dispatch import cuda as _cuda
 
     return getattr(_cuda, f"{op}_fwd"), getattr(_cuda, f"{op}_bwd")
 
@@ -293,13 +294,13 @@ def test_gpu_cuda_backward_is_deterministic(n):
 def test_gpu_cuda_forced_by_env_and_auto_follows_the_table(monkeypatch):
     monkeypatch.setenv("BERTFAST_BACKEND", "cuda")
     for op in ("embedding_layernorm", "bias_gelu", "bias_residual_layernorm", "gelu_layernorm"):
-        assert backend.select(op, "cuda").backend == "cuda"
+        assert dispatch.select(op, Call("cuda", torch.bfloat16, 768, "fwd+bwd")).backend == "cuda"
     monkeypatch.setenv("BERTFAST_BACKEND", "auto")
-    backend.reset()
-    from bertfast import routing
+    dispatch.reset()
+    from bertfast.dispatch import routing
 
     for op in ("bias_gelu", "bias_residual_layernorm"):
-        name, why = backend.explain(op, "cuda")
+        name, why = dispatch.explain(op, "cuda")
         if routing.table_for(op).source is None:
             assert name == "triton" and "no measurement" in why, (name, why)
         else:
@@ -307,10 +308,10 @@ def test_gpu_cuda_forced_by_env_and_auto_follows_the_table(monkeypatch):
 
 
 def test_gpu_cuda_and_cpu_extensions_load_in_one_process():
-    from bertfast import _cpp, _cuda
+    from bertfast.dispatch import cpp, cuda
 
-    _cpp.load()
-    _cuda.load()
+    cpp.load()
+    cuda.load()
     assert hasattr(torch.ops.bertfast, "bias_gelu_cpu_fwd") and hasattr(torch.ops.bertfast, "bias_gelu_cuda_fwd")
     x, b = torch.randn(4, 8), torch.randn(8)
     torch.testing.assert_close(torch.ops.bertfast.bias_gelu_cpu_fwd(x, b, False, False).cuda(),

@@ -252,7 +252,7 @@ def test_dropout_changes_output_and_is_reproducible():
 
 def test_public_op_uses_triton_with_autograd():
     import bertfast
-    from bertfast import backend
+    from bertfast import dispatch
     from bertfast.ops.attention import attention, attention_ref
 
     g = _gen(11)
@@ -263,7 +263,7 @@ def test_public_op_uses_triton_with_autograd():
     mask[1, :4] = 0  # left padding
     with bertfast.use_backend("triton"):
         out = attention(q, k, v, attention_mask=mask)
-        assert backend.select("attention", q.device.type).backend == "triton"
+        assert dispatch.explain("attention", q.device.type)[0] == "triton"
         grads = torch.autograd.grad(out.sum(), (q, k, v))
     kb = torch.zeros(B, S, device=DEV).masked_fill(mask == 0, float("-inf"))
     ref = attention_ref(q, k, v, kb)
@@ -326,15 +326,23 @@ def test_triton_reads_fused_qkv_views_without_copy():
 
 
 def test_unsupported_inputs_raise_under_strict():
-    K, _ = _mods()
-    from bertfast.backend import BackendError
+    """What the Triton kernels do not serve is declared (bertfast/dispatch/table.py), refused by
+    dispatch before any kernel runs: a head_dim over MAX_HEAD_DIM is an error when triton is forced
+    under BERTFAST_STRICT=1, naming the reason; float64 goes to the reference by design (the
+    oracle's precision), with the refusal listed by explain."""
+    from bertfast import dispatch, ops
+    from bertfast.dispatch import Call
 
-    q = torch.zeros(1, 2, 1, 8, dtype=torch.float64, device=DEV)
-    with pytest.raises(BackendError, match="float64"):
-        K.attention_fwd(q, q, q, None, None, None, 2, 2, 0.0, 1.0, False, 0)
+    K, _ = _mods()
     q = torch.zeros(1, 2, 1, 264, dtype=torch.float32, device=DEV)
-    with pytest.raises(BackendError, match="head_dim"):
-        K.attention_fwd(q, q, q, None, None, None, 2, 2, 0.0, 1.0, False, 0)
+    assert K.MAX_HEAD_DIM == 256
+    with dispatch.use_backend("triton"):
+        with pytest.raises(dispatch.BackendError, match="triton: head_dim 264 > 256"):
+            ops.attention(q, q, q)
+        q64 = torch.zeros(1, 2, 1, 8, dtype=torch.float64, device=DEV)
+        torch.testing.assert_close(ops.attention(q64, q64, q64), ops.attention_ref(q64, q64, q64))
+        name, why = dispatch.explain("attention", DEV, Call(DEV, torch.float64, 8, "fwd", "padded", 2))
+    assert name == "reference" and "triton: dtype fp64" in why, why
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +486,7 @@ def _spy_launches(monkeypatch, K):
 def test_tma_descriptor_forward_equals_pointer_loads(monkeypatch, layout):
     """BERTFAST_ATTN_DESC=1: the forward loads Q/K/V through tensor descriptors bounded by each
     sequence (TMA on Hopper); same bits as the masked pointer loads, at a padded head_dim (40)."""
-    from bertfast import backend, ops
+    from bertfast import dispatch, ops
 
     K, A = _mods()
     g = _gen(11)
@@ -498,7 +506,7 @@ def test_tma_descriptor_forward_equals_pointer_loads(monkeypatch, layout):
     q, k, v = qkv.unbind(-3)
     assert K.desc_aligned(q, k, v)
     seen = _spy_launches(monkeypatch, K)
-    with backend.use_backend("triton"):
+    with dispatch.use_backend("triton"):
         monkeypatch.setenv("BERTFAST_ATTN_DESC", "0")
         plain = ops.attention(q, k, v, **kw)
         monkeypatch.setenv("BERTFAST_ATTN_DESC", "1")
@@ -551,13 +559,13 @@ def test_attention_variants_plan():
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_tma_forward_equals_pointer_loads(monkeypatch, D):
-    from bertfast import backend, ops
+    from bertfast import dispatch, ops
 
     K, _ = _mods()
     g = _gen(13)
     qkv = _rand((8, 256, 3, 8, D), torch.bfloat16, g)
     q, k, v = qkv.unbind(-3)
-    with backend.use_backend("triton"):
+    with dispatch.use_backend("triton"):
         monkeypatch.setenv("BERTFAST_ATTN_DESC", "0")
         plain = ops.attention(q, k, v)
         monkeypatch.setenv("BERTFAST_ATTN_DESC", "1")

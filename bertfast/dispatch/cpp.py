@@ -9,8 +9,8 @@
    directory under a name keyed by a hash of the sources, the flags and the torch version:
    the first use builds (the build time is printed once, on stderr), later processes load the
    cached library directly, and editing a source makes a new build.
-A failure raises with a one-line reason (the compiler's first error line); the backend layer
-then falls back to the reference implementation with one warning. `status()` reports the
+A failure raises with a one-line reason (the compiler's first error line); dispatch then
+serves the call elsewhere (one warning when a kernel was expected). `status()` reports the
 outcome for `bertfast info`.
 
 Sources live in csrc/cpu in a checkout and in the package data bertfast/csrc/cpu in an
@@ -21,15 +21,14 @@ on this machine, honouring ATEN_CPU_CAPABILITY), or BERTFAST_CPU_CAPABILITY=avx5
 at::vec::Vectorized<float> is then 16 (AVX512) or 8 (AVX2) lanes wide.
 
 The wrappers below have the backend signatures of each op's `_fwd_reference` /
-`_bwd_reference` (see the "---- backends" block in bertfast/ops/<op>.py). float64 calls are
-served by the reference itself: the kernels compute in fp32, and float64 callers (gradcheck)
-want float64 arithmetic.
+`_bwd_reference` (see the "---- backends" block in bertfast/ops/<op>.py). What they serve
+(fp32/fp16/bf16 on CPU tensors; float64 goes to the reference: the kernels compute in fp32) is
+declared in dispatch/table.py.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
-import importlib
 import importlib.util
 import os
 import platform
@@ -63,7 +62,7 @@ _LDFLAGS = ["-fopenmp"]
 
 def source_dir(sub: str = "cpu", pattern: str = "*.cpp") -> str | None:
     """The folder holding the C++ sources (csrc/<sub>/<pattern>), or None when none is shipped."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the bertfast package
     candidates = []
     if os.environ.get("BERTFAST_CSRC_DIR"):
         candidates.append(os.environ["BERTFAST_CSRC_DIR"])
@@ -267,118 +266,56 @@ def status() -> dict:
     return {k: v for k, v in _state.items() if k not in ("key", "error")}
 
 
-def _reference(op: str):
-    return importlib.import_module(f"bertfast.ops.{op}")
-
-
-def _f64(t) -> bool:
-    return t.dtype == torch.float64
-
-
 # ---------------------------------------------------------------------------------------
 # backend entry points (signatures: the `_fwd_reference` / `_bwd_reference` of each op)
 
 def embedding_layernorm_fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed):
-    if _f64(word):
-        return _reference("embedding_layernorm")._fwd_reference(ids, tt, pos, word, pos_emb, type_emb, weight, bias,
-                                                                eps, p, seed)
     return _OPS["embedding_layernorm_fwd"](ids, tt, pos, word, pos_emb, type_emb, weight, bias, float(eps), float(p),
                                            int(seed))
 
 
 def embedding_layernorm_bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd, eps, p, seed):
-    if _f64(word):
-        return _reference("embedding_layernorm")._bwd_reference(dout, ids, tt, pos, word, pos_emb, type_emb, weight,
-                                                                bias, mean, rstd, eps, p, seed)
     return _OPS["embedding_layernorm_bwd"](dout, ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd,
                                            float(eps), float(p), int(seed))
 
 
 def bias_gelu_fwd(x, bias, approximate, inplace=False):
     """inplace=True writes the result over x when x is contiguous (bertfast.ops.bias_gelu(inplace=True))."""
-    if _f64(x):
-        return _reference("bias_gelu")._fwd_reference(x, bias, approximate)
     return _OPS["bias_gelu_fwd"](x, bias, approximate == "tanh", inplace)
 
 
 def bias_gelu_bwd(dout, x, bias, approximate):
-    if _f64(x):
-        return _reference("bias_gelu")._bwd_reference(dout, x, bias, approximate)
     return _OPS["bias_gelu_bwd"](dout, x, bias, approximate == "tanh")
 
 
 def bias_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps, p, seed, inplace=False):
     """inplace=True writes the result over x when x is contiguous (see bias_gelu_fwd)."""
-    if _f64(x):
-        return _reference("bias_residual_layernorm")._fwd_reference(x, bias, residual, weight, ln_bias, eps, p, seed)
     return _OPS["bias_residual_layernorm_fwd"](x, bias, residual, weight, ln_bias, float(eps), float(p), int(seed),
                                                inplace)
 
 
 def bias_residual_layernorm_bwd(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed):
-    if _f64(x):
-        return _reference("bias_residual_layernorm")._bwd_reference(dout, x, bias, residual, weight, ln_bias, mean,
-                                                                    rstd, eps, p, seed)
     dx, dbias, dres, dw, dlb = _OPS["bias_residual_layernorm_bwd"](dout, x, bias, residual, weight, ln_bias, mean,
                                                                    rstd, float(eps), float(p), int(seed))
     return dx, (None if bias is None else dbias), dres, dw, dlb
 
 
 def gelu_layernorm_fwd(x, bias, weight, ln_bias, eps, approximate):
-    if _f64(x):
-        return _reference("gelu_layernorm")._fwd_reference(x, bias, weight, ln_bias, eps, approximate)
     return _OPS["gelu_layernorm_fwd"](x, bias, weight, ln_bias, float(eps), approximate == "tanh")
 
 
 def gelu_layernorm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approximate):
-    if _f64(x):
-        return _reference("gelu_layernorm")._bwd_reference(dout, x, bias, weight, ln_bias, mean, rstd, eps,
-                                                           approximate)
     return _OPS["gelu_layernorm_bwd"](dout, x, bias, weight, ln_bias, mean, rstd, float(eps), approximate == "tanh")
-
-
-def _aten_flash_serves(q, k, key_bias, cu_q, p, causal, backward: bool = False) -> bool:
-    """Which kernel serves an unmasked padded batch (no key mask, no dropout): ATen's CPU flash
-    attention (what torch SDPA runs on CPU) or this extension's. Measured side by side on this
-    2-core AVX-512 box, 2 threads, 12 heads (B x S x head_dim = 8x128x32 .. 32x128x64, 8x512x64):
-    forward fp32 this extension 1.0-1.35x faster; forward bf16 ATen 1.3-1.6x faster (bf16 GEMMs);
-    backward fp32 ATen 1.0-1.4x faster; backward bf16 this extension 3.3-4.1x faster (ATen takes
-    32-35 ms where this one takes 8-11 at 8x128). So ATen serves the bf16 forward and the fp32
-    backward. Both kernels use the same (B, H, S) natural-log lse and (B, S, H, D) output, so a
-    forward from either pairs with a backward from the other. The extension alone serves what
-    ATen cannot do the same way: packed varlen, key masks (rows that see no key), dropout with the
-    shared Philox stream, bottom-right causal for Lq != Lk."""
-    if q.dtype != (torch.float32 if backward else torch.bfloat16):
-        return False
-    return cu_q is None and key_bias is None and p == 0.0 and not (causal and q.shape[1] != k.shape[1])
-
-
-def _bhsd(t):
-    return t.transpose(1, 2)
 
 
 def attention_fwd(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
     """Padded (B, S, H, D) with an fp32 (B, Sk) key bias, or varlen (total, H, D) with cu_seqlens;
     returns (out, lse) as bertfast.ops.attention's backend contract."""
-    if _aten_flash_serves(q, k, key_bias, cu_q, p, causal):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _bhsd(q), _bhsd(k), _bhsd(v), 0.0, bool(causal), scale=float(scale))[:2]
-        return _bhsd(out).contiguous(), lse.float().contiguous()
-    if _f64(q):
-        return _reference("attention")._fwd_reference(q, k, v, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal,
-                                                      seed)
     return _OPS["attention_fwd"](q, k, v, key_bias, cu_q, cu_k, int(max_q), int(max_k), float(p), float(scale),
                                  bool(causal), int(seed))
 
 
 def attention_bwd(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p, scale, causal, seed):
     """FlashAttention-2's backward (P recomputed from the saved lse) in C++: returns (dq, dk, dv)."""
-    if _aten_flash_serves(q, k, key_bias, cu_q, p, causal, backward=True):
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, 0.0, bool(causal), scale=float(scale))
-        return tuple(_bhsd(g).contiguous() for g in grads)
-    if _f64(q):
-        return _reference("attention")._bwd_reference(dout, q, k, v, out, lse, key_bias, cu_q, cu_k, max_q, max_k, p,
-                                                      scale, causal, seed)
     return _OPS["attention_bwd"](dout, q, k, v, out, lse, key_bias, cu_q, cu_k, int(max_q), int(max_k), float(p),
                                  float(scale), bool(causal), int(seed))

@@ -2,7 +2,7 @@
 
 `load()` makes the kernels available, only where they can run: a CUDA build of torch
 (torch.version.cuda), a visible CUDA device, nvcc (torch's CUDA_HOME) and ninja. Otherwise it
-raises with a one-line reason and the backend layer serves the call elsewhere (one warning
+raises with a one-line reason and dispatch serves the call elsewhere (one warning
 when the `cuda` backend was asked for). A CPU-only machine never tries to build anything.
 
 Build: torch.utils.cpp_extension.load with ninja, on first use, cached in torch's extension
@@ -14,13 +14,13 @@ first build: benchmarks/gpu_check.sh uses it), or a list such as "90a,80".
 
 The schemas (csrc/cuda/*.cu) are named <op>_cuda_fwd/_bwd, distinct from the C++ CPU
 extension's <op>_cpu_fwd/_bwd, so both libraries load into one process. The wrappers below have
-the backend signatures of each op's `_fwd_reference` / `_bwd_reference`; float64 calls are
-served by the reference (the kernels compute in fp32).
+the backend signatures of each op's `_fwd_reference` / `_bwd_reference`; what they serve (float64
+goes to the reference; the bias_gelu backward stops at 8192 columns) is declared in
+dispatch/table.py.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import sys
 import threading
@@ -28,14 +28,13 @@ import time
 
 import torch
 
-from . import _cpp
-from ._cpp import _clear_stale_lock, _ext_root, _first_error_line
+from . import cpp as _cpp
+from .cpp import _clear_stale_lock, _ext_root, _first_error_line
 
 _lock = threading.RLock()
 _state: dict = {"state": "not loaded", "reason": None, "build_seconds": None, "path": None, "arch": None}
 _LOADED: str | None = None
 _OPS: dict = {}
-_MAX_HIDDEN = 8192
 
 DEFAULT_ARCHS = ("90a", "80")  # SASS for these; PTX of the lowest for newer GPUs
 # torch's cpp_extension adds its own C++ standard (c++17 or c++20 by version) and
@@ -190,68 +189,40 @@ def status() -> dict:
     return {k: v for k, v in _state.items() if k != "error"}
 
 
-def _reference(op: str):
-    return importlib.import_module(f"bertfast.ops.{op}")
-
-
 # ---------------------------------------------------------------------------------------
 # backend entry points (signatures: the `_fwd_reference` / `_bwd_reference` of each op)
 
 def embedding_layernorm_fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed):
-    if word.dtype == torch.float64:
-        return _reference("embedding_layernorm")._fwd_reference(ids, tt, pos, word, pos_emb, type_emb, weight, bias,
-                                                                eps, p, seed)
     return _OPS["embedding_layernorm_fwd"](ids, tt, pos, word, pos_emb, type_emb, weight, bias, eps, p, seed)
 
 
 def embedding_layernorm_bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd, eps, p, seed):
-    if word.dtype == torch.float64:
-        return _reference("embedding_layernorm")._bwd_reference(dout, ids, tt, pos, word, pos_emb, type_emb, weight,
-                                                                bias, mean, rstd, eps, p, seed)
     return _OPS["embedding_layernorm_bwd"](dout, ids, tt, pos, word, pos_emb, type_emb, weight, bias, mean, rstd, eps,
                                            p, seed)
 
 
 def bias_gelu_fwd(x, bias, approximate, inplace=False):
     """inplace is accepted for the backend contract and ignored (only the CPU kernels use it)."""
-    if x.dtype == torch.float64:
-        return _reference("bias_gelu")._fwd_reference(x, bias, approximate)
     return _OPS["bias_gelu_fwd"](x, bias, approximate == "tanh")
 
 
 def bias_gelu_bwd(dout, x, bias, approximate):
-    if x.dtype == torch.float64:
-        return _reference("bias_gelu")._bwd_reference(dout, x, bias, approximate)
-    if x.shape[-1] > _MAX_HIDDEN:  # the row kernels stop at 8192 columns; the Triton one does not
-        from .kernels import bias_gelu as triton_bias_gelu
-
-        return triton_bias_gelu.bias_gelu_bwd(dout, x, bias, approximate)
     return _OPS["bias_gelu_bwd"](dout, x, bias, approximate == "tanh")
 
 
 def bias_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps, p, seed, inplace=False):
-    if x.dtype == torch.float64:
-        return _reference("bias_residual_layernorm")._fwd_reference(x, bias, residual, weight, ln_bias, eps, p, seed)
     return _OPS["bias_residual_layernorm_fwd"](x, bias, residual, weight, ln_bias, eps, p, seed)
 
 
 def bias_residual_layernorm_bwd(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed):
-    if x.dtype == torch.float64:
-        return _reference("bias_residual_layernorm")._bwd_reference(dout, x, bias, residual, weight, ln_bias, mean,
-                                                                    rstd, eps, p, seed)
     dx, dbias, dres, dw, dlb = _OPS["bias_residual_layernorm_bwd"](dout, x, bias, residual, weight, ln_bias, mean,
                                                                    rstd, eps, p, seed)
     return dx, (None if bias is None else dbias), dres, dw, dlb
 
 
 def gelu_layernorm_fwd(x, bias, weight, ln_bias, eps, approximate):
-    if x.dtype == torch.float64:
-        return _reference("gelu_layernorm")._fwd_reference(x, bias, weight, ln_bias, eps, approximate)
     return _OPS["gelu_layernorm_fwd"](x, bias, weight, ln_bias, eps, approximate == "tanh")
 
 
 def gelu_layernorm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approximate):
-    if x.dtype == torch.float64:
-        return _reference("gelu_layernorm")._bwd_reference(dout, x, bias, weight, ln_bias, mean, rstd, eps,
-                                                           approximate)
     return _OPS["gelu_layernorm_bwd"](dout, x, bias, weight, ln_bias, mean, rstd, eps, approximate == "tanh")

@@ -3,7 +3,7 @@
 Where two GPU implementations of an op compete (the Triton kernels against the CUDA C++
 extension; attention against PyTorch's SDPA / varlen kernels), the `auto` backend asks a
 committed table which one a GPU run measured faster, case by case. Tables are data: one JSON
-file per table in bertfast/routing_tables/, loaded once, looked up in a dict per call.
+file per table in bertfast/dispatch/routing_tables/, loaded once, looked up in a dict per call.
 
 File format (every key required unless marked optional):
 
@@ -23,11 +23,11 @@ File format (every key required unless marked optional):
     }
 
 Optional, for ops whose cases need more than a width (attention):
-      "level": "call" (default) | "op"        # top level. "call": the auto backend's per-call router
-                                              #   chooses among bertfast's backends (backend.py);
-                                              #   "op": the op itself routes a call before it reaches
-                                              #   its backends, to implementations outside them
-                                              #   (PyTorch's own kernels); backend.py ignores the table
+      "level": "call" (default) | "op"        # "call": each pass (fwd, bwd) of a call is looked up
+                                              #   on its own (dispatch/core.py pairs them);
+                                              #   "op": whole calls: a forward by its "fwd" entry, a
+                                              #   training call only by a "fwd+bwd" entry (kernels
+                                              #   with their own autograd: SDPA, varlen_attn)
       entry "layout": "padded" | "varlen"      # exact match when the caller names a layout
       entry "max_seq": 512                     # inclusive bucket bound on the sequence length, like
                                               #   max_width; absent = any length
@@ -37,7 +37,7 @@ passes must come from one implementation); dtype is "fp32", "fp16" or "bf16"; ma
 upper bound of a width bucket: a call of width w uses the entry with the smallest max_width >= w
 for its (op, direction, dtype). What "width" means is the op's choice (the hidden size for the
 LayerNorm family; attention may key on head_dim); the op says how to read it from its backend
-arguments (backend.register_op's route_key). A table whose "source" is null holds no
+arguments (its dispatch.Call's width). A table whose "source" is null holds no
 measurement: it must have no entries, and `lookup` says "no measurement".
 
 `lookup(op, direction, dtype, width)` -> (backend, why); `table_for(op)` -> Table or None.
@@ -55,16 +55,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .serves import dtype_name
+
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 LEVELS = ("call", "op")
 DTYPES = ("fp32", "fp16", "bf16")
-_DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
-                "torch.float64": "fp64"}
-
-
-def dtype_name(dtype) -> str:
-    """'bf16' / 'fp16' / 'fp32' (/ 'fp64') for a torch dtype (or its str)."""
-    return _DTYPE_NAMES.get(str(dtype), str(dtype))
 
 
 @dataclass
