@@ -2,9 +2,12 @@
 this file only routes, so `bertfast --help` stays fast (nothing heavy is imported)."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+# the shared --help formatter lives in a leaf module so that the commands of lower packages
+# (train, tasks) use it without importing this top-level router
+from ._help import HelpFormatter  # noqa: F401
 
 COMMANDS = {
     "info": ("bertfast._info", "versions, devices and which backend serves each op"),
@@ -23,23 +26,6 @@ COMMANDS = {
     "answer": ("bertfast.tasks.commands", "answer questions from a context, fine-tuned qa model (JSONL in and out)"),
 }
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every command's --help: each option's default after its help, unless there is none to show
-    (required options, unset optionals, off switches). In descriptions and epilogs, an indented
-    line (a data format, an example) is kept as written; other lines are wrapped."""
-
-    def _get_help_string(self, action):
-        d = action.default
-        shown = not (action.required or d in (None, False, [], "") or d == argparse.SUPPRESS)
-        if not shown or "%(default)" in (action.help or "") or "(default:" in (action.help or ""):
-            return action.help  # nothing to show, or the help already says it
-        return super()._get_help_string(action)
-
-    def _fill_text(self, text, width, indent):
-        return "\n".join(indent + line if line[:1].isspace() or not line.strip()
-                         else argparse.HelpFormatter._fill_text(self, line, width, indent)
-                         for line in text.splitlines())
 
 
 def _usage() -> str:

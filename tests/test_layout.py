@@ -1,6 +1,7 @@
-"""The package's layout rules, checked: no import cycles between modules, `import bertfast`
-stays cheap, kernel files import only shared `_` helpers (never another op's file), and a
-module over ~500 lines says in its docstring why it is one file."""
+"""The package's layout rules, checked: every import (module-level and inside functions alike) goes
+down the floors of LEVELS, no import cycles between modules, `import bertfast` stays cheap, kernel
+files import only shared `_` helpers (never another op's file), and a module over ~500 lines says
+in its docstring why it is one file."""
 import ast
 import os
 import subprocess
@@ -12,13 +13,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = {"bertfast": os.path.join(ROOT, "bertfast"), "bertfast.kernels": os.path.join(ROOT, "kernels")}
 LONG = 550  # "about 500 lines"
 
+# The floors of the house (docs/architecture.md): a module may import its own unit and anything on
+# a lower floor, never a higher one. A unit is a subpackage or a top-level module of bertfast.
+LEVELS = {
+    # the ground floor: raw Triton kernels and their launchers; leaf helpers that import nothing of ours
+    "kernels": 0, "_help": 0,
+    # which implementation serves a call (and the C++/CUDA build wrappers); the encoder boundary's
+    # unpad/pad index math, which the ops and the model share
+    "dispatch": 1, "padding": 1,
+    # the fused ops: reference, registered op, public function
+    "ops": 2,
+    # the model and what it is fed and checked with
+    "models": 3, "tokenizer": 3, "data": 3, "testing": 3,
+    # what runs the model
+    "graphs": 4, "tasks": 4, "embed_shards": 4, "train": 4, "classic": 4, "hf_accelerate": 4,
+    # the commands and the benchmark harness
+    "bench": 5, "cli": 5, "__main__": 5, "_info": 5, "verify": 5, "task_commands": 5,
+}
 
-def _modules():
+
+def _modules(packages=None):
     """{module name: path} of every .py file of bertfast/ and kernels/ (installed as bertfast.kernels)."""
     out = {}
-    for pkg, base in PACKAGES.items():
+    for pkg, base in (packages or PACKAGES).items():
         for dirpath, dirs, files in os.walk(base):
-            dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+            # bertfast/kernels is the link to kernels/, walked as its own package
+            dirs[:] = [d for d in dirs if not d.startswith((".", "__")) and not (pkg == "bertfast" and d == "kernels"
+                                                                                and dirpath == base)]
             rel = os.path.relpath(dirpath, base)
             prefix = pkg if rel == "." else pkg + "." + rel.replace(os.sep, ".")
             for f in files:
@@ -26,6 +47,122 @@ def _modules():
                     name = prefix if f == "__init__.py" else f"{prefix}.{f[:-3]}"
                     out[name] = os.path.join(dirpath, f)
     return out
+
+
+def _unit(module: str) -> str:
+    """'bertfast.ops.attention' -> 'ops'; the kernels (installed as bertfast.kernels) -> 'kernels'."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _imported(name, path, known, node):
+    """The project's modules one Import/ImportFrom node of module `name` (file `path`) names."""
+    is_pkg = path.endswith("__init__.py")
+    base = name if is_pkg else name.rsplit(".", 1)[0]
+    if isinstance(node, ast.Import):
+        found = [a.name for a in node.names]
+    else:
+        if node.level:
+            parts = base.split(".")
+            parent = ".".join(parts[:len(parts) - node.level + 1])
+            mod = f"{parent}.{node.module}" if node.module else parent
+        else:
+            mod = node.module or ""
+        found = [mod] + [f"{mod}.{a.name}" for a in node.names]  # `from pkg import submodule`
+    out = set()
+    for mod in found:
+        parts = mod.split(".")
+        for i in range(len(parts), 0, -1):  # the longest prefix that is one of our modules
+            cand = ".".join(parts[:i])
+            if cand in known:
+                if cand != name:
+                    out.add(cand)
+                break
+    return out
+
+
+def upward_imports(mods: dict, levels: dict = LEVELS) -> list:
+    """Every import, module-level or inside a function, that goes up a floor: (module, line,
+    imported module, its unit's level > the importer's). The root package `bertfast` (its lazy
+    __init__) is everyone's; a unit missing from `levels` is reported as such."""
+    bad = []
+    for name, path in sorted(mods.items()):
+        unit = _unit(name)
+        if name == "bertfast":
+            continue
+        if unit not in levels:
+            bad.append((name, 0, "<not in LEVELS>", unit))
+            continue
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for dep in _imported(name, path, mods, node):
+                dep_unit = _unit(dep)
+                if dep == "bertfast" or dep_unit == unit:
+                    continue
+                if dep_unit not in levels or levels[dep_unit] > levels[unit]:
+                    bad.append((name, node.lineno, dep, f"{dep_unit} (floor {levels.get(dep_unit)}) above "
+                                                         f"{unit} (floor {levels[unit]})"))
+    return bad
+
+
+def test_every_import_goes_down_the_floors():
+    """kernels -> nothing of ours; dispatch -> kernels; ops -> dispatch/kernels/padding; models ->
+    ops; graphs/tasks/train/classic -> models; bench/cli on top: function-level imports included."""
+    bad = upward_imports(_modules())
+    assert not bad, "imports against the floors of LEVELS:\n" + "\n".join(
+        f"  {m}:{line} imports {dep}: {why}" for m, line, dep, why in bad)
+
+
+def test_the_kernels_import_nothing_of_bertfast():
+    """The ground floor: no kernel module imports anything of bertfast, not even inside a function
+    (also not by the absolute name `bertfast...`)."""
+    mods = _modules()
+    for name, path in mods.items():
+        if _unit(name) != "kernels":
+            continue
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for dep in _imported(name, path, mods, node):
+                    assert _unit(dep) == "kernels", f"{name}:{node.lineno} imports {dep}"
+
+
+@pytest.mark.parametrize("plant", [
+    ("kernels/bias_gelu.py", "from bertfast.ops import _common", "a kernel importing an op"),
+    ("kernels/_launch.py", "    from bertfast import dispatch", "a function-level import in a kernel helper"),
+    ("bertfast/dispatch/core.py", "    from ..ops import attention", "dispatch calling up into ops"),
+    ("bertfast/ops/bias_gelu.py", "    from ..models import bert", "an op importing the model"),
+    ("bertfast/models/bert.py", "    from .. import graphs", "the model importing what runs it"),
+    ("bertfast/train/pretrain.py", "    from ..cli import COMMANDS", "train importing the command router"),
+])
+def test_a_planted_upward_import_is_caught(tmp_path, plant):
+    """The checker fails on an upward import planted in a copy of the tree (inside a function where
+    the planted line is indented), and the copy without it passes."""
+    import shutil
+
+    rel, line, what = plant
+    copy = {}
+    for pkg, base in PACKAGES.items():
+        dst = tmp_path / pkg.replace(".", "_")
+        shutil.copytree(base, dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "kernels"))
+        copy[pkg] = str(dst)
+    target = os.path.join(copy["bertfast.kernels" if rel.startswith("kernels/") else "bertfast"],
+                          rel.split("/", 1)[1])
+    mods = _modules(copy)
+    assert upward_imports(mods) == [], "the unplanted copy must pass"
+    text = open(target, encoding="utf-8").read()
+    planted = f"\n\ndef _planted():\n{line}\n" if line.startswith(" ") else f"{line}\n" + text
+    with open(target, "w", encoding="utf-8") as fh:
+        fh.write(text + planted if line.startswith(" ") else planted)
+    bad = upward_imports(_modules(copy))
+    assert bad, f"{what}: not caught"
+    assert any(m == _module_of(rel) for m, _, _, _ in bad), (what, bad)
+
+
+def _module_of(rel: str) -> str:
+    path = rel[:-3].replace("/", ".")
+    return "bertfast." + path if not path.startswith("bertfast.") else path
 
 
 def _top_level_imports(name, path, known):

@@ -483,7 +483,7 @@ def _crf_constraints(given: str, labels: List[str]) -> Optional[str]:
 
 
 def finetune_parser() -> argparse.ArgumentParser:
-    from ..cli import HelpFormatter
+    from .._help import HelpFormatter
 
     p = argparse.ArgumentParser(prog="bertfast finetune", description="Fine-tune a checkpoint for a task: a "
                                 "classification (cls, nli), tagging (ner) or extractive QA (qa) head on its encoder.",

@@ -400,7 +400,7 @@ def _eval_only(args, rt: Runtime, model_cls) -> dict:
 
 
 def pretrain_parser() -> argparse.ArgumentParser:
-    from ..cli import HelpFormatter
+    from .._help import HelpFormatter
 
     p = argparse.ArgumentParser(prog="bertfast pretrain", description="MLM + NSP pre-training from BERT-format text "
                                 "files (one sentence per line, a blank line between documents).",
