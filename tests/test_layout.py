@@ -14,10 +14,12 @@ PACKAGES = {"bertfast": os.path.join(ROOT, "bertfast"), "bertfast.kernels": os.p
 LONG = 550  # "about 500 lines"
 
 # The floors of the house (docs/architecture.md): a module may import its own unit and anything on
-# a lower floor, never a higher one. A unit is a subpackage or a top-level module of bertfast.
+# a lower floor, never a higher one. A unit is a subpackage or a top-level module of bertfast, or a
+# module named on its own (a package's command layer sits with the commands).
 LEVELS = {
-    # the ground floor: raw Triton kernels and their launchers; leaf helpers that import nothing of ours
-    "kernels": 0, "_help": 0,
+    # the ground floor: raw Triton kernels and their launchers; leaf helpers that import nothing of
+    # ours (the --help formatter, all-or-nothing file writes)
+    "kernels": 0, "_help": 0, "_io": 0,
     # which implementation serves a call (and the C++/CUDA build wrappers); the encoder boundary's
     # unpad/pad index math, which the ops and the model share
     "dispatch": 1, "padding": 1,
@@ -28,7 +30,7 @@ LEVELS = {
     # what runs the model
     "graphs": 4, "tasks": 4, "embed_shards": 4, "train": 4, "classic": 4, "hf_accelerate": 4,
     # the commands and the benchmark harness
-    "bench": 5, "cli": 5, "__main__": 5, "_info": 5, "verify": 5, "task_commands": 5,
+    "bench": 5, "cli": 5, "__main__": 5, "_info": 5, "verify": 5, "tasks.commands": 5,
 }
 
 
@@ -50,8 +52,12 @@ def _modules(packages=None):
 
 
 def _unit(module: str) -> str:
-    """'bertfast.ops.attention' -> 'ops'; the kernels (installed as bertfast.kernels) -> 'kernels'."""
+    """'bertfast.ops.attention' -> 'ops', 'bertfast.tasks.commands' -> 'tasks.commands' (named in
+    LEVELS on its own); the kernels (installed as bertfast.kernels) -> 'kernels'."""
     parts = module.split(".")
+    for i in range(len(parts), 2, -1):
+        if ".".join(parts[1:i]) in LEVELS:
+            return ".".join(parts[1:i])
     return parts[1] if len(parts) > 1 else parts[0]
 
 

@@ -8,7 +8,8 @@
 - routing.py + routing_tables/: the measured tables a GPU run writes (bench/routes.py);
 - cpp.py, cuda.py: the C++ CPU and CUDA C++ extensions' build wrappers and entry points;
 - torch_attention.py: PyTorch's attention kernels (ATen CPU flash, SDPA, varlen_attn) with the
-  attention op's backend signatures.
+  attention op's backend signatures;
+- cpu_gemm.py: CPU inference GEMMs through the library measured fastest per shape.
 
 Importing this package imports neither torch nor triton; the implementations load on first use.
 """

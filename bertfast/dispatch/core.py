@@ -90,6 +90,7 @@ class OpSpec:
 
 _ops: dict = {}
 _cache: dict = {}
+_encoder_cache: dict = {}  # resolve_encoder's answers
 _load_state: dict = {}  # (op, name) -> None (ok) or reason
 _probe_state: dict = {}  # (op, name, device_type) -> None (ok) or reason
 _warned: set = set()
@@ -363,13 +364,20 @@ def resolve_encoder(device_type: str, gemm_dtype, residual_dtype, hidden_size: i
     outputs (autocast's, else the hidden states'); residual_dtype: the residual stream's (the
     add-and-norm promotes to it); packed: varlen attention over the batch's PackedLayout with
     longest sequence `seq`, else padded (batch, seq) with a key mask when `masked`; grad: autograd
-    records (torch.is_grad_enabled())."""
+    records (torch.is_grad_enabled()). Memoised as a whole: one dict lookup per forward."""
+    key = (device_type, gemm_dtype, residual_dtype, hidden_size, intermediate_size, head_dim, packed, seq, masked,
+           dropout, grad, requested())
+    hit = _encoder_cache.get(key)
+    if hit is not None:
+        return hit
     direction = "fwd+bwd" if grad else "fwd"
     att = Call(device_type, gemm_dtype, head_dim, direction, "varlen" if packed else "padded", seq,
                "key" if masked else "none", dropout, "none")
-    return EncoderImpls(select("attention", att),
-                        select("bias_residual_layernorm", Call(device_type, residual_dtype, hidden_size, direction)),
-                        select("bias_gelu", Call(device_type, gemm_dtype, intermediate_size, direction)))
+    out = _encoder_cache[key] = EncoderImpls(
+        select("attention", att),
+        select("bias_residual_layernorm", Call(device_type, residual_dtype, hidden_size, direction)),
+        select("bias_gelu", Call(device_type, gemm_dtype, intermediate_size, direction)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +446,7 @@ def explain(op: str, device_type: str, call: Optional[Call] = None) -> tuple[str
 def reset(tables: bool = True) -> None:
     """Forget cached selections, load and probe verdicts and warnings (tests use this)."""
     _cache.clear()
+    _encoder_cache.clear()
     _load_state.clear()
     _probe_state.clear()
     _warned.clear()
