@@ -11,7 +11,7 @@ from bertfast import dispatch, ops
 from bertfast.dispatch import Call, core, table
 from conftest import requires_triton
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_every_op_has_its_rows_and_a_reference():
