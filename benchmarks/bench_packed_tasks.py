@@ -2,6 +2,7 @@
 
     python benchmarks/bench_packed_tasks.py                      # CPU: 384 sentences, 7 rounds
     python benchmarks/bench_packed_tasks.py --device cuda --sentences 2048
+    python benchmarks/bench_packed_tasks.py --encoder narrow     # the way in and out alone
 
 `tasks.embed` (mean pooling) and `tasks.classify` (MiniLM with a seeded random 3-label head) run
 the same sentences both ways: packed (the default: Tokenizer rows packed on the host, the packed
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tasks", default="embed,classify", help="comma-separated: embed, classify")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--encoder", choices=["minilm", "narrow"], default="minilm",
+                   help="minilm: the checkpoint; narrow: a random 2-layer, 64-wide encoder on MiniLM's vocabulary, "
+                        "where the layers cost little and the batch's way in and out is what is timed")
     args = p.parse_args(argv)
 
     import warnings
@@ -72,15 +76,23 @@ def main(argv=None) -> int:
                        for i in range(0, len(lengths), args.batch_size))
     print(f"{len(texts)} sentences, {sum(lengths)} tokens (min {min(lengths)}, median "
           f"{int(statistics.median(lengths))}, max {max(lengths)}), batch size {args.batch_size}, device "
-          f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, encoder {args.encoder}")
     print(f"padded batches carry {padded_sorted / sum(lengths) - 1:.1%} padding tokens sorted by length (embed), "
           f"{padded_input / sum(lengths) - 1:.1%} in input order (classify)")
 
-    encoder = BertModel.from_pretrained(path).to(args.device).eval()
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random head's missing weights
-        clf = BertForSequenceClassification.from_pretrained(path, num_labels=3).to(args.device).eval()
+    if args.encoder == "narrow":
+        from bertfast import BertConfig
+
+        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128, num_labels=3)
+        encoder = BertModel(cfg).to(args.device).eval()
+        clf = BertForSequenceClassification(cfg).to(args.device).eval()
+    else:
+        encoder = BertModel.from_pretrained(path).to(args.device).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the random head's missing weights
+            clf = BertForSequenceClassification.from_pretrained(path, num_labels=3).to(args.device).eval()
     runs = {
         "embed": lambda packed: T.embed(encoder, tok, texts, batch_size=args.batch_size, packed=packed),
         "classify": lambda packed: T.classify(clf, tok, texts, top_k=3, batch_size=args.batch_size, packed=packed),
