@@ -609,7 +609,7 @@ def _fail_safetensors(monkeypatch):
 
 
 def test_finetune_out_is_replaced_whole_or_not_at_all(ft_base, tmp_path, monkeypatch, capsys):
-    """The issue's case: a second fine-tune with other labels into the same --out, whose weight
+    """The bug this guards: a second fine-tune with other labels into the same --out, whose weight
     write fails, used to leave the new label names beside the old weights."""
     from bertfast import BertForSequenceClassification
     from bertfast.train.cli import cli_main

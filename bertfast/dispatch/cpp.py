@@ -195,7 +195,7 @@ def _jit_build(src: str, cap: str) -> None:
         os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, 8)))
     jobs = int(os.environ["MAX_JOBS"]) if os.environ["MAX_JOBS"].isdigit() else 1
     # Said before the wait, not after it: the first build is silent for minutes otherwise.
-    # ~270 CPU-seconds of compiling over the sources (135 s measured on 2 cores).
+    # The sources take ~270 CPU-seconds to compile, spread over the jobs (at most one per source).
     minutes = max(1, round(270 / min(jobs, len(sources) + 1) / 60))
     print(f"bertfast: building the C++ CPU kernels once ({cap}), about {minutes} minute{'s' * (minutes > 1)} "
           f"with {jobs} compile job{'s' * (jobs > 1)}; later runs load the cached build", file=sys.stderr, flush=True)

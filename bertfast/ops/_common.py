@@ -4,8 +4,8 @@ Each fused op is registered twice from one description:
 - a torch.library custom op pair (`bertfast::<op>` and `bertfast::<op>_backward`) with fake
   implementations and autograd, which torch.compile sees (fullgraph, no graph break);
 - a torch.autograd.Function over the same forward/backward, used in eager mode because the
-  custom-op dispatcher costs ~13-24 us per call on this CPU against ~6 us for an
-  autograd.Function (measured with torch 2.13), which would drown small kernels.
+  custom-op dispatcher costs several times an autograd.Function's host time per call (tens of
+  microseconds against a few), which would drown small kernels.
 Without autograd (inference), eager calls go straight to the selected backend.
 
 Two eager entries share that Function: the public functions (argument checks, then
