@@ -71,13 +71,13 @@ def test_packed_path_only_embeds_valid_tokens(monkeypatch):
     model = _model().bert
     mask = _masks()["right"]
     seen = []
-    orig = bertfast.models._engine._embedding_layernorm
+    orig = bertfast.models._engine.embedding_layernorm_prechecked
 
     def spy(input_ids, *a, **k):
         seen.append(tuple(input_ids.shape))
         return orig(input_ids, *a, **k)
 
-    monkeypatch.setattr("bertfast.models._engine._embedding_layernorm", spy)
+    monkeypatch.setattr("bertfast.models._engine.embedding_layernorm_prechecked", spy)
     model(torch.ones_like(mask), mask)
     assert seen == [(int(mask.sum()),)]
 

@@ -31,7 +31,7 @@ from ..ops._rng import draw_seeds
 from ..ops.attention import attention_unchecked, key_padding_bias
 from ..ops.bias_gelu import bias_gelu_unchecked
 from ..ops.bias_residual_layernorm import bias_residual_layernorm_unchecked
-from ..ops.embedding_layernorm import _embedding_layernorm, id_range_error
+from ..ops.embedding_layernorm import embedding_layernorm_prechecked, id_range_error
 from ..padding import PackedLayout
 from .config import FUSED_ACTS, BertConfig
 
@@ -258,8 +258,8 @@ def embedding_layernorm_rows(input_ids, token_type_ids, position_ids, word_emb, 
                              norm: nn.LayerNorm, dropout_p: float, ranges_checked: bool):
     """The fused embedding op on the (packed or padded) ids; ranges_checked: the forward's
     read_back checked the ids against their tables already."""
-    return _embedding_layernorm(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, norm.weight,
-                                norm.bias, norm.eps, dropout_p, ranges_checked=ranges_checked)
+    return embedding_layernorm_prechecked(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb,
+                                          norm.weight, norm.bias, norm.eps, dropout_p, ranges_checked=ranges_checked)
 
 
 def dense_add_norm(hidden, dense: nn.Linear, residual, norm: nn.LayerNorm, dropout_p: float,

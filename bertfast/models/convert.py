@@ -10,7 +10,8 @@ and class names -> bertfast's.
     from_pretrained(folder)         -> a checkpoint folder loaded as the class its config.json names
 
 Imports go config <- hub (checkpoint files) <- _engine (execution) <- bert (modules) <- heads <-
-roberta/distilbert/electra <- convert: hub never needs the model classes, so no module of this package imports one that imports it back.
+roberta/distilbert/electra <- convert: hub never needs the model classes, so no module of this package
+imports one that imports it back.
 """
 from __future__ import annotations
 

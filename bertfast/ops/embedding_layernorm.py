@@ -205,12 +205,12 @@ def embedding_layernorm(input_ids: torch.Tensor, token_type_ids: Optional[torch.
     position_ids to arange(seq) along the last dimension. Returns input_ids.shape + (hidden,)
     in the tables' dtype. Every id is checked against its table (one host read for all three).
     """
-    return _embedding_layernorm(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, weight, bias,
-                                eps, dropout_p)
+    return embedding_layernorm_prechecked(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, weight,
+                                          bias, eps, dropout_p)
 
 
-def _embedding_layernorm(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, weight, bias,
-                         eps=1e-12, dropout_p=0.0, ranges_checked: bool = False):
+def embedding_layernorm_prechecked(input_ids, token_type_ids, position_ids, word_emb, pos_emb, type_emb, weight, bias,
+                                   eps=1e-12, dropout_p=0.0, ranges_checked: bool = False):
     """embedding_layernorm; ranges_checked=True skips reading the ids back to check their range,
     for BertModel, which checked them already in the one host read of its forward (shapes,
     dtypes and devices are still checked here)."""
