@@ -77,7 +77,6 @@ def qa_windows(tokenizer, question: str, context: str, max_seq_len: int = 384, d
         start += stride
 
 
-@torch.no_grad()
 def span_probability(start_logits: torch.Tensor, end_logits: torch.Tensor, allowed: torch.Tensor, start: int,
                      end: int) -> float:
     """P(start) * P(end), each a softmax over the allowed (context) tokens of one window: the
@@ -88,6 +87,7 @@ def span_probability(start_logits: torch.Tensor, end_logits: torch.Tensor, allow
     return float(p_start[start] * p_end[end])
 
 
+@torch.no_grad()
 def answer_batch(model, tokenizer, pairs, max_answer_len: int = 30, max_seq_len: int = 384, doc_stride: int = 128,
                  batch_size: int = 32, progress_bar: bool = False) -> List[dict]:
     """answer() of each (question, context) pair; the windows of all pairs go through the model

@@ -153,6 +153,13 @@ def test_answer_scores_a_probability(folders, capsys):
         for w in T.qa_windows(tok, "Where?", ctx, 48, 16)
         for span in [T.best_span(*_window_logits(qa, w), torch.tensor(w["is_context"]), 30)[:2]])
     assert res["score"] == pytest.approx(best[0], rel=1e-5)
+    grad_modes = []
+    hook = qa.register_forward_hook(lambda *a: grad_modes.append(torch.is_grad_enabled()))
+    try:
+        T.answer(qa, tok, "Where?", ctx[:60])
+    finally:
+        hook.remove()
+    assert grad_modes == [False]  # inference builds no autograd graph
     assert main(["answer", "--model", folder, "--question", "Where?", "--context", ctx[:60]]) == 0
     row = json.loads(capsys.readouterr().out)
     assert 0.0 < row["score"] <= 1.0
