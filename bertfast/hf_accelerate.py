@@ -25,6 +25,10 @@ is called as a module when it is not a plain nn.Linear (a LoRA layer maps x to y
 embedding or LayerNorm cannot be served: the encoder then runs transformers' forward, with one
 warning naming the layer.
 
+Gradient checkpointing (`gradient_checkpointing_enable`) is served inside bertfast's encoder: each
+twin layer runs under the checkpoint function transformers set on its layer (its use_reentrant
+choice, its every_n_layers), for the duration of the call.
+
 A call the twin cannot serve exactly goes to the transformers forward with the caller's arguments
 as given (positions and keywords untouched, so every family's own signature holds):
 inputs_embeds, cross-attention inputs, a cache, attention weights (`output_attentions`), a
@@ -180,7 +184,7 @@ class _Site:
 
 
 # whether bertfast's encoder calls a projection that is not a plain nn.Linear as a module
-_ENGINE_CALLS_PROJECTIONS = False
+_ENGINE_CALLS_PROJECTIONS = True
 
 
 def _plain(module: nn.Module, kind: type) -> bool:
@@ -237,6 +241,7 @@ class _Accelerated:
     sites: List[_Site] = field(default_factory=list)
     refusal: Optional[str] = None  # why every call goes to transformers (an unserved config or layer)
     registrations: int = -1  # _REGISTRATIONS when the sites were last checked
+    layer_paths: List[str] = field(default_factory=list)  # of the twin's encoder layers
     warned: set = field(default_factory=set)
 
     def __setstate__(self, state):  # another process counts its own registrations: check the sites again
@@ -267,6 +272,9 @@ def _twin_of(hf: nn.Module) -> _Accelerated:
         return _Accelerated(None, [], None, None, refusal=f"{type(hf).__name__}: {e}")
     sites = _sites(twin)
     state = _Accelerated(twin, [], _output_class(hf, swap), hf.get_input_embeddings().weight, sites)
+    layers = {id(m): i for i, m in enumerate(twin.encoder.layer)}
+    paths = {layers[id(m)]: name for name, m in twin.named_modules() if id(m) in layers}
+    state.layer_paths = [paths[i] for i in range(len(layers))]
     _sync(hf, state)  # puts the transformers leaves in place
     left = [n for n, p in twin.named_parameters() if p.is_meta]
     if state.refusal is None and left:
@@ -341,8 +349,6 @@ def _unserved_call(hf, names, args, kwargs) -> Optional[str]:
     mask = call.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         return f"a {mask.dim()}-D attention_mask"
-    if hf.training and torch.is_grad_enabled() and _checkpointing(hf):
-        return "gradient checkpointing"
     return None
 
 
@@ -351,6 +357,21 @@ def _checkpointing(module) -> bool:
         if hasattr(type(module), name):
             return bool(getattr(module, name))
     return False
+
+
+def _set_checkpoints(hf: nn.Module, state: _Accelerated) -> None:
+    """Give each twin layer the checkpoint function transformers set on its layer (the
+    use_reentrant choice and every_n_layers of gradient_checkpointing_enable): transformers 5 sets
+    it on every layer it checkpoints, transformers 4 on the encoder (then for all its layers)."""
+    for i, layer in enumerate(state.twin.encoder.layer):
+        path = state.layer_paths[i]
+        src = _submodule(hf, path)
+        owner = src if src is not None and hasattr(src, "gradient_checkpointing") else \
+            _submodule(hf, path.rsplit(".", 2)[0])
+        fn = getattr(owner, "_gradient_checkpointing_func", None) if getattr(owner, "gradient_checkpointing", False) \
+            else None
+        if fn is not None:
+            layer.__dict__["checkpoint"] = fn
 
 
 def _hand_back(hf, reason: str, args, kwargs):
@@ -393,8 +414,16 @@ def _run(hf: nn.Module, args, kwargs):
         hidden = bool(getattr(hf.config, "output_hidden_states", False))
     for observe in call_observers:
         observe(hf, None)
-    out = state.twin(call.get("input_ids"), call.get("attention_mask"), call.get("token_type_ids"),
-                     call.get("position_ids"), output_hidden_states=hidden)
+    checkpointing = hf.training and torch.is_grad_enabled() and _checkpointing(hf)
+    if checkpointing:
+        _set_checkpoints(hf, state)
+    try:
+        out = state.twin(call.get("input_ids"), call.get("attention_mask"), call.get("token_type_ids"),
+                         call.get("position_ids"), output_hidden_states=hidden)
+    finally:
+        if checkpointing:  # the functions transformers made are not picklable: held for this call only
+            for layer in state.twin.encoder.layer:
+                layer.__dict__.pop("checkpoint", None)
     fields = {"last_hidden_state": out.last_hidden_state, "hidden_states": out.hidden_states}
     if "pooler_output" in state.output_class.__dataclass_fields__:
         fields["pooler_output"] = out.pooler_output

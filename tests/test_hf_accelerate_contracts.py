@@ -86,6 +86,13 @@ class Counting:
         hf_accelerate.call_observers.remove(self)
 
 
+def loss_of(hidden, mask):
+    """A loss over the valid positions whose gradient is not near zero (a plain sum of squares of a
+    LayerNorm output is nearly constant)."""
+    w = torch.linspace(-1.0, 1.0, hidden.shape[-1], dtype=hidden.dtype)
+    return (hidden[mask.bool()] * w).sum()
+
+
 def assert_valid_close(a, b, mask, **tol):
     valid = mask.bool()
     torch.testing.assert_close(a[valid], b[valid], **(tol or dict(atol=2e-5, rtol=1e-4)))
@@ -218,21 +225,60 @@ def test_every_fallback_path_keeps_the_family_signature(family):
     torch.testing.assert_close(fast(*pos).last_hidden_state, hf(*pos).last_hidden_state)
 
 
+def _spy_checkpoints(model):
+    """Wraps the checkpoint function transformers set on each layer; returns the use_reentrant of each call."""
+    seen = []
+    for layer in model.base_model.modules():
+        fn = layer.__dict__.get("_gradient_checkpointing_func")
+        if fn is not None and getattr(layer, "gradient_checkpointing", False):
+            def spy(function, *args, _fn=fn, **kw):
+                seen.append(_fn.keywords.get("use_reentrant"))
+                return _fn(function, *args, **kw)
+            layer._gradient_checkpointing_func = spy
+    return seen
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_gradient_checkpointed_training_matches(family):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_served_per_layer(family, reentrant):
     hf, fast = pair(family)
     for m in (hf, fast):
         m.train()
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_enable
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    seen = _spy_checkpoints(fast)
     ids, mask = batch()
     a = hf(ids, mask).last_hidden_state
-    b = fast(ids, mask).last_hidden_state
+    with Counting() as calls:
+        b = fast(ids, mask).last_hidden_state
+    assert calls.served == 1 and not calls.back
+    assert seen == [reentrant, reentrant]  # each layer, under transformers' choice
     assert_valid_close(b, a, mask)
-    a[mask.bool()].square().sum().backward()
-    b[mask.bool()].square().sum().backward()
+    loss_of(a, mask).backward()
+    loss_of(b, mask).backward()
     for (name, p), q in zip(hf.named_parameters(), fast.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_checkpointing_with_dropout_reruns_the_same_masks():
+    """The rerun of a checkpointed layer in backward must draw the dropout masks of its forward:
+    gradients with checkpointing equal those without, under the same seed."""
+    _, fast = pair(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    fast.train()
+    ids, mask = batch()
+    grads = []
+    for on in (False, True):
+        if on:
+            fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fast.zero_grad()
+        torch.manual_seed(3)
+        loss_of(fast(ids, mask).last_hidden_state, mask).backward()
+        grads.append([p.grad.clone() for p in fast.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 10
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -319,6 +365,70 @@ def test_replaced_layernorm_falls_back_with_one_warning():
     ref = hf(ids, mask).last_hidden_state
     torch.testing.assert_close(a, ref)
     torch.testing.assert_close(b, ref)
+
+
+def _lora(model, family, **kw):
+    peft = pytest.importorskip("peft")
+    targets = ["q_lin", "v_lin", "lin1"] if family == "distilbert" else ["query", "value", "intermediate.dense"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                          init_lora_weights=False, **kw)  # random A and B: the adapter changes the output
+    torch.manual_seed(5)
+    return peft.get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("order", ["accelerate_first", "peft_first"])
+def test_lora_through_peft_is_served_with_transformers_gradients(family, order):
+    hf, _ = pair(family)
+    plain = _lora(copy.deepcopy(hf), family)
+    if order == "accelerate_first":
+        fast = _lora(bertfast.accelerate(copy.deepcopy(hf)), family)
+    else:
+        fast = _lora(copy.deepcopy(hf), family)
+        bertfast.accelerate(fast)
+    ids, mask = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # served: no fallback warning
+        with Counting() as calls:
+            b = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert calls.served == 1 and not calls.back
+    a = plain(input_ids=ids, attention_mask=mask).last_hidden_state
+    no_adapter = hf(ids, mask).last_hidden_state
+    assert not torch.allclose(a[mask.bool()], no_adapter[mask.bool()], atol=1e-3)  # the adapter is in the result
+    assert_valid_close(b, a, mask)
+    loss_of(a, mask).backward()
+    loss_of(b, mask).backward()
+    adapters = [(n, p) for n, p in plain.named_parameters() if "lora_" in n]
+    assert len(adapters) == 12  # A and B of three projections in two layers
+    theirs = dict(fast.named_parameters())
+    for n, p in adapters:
+        assert p.grad is not None and theirs[n].grad is not None, n
+        torch.testing.assert_close(theirs[n].grad, p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_lora_fine_tune_same_losses():
+    """A few steps of a PEFT LoRA fine-tune of a sequence classifier: the same losses with accelerate."""
+    ids, mask = batch(B=6, S=9, seed=4)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    losses = []
+    for acc in (False, True):
+        torch.manual_seed(0)
+        model = transformers.BertForSequenceClassification(FAMILIES["bert"][0](num_labels=2))
+        if acc:
+            bertfast.accelerate(model)
+        model = _lora(model, "bert", task_type="SEQ_CLS")
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        run = []
+        for _ in range(4):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0][0] != losses[0][-1]  # it trains
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)
 
 
 def test_layer_put_back_is_served_again():

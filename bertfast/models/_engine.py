@@ -36,9 +36,9 @@ from ..padding import PackedLayout
 from .config import FUSED_ACTS, BertConfig
 
 __all__ = ["ACTS", "Eager", "ForwardContext", "Workspace", "activation_fn", "can_sync", "check_inputs",
-           "check_packed", "dense_act", "dense_add_norm", "embedding_layernorm_rows", "first_tokens", "gemm_precision",
-           "linear", "packed_qkv",
-           "packed_positions", "read_back", "release_workspace", "workspace_limit",
+           "check_packed", "checkpointed_layer", "dense_act", "dense_add_norm", "embedding_layernorm_rows",
+           "first_tokens", "gemm_precision", "linear", "packed_qkv", "packed_positions", "plain_linear", "read_back",
+           "release_workspace", "workspace_limit",
            "workspace_of"]
 
 # activations the layers run in PyTorch (the GELU flavours are fused: config.FUSED_ACTS)
@@ -111,6 +111,14 @@ def workspace_limit() -> int:
     except ValueError:
         raise ValueError(f"BERTFAST_CPU_WORKSPACE_MB must be a number of megabytes, got {raw!r}") from None
     return int(mb * 2**20)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Exactly an nn.Linear without hooks: its weight and bias can go straight into a GEMM fused
+    with what follows. Anything else at a projection (a LoRA layer, a quantised or hooked Linear:
+    bertfast.accelerate serves a transformers model whose layers were replaced) is called as the
+    module it is, and the fused ops run on its output."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def linear(x, weight, bias=None, out: Optional[torch.Tensor] = None):
@@ -269,25 +277,31 @@ def dense_add_norm(hidden, dense: nn.Linear, residual, norm: nn.LayerNorm, dropo
     because the fresh GEMM output is read by nothing else (used only without autograd). With the
     context's lean path the op's unchecked entry, else the public, checked op. In CPU inference
     (ctx.gemm) the GEMM runs through cpu_gemm; the bias stays in the add-and-norm kernel, which
-    reads it in the pass LayerNorm makes anyway."""
-    if ctx is not None and ctx.gemm is not None:
+    reads it in the pass LayerNorm makes anyway. A `dense` that is not a plain Linear is called as
+    it is (its output carries its bias)."""
+    bias = dense.bias
+    if not plain_linear(dense):
+        x, bias = dense(hidden), None
+    elif ctx is not None and ctx.gemm is not None:
         x = cpu_gemm.linear(hidden, (dense.weight,), (dense.bias,), "none", ctx.gemm, out=out)
     else:
         x = linear(hidden, dense.weight, out=out)
     eager = ctx.eager if ctx is not None else None
     if eager is not None:
-        return bias_residual_layernorm_unchecked(eager.bias_residual_layernorm, eager.grad, x, dense.bias, residual,
+        return bias_residual_layernorm_unchecked(eager.bias_residual_layernorm, eager.grad, x, bias, residual,
                                                  norm.weight, norm.bias, norm.eps, dropout_p, inplace=True,
                                                  seed=eager.seed(dropout_p))
-    return ops.bias_residual_layernorm(x, dense.bias, residual, norm.weight, norm.bias, norm.eps, dropout_p,
-                                       inplace=True)
+    return ops.bias_residual_layernorm(x, bias, residual, norm.weight, norm.bias, norm.eps, dropout_p, inplace=True)
 
 
 def dense_act(hidden, dense: nn.Linear, act: str, ctx: Optional[ForwardContext] = None):
     """act(dense(hidden)), the FFN's first half: bias and GELU fused after the GEMM (written into the
     workspace's "inter" buffer when there is one); other activations in PyTorch. In CPU inference
     (ctx.gemm) the GEMM runs through cpu_gemm, which folds bias and GELU into it where the chosen
-    library's post-op is faster and otherwise finishes with the same fused kernel."""
+    library's post-op is faster and otherwise finishes with the same fused kernel. A `dense` that
+    is not a plain Linear is called as it is, then the activation."""
+    if act in FUSED_ACTS and not plain_linear(dense):
+        return F.gelu(dense(hidden), approximate=FUSED_ACTS[act])
     if act in FUSED_ACTS:
         out = ctx.buffer("inter", hidden.shape[0], dense.weight.shape[0], hidden) if ctx is not None else None
         if ctx is not None and ctx.gemm is not None and dense.bias is not None:
@@ -301,6 +315,24 @@ def dense_act(hidden, dense: nn.Linear, act: str, ctx: Optional[ForwardContext] 
             return bias_gelu_unchecked(eager.bias_gelu, eager.grad, x, dense.bias, FUSED_ACTS[act], inplace=True)
         return ops.bias_gelu(x, dense.bias, FUSED_ACTS[act], inplace=True)
     return activation_fn(act)(dense(hidden))
+
+
+def checkpointed_layer(checkpoint, layer: nn.Module, hidden, ctx: ForwardContext):
+    """One encoder layer under activation checkpointing: `checkpoint(run, hidden)`
+    (torch.utils.checkpoint.checkpoint with its use_reentrant choice bound, or a partial of it)
+    keeps only the layer's input and runs the layer again in backward. The layer's dropout seeds
+    are drawn once here, so the rerun draws the same masks; it gets a context of its own (no
+    workspace: autograd is recording)."""
+    eager = ctx.eager
+    seeds = None
+    if eager is not None and eager.seeds is not None:
+        seeds = [next(eager.seeds, None) for _ in range(3)]  # the three dropout calls of a layer
+
+    def run(rows):
+        lean = eager if seeds is None else eager._replace(seeds=iter(seeds))
+        return layer(rows, ForwardContext(ctx.layout, ctx.shape, ctx.key_mask, None, lean))
+
+    return checkpoint(run, hidden)
 
 
 # --------------------------------------------------------------------------------------

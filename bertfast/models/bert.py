@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ..padding import PackedLayout, clamp_offsets, layout_of, packed_layout, pad_input
-from ._engine import (ForwardContext, activation_fn, can_sync, check_inputs, check_packed, dense_act, dense_add_norm,
-                      embedding_layernorm_rows, first_tokens, linear, packed_positions, packed_qkv, read_back,
-                      release_workspace)
+from ._engine import (ForwardContext, activation_fn, can_sync, check_inputs, check_packed, checkpointed_layer, dense_act,
+                      dense_add_norm, embedding_layernorm_rows, first_tokens, linear, packed_positions, packed_qkv,
+                      plain_linear, read_back, release_workspace)
 from .config import BertConfig
 from .hub import load_pretrained, save_pretrained
 from .outputs import BertModelOutput
@@ -64,6 +64,8 @@ class BertSelfAttention(nn.Module):
         costs no concatenation of the weights per call. In CPU inference (ctx.gemm): one GEMM on the
         three weights packed together once by dispatch/cpu_gemm (repacked when one changes)."""
         lins = (self.query, self.key, self.value)
+        if not all(map(plain_linear, lins)):  # columns [q | k | v], as the concatenated weights give
+            return torch.cat([lin(hidden) for lin in lins], dim=-1)
         if ctx is not None and ctx.gemm is not None and all(lin.bias is not None for lin in lins):
             return packed_qkv(hidden, lins, ctx, out)
         ps = [p for lin in lins for p in (lin.weight, lin.bias)]
@@ -82,7 +84,8 @@ class BertSelfAttention(nn.Module):
     def forward(self, hidden, ctx: ForwardContext):
         """hidden: (tokens, hidden) rows; packed varlen when ctx.layout is given, else the
         (batch, seq) = ctx.shape rows of a padded batch with an optional key mask."""
-        qkv = self._qkv(hidden, ctx.buffer("qkv", hidden.shape[0], 3 * self.query.weight.shape[0], hidden), ctx)
+        qkv = self._qkv(hidden, ctx.buffer("qkv", hidden.shape[0], 3 * self.num_attention_heads * self.attention_head_size,
+                                           hidden), ctx)
         H, D = self.num_attention_heads, self.attention_head_size
         p = self.dropout_p if self.training else 0.0
         if ctx.layout is not None:  # packed rows (total, 3 * hidden)
@@ -113,7 +116,7 @@ class BertAttention(nn.Module):
         self.output = BertSelfOutput(config)
 
     def forward(self, hidden, ctx: ForwardContext):
-        out = ctx.buffer("attn", hidden.shape[0], self.output.dense.weight.shape[0], hidden)
+        out = ctx.buffer("attn", hidden.shape[0], hidden.shape[1], hidden)
         return self.output(self.self(hidden, ctx), hidden, out, ctx)
 
 
@@ -146,11 +149,16 @@ class BertLayer(nn.Module):
         (ctx.last) is fresh memory; any other layer's may live in the CPU workspace until the
         next layer's."""
         attn = self.attention(hidden, ctx)
-        out = ctx.output_buffer("out", hidden.shape[0], self.output.dense.weight.shape[0], hidden)
+        out = ctx.output_buffer("out", hidden.shape[0], hidden.shape[1], hidden)
         return self.output(self.intermediate(attn, ctx), attn, out, ctx)
 
 
 class BertEncoder(nn.Module):
+    """The layers. A layer whose `checkpoint` attribute holds a function `checkpoint(run, hidden)`
+    (torch.utils.checkpoint.checkpoint or a partial of it) runs under it while training with
+    autograd: activation checkpointing per layer (bertfast.accelerate sets there what transformers'
+    gradient_checkpointing_enable chose for each of its layers)."""
+
     def __init__(self, config: BertConfig):
         super().__init__()
         self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
@@ -332,9 +340,11 @@ class BertModel(BertPreTrainedModel):
         all_hidden = [hidden] if output_hidden_states else None
         ctx = ForwardContext.begin(self, hidden, layout, shape, key_mask, keep_hidden=all_hidden is not None)
         n = len(self.encoder.layer)
+        recording = self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.encoder.layer):
             ctx.last = i == n - 1
-            hidden = layer(hidden, ctx)
+            checkpoint = layer.__dict__.get("checkpoint") if recording else None
+            hidden = layer(hidden, ctx) if checkpoint is None else checkpointed_layer(checkpoint, layer, hidden, ctx)
             if all_hidden is not None:
                 all_hidden.append(hidden)
         return hidden, all_hidden

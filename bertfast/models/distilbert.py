@@ -130,9 +130,9 @@ class TransformerBlock(nn.Module):
         context = self.attention(hidden, ctx)
         # no dropout between out_lin and the residual add in DistilBERT
         attn = dense_add_norm(context, self.attention.out_lin, hidden, self.sa_layer_norm, 0.0,
-                              ctx.buffer("attn", rows, self.attention.out_lin.weight.shape[0], hidden), ctx)
+                              ctx.buffer("attn", rows, hidden.shape[1], hidden), ctx)
         inter = dense_act(attn, self.ffn.lin1, self.ffn.act, ctx)
-        out = ctx.output_buffer("out", rows, self.ffn.lin2.weight.shape[0], hidden)
+        out = ctx.output_buffer("out", rows, hidden.shape[1], hidden)
         p = self.ffn.dropout_p if self.training else 0.0
         return dense_add_norm(inter, self.ffn.lin2, attn, self.output_layer_norm, p, out, ctx)
 
