@@ -242,6 +242,7 @@ class _Accelerated:
     refusal: Optional[str] = None  # why every call goes to transformers (an unserved config or layer)
     registrations: int = -1  # _REGISTRATIONS when the sites were last checked
     layer_paths: List[str] = field(default_factory=list)  # of the twin's encoder layers
+    names: tuple = ()  # the transformers forward's positional parameters, read when accelerated
     warned: set = field(default_factory=set)
 
     def __setstate__(self, state):  # another process counts its own registrations: check the sites again
@@ -271,7 +272,8 @@ def _twin_of(hf: nn.Module) -> _Accelerated:
     except Unserved as e:
         return _Accelerated(None, [], None, None, refusal=f"{type(hf).__name__}: {e}")
     sites = _sites(twin)
-    state = _Accelerated(twin, [], _output_class(hf, swap), hf.get_input_embeddings().weight, sites)
+    state = _Accelerated(twin, [], _output_class(hf, swap), hf.get_input_embeddings().weight, sites,
+                         names=_signature(type(hf))[1])
     layers = {id(m): i for i, m in enumerate(twin.encoder.layer)}
     paths = {layers[id(m)]: name for name, m in twin.named_modules() if id(m) in layers}
     state.layer_paths = [paths[i] for i in range(len(layers))]
@@ -309,17 +311,18 @@ def _sync(hf: nn.Module, state: _Accelerated) -> None:
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _FLAGS = frozenset({"output_hidden_states", "return_dict", "output_attentions", "use_cache"})
 
-_SIGNATURES: Dict[type, tuple] = {}
+_SIGNATURES: Dict[Callable, tuple] = {}
 
 
 def _signature(cls: type) -> tuple:
     """(signature without self, names of the positional parameters) of cls.forward."""
-    got = _SIGNATURES.get(cls)
+    fn = cls.forward
+    got = _SIGNATURES.get(fn)
     if got is None:
-        sig = inspect.signature(cls.forward)
+        sig = inspect.signature(fn)
         params = list(sig.parameters.values())[1:]
         names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-        got = _SIGNATURES[cls] = (sig.replace(parameters=params), names)
+        got = _SIGNATURES[fn] = (sig.replace(parameters=params), names)
     return got
 
 
@@ -393,7 +396,7 @@ def _run(hf: nn.Module, args, kwargs):
             warnings.warn(f"bertfast.accelerate: {state.refusal}; this encoder runs transformers' forward",
                           stacklevel=3)
         return _hand_back(hf, state.refusal, args, kwargs)
-    _, names = _signature(type(hf))
+    names = state.names
     reason = _unserved_call(hf, names, args, kwargs)
     if reason is not None:
         return _hand_back(hf, reason, args, kwargs)
