@@ -95,7 +95,9 @@ def model_dir(workload: str) -> str:
         import transformers
 
         torch.manual_seed(0)
+        # position_embedding_type written out: CTranslate2's converter reads it from the config
         cfg = transformers.BertConfig(**_BASE_CFG)
+        cfg.position_embedding_type = "absolute"
         out = os.path.join(_tmpdir(), "bert-base-random")
         transformers.BertModel(cfg).eval().save_pretrained(out)
         transformers.AutoTokenizer.from_pretrained(path).save_pretrained(out)  # bert-base-uncased vocabulary
