@@ -277,10 +277,7 @@ def _twin_of(hf: nn.Module) -> _Accelerated:
     layers = {id(m): i for i, m in enumerate(twin.encoder.layer)}
     paths = {layers[id(m)]: name for name, m in twin.named_modules() if id(m) in layers}
     state.layer_paths = [paths[i] for i in range(len(layers))]
-    _sync(hf, state)  # puts the transformers leaves in place
-    left = [n for n, p in twin.named_parameters() if p.is_meta]
-    if state.refusal is None and left:
-        state.refusal = f"{type(hf).__name__}: parameters {left} of bertfast's encoder have no transformers counterpart"
+    _sync(hf, state)  # puts the transformers leaves in place (a position without one sets the refusal)
     shared = {id(m) for m in hf.modules()}
     state.own = [m for m in twin.modules() if id(m) not in shared]
     for m in state.own:
@@ -347,11 +344,21 @@ def _unserved_call(hf, names, args, kwargs) -> Optional[str]:
     if attn or (attn is None and getattr(hf.config, "output_attentions", False)):
         return "output_attentions"
     hs = call.get("output_hidden_states")
-    if hs is not None and not isinstance(hs, bool):
-        return "a selection of hidden states"
+    if hs is not None and not isinstance(hs, bool) and _selection(hs) is None:
+        return "output_hidden_states not a bool, an int or a list of ints"
     mask = call.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         return f"a {mask.dim()}-D attention_mask"
+    return None
+
+
+def _selection(hs) -> Optional[List[int]]:
+    """The hidden-state indices `output_hidden_states` selects (transformers 5: an int or a list of
+    ints; negative ones count from the end), None if it is none of those."""
+    if isinstance(hs, int) and not isinstance(hs, bool):
+        return [hs]
+    if isinstance(hs, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in hs):
+        return list(hs)
     return None
 
 
@@ -415,6 +422,7 @@ def _run(hf: nn.Module, args, kwargs):
     hidden = call.get("output_hidden_states")
     if hidden is None:
         hidden = bool(getattr(hf.config, "output_hidden_states", False))
+    selected = None if isinstance(hidden, bool) else _selection(hidden)
     for observe in call_observers:
         observe(hf, None)
     checkpointing = hf.training and torch.is_grad_enabled() and _checkpointing(hf)
@@ -422,12 +430,16 @@ def _run(hf: nn.Module, args, kwargs):
         _set_checkpoints(hf, state)
     try:
         out = state.twin(call.get("input_ids"), call.get("attention_mask"), call.get("token_type_ids"),
-                         call.get("position_ids"), output_hidden_states=hidden)
+                         call.get("position_ids"), output_hidden_states=bool(hidden))
     finally:
         if checkpointing:  # the functions transformers made are not picklable: held for this call only
             for layer in state.twin.encoder.layer:
                 layer.__dict__.pop("checkpoint", None)
-    fields = {"last_hidden_state": out.last_hidden_state, "hidden_states": out.hidden_states}
+    states = out.hidden_states
+    if selected is not None:  # as transformers: every position of the tuple, None where not selected
+        keep = {i % len(states) for i in selected}
+        states = tuple(h if i in keep else None for i, h in enumerate(states))
+    fields = {"last_hidden_state": out.last_hidden_state, "hidden_states": states}
     if "pooler_output" in state.output_class.__dataclass_fields__:
         fields["pooler_output"] = out.pooler_output
     res = state.output_class(**fields)

@@ -201,9 +201,25 @@ def _fallback_calls(family, hf):
     ids, mask = batch()
     embeds = hf.get_input_embeddings()(ids)
     return [("output_attentions", dict(input_ids=ids, attention_mask=mask, output_attentions=True)),
-            ("hidden-state selection", dict(input_ids=ids, attention_mask=mask, output_hidden_states=[0, 2])),
             ("inputs_embeds", dict(inputs_embeds=embeds, attention_mask=mask)),
             ("4-D mask", dict(input_ids=ids, attention_mask=mask[:, None, None, :].bool()))]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hidden_state_selection_is_served(family):
+    """output_hidden_states=[indices] (transformers 5): the selected states, None elsewhere, served;
+    the same tensors as output_hidden_states=True (so zeros at padded positions in both)."""
+    hf, fast = pair(family)
+    ids, mask = batch()
+    with Counting() as calls:
+        every = fast(ids, mask, output_hidden_states=True).hidden_states
+        some = fast(ids, mask, output_hidden_states=[0, -1]).hidden_states
+    assert calls.served == 2 and not calls.back
+    ref = hf(ids, mask, output_hidden_states=[0, -1]).hidden_states
+    assert len(some) == len(ref) == 3 and some[1] is None and ref[1] is None
+    for i in (0, 2):
+        torch.testing.assert_close(some[i], every[i])
+        assert_valid_close(some[i], ref[i], mask)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -461,3 +477,21 @@ def test_padded_positions_are_zeros_in_every_hidden_state(family):
         assert h[pad].abs().max().item() == 0.0
         assert_valid_close(h, r, mask)
     assert out.last_hidden_state[pad].abs().max().item() == 0.0
+
+
+def test_accelerated_while_on_meta_then_loaded_is_served():
+    """What from_pretrained does (and a post_init hook sees): the model is built on the meta device,
+    accelerated there, then its weights are assigned; the twin reads them, no refusal."""
+    hf, _ = pair()
+    with torch.device("meta"):
+        empty = transformers.BertModel(FAMILIES["bert"][0]())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bertfast.accelerate(empty)
+    empty.load_state_dict(hf.state_dict(), assign=True)
+    empty.eval()
+    ids, mask = batch()
+    with Counting() as calls:
+        out = empty(ids, mask).last_hidden_state
+    assert calls.served == 1 and not calls.back
+    assert_valid_close(out, hf(ids, mask).last_hidden_state, mask)
