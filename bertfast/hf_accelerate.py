@@ -309,6 +309,7 @@ _INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _FLAGS = frozenset({"output_hidden_states", "return_dict", "output_attentions", "use_cache"})
 
 _SIGNATURES: Dict[Callable, tuple] = {}
+_CLASS_NAMES: Dict[type, tuple] = {}
 
 
 def _signature(cls: type) -> tuple:
@@ -317,10 +318,19 @@ def _signature(cls: type) -> tuple:
     got = _SIGNATURES.get(fn)
     if got is None:
         sig = inspect.signature(fn)
-        params = list(sig.parameters.values())[1:]
+        params = list(sig.parameters.values())
+        if params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+            params = params[1:]  # self
         names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-        got = _SIGNATURES[fn] = (sig.replace(parameters=params), names)
-    return got
+        stand_in = not names and any(p.kind == p.VAR_POSITIONAL for p in params)
+        got = _SIGNATURES[fn] = (sig.replace(parameters=params), names, stand_in)
+    sig, names, stand_in = got
+    if stand_in:
+        # a (*args, **kwargs) stand-in put on the class (a spy): the names read before it, else
+        # only input_ids (every transformers encoder's first parameter) is taken by position
+        return sig, _CLASS_NAMES.get(cls, ("input_ids",))
+    _CLASS_NAMES[cls] = names
+    return sig, names
 
 
 def _unserved_call(hf, names, args, kwargs) -> Optional[str]:

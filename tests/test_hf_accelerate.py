@@ -45,6 +45,7 @@ def no_hf_forward(monkeypatch):
     """Makes the transformers BertModel.forward raise: the call must be served by bertfast."""
     def refuse(*a, **k):
         raise AssertionError("the transformers forward ran")
+    hf_accelerate._signature(transformers.BertModel)  # its parameter names, read before the stand-in
     monkeypatch.setattr(transformers.BertModel, "forward", refuse)
 
 
