@@ -29,10 +29,14 @@ thread count, like the GPU routing tables but measured where it runs. BERTFAST_C
 one implementation ("mkl", "onednn", "onednn_gelu", "fbgemm", "onednn_int8"; "auto" measures;
 "off": the encoder keeps its F.linear path, no packing, no measurement).
 
-Packed weights are made at first use and kept beside the parameters (a weak table keyed by
+In fp32 nothing is kept: each call runs on the parameters as they are (oneDNN is as fast on
+the plain weight as on a reordered copy, and writes through `.data` bump no version counter, so
+a kept copy could go stale unseen). In bf16 and int8 the converted weights are made at first use
+and kept beside the parameters (a weak table keyed by
 the first weight, so pickling, deepcopy and state dicts never see them); every call compares
 the parameters' version counters and storage pointers with those the pack was made from, so
-an optimizer step, an in-place edit or a `.data` swap is seen on the next call. This path is
+an optimizer step, an in-place edit or a `.data` swap is seen on the next call; an in-place write
+through `.data` is not (call `release(model)` after one, or set the precision again). This path is
 for inference only: the engine calls it under no_grad / inference_mode on CPU tensors, never
 when autograd records, under torch.compile or autocast (those keep F.linear).
 
@@ -145,6 +149,9 @@ class _Pack:
         if impl == "mkl":
             self.weight = w
             self.bias = None if b is None else b.to(dtype).contiguous()
+        elif precision == "fp32":  # oneDNN on the parameter itself (see _pack_for)
+            self.weight = w
+            self.bias = None if b is None else b.float().contiguous()
         else:  # oneDNN: reordered once; its bias post-op adds an fp32 bias to bf16 products too
             self.weight = torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
             self.bias = None if b is None else b.float().contiguous()
@@ -197,6 +204,12 @@ _ENGINE_LOCK = threading.Lock()
 
 def _pack_for(impl: str, precision: str, weights, biases, fold_bias: bool, rows: int) -> Optional[_Pack]:
     params = tuple(weights) + (tuple(biases) if biases is not None else ())
+    if precision == "fp32":
+        # fp32 keeps no copy of the weights: writes through `.data` (EMA updates, weight surgery,
+        # some loaders) bump no version counter, so a kept copy could go stale unseen. oneDNN runs
+        # as fast on the plain weight as on its reordered copy, and concatenating Q, K and V per
+        # call costs a copy of one layer's QKV weights, small beside their GEMM.
+        return _Pack(impl, precision, weights, biases, fold_bias, rows)
     stamp = _stamp(params)
     if stamp is None:
         return None

@@ -33,9 +33,11 @@ def get_inference_precision(model: nn.Module) -> str:
 
 def set_inference_precision(model: nn.Module, precision: str = "fp32") -> nn.Module:
     """Sets the CPU inference precision of `model`'s encoder GEMMs; refuses a precision this CPU
-    has no instructions for (cpu_gemm.check_precision). Returns `model`."""
+    has no instructions for (cpu_gemm.check_precision). Drops the bf16/int8 weight copies made so
+    far (call it again after writing weights through `.data`). Returns `model`."""
     precision = cpu_gemm.check_precision(precision)
     base_model(model).inference_precision = precision
+    cpu_gemm.release(model)  # converted weights are made again from the parameters as they are now
     return model
 
 

@@ -62,27 +62,54 @@ def test_fp32_equals_linear(monkeypatch, impl, epilogue, rows, k, n):
 
 
 @pytest.mark.parametrize("impl", FP32)
-def test_weight_edit_after_packing_is_seen(monkeypatch, impl):
-    """In-place edits (optimizer steps, loaders) and `.data` swaps both invalidate the pack."""
+def test_fp32_sees_every_weight_write(monkeypatch, impl):
+    """fp32 keeps no copy of the weights: in-place edits (optimizer steps, loaders), `.data` swaps
+    and writes through `.data` (which bump no version counter) are all seen on the next call."""
     monkeypatch.setenv("BERTFAST_CPU_GEMM", impl)
     epilogue = "gelu" if impl == "onednn_gelu" else "bias"
     w, b = _params(33, 65)
     x = torch.randn(9, 65)
-    with torch.inference_mode():
-        cpu_gemm.linear(x, (w,), (b,), epilogue, finish=_gelu_finish())
+
+    def check():
+        with torch.inference_mode():
+            y = cpu_gemm.linear(x, (w,), (b,), epilogue, finish=_gelu_finish())
+        torch.testing.assert_close(y.double(), _ref(x, (w,), (b,), epilogue), rtol=1e-5, atol=2e-5)
+
+    check()
     with torch.no_grad():
         w.mul_(-2.0)
         b.add_(1.0)
-    with torch.inference_mode():
-        y = cpu_gemm.linear(x, (w,), (b,), epilogue, finish=_gelu_finish())
-    torch.testing.assert_close(y.double(), _ref(x, (w,), (b,), epilogue), rtol=1e-5, atol=2e-5)
+    check()
     w.data = torch.randn(33, 65)
-    with torch.inference_mode():
-        y = cpu_gemm.linear(x, (w,), (b,), epilogue, finish=_gelu_finish())
-    torch.testing.assert_close(y.double(), _ref(x, (w,), (b,), epilogue), rtol=1e-5, atol=2e-5)
+    check()
+    w.data.mul_(3.0)
+    b.data.sub_(2.0)
+    check()
+    assert cpu_gemm.pack_count(w) == 0
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="needs AVX512-BF16 or AMX")
+def test_bf16_pack_follows_weight_edits(monkeypatch):
+    """bf16 keeps converted weights: an in-place edit or a `.data` swap replaces the stale copy."""
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", "onednn")
+    w, b = _params(33, 65)
+    x = torch.randn(9, 65)
+
+    def check():
+        with torch.inference_mode():
+            y = cpu_gemm.linear(x, (w,), (b,), "bias", "bf16")
+        torch.testing.assert_close(y.double(), _ref(x, (w,), (b,), "bias"), rtol=3e-2, atol=6e-2)
+
+    check()
+    with torch.no_grad():
+        w.mul_(-2.0)
+    check()
+    w.data = torch.randn(33, 65)
+    check()
     assert cpu_gemm.pack_count(w) == 1  # the stale pack was replaced, not kept beside
 
 
+@pytest.mark.skipif(not HAS_BF16, reason="needs AVX512-BF16 or AMX")
 def test_pack_made_once(monkeypatch):
     monkeypatch.setenv("BERTFAST_CPU_GEMM", "onednn")
     w, b = _params(16, 8)
@@ -96,7 +123,7 @@ def test_pack_made_once(monkeypatch):
     monkeypatch.setattr(cpu_gemm._Pack, "__init__", spy)
     with torch.inference_mode():
         for rows in (3, 50, 3):
-            cpu_gemm.linear(torch.randn(rows, 8), (w,), (b,), "bias")
+            cpu_gemm.linear(torch.randn(rows, 8), (w,), (b,), "bias", "bf16")
     assert len(made) == 1
 
 
