@@ -46,6 +46,10 @@ first valid token (position 0 under right padding, which is what transformers re
 stay transformers' own code, losses included (its QA loss still lets padded positions into the
 span softmax, as transformers does; bertfast's own BertForQuestionAnswering masks them).
 
+Why one file: the swap is one mechanism read top to bottom (which encoders, which layers can be
+served, the twin kept in step with the live modules, which calls are served, the forward that
+survives pickling); split, each part would need the others' private state to make sense.
+
 ENCODERS maps a transformers `model_type` to its bertfast encoder (the BERT family, through
 models.convert); another one plugs in with `register_encoder(model_type, build, output_class)`:
 `build(hf_encoder)` returns an empty (meta) bertfast encoder whose module tree has the transformers

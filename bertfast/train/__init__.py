@@ -1,9 +1,9 @@
 """Pre-training (MLM + NSP) and fine-tuning loops, single process or DDP through torchrun.
 
-Modules: runtime (optimizer, schedule, ranks/devices, RNG state, metrics log, checkpoints),
-pretrain (the MLM + NSP loop and its parser), finetune (task data formats beside the
-fine-tuning loop and its parser), cli (`bertfast pretrain|finetune`). Imports go
-runtime <- pretrain, finetune <- cli.
+Modules: args (the two commands' parsers and the fine-tuning data formats, torch-free),
+runtime (optimizer, schedule, ranks/devices, RNG state, metrics log, checkpoints), pretrain
+(the MLM + NSP loop), finetune (task data loading and the fine-tuning loop), cli (`bertfast
+pretrain|finetune`). Imports go args, runtime <- pretrain, finetune <- cli.
 
     bertfast pretrain --train corpus.txt --vocab-size 8000 --config tiny --max-steps 1000 \
         --batch-size 32 --seq-len 128 --out runs/tiny
@@ -29,14 +29,31 @@ and ends with the same parameters.
 Fine-tuning data formats: finetune.DATA_FORMATS, printed by `bertfast finetune --help`.
 """
 
-from .cli import cli_main
-from .finetune import (NLI_LABELS, TASKS, build_features, collate_features, evaluate_finetune, finetune,
-                       finetune_parser, label_set, read_records)
-from .pretrain import evaluate_pretraining, pretrain, pretrain_parser
-from .runtime import (MetricsLog, Runtime, build_optimizer, parameter_groups, read_metrics,
-                      warmup_linear_schedule)
+import importlib
 
-__all__ = ["MetricsLog", "NLI_LABELS", "Runtime", "TASKS", "build_features", "build_optimizer", "cli_main",
-           "collate_features", "evaluate_finetune", "evaluate_pretraining", "finetune", "finetune_parser",
-           "label_set", "parameter_groups", "pretrain", "pretrain_parser", "read_metrics", "read_records",
-           "warmup_linear_schedule"]
+# public name -> the module that defines it, loaded on first use: `bertfast pretrain --help` and
+# argument errors (train.cli, train.args) answer before torch is imported
+_LAZY = {
+    "cli_main": "cli",
+    **dict.fromkeys(("finetune_parser", "pretrain_parser", "DATA_FORMATS", "TASKS"), "args"),
+    **dict.fromkeys(("NLI_LABELS", "build_features", "collate_features", "evaluate_finetune", "finetune", "label_set",
+                     "read_records"), "finetune"),
+    **dict.fromkeys(("evaluate_pretraining", "pretrain"), "pretrain"),
+    **dict.fromkeys(("MetricsLog", "Runtime", "build_optimizer", "parameter_groups", "read_metrics",
+                     "warmup_linear_schedule"), "runtime"),
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'bertfast.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -2,7 +2,6 @@
 evaluates them, and the `bertfast finetune` argument parser."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -17,20 +16,11 @@ from .runtime import MetricsLog, Runtime, build_optimizer, progress_bar, warmup_
 
 # ---- fine-tuning data -----------------------------------------------------------------------
 
-TASKS = ("cls", "nli", "ner", "qa")
+from .args import DATA_FORMATS, TASKS  # noqa: F401 - re-exported
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
 
 # `bertfast finetune --help` prints this; docs/cli.md repeats it.
-DATA_FORMATS = """data formats (one record per line for .jsonl; a header row for .csv/.tsv):
-  cls  {"text": "...", "label": "sports"}  optional "text_pair"; multi-label (--multi-label): "labels": [...]
-       csv/tsv columns: text,label[,text_pair]
-  nli  {"premise": "...", "hypothesis": "...", "label": "entailment|neutral|contradiction"}
-       (sentence1/sentence2 accepted too); csv/tsv columns: premise,hypothesis,label
-  ner  {"tokens": ["John", "lives", "in", "Paris"], "tags": ["B-PER", "O", "O", "B-LOC"]}  (jsonl)
-  qa   {"question": "...", "context": "...", "answers": {"text": ["..."], "answer_start": [17]}}
-       (jsonl, SQuAD style; an empty answers list means unanswerable)
-The output folder holds the model, its tokenizer and the label names; predict with it:
-  bertfast classify|tag|answer --model OUT records.jsonl"""
+
 
 
 def read_records(path: str, what: str) -> List[dict]:
@@ -480,41 +470,5 @@ def _crf_constraints(given: str, labels: List[str]) -> Optional[str]:
         bio = all(lab == "O" or (lab[:2] in ("B-", "I-") and len(lab) > 2) for lab in labels)
         return "bio" if bio else None
     return None if given == "none" else given
-
-
-def finetune_parser() -> argparse.ArgumentParser:
-    from .._help import HelpFormatter
-
-    p = argparse.ArgumentParser(prog="bertfast finetune", description="Fine-tune a checkpoint for a task: a "
-                                "classification (cls, nli), tagging (ner) or extractive QA (qa) head on its encoder.",
-                                epilog=DATA_FORMATS, formatter_class=HelpFormatter)
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--model", required=True, help="checkpoint folder with config, weights and tokenizer")
-    p.add_argument("--train", required=True, help=".jsonl/.csv/.tsv training file")
-    p.add_argument("--eval", help=".jsonl/.csv/.tsv evaluation file (evaluated after each epoch)")
-    p.add_argument("--out", required=True, help="output folder: model, tokenizer, label names, metrics.jsonl")
-    p.add_argument("--labels", help="comma-separated label set (default: those of --train)")
-    p.add_argument("--multi-label", action="store_true", help="cls: several labels per text (sigmoid + BCE)")
-    p.add_argument("--threshold", type=float, default=0.5, help="multi-label decision threshold")
-    p.add_argument("--crf", action="store_true", help="ner: a linear-chain CRF head (Viterbi decoding)")
-    p.add_argument("--crf-constraints", choices=["auto", "bio", "none"], default="auto",
-                   help="ner --crf: forbid invalid BIO transitions when decoding (auto: when the labels are BIO)")
-    p.add_argument("--epochs", type=int, default=3, help="passes over --train")
-    p.add_argument("--batch-size", type=int, default=32, help="examples (qa: windows) per step")
-    p.add_argument("--max-seq-len", type=int, default=128, help="tokens per example; longer "
-                   "ones are cut (a note says how many), qa contexts are windowed")
-    p.add_argument("--doc-stride", type=int, default=64, help="qa: context tokens shared by adjacent windows")
-    p.add_argument("--max-answer-len", type=int, default=30, help="qa evaluation: longest answer in tokens")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps with "
-                   "a linear warm-up (then linear decay)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    p.add_argument("--seed", type=int, default=0, help="head initialisation, data order, dropout")
-    p.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl loss line")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 

@@ -2,7 +2,6 @@
 and the `bertfast pretrain` argument parser."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -397,63 +396,5 @@ def _eval_only(args, rt: Runtime, model_cls) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     return evaluate_pretraining(model, _eval_stream_batches(args, tok, args.eval_batches), rt, not args.dense_mlm)
-
-
-def pretrain_parser() -> argparse.ArgumentParser:
-    from .._help import HelpFormatter
-
-    p = argparse.ArgumentParser(prog="bertfast pretrain", description="MLM + NSP pre-training from BERT-format text "
-                                "files (one sentence per line, a blank line between documents).",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--train", nargs="+", help="corpus files (required unless --eval-only)")
-    p.add_argument("--eval", nargs="+", help="held-out corpus files, evaluated every --eval-every steps")
-    p.add_argument("--out", help="output folder (model, tokenizer, metrics.jsonl, checkpoints/)")
-    p.add_argument("--init", help="start from this model folder (BertForPreTraining weights + tokenizer) instead "
-                   "of random weights")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate --init on --eval (MLM/NSP loss and "
-                   "accuracy, all --eval-batches of it; 0 = the whole corpus) and print the result")
-    p.add_argument("--tokenizer", help="tokenizer folder; without it a WordPiece vocab is trained on --train")
-    p.add_argument("--vocab-size", type=int, default=8000,
-                   help="WordPiece vocabulary trained on --train when no --tokenizer/--init")
-    p.add_argument("--cased", action="store_true", help="keep case when training a vocabulary")
-    p.add_argument("--config", default="tiny", help="tiny | mini | base | large, or a config.json path")
-    p.add_argument("--dropout", type=float, help="override hidden and attention dropout")
-    p.add_argument("--attention-dropout", type=float, help="override attention dropout only (0 skips the "
-                   "attention-probability masks, the costliest part of a small model's CPU step)")
-    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch per rank")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per NSP pair sequence")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
-    p.add_argument("--warmup-steps", type=int, help="default: 10%% of --max-steps")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    p.add_argument("--mlm-probability", type=float, default=0.15, help="share of tokens masked (80/10/10)")
-    p.add_argument("--whole-word-mask", action="store_true", help="mask every piece of a chosen word")
-    p.add_argument("--short-seq-prob", type=float, default=0.1,
-                   help="share of pairs shorter than --seq-len, as BERT does")
-    p.add_argument("--dense-mlm", action="store_true", help="project every position to the vocabulary "
-                   "(default: only the masked ones)")
-    p.add_argument("--num-shards", type=int, help="data shards (default: world size)")
-    p.add_argument("--seed", type=int, default=0, help="weights, data order, masking, dropout")
-    p.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl line")
-    p.add_argument("--eval-every", type=int, default=200, help="steps between --eval evaluations (0: never)")
-    p.add_argument("--eval-batches", type=int, default=20, help="batches per evaluation")
-    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: never)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
-    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in "
-                   "--out/checkpoints (damaged ones are skipped with a warning)")
-    p.add_argument("--force-resume", action="store_true", help="resume even when settings that break an exact "
-                   "resume (--seed, --batch-size, --seq-len, ...) differ from the checkpoint's")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
-    p.add_argument("--threads", type=int, help="torch CPU threads per process")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--pack", action="store_true", help="pack several NSP pairs per row of --pack-budget tokens "
-                   "(--batch-size rows per micro-batch; cu_seqlens per pair, positions restarting per pair)")
-    p.add_argument("--pack-budget", type=int, help="tokens per packed row (default: --seq-len)")
-    p.add_argument("--pairs-per-row", type=int, help="pair slots per packed row (default: one per 32 tokens)")
-    p.add_argument("--cuda-graph", action="store_true", help="capture forward, backward, clipping and the AdamW "
-                   "step in one CUDA graph (needs --pack, --dropout 0, --grad-accum 1, one CUDA process)")
-    return p
 
 

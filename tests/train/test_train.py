@@ -541,3 +541,30 @@ def test_disk_full_while_saving_is_clear_and_leaves_no_partial_folder(setup, tmp
     with pytest.raises(OSError, match="no space left .*checkpoints/step-00000001.tmp"):
         pretrain(_args(setup, out, "--max-steps", "1", "--save-every", "1"))
     assert os.listdir(out / "checkpoints") == []
+
+
+def test_train_argument_errors_come_before_torch_is_imported():
+    """`bertfast pretrain|finetune` parse their arguments before loading torch: --help, a missing
+    required option and a bad choice are answered at once."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = """
+import contextlib, io, sys
+from bertfast.cli import main
+calls = [["finetune", "--task", "cls", "--model", "m", "--train", "t.jsonl"],   # --out missing
+         ["finetune", "--task", "sum", "--model", "m", "--train", "t.jsonl", "--out", "o"],
+         ["pretrain", "--lr", "fast"],
+         ["pretrain", "--help"]]
+codes = []
+for argv in calls:
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            codes.append(main(argv))
+        except SystemExit as e:
+            codes.append(e.code)
+print(codes, "torch" in sys.modules)
+"""
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[2,", "2,", "2,", "0]", "False"], (r.stdout, r.stderr)
+    assert "--out" in r.stderr and "invalid choice: 'sum'" in r.stderr and "invalid float value: 'fast'" in r.stderr
