@@ -254,11 +254,17 @@ class _Accelerated:
 
 
 def _output_class(hf: nn.Module, swap: EncoderSwap) -> type:
-    """The ModelOutput class the transformers forward is annotated to return (its name has changed
-    between transformers releases), else the one `swap` names."""
+    """The ModelOutput class the transformers encoder returns: the one `swap` names, else (a
+    release that renamed it) the one its forward is annotated to return. The name comes first
+    because annotations can disagree with what a forward returns (transformers 5's ElectraModel
+    is annotated BaseModelOutputWithCrossAttentions and returns the ...WithPast... class, whose
+    `cache` its causal-LM head reads)."""
     import transformers.modeling_outputs as outputs
     from transformers.utils import ModelOutput
 
+    named = getattr(outputs, swap.output_class, None)
+    if named is not None:
+        return named
     try:
         ret = typing.get_type_hints(type(hf).forward).get("return")
     except Exception:  # annotations a transformers release cannot resolve at run time
@@ -266,17 +272,19 @@ def _output_class(hf: nn.Module, swap: EncoderSwap) -> type:
     for t in typing.get_args(ret) or (ret,):
         if isinstance(t, type) and issubclass(t, ModelOutput):
             return t
-    return getattr(outputs, swap.output_class)
+    raise Unserved(f"transformers has no output class {swap.output_class!r} and {type(hf).__name__}.forward "
+                   "names none")
 
 
 def _twin_of(hf: nn.Module) -> _Accelerated:
     swap = ENCODERS[hf.config.model_type]
     try:
         twin = swap.build(hf)
+        output_class = _output_class(hf, swap)
     except Unserved as e:
         return _Accelerated(None, [], None, None, refusal=f"{type(hf).__name__}: {e}")
     sites = _sites(twin)
-    state = _Accelerated(twin, [], _output_class(hf, swap), hf.get_input_embeddings().weight, sites,
+    state = _Accelerated(twin, [], output_class, hf.get_input_embeddings().weight, sites,
                          names=_signature(type(hf))[1])
     layers = {id(m): i for i, m in enumerate(twin.encoder.layer)}
     paths = {layers[id(m)]: name for name, m in twin.named_modules() if id(m) in layers}

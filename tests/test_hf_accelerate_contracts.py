@@ -187,6 +187,18 @@ def test_signature_is_transformers(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_output_class_is_the_one_transformers_returns(family):
+    """The heads read fields of the encoder's output by name (ELECTRA's causal-LM head reads
+    `.cache`), so a served call returns the very class transformers' encoder returns."""
+    hf, fast = pair(family)
+    ids, mask = batch()
+    with Counting() as calls:
+        out = fast(input_ids=ids, attention_mask=mask)
+    assert calls.served == 1
+    assert type(out) is type(hf(input_ids=ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_positional_call_in_the_family_order_is_served(family):
     hf, fast = pair(family)
     ids, mask = batch()
