@@ -314,3 +314,15 @@ def _swap_in(tmp: str, folder: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
         return
     raise OSError(errno.EBUSY, f"{folder} kept changing while swapping the new version in")
+
+
+def sha256_file(path: str) -> str:
+    """The SHA-256 of a file's bytes, read in 4 MiB chunks (checkpoint manifests, shard records,
+    model fingerprints)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -28,6 +28,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from .._io import sha256_file
+
 INDEX = "index.json"
 
 
@@ -56,17 +58,9 @@ MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "tokeniz
                "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_fingerprint(folder: str) -> dict:
     """{file: SHA-256} of the model folder's files that decide the vectors (MODEL_FILES present)."""
-    return {name: _sha256(os.path.join(folder, name)) for name in MODEL_FILES
+    return {name: sha256_file(os.path.join(folder, name)) for name in MODEL_FILES
             if os.path.isfile(os.path.join(folder, name))}
 
 
@@ -106,7 +100,7 @@ def _write_shard(out: str, shard: dict, emb: np.ndarray) -> None:
     path = os.path.join(out, shard["file"])
     save_numpy(path, emb)
     _write_json(os.path.join(out, _record_name(shard)), {"rows": int(emb.shape[0]), "hidden": int(emb.shape[1]),
-                                                         "dtype": str(emb.dtype), "sha256": _sha256(path)})
+                                                         "dtype": str(emb.dtype), "sha256": sha256_file(path)})
 
 
 def _shard_done(out: str, shard: dict) -> bool:
@@ -125,7 +119,7 @@ def _shard_done(out: str, shard: dict) -> bool:
         return False
     if arr.shape != (shard["end"] - shard["start"], rec.get("hidden")) or rec.get("rows") != arr.shape[0]:
         return False
-    return rec.get("sha256") == _sha256(path)
+    return rec.get("sha256") == sha256_file(path)
 
 
 def plan(out: str, job: dict, n: int, world: int, shard_size: Optional[int]) -> dict:

@@ -15,6 +15,8 @@ from typing import List, Optional
 
 import torch
 
+from .._io import sha256_file
+
 # ---- optimisation ---------------------------------------------------------------------------
 
 
@@ -207,14 +209,6 @@ EXACT_ARGS = ("seed", "batch_size", "seq_len", "grad_accum", "max_steps", "lr", 
               "tokenizer", "vocab_size", "cased", "config", "dropout", "attention_dropout", "init", "corpus_sha256")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def corpus_fingerprint(files) -> List[str]:
     """The SHA-256 of each corpus file, in order: what an exact resume must read again. The same
     pass checks the whole file is UTF-8 (an error names the file and line), so a bad byte deep in a
@@ -244,7 +238,7 @@ def corpus_fingerprint(files) -> List[str]:
 
 def write_manifest(folder: str) -> None:
     files = sorted(f for f in os.listdir(folder) if f != MANIFEST)
-    entries = {f: {"bytes": os.path.getsize(os.path.join(folder, f)), "sha256": _sha256(os.path.join(folder, f))}
+    entries = {f: {"bytes": os.path.getsize(os.path.join(folder, f)), "sha256": sha256_file(os.path.join(folder, f))}
                for f in files}
     atomic_write_text(os.path.join(folder, MANIFEST), json.dumps({"files": entries}, indent=1))
 
@@ -265,7 +259,7 @@ def checkpoint_problem(folder: str) -> Optional[str]:
             return f"{name} is missing"
         if os.path.getsize(path) != meta.get("bytes"):
             return f"{name} has {os.path.getsize(path)} bytes, the manifest says {meta.get('bytes')} (truncated?)"
-        if _sha256(path) != meta.get("sha256"):
+        if sha256_file(path) != meta.get("sha256"):
             return f"{name} does not match its SHA-256 in the manifest (damaged)"
     return None
 
