@@ -194,11 +194,11 @@ def _jit_build(src: str, cap: str) -> None:
     if not jobs_set:
         os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, 8)))
     jobs = int(os.environ["MAX_JOBS"]) if os.environ["MAX_JOBS"].isdigit() else 1
-    # Said before the wait, not after it: the first build is silent for minutes otherwise.
-    # The sources take ~270 CPU-seconds to compile, spread over the jobs (at most one per source).
-    minutes = max(1, round(270 / min(jobs, len(sources) + 1) / 60))
-    print(f"bertfast: building the C++ CPU kernels once ({cap}), about {minutes} minute{'s' * (minutes > 1)} "
-          f"with {jobs} compile job{'s' * (jobs > 1)}; later runs load the cached build", file=sys.stderr, flush=True)
+    # Said before the wait, not after it: the first build is silent for most of a minute otherwise.
+    # The sources take about a minute of CPU time in all (docs/install.md), so even one job ends
+    # in about a minute; more jobs only shorten it.
+    print(f"bertfast: building the C++ CPU kernels once ({cap}), about a minute with {jobs} compile "
+          f"job{'s' * (jobs > 1)}; later runs load the cached build", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         cpp_extension.load(name=name, sources=sources + [tag_src], extra_cflags=cflags + [f"-I{src}"],

@@ -313,7 +313,9 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path, capfd)
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1, msgs
     assert "failed to build" in msgs[0] and "deliberately broken" in msgs[0], msgs[0]
-    assert "building the C++ CPU kernels once" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    # the estimate matches the measured build (tens of seconds on 2 cores), not a stale "2 minutes"
+    assert "building the C++ CPU kernels once" in err and "about a minute" in err, err
     torch.testing.assert_close(y1, ops.bias_gelu_ref(x, b))
     assert torch.equal(y1, y2)
     st = cpp.status()
