@@ -195,7 +195,7 @@ class Masker:
 # ---- NSP pairs ------------------------------------------------------------------------------
 
 
-def _truncate_pair(a: List[int], b: List[int], max_tokens: int, rng: random.Random) -> None:
+def truncate_pair(a: List[int], b: List[int], max_tokens: int, rng: random.Random) -> None:
     """Trim the longer segment, from the front or the back at random (Google's rule), in place."""
     while len(a) + len(b) > max_tokens:
         longer = a if len(a) > len(b) else b
@@ -236,11 +236,10 @@ class PretrainingStream:
 
     # Documents of this shard, tokenized into segments (one list of ids per sentence).
     def _documents(self) -> Iterator[List[List[int]]]:
-        enc = self.tokenizer._tok
         for i, doc in enumerate(iter_documents(self.files)):
             if i % self.num_shards != self.shard:
                 continue
-            segs = [e.ids for e in enc.encode_batch(doc, add_special_tokens=False)]
+            segs = [e.ids for e in self.tokenizer.encodings(doc, add_special_tokens=False)]
             segs = [s for s in segs if s]
             if segs:
                 yield segs
@@ -287,7 +286,7 @@ class PretrainingStream:
                     i -= unused if len(chunk) > 1 else 0
                 else:
                     b = b_real
-                _truncate_pair(a, b, max_tokens, rng)
+                truncate_pair(a, b, max_tokens, rng)
                 if a and b:
                     yield a, b, int(is_random)
                 chunk, length = [], 0

@@ -270,3 +270,72 @@ def test_long_modules_say_why():
         if text.count("\n") > LONG:
             doc = ast.get_docstring(ast.parse(text)) or ""
             assert "why one file" in doc.lower(), f"{name} has {text.count(chr(10))} lines: split it or say why"
+
+
+# `from X import _name` across files: a leading underscore says "this file's own", so another file
+# reaching for it couples the two behind the reader's back. Helper modules whose own name starts
+# with `_` (`_io`, `_engine`, `_help`, kernels/_launch ...) exist to be imported by their package and
+# are fine to import from, as is a `_` module itself. Any other exception is listed here,
+# (importer, source module, name): reason.
+PRIVATE_IMPORT_EXCEPTIONS: dict = {}
+
+
+def private_imports(mods: dict, exceptions: dict = PRIVATE_IMPORT_EXCEPTIONS) -> list:
+    """Every `from X import _name` (module-level or inside a function) where X is another of the
+    project's modules whose own name does not start with `_` and `_name` is not itself a `_`
+    module: (importer, line, X, name)."""
+    bad = []
+    for name, path in sorted(mods.items()):
+        is_pkg = path.endswith("__init__.py")
+        base = name if is_pkg else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                parts = base.split(".")
+                parent = ".".join(parts[:len(parts) - node.level + 1])
+                src = f"{parent}.{node.module}" if node.module else parent
+            else:
+                src = node.module or ""
+            if src not in mods or src == name or src.rsplit(".", 1)[-1].startswith("_"):
+                continue
+            for alias in node.names:
+                n = alias.name
+                if not n.startswith("_") or n.startswith("__") or f"{src}.{n}" in mods:
+                    continue
+                if (name, src, n) not in exceptions:
+                    bad.append((name, node.lineno, src, n))
+    return bad
+
+
+def test_no_private_name_is_imported_from_another_file():
+    bad = private_imports(_modules())
+    assert not bad, "private names imported from another file (make them public where they belong, or list the " \
+                    "exception with its reason in PRIVATE_IMPORT_EXCEPTIONS):\n" + "\n".join(
+        f"  {m}:{line} imports {n} from {src}" for m, line, src, n in bad)
+
+
+@pytest.mark.parametrize("rel, line, caught", [
+    ("bench/graphs.py", "    from ..train.pretrain import _pretraining_losses",
+     ("bertfast.train.pretrain", "_pretraining_losses")),
+    ("tasks/embedding.py", "from bertfast.tokenizer import _word_counts", ("bertfast.tokenizer", "_word_counts")),
+    ("dispatch/cuda.py", "    from .cpp import _load_library", ("bertfast.dispatch.cpp", "_load_library")),
+    # allowed: a name of a `_` helper module, and a `_` module itself
+    ("train/finetune.py", "    from .._io import atomic_folder as _atomic", None),
+    ("bench/host.py", "    from ..models import _engine", None),
+])
+def test_a_planted_private_import_is_caught(tmp_path, rel, line, caught):
+    """The checker fails on a private name imported from another file (relative, absolute, inside a
+    function), and the unplanted copy passes; importing from a `_` helper module stays allowed."""
+    import shutil
+
+    dst = tmp_path / "bertfast"
+    shutil.copytree(PACKAGES["bertfast"], dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "kernels"))
+    packages = {"bertfast": str(dst), "bertfast.kernels": PACKAGES["bertfast.kernels"]}
+    assert private_imports(_modules(packages)) == [], "the unplanted copy must pass"
+    target = dst / rel
+    text = target.read_text(encoding="utf-8")
+    target.write_text(text + f"\n\ndef _planted():\n{line}\n" if line.startswith(" ") else f"{line}\n" + text,
+                      encoding="utf-8")
+    bad = [(m, src, n) for m, _, src, n in private_imports(_modules(packages))]
+    assert bad == ([(_module_of("bertfast/" + rel), *caught)] if caught else []), bad

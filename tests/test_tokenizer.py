@@ -152,3 +152,42 @@ def test_pack_holds_the_padded_batch_tokens_without_padding(pair):
     assert pack_rows([]).cu_seqlens.tolist() == [0] and pack_rows([]).max_seqlen == 0
     with pytest.raises(ValueError, match="type_rows"):
         pack_rows([[5, 6]], [[0]])
+
+
+class _PublicOnly:
+    """A Tokenizer seen through its public names only: reading one of its `_` attributes fails."""
+
+    def __init__(self, tok):
+        self.wrapped = tok
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(f"{name} is the Tokenizer's own: use its public methods")
+        return getattr(self.wrapped, name)
+
+
+def test_the_task_data_and_bench_modules_use_the_public_tokenizer(pair, tmp_path):
+    """Question-answering windows, the pre-training stream and the benchmark's pre-training pairs
+    give the same results through the Tokenizer's public names alone (none reaches into the
+    `tokenizers` object it wraps)."""
+    from bertfast.bench.encoder import real_sentences
+    from bertfast.bench.graphs import pretraining_pairs
+    from bertfast.data import PretrainingStream
+    from bertfast.tasks import qa_windows
+
+    tok = pair[0]
+    public = _PublicOnly(tok)
+    q, ctx = "What does the licence allow?", "The licence allows redistribution of the software, with or without changes."
+    assert qa_windows(public, q, ctx, max_seq_len=16, doc_stride=4) == qa_windows(tok, q, ctx, 16, 4)
+    corpus = tmp_path / "c.txt"
+    sents = real_sentences(40)
+    corpus.write_text("\n\n".join("\n".join(sents[i::4]) for i in range(4)), encoding="utf-8")
+
+    def first(t, n=6):
+        stream = iter(PretrainingStream([str(corpus)], t, max_seq_len=32, seed=3, doc_pool=4, shuffle_buffer=4))
+        return [next(stream) for _ in range(n)]
+
+    for got, want in zip(first(public), first(tok)):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    for got, want in zip(pretraining_pairs(public, 3, max_len=24), pretraining_pairs(tok, 3, max_len=24)):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

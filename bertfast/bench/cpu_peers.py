@@ -106,12 +106,12 @@ def model_dir(workload: str) -> str:
 
 
 def sentences(workload: str) -> List[str]:
-    from .encoder import _sentences
+    from .encoder import real_sentences
 
     n = 512 if workload == "embed" else 256
     key = ("sentences", n)
     if key not in _CACHE:
-        _CACHE[key] = _sentences(n)
+        _CACHE[key] = real_sentences(n)
     return _CACHE[key]
 
 

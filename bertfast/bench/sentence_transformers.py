@@ -15,7 +15,7 @@ import copy
 from typing import List
 
 from .common import SUBJECT, SuiteOptions
-from .encoder import _sentences
+from .encoder import real_sentences
 from .runner import Case
 from .timing import TimingPlan
 
@@ -88,7 +88,7 @@ def plan_cases(opts: SuiteOptions) -> List[Case]:
 
     def variant(accelerated: bool):
         def factory(meta):
-            info.setdefault("texts", _sentences(n))
+            info.setdefault("texts", real_sentences(n))
             meta["api"] = info["api"]
             return _models(opts.device, info)[int(accelerated)]
         return factory

@@ -118,14 +118,14 @@ def read_build_tag(path: str) -> tuple[str, str] | None:
     return (m.group(1).decode(), m.group(2).decode()) if m else None
 
 
-def _ext_root() -> str:
+def ext_root() -> str:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "torch_extensions")
     tv = re.sub(r"[^0-9A-Za-z_]", "_", torch.__version__)
     return os.path.join(root, f"py{sys.version_info.major}{sys.version_info.minor}_torch{tv}")
 
 
-def _first_error_line(text: str) -> str:
+def first_error_line(text: str) -> str:
     for line in text.splitlines():
         if "error" in line.lower() and ("error:" in line or "Error" in line) and "Error building" not in line:
             return line.strip()[:300]
@@ -169,7 +169,7 @@ def _jit_build(src: str, cap: str) -> None:
     # changed; the library's name carries the source hash, so a later process finds a library
     # built from exactly its sources without running ninja or a compiler.
     key = hashlib.sha256(" ".join(cflags + [torch.__version__]).encode()).hexdigest()[:10]
-    build_dir = os.path.join(_ext_root(), f"bertfast_cpu_{cap.lower()}_{key}")
+    build_dir = os.path.join(ext_root(), f"bertfast_cpu_{cap.lower()}_{key}")
     name = f"bertfast_cpu_{src_hash}"
     lib = os.path.join(build_dir, name + ".so")
     if os.path.isfile(lib) and read_build_tag(lib) == (src_hash, cap):
@@ -188,7 +188,7 @@ def _jit_build(src: str, cap: str) -> None:
             fh.write(tag_text)
         os.replace(tag_src + ".tmp", tag_src)
     sources = [f for f in source_files(src) if f.endswith(".cpp") and os.path.basename(f) != "build_info.cpp"]
-    _clear_stale_lock(build_dir)
+    clear_stale_lock(build_dir)
     # ninja's default (cores + 2 jobs) oversubscribes small shared machines; MAX_JOBS still wins.
     jobs_set = "MAX_JOBS" in os.environ
     if not jobs_set:
@@ -204,7 +204,7 @@ def _jit_build(src: str, cap: str) -> None:
         cpp_extension.load(name=name, sources=sources + [tag_src], extra_cflags=cflags + [f"-I{src}"],
                            extra_ldflags=_LDFLAGS, build_directory=build_dir, is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - report the compiler's first error, not ninja's wall of text
-        raise RuntimeError(f"C++ CPU kernels failed to build ({cap}): {_first_error_line(str(e))}") from None
+        raise RuntimeError(f"C++ CPU kernels failed to build ({cap}): {first_error_line(str(e))}") from None
     finally:
         if not jobs_set:
             os.environ.pop("MAX_JOBS", None)
@@ -215,7 +215,7 @@ def _jit_build(src: str, cap: str) -> None:
     print(f"bertfast: built the C++ CPU kernels ({cap}) in {dt:.1f} s; cached in {build_dir}", file=sys.stderr)
 
 
-def _clear_stale_lock(build_dir: str, max_age_s: float = 900.0) -> None:
+def clear_stale_lock(build_dir: str, max_age_s: float = 900.0) -> None:
     """torch's build lock is a plain file: a build killed midway leaves it behind and every later
     process would wait on it forever. A lock older than any real build (15 min) is removed."""
     lock = os.path.join(build_dir, "lock")

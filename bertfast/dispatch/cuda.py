@@ -29,7 +29,7 @@ import time
 import torch
 
 from . import cpp as _cpp
-from .cpp import _clear_stale_lock, _ext_root, _first_error_line
+from .cpp import clear_stale_lock, ext_root, first_error_line
 
 _lock = threading.RLock()
 _state: dict = {"state": "not loaded", "reason": None, "build_seconds": None, "path": None, "arch": None}
@@ -122,7 +122,7 @@ def _jit_build(src: str) -> None:
     src_hash = source_hash(src)
     key = hashlib.sha256(" ".join(cuda_flags + _CFLAGS + [torch.__version__, str(torch.version.cuda)])
                          .encode()).hexdigest()[:10]
-    build_dir = os.path.join(_ext_root(), f"bertfast_cuda_{key}")
+    build_dir = os.path.join(ext_root(), f"bertfast_cuda_{key}")
     name = f"bertfast_cuda_{src_hash}"
     lib = os.path.join(build_dir, name + ".so")
     arch = ",".join(targets)
@@ -132,7 +132,7 @@ def _jit_build(src: str) -> None:
         _state.update(state="cached", path=lib, arch=arch, reason=None)
         return
     os.makedirs(build_dir, exist_ok=True)
-    _clear_stale_lock(build_dir)
+    clear_stale_lock(build_dir)
     jobs_set = "MAX_JOBS" in os.environ
     if not jobs_set:
         os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, 16)))
@@ -142,7 +142,7 @@ def _jit_build(src: str) -> None:
                            extra_cflags=_CFLAGS, extra_cuda_cflags=cuda_flags + [f"-I{src}"],
                            build_directory=build_dir, is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - report nvcc's first error, not ninja's wall of text
-        raise RuntimeError(f"CUDA kernels failed to build ({arch}): {_first_error_line(str(e))}") from None
+        raise RuntimeError(f"CUDA kernels failed to build ({arch}): {first_error_line(str(e))}") from None
     finally:
         if not jobs_set:
             os.environ.pop("MAX_JOBS", None)

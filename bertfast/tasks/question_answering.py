@@ -53,8 +53,7 @@ def qa_windows(tokenizer, question: str, context: str, max_seq_len: int = 384, d
     """[CLS] question [SEP] context-window [SEP] features over a long context: windows of the context
     tokens that overlap by doc_stride tokens. Each: input_ids, token_type_ids, offsets (char span in
     the context for context tokens), is_context (bool per token)."""
-    q = tokenizer._tok.encode(question, add_special_tokens=False)
-    c = tokenizer._tok.encode(context, add_special_tokens=False)
+    q, c = tokenizer.encodings([question, context], add_special_tokens=False)
     room = max_seq_len - len(q.ids) - 3
     if room < 1:
         raise ValueError(f"the question is {len(q.ids)} tokens, too long for max_seq_len={max_seq_len} "

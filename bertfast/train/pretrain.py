@@ -73,7 +73,7 @@ def _pretraining_losses(model, batch, sparse: bool):
     return mlm + nsp, mlm, nsp, mc, lab.numel(), nc, nsp_lab.numel()
 
 
-def _packed_losses(model, batch):
+def packed_losses(model, batch):
     """_pretraining_losses of a packed batch (bertfast.data.pack_pretraining): (loss, dict of mlm,
     nsp, mlm_correct, mlm_count, nsp_correct, nsp_count), every value a device tensor: no host
     read, so a CUDA graph can capture it."""
@@ -268,7 +268,7 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
         from ..graphs import GraphedTrainStep
 
         # bf16 autocast without its weight-cast cache: the casts are captured with the step
-        graphed = GraphedTrainStep(model, optimizer, _packed_losses, args.max_grad_norm,
+        graphed = GraphedTrainStep(model, optimizer, packed_losses, args.max_grad_norm,
                                    autocast=lambda: rt.autocast(cache=False))
     eval_batches = _eval_stream_batches(args, tok, args.eval_batches) if args.eval and rt.main else []
 
@@ -309,7 +309,7 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
                 with ctx:
                     with rt.autocast():
                         if args.pack:
-                            loss, aux = _packed_losses(ddp_model, batch)
+                            loss, aux = packed_losses(ddp_model, batch)
                         else:
                             loss, mlm, nsp, mc, mn, nc, nn_ = _pretraining_losses(ddp_model, batch, not args.dense_mlm)
                             aux = {"mlm": mlm.item(), "nsp": nsp.item(), "mlm_correct": mc, "mlm_count": mn,
