@@ -36,7 +36,8 @@ def child(args) -> None:
     from bertfast.bench import cpu_peers
 
     torch.set_num_threads(args.threads)
-    fn = cpu_peers.build(args.system, args.workload)
+    # the parent passes one --workload (the option appends, so it arrives as a list of one)
+    fn = cpu_peers.build(args.system, args.workload[0])
     out = fn()  # warm-up: exports, compiles, packs, measures the GEMM choice once
     times = []
     for _ in range(args.repeats):

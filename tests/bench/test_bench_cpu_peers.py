@@ -39,3 +39,56 @@ def test_quality_figures():
     # small noise: cosines near 1, neighbours mostly kept
     q = cpu_peers.quality(ref + 1e-3 * torch.randn(40, 8), ref)
     assert q["cos_min"] > 0.999 and q["top10_agreement"] > 0.9
+
+
+def _script():
+    """benchmarks/bench_cpu_peers.py, imported from its path (benchmarks/ is not a package)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_cpu_peers.py")
+    spec = importlib.util.spec_from_file_location("bench_cpu_peers_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fresh_process_child_builds_the_named_workload(monkeypatch, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    script = _script()
+    built = []
+    monkeypatch.setattr(cpu_peers, "build", lambda system, workload: built.append((system, workload))
+                        or (lambda: torch.ones(2, 3)))
+    out = tmp_path / "v.npy"
+    script.main(["--child", "--system", "bertfast", "--workload", "minilm_full", "--repeats", "2", "--out", str(out)])
+    assert built == [("bertfast", "minilm_full")]
+    assert np.load(out).shape == (2, 3)
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(report["times"]) == 2 and report["median_s"] >= 0
+
+
+def test_fresh_process_parent_alternates_and_reports(monkeypatch, tmp_path):
+    import json
+
+    import numpy as np
+
+    script = _script()
+    calls = []
+    speed = {"transformers": 2.0, "bertfast": 1.0}
+
+    def fake_child(system, workload, args, out):
+        calls.append(system)
+        np.save(out, np.ones((4, 3), dtype=np.float32))
+        return {"median_s": speed[system], "times": [speed[system]]}
+
+    monkeypatch.setattr(script, "_run_child", fake_child)
+    report_path = tmp_path / "r.json"
+    assert script.main(["--workload", "minilm_full", "--systems", "bertfast", "--rounds", "2",
+                        "--json", str(report_path)]) == 0
+    # the baseline joins, and the second round starts one place further along
+    assert calls == ["transformers", "bertfast", "bertfast", "transformers"]
+    entry = json.loads(report_path.read_text())["workloads"]["minilm_full"]["bertfast"]
+    assert entry["vs_transformers"] == 2.0 and entry["max_abs_diff"] == 0.0
