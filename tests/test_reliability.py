@@ -303,7 +303,7 @@ def test_finetune_stops_on_a_non_finite_loss_and_keeps_the_old_output(ft_base, t
     finetune(_ft_args(ft_base, train, out))
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(FloatingPointError, match="non-finite loss .* at step 2|weights hold NaN"):
-        finetune(_ft_args(ft_base, train, out, "--lr", "1e30", "--epochs", "2"))
+        finetune(_ft_args(ft_base, train, out, "--lr", "1e30", "--epochs", "2", "--overwrite"))
     assert (out / "model.safetensors").read_bytes() == before
 
 
@@ -621,7 +621,7 @@ def test_finetune_out_is_replaced_whole_or_not_at_all(ft_base, tmp_path, monkeyp
     before = BertForSequenceClassification.from_pretrained(str(out))
     spam = [{**r, "label": "spam" if r["label"] == "pos" else "ham"} for r in CLS_ROWS]
     _fail_safetensors(monkeypatch)
-    assert cli_main("finetune", argv + ["--train", _write_jsonl(tmp_path / "b.jsonl", spam)]) == 1
+    assert cli_main("finetune", argv + ["--train", _write_jsonl(tmp_path / "b.jsonl", spam), "--overwrite"]) == 1
     err = capsys.readouterr().err
     assert f"could not write {out}: no space left on device" in err and "Traceback" not in err
     monkeypatch.undo()
@@ -650,12 +650,13 @@ def test_pretrain_out_is_replaced_whole_and_keeps_its_checkpoints(tok_folder, tm
     run(16, "--save-every", "1")
     _fail_safetensors(monkeypatch)
     with pytest.raises(OSError, match="no space left on device"):
-        run(32, "--save-every", "0")
+        run(32, "--save-every", "0", "--overwrite")
     monkeypatch.undo()
     assert BertForPreTraining.from_pretrained(str(tmp_path / "run")).config.hidden_size == 16
-    run(32, "--save-every", "0")
+    run(32, "--save-every", "1", "--overwrite")
     assert BertForPreTraining.from_pretrained(str(tmp_path / "run")).config.hidden_size == 32
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", "step-00000001"]  # carried over
+    # the run's checkpoint, written before the model, is carried over by the model's save
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", "step-00000001"]
 
 
 @pytest.mark.parametrize("option,value,message", [

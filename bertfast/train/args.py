@@ -65,6 +65,8 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in "
                    "--out/checkpoints (damaged ones are skipped with a warning)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds an earlier run "
+                   "(its metrics.jsonl, model and checkpoints are replaced); without it such an --out is refused")
     p.add_argument("--force-resume", action="store_true", help="resume even when settings that break an exact "
                    "resume (--seed, --batch-size, --seq-len, ...) differ from the checkpoint's")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
@@ -88,6 +90,8 @@ def finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help=".jsonl/.csv/.tsv training file")
     p.add_argument("--eval", help=".jsonl/.csv/.tsv evaluation file (evaluated after each epoch)")
     p.add_argument("--out", required=True, help="output folder: model, tokenizer, label names, metrics.jsonl")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (its metrics.jsonl "
+                   "and model); without it such an --out is refused")
     p.add_argument("--labels", help="comma-separated label set (default: those of --train)")
     p.add_argument("--multi-label", action="store_true", help="cls: several labels per text (sigmoid + BCE)")
     p.add_argument("--threshold", type=float, default=0.5, help="multi-label decision threshold")

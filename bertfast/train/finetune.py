@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..data import IGNORE_INDEX, derive_seed, pad_sequences
-from .runtime import MetricsLog, Runtime, build_optimizer, progress_bar, warmup_linear_schedule
+from .runtime import MetricsLog, Runtime, build_optimizer, progress_bar, refuse_earlier_run, warmup_linear_schedule
 
 # ---- fine-tuning data -----------------------------------------------------------------------
 
@@ -361,6 +361,7 @@ def _finetune(args, rt: Runtime) -> dict:
     if not os.path.isdir(args.model):
         raise ValueError(f"--model must be a checkpoint folder (config.json + weights), got {args.model!r}")
     check_finetune_options(args)
+    refuse_earlier_run(args.out, getattr(args, "overwrite", False), resumable=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     multi = bool(args.multi_label)

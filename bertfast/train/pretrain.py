@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import time
 import warnings
 
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from ..data import (IGNORE_INDEX, PretrainingStream, batch_iterator, check_corpus_files, derive_seed,
                     packed_batch_iterator)
 from .runtime import (MetricsLog, Runtime, build_optimizer, checkpoint_candidates, corpus_fingerprint, load_checkpoint,
-                      progress_bar, remove_partial_checkpoints, save_checkpoint, set_rng_state, warmup_linear_schedule)
+                      progress_bar, refuse_earlier_run, remove_partial_checkpoints, save_checkpoint, set_rng_state,
+                      warmup_linear_schedule)
 
 # ---- pre-training ---------------------------------------------------------------------------
 
@@ -180,8 +182,12 @@ def _validate_pretrain_args(args):
     if args.pack_budget is not None and args.pack_budget < args.seq_len:
         raise ValueError(f"--pack-budget must be >= --seq-len ({args.seq_len}) so every pair fits a row, "
                          f"got {args.pack_budget}")
+    if args.resume and getattr(args, "overwrite", False):
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if args.resume and not checkpoint_candidates(args.out):
         raise ValueError(f"--resume: no checkpoint under {os.path.join(args.out, 'checkpoints')}")
+    if not args.eval_only and not args.resume:
+        refuse_earlier_run(args.out, getattr(args, "overwrite", False), resumable=True)
 
 
 def _stop_if_not_finite(mlm: float, nsp: float, where: str) -> None:
@@ -205,6 +211,10 @@ def _pretrain(args, rt: Runtime, model_cls) -> dict:
     if rt.main:
         os.makedirs(args.out, exist_ok=True)
         remove_partial_checkpoints(args.out)  # left by a run killed while saving
+        if getattr(args, "overwrite", False) and not args.resume:
+            # the earlier run's checkpoints would outrank this run's (a later --resume, the pruning
+            # of --keep-checkpoints); its metrics.jsonl restarts below, its model is replaced at the end
+            shutil.rmtree(os.path.join(args.out, "checkpoints"), ignore_errors=True)
     rt.barrier()
     tok = _load_or_train_tokenizer(args, rt)
     torch.manual_seed(args.seed)

@@ -172,6 +172,30 @@ class MetricsLog:
                 f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
+def earlier_run(out: str) -> List[str]:
+    """What an earlier run left in `out` that a new run would overwrite or mix with its own: a
+    metrics.jsonl with lines in it, a saved model (config.json), pre-training checkpoints."""
+    found = []
+    metrics = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        found.append("metrics.jsonl")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        found.append("a saved model (config.json)")
+    if checkpoint_candidates(out):
+        found.append("checkpoints/")
+    return found
+
+
+def refuse_earlier_run(out: str, overwrite: bool, resumable: bool) -> None:
+    """A new run into an --out that holds an earlier one is refused unless --overwrite: a rerun must
+    not silently empty the earlier run's metrics.jsonl or replace its model."""
+    found = earlier_run(out) if out and not overwrite else []
+    if found:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}), which a new run would overwrite: "
+                         f"pass --overwrite to replace it{', --resume to continue it' if resumable else ''}, or "
+                         f"choose another --out")
+
+
 def read_metrics(path: str) -> List[dict]:
     """The records of a metrics.jsonl; lines that are not a JSON object (a torn last line) are skipped."""
     out = []

@@ -169,6 +169,24 @@ def test_gpu_pretrain_cuda_graph_matches_eager(setup, tmp_path):
         assert g["nsp_loss"] == pytest.approx(e["nsp_loss"], rel=2e-2, abs=2e-2), (e, g)
 
 
+def test_pretrain_into_an_out_with_an_earlier_run_needs_overwrite(setup, tmp_path):
+    """A rerun without --resume into a used --out is refused (the earlier metrics.jsonl, model and
+    checkpoints stay as they were); --overwrite starts afresh: one run's metrics and checkpoints."""
+    out = tmp_path / "run"
+    pretrain(_args(setup, out, "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "3"))
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"--out .* already holds a run \(metrics.jsonl.*--overwrite.*--resume"):
+        pretrain(_args(setup, out, "--max-steps", "2"))
+    assert (out / "metrics.jsonl").read_text() == before
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-00000002", "step-00000004"]
+    with pytest.raises(ValueError, match="pass one of them"):
+        pretrain(_args(setup, out, "--max-steps", "2", "--overwrite", "--resume"))
+    pretrain(_args(setup, out, "--max-steps", "2", "--save-every", "2", "--overwrite"))
+    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2]
+    # the earlier run's step 4 would have outranked this run's step 2 on a later --resume
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-00000002"]
+
+
 def test_resume_without_checkpoint_is_an_error(setup, tmp_path):
     with pytest.raises(ValueError, match="--resume"):
         pretrain(_args(setup, tmp_path / "none", "--max-steps", "2", "--resume"))
@@ -351,6 +369,22 @@ def test_finetune_rejects_unknown_eval_label(base_model, tmp_path):
     bad = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "why " * 100, "context": "because"}])
     with pytest.raises(ValueError, match="too long for max_seq_len"):
         _ft(base_model, tmp_path, "qa", bad, bad)
+
+
+def test_finetune_into_an_out_with_an_earlier_run_needs_overwrite(base_model, tmp_path):
+    """A second fine-tuning into the same --out is refused, naming --out, before anything is written
+    (the first run's metrics.jsonl is kept); with --overwrite it replaces the run, metrics included."""
+    rows = [{"text": f"{w} is here", "label": "pos" if w == "good" else "neg"} for w in ["good", "bad"] * 8]
+    f = _write_jsonl(tmp_path / "cls.jsonl", rows)
+    _ft(base_model, tmp_path, "cls", f, f, "--epochs", "1")
+    metrics = tmp_path / "cls" / "metrics.jsonl"
+    before = metrics.read_text()
+    assert [r["epoch"] for r in read_metrics(str(metrics))] == [1]
+    with pytest.raises(ValueError, match=r"--out .*cls already holds a run .*--overwrite"):
+        _ft(base_model, tmp_path, "cls", f, f, "--epochs", "2")
+    assert metrics.read_text() == before
+    _ft(base_model, tmp_path, "cls", f, f, "--epochs", "2", "--overwrite")
+    assert [r["epoch"] for r in read_metrics(str(metrics))] == [1, 2]  # the second run's lines only
 
 
 def test_finetune_command_line_to_predictions(base_model, tmp_path, capsys):
