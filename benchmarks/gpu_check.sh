@@ -122,24 +122,28 @@ if has tests; then
     PAR=""
     $PY -c "import xdist" 2>/dev/null && PAR="-n ${T_WORKERS:-8}"
     T_A=$(( T_TESTS / 2 )); T_B=$(( T_TESTS - T_A ))
-    timeout -k 10 "$T_A" $PY -m pytest tests -q $PAR -rfEs -p no:cacheprovider -k "gpu" --ignore=tests/ops/test_cuda_ops.py \
+    # The CUDA C++ cases (marked cuda_ext: the `cuda` implementation of tests/ops/test_<op>.py and
+    # tests/dispatch/test_extension_builds.py) wait for the extension's build: the next step.
+    timeout -k 10 "$T_A" $PY -m pytest tests -q $PAR -rfEs -p no:cacheprovider -k "gpu" -m "not cuda_ext" \
         -W ignore::DeprecationWarning \
         2>&1 | tail -n 40
     RC_A=${PIPESTATUS[0]}
     timeout -k 10 "$T_B" $PY -m pytest tests -q $PAR -rfE -p no:cacheprovider -k "(cuda or triton) and not gpu" \
+        -m "not cuda_ext" \
         --ignore=tests/dispatch/test_cuda_compile.py -W ignore::DeprecationWarning 2>&1 | tail -n 40
     RC_B=${PIPESTATUS[0]}
     TESTS="gpu-named $(verdict "$RC_A"), triton/cuda $(verdict "$RC_B")"
 fi
 
 if has cuda; then
-    step "CUDA C++ kernels: the build, then tests/ops/test_cuda_ops.py; cap ${T_CUDA}s"
+    step "CUDA C++ kernels: the build, then their tests (pytest -m cuda_ext); cap ${T_CUDA}s"
     wait "$BUILD_PID"
     tail -n 15 "$BUILD_LOG"
     CB_RC=$(cat "$BUILD_LOG.rc" 2>/dev/null || echo 1)
     rm -f "$BUILD_LOG" "$BUILD_LOG.rc"
     if [ "$CB_RC" = 0 ]; then
-        timeout -k 5 "$T_CUDA" $PY -m pytest tests/ops/test_cuda_ops.py -q --maxfail=10 -rfEs -p no:cacheprovider \
+        timeout -k 5 "$T_CUDA" $PY -m pytest tests/ops tests/dispatch -m cuda_ext -q --maxfail=10 -rfEs \
+            -p no:cacheprovider \
             -W ignore::DeprecationWarning 2>&1 | tail -n 30
         CUDA_TESTS="build ok, tests $(verdict "${PIPESTATUS[0]}")"
     else

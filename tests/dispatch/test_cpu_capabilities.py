@@ -2,8 +2,8 @@
 
 ATen picks its vectorised kernels (GEMMs, softmax, its flash attention, the eager ops the accuracy
 rule measures) by CPU capability: AVX-512, AVX2 or the portable `default`. A suite tuned on an
-AVX-512 machine can fail on an AVX2 one, so on an AVX-512 machine tests/ops/test_cpp_ops.py reruns here
-in a subprocess with ATEN_CPU_CAPABILITY=avx2 and =default.
+AVX-512 machine can fail on an AVX2 one, so on an AVX-512 machine the C++ cases of the op tests
+(`pytest tests/ops -k cpp`) rerun here in a subprocess with ATEN_CPU_CAPABILITY=avx2 and =default.
 
 The extension itself stays the one this machine built (BERTFAST_CPU_CAPABILITY pinned to it): a
 build per capability is minutes of compiling each, too much for every run. Set
@@ -41,9 +41,9 @@ def test_cpp_ops_under_lower_aten_capability(cap):
     if os.environ.get("BERTFAST_TEST_CPU_BUILDS") != "1":
         env["BERTFAST_CPU_CAPABILITY"] = cpp.capability()
     script = ("import sys, torch, pytest; print('capability', torch.backends.cpu.get_cpu_capability()); "
-              "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/ops/test_cpp_ops.py']))")
+              "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/ops', '-k', 'cpp']))")
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     out = r.stdout + r.stderr
     assert f"capability {cap}" in out, out[-2000:]  # ATen really switched
-    assert r.returncode == 0, f"tests/ops/test_cpp_ops.py under ATEN_CPU_CAPABILITY={cap.lower()}:\n{out[-6000:]}"
+    assert r.returncode == 0, f"pytest tests/ops -k cpp under ATEN_CPU_CAPABILITY={cap.lower()}:\n{out[-6000:]}"
