@@ -42,9 +42,21 @@ when autograd records, under torch.compile or autocast (those keep F.linear).
 
 Precisions: "fp32" (default), "bf16" (activations cast to bf16 per GEMM, weights packed in bf16,
 output bf16; needs AVX512-BF16 or AMX) and "int8" (fp32 in and out; needs VNNI).
+
+int8 quantises each GEMM's activations with one scale per call (the libraries' dynamic ops offer
+no per-token scale at their speed), so a few input channels with large values leave the others
+few levels. A GEMM's int8 plan (`set_int8_plan`, made by models/int8_calibration.py) fixes that
+the two ways the field does: smoothing (SmoothQuant: the activation divided per input channel by
+s_j = max|X_j|^a / max|W_j|^(1-a) and the weight's column j multiplied by it, so the product is
+unchanged and the range moves from the activation into the per-channel weight scales), and
+keeping a GEMM whose input smoothing cannot tame (the FFN output projection, after GELU) in bf16
+(fp32 without bf16 instructions). The plan holds activation statistics, not the scales: s is
+computed from the weights as they are whenever the pack is made, so a plan that lags an edit
+still computes the same product, only less precisely.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,7 +86,7 @@ def check_precision(precision: str) -> str:
     """`precision` itself when this CPU runs it fast; else a ValueError / RuntimeError that says why."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if precision == "bf16" and not _has_bf16():
         raise RuntimeError("precision='bf16' needs a CPU with AVX512-BF16 or AMX instructions; this one has neither "
                            "(bf16 GEMMs would be emulated, slower than fp32). Use precision='fp32'.")
     if precision == "int8":
@@ -113,6 +125,17 @@ def _stamp(tensors) -> Optional[tuple]:
         return None
 
 
+SMOOTH_ALPHA = 0.75  # the exponent a above; 0.5 and 0.85 gave lower cosines on MiniLM (docs/benchmarks-cpu.md)
+
+
+def smoothing(act_amax: torch.Tensor, w: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors s (K,) for weights w (N, K) whose input channels reach
+    act_amax (K,): the GEMM runs as (x / s) @ (w * s)^T."""
+    floor = 1e-5  # a channel that never fired (or an all-zero column) keeps s finite
+    s = act_amax.float().clamp_min(floor).pow(alpha) / w.detach().abs().amax(0).float().clamp_min(floor).pow(1 - alpha)
+    return s.clamp_min(floor)
+
+
 def _quantize_rows(w: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 with one scale per output channel (row of w)."""
     scale = (w.abs().amax(dim=1).double() / 127.0).clamp_min(1e-12)
@@ -125,13 +148,17 @@ class _Pack:
     """One GEMM's weights (several concatenate along N, e.g. Q, K and V) in one implementation's
     layout, and the bias beside them in the dtype that implementation adds it in."""
 
-    def __init__(self, impl: str, precision: str, weights, biases, fold_bias: bool, rows_hint: int):
+    def __init__(self, impl: str, precision: str, weights, biases, fold_bias: bool, rows_hint: int,
+                 act_amax: Optional[torch.Tensor] = None):
         w = weights[0].detach() if len(weights) == 1 else torch.cat([t.detach() for t in weights])
         b = None if biases is None else biases[0].detach() if len(biases) == 1 else torch.cat(
             [t.detach() for t in biases])
-        self.impl, self.n = impl, w.shape[0]
+        self.impl, self.n, self.inv_smooth = impl, w.shape[0], None
         if impl in ("fbgemm", "onednn_int8"):
             self.bias = None if b is None else b.float().contiguous()
+            if act_amax is not None:  # int8 plan: smoothed (see the module docstring)
+                smooth = smoothing(act_amax, w)
+                w, self.inv_smooth = w.float() * smooth, (1.0 / smooth).contiguous()
             with _ENGINE_LOCK:  # the engine is a process-wide setting read when packing
                 before = torch.backends.quantized.engine
                 torch.backends.quantized.engine = "fbgemm" if impl == "fbgemm" else "onednn"
@@ -160,6 +187,8 @@ class _Pack:
         """x @ W^T; + bias when epilogue is "bias"; bias and GELU too for "onednn_gelu"."""
         impl = self.impl
         if impl in ("fbgemm", "onednn_int8"):
+            if self.inv_smooth is not None:
+                x = x * self.inv_smooth
             return torch.ops.quantized.linear_dynamic(x, self.weight, False)
         if impl == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias if epilogue == "bias" else None,
@@ -202,7 +231,8 @@ def _table(weight: torch.Tensor, create: bool) -> Optional[dict]:
 _ENGINE_LOCK = threading.Lock()
 
 
-def _pack_for(impl: str, precision: str, weights, biases, fold_bias: bool, rows: int) -> Optional[_Pack]:
+def _pack_for(impl: str, precision: str, weights, biases, fold_bias: bool, rows: int,
+              act_amax: Optional[torch.Tensor] = None) -> Optional[_Pack]:
     params = tuple(weights) + (tuple(biases) if biases is not None else ())
     if precision == "fp32":
         # fp32 keeps no copy of the weights: writes through `.data` (EMA updates, weight surgery,
@@ -213,12 +243,13 @@ def _pack_for(impl: str, precision: str, weights, biases, fold_bias: bool, rows:
     stamp = _stamp(params)
     if stamp is None:
         return None
+    stamp += (id(act_amax),)  # a new int8 plan makes the pack again
     key = (tuple(id(p) for p in params), precision, impl, fold_bias)
     with _PACK_LOCK:
         hit = _table(weights[0], True).get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-    pack = _Pack(impl, precision, weights, biases, fold_bias, rows)  # outside the lock: packing takes milliseconds
+    pack = _Pack(impl, precision, weights, biases, fold_bias, rows, act_amax)  # outside the lock: packing takes ms
     with _PACK_LOCK:
         # a weight edited since: the stale pack is replaced, not kept beside
         _table(weights[0], True)[key] = (stamp, pack)
@@ -232,11 +263,68 @@ def pack_count(weight: torch.Tensor) -> int:
 
 
 def release(module: torch.nn.Module) -> None:
-    """Drop the packed weights made from `module`'s parameters (they come back on the next call)."""
+    """Drop the packed weights and int8 plans made from `module`'s parameters (packs come back on
+    the next call; plans when the model calibrates again)."""
     with _PACK_LOCK:
         for p in module.parameters():
             if _table(p, False) is not None:
                 del _PACKS[id(p)]
+            hit = _PLANS.get(id(p))
+            if hit is not None and hit[0]() is p:
+                del _PLANS[id(p)]
+
+
+# --------------------------------------------------------------------------------------
+# int8 plans (per GEMM, by its first weight) and the calibration pass that records their inputs
+
+INT8_KEEPS = ("int8", "bf16", "fp32")
+_PLANS: dict = {}  # {id(first weight): (weakref to it, (act_amax or None, keep))}
+_RECORDING = threading.local()  # .table: {id(first weight): running max|x| per input channel}
+
+
+def set_int8_plan(weight: torch.Tensor, act_amax: Optional[torch.Tensor] = None, keep: str = "int8") -> None:
+    """What precision="int8" does with the GEMM whose first weight is `weight`: quantise it smoothed
+    for inputs reaching act_amax (K,) per channel (None: unsmoothed), or `keep` it in "bf16" (fp32
+    where this CPU has no bf16 instructions) or "fp32"."""
+    if keep not in INT8_KEEPS:
+        raise ValueError(f"keep must be one of {INT8_KEEPS}, got {keep!r}")
+    if act_amax is not None and (act_amax.dim() != 1 or act_amax.shape[0] != weight.shape[1]):
+        raise ValueError(f"act_amax must be ({weight.shape[1]},), one maximum per input channel of the weight, "
+                         f"got {tuple(act_amax.shape)}")
+    plan = (None if act_amax is None else act_amax.detach().float().clone(), keep)
+    key = id(weight)
+
+    def gone(_ref, key=key):
+        with _PACK_LOCK:
+            if _PLANS.get(key, (None,))[0] is _ref:
+                del _PLANS[key]
+
+    with _PACK_LOCK:
+        _PLANS[key] = (weakref.ref(weight, gone), plan)
+
+
+def int8_plan(weight: torch.Tensor) -> Optional[tuple]:
+    """(act_amax or None, keep) set for the GEMM whose first weight is `weight`, or None."""
+    hit = _PLANS.get(id(weight))
+    return hit[1] if hit is not None and hit[0]() is weight else None
+
+
+@contextlib.contextmanager
+def recording_inputs():
+    """For the block, in this thread: every linear() call runs in fp32 whatever its precision and
+    records max|x| per input channel of its GEMM; yields {id(first weight): (K,) maxima}."""
+    if getattr(_RECORDING, "table", None) is not None:
+        raise RuntimeError("cpu_gemm.recording_inputs() is already active in this thread")
+    _RECORDING.table = table = {}
+    try:
+        yield table
+    finally:
+        _RECORDING.table = None
+
+
+def recording() -> bool:
+    """Whether this thread is inside recording_inputs() (a calibration pass)."""
+    return getattr(_RECORDING, "table", None) is not None
 
 
 # --------------------------------------------------------------------------------------
@@ -388,8 +476,8 @@ def forget_choices() -> None:
 # the call
 
 
-def _run(impl: str, precision: str, epilogue: str, x: torch.Tensor, weights, biases, finish, out):
-    pack = _pack_for(impl, precision, weights, biases, epilogue == "bias", bucket(x.shape[0]))
+def _run(impl: str, precision: str, epilogue: str, x: torch.Tensor, weights, biases, finish, out, act_amax=None):
+    pack = _pack_for(impl, precision, weights, biases, epilogue == "bias", bucket(x.shape[0]), act_amax)
     if pack is None:  # inference-tensor weights: no version counter to trust a pack with
         w = weights[0] if len(weights) == 1 else torch.cat(list(weights))
         b = None if biases is None else biases[0] if len(biases) == 1 else torch.cat(list(biases))
@@ -421,5 +509,31 @@ def linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Se
         raise ValueError(f"epilogue={epilogue!r} needs finish, the bias+GELU a library without the post-op runs after")
     rows, k = x.shape
     n = sum(w.shape[0] for w in weights)
+    act_amax, keep = None, "int8"
+    table = getattr(_RECORDING, "table", None)
+    if table is not None:  # a calibration pass: the fp32 product, and the input's range
+        amax = x.detach().abs().amax(0).float()
+        seen = table.get(id(weights[0]))
+        table[id(weights[0])] = amax if seen is None else torch.maximum(seen, amax)
+        keep = "fp32"
+    elif precision == "int8":
+        act_amax, keep = int8_plan(weights[0]) or (None, "int8")
+    if keep != "int8":
+        precision = "bf16" if keep == "bf16" and _has_bf16() else "fp32"
+        y = _run(_kept_impl(precision, epilogue, rows, k, n, finish), precision, epilogue, x, weights, biases,
+                 finish, out if precision == "fp32" else None)
+        return y.float()  # int8 mode returns fp32 (a no-op for fp32)
     impl = choose(precision, epilogue, rows, k, n, finish)
-    return _run(impl, precision, epilogue, x, weights, biases, finish, out)
+    return _run(impl, precision, epilogue, x, weights, biases, finish, out, act_amax)
+
+
+def _has_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def _kept_impl(precision: str, epilogue: str, rows: int, k: int, n: int, finish) -> str:
+    """The library of a GEMM an int8 plan keeps in bf16/fp32: measured like any other; a forced int8
+    library (BERTFAST_CPU_GEMM=fbgemm|onednn_int8) means oneDNN for it."""
+    if forced() in ("fbgemm", "onednn_int8"):
+        return "onednn" if "onednn" in candidates(precision, epilogue) else "mkl"
+    return choose(precision, epilogue, rows, k, n, finish)

@@ -33,6 +33,7 @@ from ..ops.bias_gelu import bias_gelu_unchecked
 from ..ops.bias_residual_layernorm import bias_residual_layernorm_unchecked
 from ..ops.embedding_layernorm import embedding_layernorm_prechecked, id_range_error
 from ..padding import PackedLayout
+from . import int8_calibration
 from .config import FUSED_ACTS, BertConfig
 
 __all__ = ["ACTS", "Eager", "ForwardContext", "Workspace", "activation_fn", "can_sync", "check_inputs",
@@ -238,6 +239,8 @@ class ForwardContext:
             eager = Eager.resolve(hidden, cfg, layout, shape, key_mask,
                                   3 * len(model.encoder.layer) if model.training else 0)
         gemm = gemm_precision(model, hidden) if eager is not None else None
+        if gemm == "int8":  # smoothing statistics and bf16 GEMMs: calibrated once per model and weights
+            int8_calibration.ensure(model)
         return cls(layout, shape, key_mask, ws, eager, gemm)
 
     def buffer(self, name: str, rows: int, cols: int, like: torch.Tensor) -> Optional[torch.Tensor]:

@@ -231,3 +231,52 @@ def test_refuses_precision_without_instructions(monkeypatch):
 
 def test_bucket():
     assert [cpu_gemm.bucket(m) for m in (1, 16, 17, 1000, 4096, 50000)] == [16, 16, 32, 1024, 4096, 4096]
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="no VNNI on this CPU")
+@pytest.mark.parametrize("impl", INT8)
+def test_int8_plan_smooths_outlier_channels(monkeypatch, impl):
+    """Inputs with a few channels 40x the rest (what follows BERT's LayerNorms): one activation scale
+    per call leaves the other channels few levels; a plan with the channels' maxima moves the range
+    into the per-channel weight scales and computes the same product far more precisely."""
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", impl)
+    w, b = _params(96, 64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 64, generator=g)
+    x[:, [5, 40]] *= 40.0
+    ref = _ref(x, (w,), (b,), "bias")
+    with torch.inference_mode():
+        plain = cpu_gemm.linear(x, (w,), (b,), "bias", "int8")
+        cpu_gemm.set_int8_plan(w, x.abs().amax(0))
+        smooth = cpu_gemm.linear(x, (w,), (b,), "bias", "int8")
+    err_plain, err_smooth = (plain.double() - ref).abs().max(), (smooth.double() - ref).abs().max()
+    assert err_smooth < 0.5 * err_plain, (err_smooth, err_plain)
+    assert err_smooth <= 0.03 * ref.abs().max()
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="no VNNI on this CPU")
+def test_int8_plan_keeps_a_gemm_and_recording_runs_fp32(monkeypatch):
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", INT8[0])
+    w, b = _params(33, 40)
+    x = torch.randn(9, 40)
+    ref = F.linear(x, w, b)
+    with torch.inference_mode():
+        cpu_gemm.set_int8_plan(w, keep="fp32")
+        kept = cpu_gemm.linear(x, (w,), (b,), "bias", "int8")
+        assert kept.dtype == torch.float32
+        torch.testing.assert_close(kept, ref, rtol=1e-5, atol=1e-5)
+        if HAS_BF16:
+            cpu_gemm.set_int8_plan(w, keep="bf16")
+            y = cpu_gemm.linear(x, (w,), (b,), "bias", "int8")
+            assert y.dtype == torch.float32 and 0 < (y - ref).abs().max() < 0.05
+        with cpu_gemm.recording_inputs() as seen:
+            cpu_gemm.set_int8_plan(w)  # plain int8, but a calibration pass runs fp32
+            torch.testing.assert_close(cpu_gemm.linear(x, (w,), (b,), "bias", "int8"), ref, rtol=1e-5, atol=1e-5)
+            cpu_gemm.linear(2 * x[:3], (w,), (b,), "bias", "int8")
+        torch.testing.assert_close(seen[id(w)], torch.maximum(x.abs().amax(0), 2 * x[:3].abs().amax(0)))
+    with pytest.raises(ValueError, match="act_amax must be"):
+        cpu_gemm.set_int8_plan(w, torch.ones(39))
+    with pytest.raises(ValueError, match="keep must be"):
+        cpu_gemm.set_int8_plan(w, keep="fp16")
+    cpu_gemm.release(torch.nn.Linear(1, 1))  # another module's release leaves the plan
+    assert cpu_gemm.int8_plan(w) is not None
