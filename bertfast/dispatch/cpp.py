@@ -258,6 +258,7 @@ def _bind_ops() -> None:
     for op in ("embedding_layernorm", "bias_gelu", "bias_residual_layernorm", "gelu_layernorm", "attention"):
         for d in ("fwd", "bwd"):
             _OPS[f"{op}_{d}"] = getattr(ns, f"{op}_cpu_{d}").default
+    _OPS["bias_residual_layernorm_bf16_fwd"] = ns.bias_residual_layernorm_bf16_cpu_fwd.default  # inference only
 
 
 def status() -> dict:
@@ -298,6 +299,13 @@ def bias_residual_layernorm_bwd(dout, x, bias, residual, weight, ln_bias, mean, 
     dx, dbias, dres, dw, dlb = _OPS["bias_residual_layernorm_bwd"](dout, x, bias, residual, weight, ln_bias, mean,
                                                                    rstd, float(eps), float(p), int(seed))
     return dx, (None if bias is None else dbias), dres, dw, dlb
+
+
+def bias_residual_layernorm_bf16_fwd(x, bias, residual, weight, ln_bias, eps, out=None, out_low=None, low=True):
+    """bf16 inference add-and-norm: (out in residual's dtype, its bf16 copy or None)."""
+    y, lo = _OPS["bias_residual_layernorm_bf16_fwd"](x, bias, residual, weight, ln_bias, float(eps), out, out_low,
+                                                     bool(low))
+    return y, (lo if low else None)
 
 
 def gelu_layernorm_fwd(x, bias, weight, ln_bias, eps, approximate):

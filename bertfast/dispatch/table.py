@@ -90,6 +90,13 @@ def _cpp_bias_residual_layernorm():
     return cpp.bias_residual_layernorm_fwd, cpp.bias_residual_layernorm_bwd
 
 
+def _cpp_bias_residual_layernorm_bf16():
+    from . import cpp
+
+    cpp.load()
+    return cpp.bias_residual_layernorm_bf16_fwd, None
+
+
 def _cpp_gelu_layernorm():
     from . import cpp
 
@@ -213,6 +220,12 @@ ROWS = [
     I("bias_residual_layernorm", "triton", "triton", TRITON_LN, _triton_bias_residual_layernorm),
     I("bias_residual_layernorm", "cuda", "cuda", CUDA, _cuda_bias_residual_layernorm),
     I("bias_residual_layernorm", "reference", "reference", REFERENCE, probe=False),
+
+    # bf16 CPU inference's add-and-norm (bf16 GEMM output + fp32 residual -> fp32 and bf16 rows),
+    # forward only: the C++ kernel converts in registers; the reference casts
+    I("bias_residual_layernorm_bf16", "cpp", "cpp",
+      Serves(devices=("cpu",), dtypes=("bf16",), **_ROWS_LAYOUT, dropout=False), _cpp_bias_residual_layernorm_bf16),
+    I("bias_residual_layernorm_bf16", "reference", "reference", REFERENCE, probe=False),
 
     I("gelu_layernorm", "cpp", "cpp", CPP, _cpp_gelu_layernorm),
     I("gelu_layernorm", "triton", "triton", TRITON_LN, _triton_gelu_layernorm),

@@ -31,6 +31,8 @@ from ..ops._rng import draw_seeds
 from ..ops.attention import attention_unchecked, key_padding_bias
 from ..ops.bias_gelu import bias_gelu_unchecked
 from ..ops.bias_residual_layernorm import bias_residual_layernorm_unchecked
+from ..ops.bias_residual_layernorm_bf16 import bias_residual_layernorm_bf16_unchecked
+from ..ops.bias_residual_layernorm_bf16 import select as select_add_norm_bf16
 from ..ops.embedding_layernorm import embedding_layernorm_prechecked, id_range_error
 from ..padding import PackedLayout
 from . import int8_calibration
@@ -147,8 +149,8 @@ def gemm_precision(model, hidden: torch.Tensor) -> Optional[str]:
 def packed_qkv(hidden, lins, ctx: "ForwardContext", out: Optional[torch.Tensor] = None):
     """The Q, K and V projections as one GEMM on their weights packed together once (CPU
     inference, ctx.gemm set): (tokens, 3 * hidden)."""
-    return cpu_gemm.linear(hidden, tuple(lin.weight for lin in lins), tuple(lin.bias for lin in lins), "bias",
-                           ctx.gemm, out=out)
+    return cpu_gemm.linear(ctx.gemm_rows(hidden), tuple(lin.weight for lin in lins), tuple(lin.bias for lin in lins),
+                           "bias", ctx.gemm, out=out)
 
 
 # --------------------------------------------------------------------------------------
@@ -204,15 +206,22 @@ class ForwardContext:
     layers call the public, checked ops (torch.compile tracing, CUDA-graph capture, an empty
     batch); last: whether the layer now running is the last one (its output is returned, so it
     is fresh memory, never a workspace buffer); gemm: the precision of the layers' GEMMs through
-    dispatch/cpu_gemm (CPU inference on the lean path), or None where they run F.linear."""
+    dispatch/cpu_gemm (CPU inference on the lean path), or None where they run F.linear.
 
-    __slots__ = ("layout", "shape", "key_mask", "workspace", "eager", "last", "gemm")
+    In bf16 inference (gemm "bf16") the residual stream stays fp32 and every GEMM reads bf16:
+    each add-and-norm writes its result twice in one pass (fp32, and bf16 for the next GEMM:
+    ops/bias_residual_layernorm_bf16.py, served by `add_norm_bf16`), and `low` holds the latest
+    such pair, so the GEMM that reads those rows takes the bf16 copy instead of casting them."""
+
+    __slots__ = ("layout", "shape", "key_mask", "workspace", "eager", "last", "gemm", "low", "add_norm_bf16")
 
     def __init__(self, layout: Optional[PackedLayout], shape: Tuple[int, int], key_mask: Optional[torch.Tensor] = None,
                  workspace: Optional[Workspace] = None, eager: Optional[Eager] = None, gemm: Optional[str] = None):
         self.layout, self.shape, self.key_mask = layout, shape, key_mask
         self.workspace, self.eager, self.gemm = workspace, eager, gemm
         self.last = True
+        self.low: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (fp32 rows, their bf16 copy)
+        self.add_norm_bf16: Optional[dispatch.Impl] = None
 
     @classmethod
     def begin(cls, model, hidden: torch.Tensor, layout: Optional[PackedLayout], shape, key_mask,
@@ -233,15 +242,28 @@ class ForwardContext:
         # unchecked paths with backends resolved once here; torch.compile and CUDA-graph capture
         # trace the public ops (the custom ops), and so does an empty batch (no valid token: the
         # public ops' empty-input handling)
-        eager = None
+        eager, gemm = None, None
         if hidden.shape[0] and can_sync():
-            # dropout calls per layer: attention probabilities and the two add-and-norms
+            gemm = gemm_precision(model, hidden)
+            # dropout calls per layer: attention probabilities and the two add-and-norms. In bf16
+            # inference attention and bias+GELU get the GEMMs' bf16 rows; they are resolved as the
+            # fp32 calls (the C++ kernels, which serve bf16 too): ATen's CPU flash attention, which
+            # the table puts first for bf16 training, ran at half the C++ kernel's speed on BERT's
+            # inference shapes (docs/benchmarks-cpu.md)
             eager = Eager.resolve(hidden, cfg, layout, shape, key_mask,
                                   3 * len(model.encoder.layer) if model.training else 0)
-        gemm = gemm_precision(model, hidden) if eager is not None else None
         if gemm == "int8":  # smoothing statistics and bf16 GEMMs: calibrated once per model and weights
             int8_calibration.ensure(model)
-        return cls(layout, shape, key_mask, ws, eager, gemm)
+        ctx = cls(layout, shape, key_mask, ws, eager, gemm)
+        if gemm == "bf16" and not model.training:
+            ctx.add_norm_bf16 = select_add_norm_bf16(hidden.device.type, cfg.hidden_size)
+        return ctx
+
+    def gemm_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What a cpu_gemm GEMM reads for `hidden`: its bf16 copy when the add-and-norm that made
+        it wrote one (bf16 inference), else `hidden` itself (cpu_gemm casts where it must)."""
+        low = self.low
+        return low[1] if low is not None and low[0] is hidden else hidden
 
     def buffer(self, name: str, rows: int, cols: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         """The workspace buffer `name` as a (rows, cols) tensor, or None without a workspace."""
@@ -286,9 +308,19 @@ def dense_add_norm(hidden, dense: nn.Linear, residual, norm: nn.LayerNorm, dropo
     if not plain_linear(dense):
         x, bias = dense(hidden), None
     elif ctx is not None and ctx.gemm is not None:
-        x = cpu_gemm.linear(hidden, (dense.weight,), (dense.bias,), "none", ctx.gemm, out=out)
+        x = cpu_gemm.linear(ctx.gemm_rows(hidden), (dense.weight,), (dense.bias,), "none", ctx.gemm, out=out)
     else:
         x = linear(hidden, dense.weight, out=out)
+    if (ctx is not None and ctx.add_norm_bf16 is not None and dropout_p == 0.0 and x.dtype == torch.bfloat16
+            and residual.dtype == torch.float32):
+        # bf16 inference: the fp32 result goes where the fp32 GEMM output would have (a workspace
+        # buffer, or fresh memory in the last layer), its bf16 copy to the next GEMM
+        low_out = ctx.buffer("low", x.shape[0], x.shape[1], x)
+        y, low = bias_residual_layernorm_bf16_unchecked(
+            ctx.add_norm_bf16, x, bias, residual, norm.weight, norm.bias, norm.eps,
+            out if out is not None and out.dtype == torch.float32 else None, low_out)
+        ctx.low = (y, low)
+        return y
     eager = ctx.eager if ctx is not None else None
     if eager is not None:
         return bias_residual_layernorm_unchecked(eager.bias_residual_layernorm, eager.grad, x, bias, residual,
@@ -309,7 +341,7 @@ def dense_act(hidden, dense: nn.Linear, act: str, ctx: Optional[ForwardContext] 
         out = ctx.buffer("inter", hidden.shape[0], dense.weight.shape[0], hidden) if ctx is not None else None
         if ctx is not None and ctx.gemm is not None and dense.bias is not None:
             approximate, sel = FUSED_ACTS[act], ctx.eager.bias_gelu
-            return cpu_gemm.linear(hidden, (dense.weight,), (dense.bias,),
+            return cpu_gemm.linear(ctx.gemm_rows(hidden), (dense.weight,), (dense.bias,),
                                    "gelu_tanh" if approximate == "tanh" else "gelu", ctx.gemm,
                                    lambda y, b: bias_gelu_unchecked(sel, False, y, b, approximate, inplace=True), out)
         x = linear(hidden, dense.weight, out=out)
