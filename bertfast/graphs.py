@@ -68,8 +68,8 @@ class GraphedEncoder:
     `memory_bytes` is what they and the static buffers hold, `report()` says which buckets ran.
     The graphs use the parameters as they were at capture (the fused QKV weight is a copy made
     then): after changing the model, release() and build a new GraphedEncoder.
-    max_seqlen: the longest row the graphs serve (default: max_position_embeddings; longer rows
-    run eagerly). The attention kernels' tiles are chosen for it, so a server that truncates
+    max_seqlen: the longest row the graphs serve (default: the model's longest sequence,
+    config.longest_sequence; longer rows run eagerly). The attention kernels' tiles are chosen for it, so a server that truncates
     to a shorter length should say so."""
 
     def __init__(self, model, max_tokens: int = 4096, max_seqs: int = 64, buckets: Optional[Sequence[int]] = None,
@@ -93,10 +93,14 @@ class GraphedEncoder:
         self.buckets = ladder
         self.max_tokens = ladder[-1]
         self.max_seqs = max_seqs
-        self.max_seqlen = cfg.max_position_embeddings if max_seqlen is None else max_seqlen
-        if not isinstance(self.max_seqlen, int) or not 1 <= self.max_seqlen <= cfg.max_position_embeddings:
-            raise ValueError(f"max_seqlen must be an int in [1, {cfg.max_position_embeddings}] "
-                             f"(max_position_embeddings), got {max_seqlen!r}")
+        # the longest row the model's own positions allow (RoBERTa's start past padding_idx)
+        self.max_seqlen = cfg.longest_sequence if max_seqlen is None else max_seqlen
+        if isinstance(self.max_seqlen, bool) or not isinstance(self.max_seqlen, int) \
+                or not 1 <= self.max_seqlen <= cfg.longest_sequence:
+            raise ValueError(f"max_seqlen must be an int in [1, {cfg.longest_sequence}] (the model's longest sequence: "
+                             f"max_position_embeddings {cfg.max_position_embeddings}"
+                             f"{' less the padding_idx offset' if cfg.longest_sequence < cfg.max_position_embeddings else ''}"
+                             f"), got {max_seqlen!r}")
         self.chunk = min(pad_chunk, self.max_seqlen)
         self.device = model.device
         # the position of a sequence's first token, for packed batches that bring none: the model's

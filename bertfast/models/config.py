@@ -108,6 +108,12 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def longest_sequence(self) -> int:
+        """The most tokens one sequence may hold with the model's own positions: one position row
+        per token here (a family that offsets its positions says less: RoBERTa)."""
+        return self.max_position_embeddings
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "BertConfig":
         if name not in PRESETS:

@@ -29,6 +29,13 @@ class RobertaConfig(BertConfig):
     def __init__(self, **kwargs):
         super().__init__(**{**self.family_defaults, **kwargs})
 
+    @property
+    def longest_sequence(self) -> int:
+        """Positions count from padding_idx + 1, so rows 0..padding_idx of the table are never a
+        token's: 514 positions with padding_idx 1 hold 512 tokens (transformers' RoBERTa tokenizers
+        say model_max_length 512)."""
+        return self.max_position_embeddings - (self.pad_token_id or 0) - 1
+
 
 class XLMRobertaConfig(RobertaConfig):
     model_type = "xlm-roberta"

@@ -262,7 +262,8 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
             p.add_argument("--question", help="a question (with --context), answered before the files' records")
             p.add_argument("--context", help="the text --question is answered from")
             p.add_argument("--max-answer-len", type=int, default=30, help="longest answer, in tokens")
-            p.add_argument("--max-seq-len", type=int, default=384, help="tokens per window (question + context)")
+            p.add_argument("--max-seq-len", type=int, help="tokens per window, question and context (default: 384, or "
+                           "the model's limit when lower)")
             p.add_argument("--doc-stride", type=int, default=128, help="context tokens shared by adjacent windows")
         else:
             p.add_argument("--text", action="append", help="a text (repeatable), before the files' records")

@@ -41,9 +41,30 @@ def warn_truncated(task: str, n_cut: int, total: int, max_length: int, remedy: s
                       f"and were cut to it{remedy}", TruncationWarning, stacklevel=4)  # caller, through torch.no_grad
 
 
-def resolve_max_length(model, tokenizer, max_length: Optional[int]) -> int:
-    encoder = getattr(model, "bert", model)
-    return max_length or min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
+def model_limit(model) -> int:
+    """The most tokens one sequence may hold in `model` (an encoder or a head): its config's
+    longest_sequence, which is max_position_embeddings less RoBERTa's padding_idx offset."""
+    return model.config.longest_sequence
+
+
+def resolve_max_length(model, tokenizer, max_length: Optional[int], name: str = "max_length") -> int:
+    """Tokens per sequence: `max_length` when given (refused, naming `name`, when the model cannot
+    hold it), else the smaller of the tokenizer's model_max_length and the model's limit."""
+    limit = model_limit(model)
+    if max_length is None:
+        return min(tokenizer.model_max_length, limit)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"{name} must be a positive int, got {max_length!r}")
+    if max_length > limit:
+        raise ValueError(f"{name} is {max_length}, more tokens than the model holds: at most {limit} "
+                         f"({type(model.config).__name__}: max_position_embeddings "
+                         f"{model.config.max_position_embeddings}{_offset_note(model.config)})")
+    return max_length
+
+
+def _offset_note(config) -> str:
+    extra = config.max_position_embeddings - config.longest_sequence
+    return f", of which {extra} are never a token's position (padding_idx offset)" if extra else ""
 
 
 def padded_batch(rows: Sequence[Sequence[int]], pad_id: int, device, type_rows=None):

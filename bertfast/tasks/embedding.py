@@ -188,7 +188,7 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
         from ..graphs import cached_encoder
 
         run = cached_encoder(encoder, max_tokens=min(batch_size * max_length, 16384), max_seqs=batch_size,
-                             max_seqlen=min(max_length, encoder.config.max_position_embeddings))
+                             max_seqlen=max_length)
     with progress(progress_bar, len(rows), batch_size, "embed") as bar:
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]

@@ -5,7 +5,7 @@ from typing import List, Sequence
 
 import torch
 
-from .common import model_device
+from .common import model_device, resolve_max_length
 
 
 def topk_tokens(logits: torch.Tensor, k: int, id_to_token=None, exclude: Sequence[int] = ()) -> List[List[dict]]:
@@ -34,17 +34,18 @@ def fill_mask(model, tokenizer, text, top_k: int = 5) -> List[List[dict]]:
     model.eval()
     # the text's own markers are dropped from 'sequence', its other [MASK]s are kept
     frame = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+    limit = resolve_max_length(model, tokenizer, None)  # the model's limit (RoBERTa's is below its table)
     for t in texts:
         if tokenizer.mask_token not in t:
             raise ValueError(f"fill_mask: the text has no {tokenizer.mask_token} token: {t!r}")
-        batch = tokenizer(t, truncation=True, return_tensors="pt").to(model_device(model))
+        batch = tokenizer(t, truncation=True, max_length=limit, return_tensors="pt").to(model_device(model))
         with torch.no_grad():
             logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits[0]
         ids = batch["input_ids"][0]
         where = (ids == tokenizer.mask_token_id).nonzero().squeeze(-1)
         if where.numel() == 0:
             raise ValueError(f"fill_mask: the {tokenizer.mask_token} of the text was truncated away (text longer "
-                             f"than {tokenizer.model_max_length} tokens)")
+                             f"than {limit} tokens)")
         per_mask = topk_tokens(logits[where].cpu(), top_k, tokenizer.convert_ids_to_tokens,
                                exclude=sorted(tokenizer.special_ids))
         for pos, cands in zip(where.tolist(), per_mask):

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .common import model_device, padded_batch, progress
+from .common import model_device, padded_batch, progress, resolve_max_length
 
 
 def best_span(start_logits: torch.Tensor, end_logits: torch.Tensor, allowed: torch.Tensor,
@@ -87,13 +87,17 @@ def span_probability(start_logits: torch.Tensor, end_logits: torch.Tensor, allow
 
 
 @torch.no_grad()
-def answer_batch(model, tokenizer, pairs, max_answer_len: int = 30, max_seq_len: int = 384, doc_stride: int = 128,
-                 batch_size: int = 32, progress_bar: bool = False) -> List[dict]:
+def answer_batch(model, tokenizer, pairs, max_answer_len: int = 30, max_seq_len: Optional[int] = None,
+                 doc_stride: int = 128, batch_size: int = 32, progress_bar: bool = False) -> List[dict]:
     """answer() of each (question, context) pair; the windows of all pairs go through the model
     batch_size at a time (right-padded: padding is never a context token, so never an answer).
+    max_seq_len: tokens per window (default: 384, or the model's limit when lower, as transformers'
+    pipeline does); a window longer than the model holds is refused.
     progress_bar: a bar on stderr for runs of a few batches or more."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    max_seq_len = min(384, resolve_max_length(model, tokenizer, None)) if max_seq_len is None else \
+        resolve_max_length(model, tokenizer, max_seq_len, "max_seq_len")
     model.eval()
     wins = [(n, w) for n, (q, c) in enumerate(pairs) for w in qa_windows(tokenizer, q, c, max_seq_len, doc_stride)]
     best: List[Optional[Tuple[int, int, float]]] = [None] * len(pairs)
@@ -124,8 +128,8 @@ def answer_batch(model, tokenizer, pairs, max_answer_len: int = 30, max_seq_len:
     return res
 
 
-def answer(model, tokenizer, question: str, context: str, max_answer_len: int = 30, max_seq_len: int = 384,
-           doc_stride: int = 128) -> dict:
+def answer(model, tokenizer, question: str, context: str, max_answer_len: int = 30,
+           max_seq_len: Optional[int] = None, doc_stride: int = 128) -> dict:
     """Extractive QA: the best span (start <= end, at most max_answer_len tokens, inside the context)
     over all windows of the context: {'answer', 'start', 'end' (char offsets in context), 'score'}.
     score: the span's probability (span_probability: P(start) * P(end) in its window), as in

@@ -368,6 +368,10 @@ def _finetune(args, rt: Runtime) -> dict:
     if multi and args.task != "cls":
         raise ValueError("--multi-label applies to --task cls only")
     tok = Tokenizer.from_pretrained(args.model)
+    base_config = BertConfig.from_pretrained(args.model)
+    if args.max_seq_len > base_config.longest_sequence:
+        raise ValueError(f"--max-seq-len is {args.max_seq_len}, more tokens than the model holds: at most "
+                         f"{base_config.longest_sequence} (max_position_embeddings in {args.model}/config.json)")
     train_recs = read_records(args.train, "--train")
     eval_recs = read_records(args.eval, "--eval") if args.eval else []
     labels = label_set(args.task, train_recs, args.train, multi, args.labels) if args.task != "qa" else None
@@ -377,7 +381,7 @@ def _finetune(args, rt: Runtime) -> dict:
                                  multi, args.doc_stride)
     eval_feats = build_features(args.task, eval_recs, tok, args.eval, "--eval", label2id, args.max_seq_len, multi,
                                 args.doc_stride) if eval_recs else []
-    cfg = BertConfig.from_pretrained(args.model).to_dict()
+    cfg = base_config.to_dict()
     tok.check_fits(cfg["vocab_size"], f"--model {args.model}")
     cfg.pop("architectures", None)
     if labels:

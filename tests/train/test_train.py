@@ -371,6 +371,15 @@ def test_finetune_rejects_unknown_eval_label(base_model, tmp_path):
         _ft(base_model, tmp_path, "qa", bad, bad)
 
 
+def test_finetune_refuses_a_max_seq_len_the_model_cannot_hold(base_model, tmp_path):
+    """--max-seq-len past max_position_embeddings is refused before anything is written, not an
+    index error at the first long record."""
+    f = _write_jsonl(tmp_path / "cls.jsonl", [{"text": "good " * 200, "label": "pos"}, {"text": "bad", "label": "neg"}])
+    with pytest.raises(ValueError, match="--max-seq-len is 129, more tokens than the model holds: at most 128"):
+        _ft(base_model, tmp_path, "cls", f, f, "--max-seq-len", "129")
+    assert not (tmp_path / "cls").exists()
+
+
 def test_finetune_into_an_out_with_an_earlier_run_needs_overwrite(base_model, tmp_path):
     """A second fine-tuning into the same --out is refused, naming --out, before anything is written
     (the first run's metrics.jsonl is kept); with --overwrite it replaces the run, metrics included."""
