@@ -52,32 +52,40 @@ def token_buckets(max_tokens: int, smallest: int = 64) -> List[int]:
     return out + [max_tokens]
 
 
+def encoder_of(model):
+    """The encoder of a head (its `base_model_prefix` attribute: .bert, .roberta, .distilbert, ...),
+    or the model itself when it is an encoder."""
+    return getattr(model, getattr(model, "base_model_prefix", "bert"), model)
+
+
 def _capturing_default(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
 class GraphedEncoder:
-    """A BertModel served by CUDA graphs per total-token bucket (see the module docstring).
+    """A bertfast encoder served by CUDA graphs per total-token bucket (see the module docstring).
 
-    model: a BertModel (a head's `.bert` is taken). max_tokens: the largest bucket; max_seqs: the
-    sequence slots (rows per batch); buckets: the token ladder (default: 64, 128, ... max_tokens);
-    capture: record CUDA graphs (default: on CUDA devices); pad_chunk: the length of the dummy
-    sequences that fill a bucket; pooler=False leaves pooler_output None (embeddings do not
+    model: an encoder of any family (BertModel, RobertaModel, DistilBertModel, whose lack of token
+    types means token_type_ids must be None, ...) or a head (its encoder is taken).
+    max_tokens: the largest bucket; max_seqs: the sequence slots (rows per batch); buckets: the
+    token ladder (default: 64, 128, ... max_tokens); capture: record CUDA graphs (default: on CUDA
+    devices); pad_chunk: the length of the dummy sequences that fill a bucket; pooler=False leaves pooler_output None (embeddings do not
     need it: two launches fewer per call); lazy=True captures a bucket on its first batch
     instead of every bucket at construction (smallest first). All graphs share one memory pool;
     `memory_bytes` is what they and the static buffers hold, `report()` says which buckets ran.
     The graphs use the parameters as they were at capture (the fused QKV weight is a copy made
     then): after changing the model, release() and build a new GraphedEncoder.
     max_seqlen: the longest row the graphs serve (default: the model's longest sequence,
-    config.longest_sequence; longer rows run eagerly). The attention kernels' tiles are chosen for it, so a server that truncates
-    to a shorter length should say so."""
+    config.longest_sequence; longer rows run eagerly). The attention kernels' tiles are chosen
+    for it, so a server that truncates to a shorter length should say so."""
 
     def __init__(self, model, max_tokens: int = 4096, max_seqs: int = 64, buckets: Optional[Sequence[int]] = None,
                  capture: Optional[bool] = None, pad_chunk: int = 64, pooler: bool = True, lazy: bool = False,
                  max_seqlen: Optional[int] = None):
-        model = getattr(model, "bert", model)
+        model = encoder_of(model)
         if not hasattr(model, "forward_packed"):
-            raise TypeError(f"model must be a bertfast BertModel (or a head with .bert), got {type(model).__name__}")
+            raise TypeError(f"model must be a bertfast encoder (BertModel, RobertaModel, DistilBertModel, ...) or a "
+                            f"head holding one, got {type(model).__name__}")
         if not isinstance(max_seqs, int) or max_seqs < 1:
             raise ValueError(f"max_seqs must be a positive int, got {max_seqs!r}")
         ladder = sorted(set(buckets)) if buckets is not None else token_buckets(max_tokens)
@@ -88,6 +96,9 @@ class GraphedEncoder:
         # the model, held strongly unless cached_encoder keeps this object beside it (weakly)
         self._model_ref, self._model_keep = weakref.ref(model.eval()), model
         self.pooler = bool(pooler)
+        # DistilBERT has no token type embeddings and refuses token_type_ids: the graphs then pass
+        # none (the buffer's type row stays zeros, unread)
+        self.takes_token_types = getattr(getattr(model, "embeddings", None), "token_type_embeddings", None) is not None
         cfg = model.config
         self.config = cfg
         self.buckets = ladder
@@ -97,10 +108,9 @@ class GraphedEncoder:
         self.max_seqlen = cfg.longest_sequence if max_seqlen is None else max_seqlen
         if isinstance(self.max_seqlen, bool) or not isinstance(self.max_seqlen, int) \
                 or not 1 <= self.max_seqlen <= cfg.longest_sequence:
+            offset = " less the padding_idx offset" if cfg.longest_sequence < cfg.max_position_embeddings else ""
             raise ValueError(f"max_seqlen must be an int in [1, {cfg.longest_sequence}] (the model's longest sequence: "
-                             f"max_position_embeddings {cfg.max_position_embeddings}"
-                             f"{' less the padding_idx offset' if cfg.longest_sequence < cfg.max_position_embeddings else ''}"
-                             f"), got {max_seqlen!r}")
+                             f"max_position_embeddings {cfg.max_position_embeddings}{offset}), got {max_seqlen!r}")
         self.chunk = min(pad_chunk, self.max_seqlen)
         self.device = model.device
         # the position of a sequence's first token, for packed batches that bring none: the model's
@@ -168,7 +178,8 @@ class GraphedEncoder:
         """(packed rows (bucket, hidden), first row of each of the max_seqs slots)."""
         n = self.max_seqs + self._n_dummy[bucket]
         out = self.model.forward_packed(self._ids[:bucket], self._cu[:n + 1], self._max_seqlen(bucket),
-                                        self._tt[:bucket], self._pos[:bucket], pool=False)
+                                        self._tt[:bucket] if self.takes_token_types else None, self._pos[:bucket],
+                                        pool=False)
         hidden = out.last_hidden_state
         return hidden, first_tokens(hidden, self._cu[:self.max_seqs + 1])
 
@@ -218,6 +229,7 @@ class GraphedEncoder:
         """BertModel's forward (last_hidden_state with zeros at padded positions, pooler_output),
         from the smallest graph that holds the batch, else eagerly."""
         cfg = self.config
+        self._check_token_types(token_type_ids)
         check_inputs(cfg, input_ids, attention_mask, token_type_ids, position_ids)
         B, S = input_ids.shape
         if B > self.max_seqs or B * S == 0 or not self.buckets:
@@ -259,6 +271,7 @@ class GraphedEncoder:
         """The last layer's packed rows (total, hidden) of sequences already packed (the arguments
         of BertModel.forward_packed, e.g. from Tokenizer.pack), from the smallest graph that holds
         them, else eagerly. Positions default to the model's own, restarting at every sequence."""
+        self._check_token_types(token_type_ids)
         ids, cu = check_packed(self.config, input_ids, cu_seqlens, max_seqlen, token_type_ids, position_ids)
         total, n = ids.numel(), cu.numel() - 1
         bucket = self.bucket_for(total) if self.buckets else None
@@ -282,6 +295,10 @@ class GraphedEncoder:
         self.replays[bucket] += 1
         return hidden[:total].clone()  # the next call overwrites the static output
 
+    def _check_token_types(self, token_type_ids) -> None:
+        if token_type_ids is not None and not self.takes_token_types:
+            raise ValueError(f"token_type_ids must be None: {type(self.model).__name__} has no token type embeddings")
+
     def _eager(self, input_ids, attention_mask, token_type_ids, position_ids) -> BertModelOutput:
         self.fallbacks += 1
         out = self.model(input_ids, attention_mask, token_type_ids, position_ids)
@@ -304,13 +321,13 @@ def cached_encoder(model, max_tokens: int, max_seqs: int, max_seqlen: Optional[i
     """A lazily captured GraphedEncoder (no pooler) kept beside `model` for as long as it lives,
     for callers such as tasks.embed that serve many batches over several calls. Rebuilt when
     the parameters changed since (moved, cast or updated in place) or the sizes grew."""
-    model = getattr(model, "bert", model)
+    model = encoder_of(model)
     sig = _param_signature(model)
     hit = _CACHED.get(model)
     if hit is not None:
         enc, old = hit
         if old == sig and enc.max_tokens >= max_tokens and enc.max_seqs >= max_seqs and enc.max_seqlen == (
-                max_seqlen or model.config.max_position_embeddings):
+                max_seqlen or model.config.longest_sequence):
             return enc
         enc.release()
     enc = GraphedEncoder(model, max_tokens=max_tokens, max_seqs=max_seqs, pooler=False, lazy=True,

@@ -123,6 +123,41 @@ def test_graphed_encoder_uses_the_models_default_positions():
         assert enc.fallbacks == 0
 
 
+def test_graphed_encoder_serves_distilbert_without_token_types():
+    """DistilBERT has no token type embeddings (its forward refuses token_type_ids): the bucketed
+    path passes none, padded and packed batches equal the eager forward's, a head's encoder is
+    taken, and token_type_ids given are refused as the model refuses them."""
+    from bertfast.models import DistilBertConfig, DistilBertForSequenceClassification
+    from bertfast.tokenizer import pack_rows
+
+    torch.manual_seed(0)
+    head = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=CFG["vocab_size"], dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0)).eval()
+    model = head.distilbert
+    enc = GraphedEncoder(head, max_tokens=64, max_seqs=4, buckets=[16, 64], pad_chunk=8)
+    assert enc.model is model and not enc.takes_token_types
+    for i, (lens, S) in enumerate(SERVING[:4]):
+        ids, mask, _ = _batch(lens, S, seed=i)
+        with torch.no_grad():
+            ref = model(ids, mask)
+        got = enc(ids, mask)
+        torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-6)
+        assert got.pooler_output is None
+        rows = [r[:n].tolist() for r, n in zip(ids, lens)]
+        packed = pack_rows(rows)
+        with torch.no_grad():
+            want = model.forward_packed(packed.input_ids, packed.cu_seqlens, packed.max_seqlen, pool=False)
+        torch.testing.assert_close(enc.forward_packed(packed.input_ids, packed.cu_seqlens, packed.max_seqlen),
+                                   want.last_hidden_state, rtol=1e-5, atol=1e-6)
+    assert enc.fallbacks == 0 and sum(enc.replays.values()) == 8
+    ids, mask, tt = _batch([5, 3], 6)
+    with pytest.raises(ValueError, match="token_type_ids must be None: DistilBertModel has no token type"):
+        enc(ids, mask, tt)
+    with pytest.raises(ValueError, match="token_type_ids must be None"):
+        enc.forward_packed(ids[0], torch.tensor([0, 6], dtype=torch.int32), 6, tt[0])
+
+
 def test_graphed_encoder_falls_back_and_releases():
     model = _model().eval()
     enc = GraphedEncoder(model, max_tokens=32, max_seqs=2, buckets=[16, 32])

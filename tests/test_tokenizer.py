@@ -177,7 +177,8 @@ def test_the_task_data_and_bench_modules_use_the_public_tokenizer(pair, tmp_path
 
     tok = pair[0]
     public = _PublicOnly(tok)
-    q, ctx = "What does the licence allow?", "The licence allows redistribution of the software, with or without changes."
+    q = "What does the licence allow?"
+    ctx = "The licence allows redistribution of the software, with or without changes."
     assert qa_windows(public, q, ctx, max_seq_len=16, doc_stride=4) == qa_windows(tok, q, ctx, 16, 4)
     corpus = tmp_path / "c.txt"
     sents = real_sentences(40)
