@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..models.precision import base_model
 from ..tokenizer import pack_rows
 from .common import model_device, padded_batch, progress, resolve_max_length, token_types, warn_truncated
 
@@ -154,7 +155,7 @@ def embed(model, tokenizer, texts, pooling: str = "mean", layer: int = -1, batch
         raise ValueError(f"long_texts must be 'truncate' or 'windows', got {long_texts!r}")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be 'mean', 'cls' or 'max', got {pooling!r}")
-    encoder = getattr(model, "bert", model)
+    encoder = base_model(model)  # a head's encoder under its family's name (.bert, .roberta, .distilbert)
     n_layers = encoder.config.num_hidden_layers
     if not -(n_layers + 1) <= layer <= n_layers:
         raise ValueError(f"layer must be in [{-(n_layers + 1)}, {n_layers}] for a {n_layers}-layer model, got {layer}")

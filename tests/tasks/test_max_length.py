@@ -88,3 +88,12 @@ def test_graphed_encoder_bounds_rows_by_the_usable_length(tok):
     assert GraphedEncoder(model.roberta, max_tokens=64, max_seqs=4, capture=False).max_seqlen == FIT
     with pytest.raises(ValueError, match=f"max_seqlen must be an int in \\[1, {FIT}\\]"):
         GraphedEncoder(model.roberta, max_tokens=64, max_seqs=4, capture=False, max_seqlen=POSITIONS)
+
+
+def test_embed_of_a_family_head_is_embed_of_its_encoder(tok):
+    # a head keeps its encoder under its family's name (.roberta here), not .bert
+    head = _roberta(RobertaForSequenceClassification, tok.vocab_size, num_labels=2)
+    texts = ["the licence allows redistribution", "with or without changes"]
+    got = T.embed(head, tok, texts)
+    want = T.embed(head.roberta, tok, texts)
+    torch.testing.assert_close(got, want)
