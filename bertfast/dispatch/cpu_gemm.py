@@ -43,20 +43,11 @@ when autograd records, under torch.compile or autocast (those keep F.linear).
 Precisions: "fp32" (default), "bf16" (activations cast to bf16 per GEMM, weights packed in bf16,
 output bf16; needs AVX512-BF16 or AMX) and "int8" (fp32 in and out; needs VNNI).
 
-int8 quantises each GEMM's activations with one scale per call (the libraries' dynamic ops offer
-no per-token scale at their speed), so a few input channels with large values leave the others
-few levels. A GEMM's int8 plan (`set_int8_plan`, made by models/int8_calibration.py) fixes that
-the two ways the field does: smoothing (SmoothQuant: the activation divided per input channel by
-s_j = max|X_j|^a / max|W_j|^(1-a) and the weight's column j multiplied by it, so the product is
-unchanged and the range moves from the activation into the per-channel weight scales), and
-keeping a GEMM whose input smoothing cannot tame (the FFN output projection, after GELU) in bf16
-(fp32 without bf16 instructions). The plan holds activation statistics, not the scales: s is
-computed from the weights as they are whenever the pack is made, so a plan that lags an edit
-still computes the same product, only less precisely.
+In int8, each GEMM follows its int8 plan where it has one (dispatch/int8_plan.py: smoothed, or
+kept in bf16 / fp32; made by models/int8_calibration.py).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -70,6 +61,9 @@ import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from . import int8_plan as int8_plan_mod
+from .int8_plan import int8_plan, recording, recording_inputs, set_int8_plan  # noqa: F401 (this module's API)
 
 PRECISIONS = ("fp32", "bf16", "int8")
 EPILOGUES = ("none", "bias", "gelu", "gelu_tanh")
@@ -125,17 +119,6 @@ def _stamp(tensors) -> Optional[tuple]:
         return None
 
 
-SMOOTH_ALPHA = 0.75  # the exponent a above; 0.5 and 0.85 gave lower cosines on MiniLM (docs/benchmarks-cpu.md)
-
-
-def smoothing(act_amax: torch.Tensor, w: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
-    """SmoothQuant's per-input-channel factors s (K,) for weights w (N, K) whose input channels reach
-    act_amax (K,): the GEMM runs as (x / s) @ (w * s)^T."""
-    floor = 1e-5  # a channel that never fired (or an all-zero column) keeps s finite
-    s = act_amax.float().clamp_min(floor).pow(alpha) / w.detach().abs().amax(0).float().clamp_min(floor).pow(1 - alpha)
-    return s.clamp_min(floor)
-
-
 def _quantize_rows(w: torch.Tensor) -> torch.Tensor:
     """Symmetric int8 with one scale per output channel (row of w)."""
     scale = (w.abs().amax(dim=1).double() / 127.0).clamp_min(1e-12)
@@ -157,7 +140,7 @@ class _Pack:
         if impl in ("fbgemm", "onednn_int8"):
             self.bias = None if b is None else b.float().contiguous()
             if act_amax is not None:  # int8 plan: smoothed (see the module docstring)
-                smooth = smoothing(act_amax, w)
+                smooth = int8_plan_mod.smoothing(act_amax, w)
                 w, self.inv_smooth = w.float() * smooth, (1.0 / smooth).contiguous()
             with _ENGINE_LOCK:  # the engine is a process-wide setting read when packing
                 before = torch.backends.quantized.engine
@@ -188,7 +171,7 @@ class _Pack:
         impl = self.impl
         if impl in ("fbgemm", "onednn_int8"):
             if self.inv_smooth is not None:
-                x = x * self.inv_smooth
+                x = torch.mul(x, self.inv_smooth, out=int8_plan_mod.scratch(x))
             return torch.ops.quantized.linear_dynamic(x, self.weight, False)
         if impl == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias if epilogue == "bias" else None,
@@ -269,62 +252,7 @@ def release(module: torch.nn.Module) -> None:
         for p in module.parameters():
             if _table(p, False) is not None:
                 del _PACKS[id(p)]
-            hit = _PLANS.get(id(p))
-            if hit is not None and hit[0]() is p:
-                del _PLANS[id(p)]
-
-
-# --------------------------------------------------------------------------------------
-# int8 plans (per GEMM, by its first weight) and the calibration pass that records their inputs
-
-INT8_KEEPS = ("int8", "bf16", "fp32")
-_PLANS: dict = {}  # {id(first weight): (weakref to it, (act_amax or None, keep))}
-_RECORDING = threading.local()  # .table: {id(first weight): running max|x| per input channel}
-
-
-def set_int8_plan(weight: torch.Tensor, act_amax: Optional[torch.Tensor] = None, keep: str = "int8") -> None:
-    """What precision="int8" does with the GEMM whose first weight is `weight`: quantise it smoothed
-    for inputs reaching act_amax (K,) per channel (None: unsmoothed), or `keep` it in "bf16" (fp32
-    where this CPU has no bf16 instructions) or "fp32"."""
-    if keep not in INT8_KEEPS:
-        raise ValueError(f"keep must be one of {INT8_KEEPS}, got {keep!r}")
-    if act_amax is not None and (act_amax.dim() != 1 or act_amax.shape[0] != weight.shape[1]):
-        raise ValueError(f"act_amax must be ({weight.shape[1]},), one maximum per input channel of the weight, "
-                         f"got {tuple(act_amax.shape)}")
-    plan = (None if act_amax is None else act_amax.detach().float().clone(), keep)
-    key = id(weight)
-
-    def gone(_ref, key=key):
-        with _PACK_LOCK:
-            if _PLANS.get(key, (None,))[0] is _ref:
-                del _PLANS[key]
-
-    with _PACK_LOCK:
-        _PLANS[key] = (weakref.ref(weight, gone), plan)
-
-
-def int8_plan(weight: torch.Tensor) -> Optional[tuple]:
-    """(act_amax or None, keep) set for the GEMM whose first weight is `weight`, or None."""
-    hit = _PLANS.get(id(weight))
-    return hit[1] if hit is not None and hit[0]() is weight else None
-
-
-@contextlib.contextmanager
-def recording_inputs():
-    """For the block, in this thread: every linear() call runs in fp32 whatever its precision and
-    records max|x| per input channel of its GEMM; yields {id(first weight): (K,) maxima}."""
-    if getattr(_RECORDING, "table", None) is not None:
-        raise RuntimeError("cpu_gemm.recording_inputs() is already active in this thread")
-    _RECORDING.table = table = {}
-    try:
-        yield table
-    finally:
-        _RECORDING.table = None
-
-
-def recording() -> bool:
-    """Whether this thread is inside recording_inputs() (a calibration pass)."""
-    return getattr(_RECORDING, "table", None) is not None
+            int8_plan_mod.drop(p)
 
 
 # --------------------------------------------------------------------------------------
@@ -510,11 +438,11 @@ def linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Se
     rows, k = x.shape
     n = sum(w.shape[0] for w in weights)
     act_amax, keep = None, "int8"
-    table = getattr(_RECORDING, "table", None)
+    table = int8_plan_mod.recording_table()
     if table is not None:  # a calibration pass: the fp32 product, and the input's range
         amax = x.detach().abs().amax(0).float()
         seen = table.get(id(weights[0]))
-        table[id(weights[0])] = amax if seen is None else torch.maximum(seen, amax)
+        table[id(weights[0])] = (amax if seen is None else torch.maximum(seen[0], amax), n)
         keep = "fp32"
     elif precision == "int8":
         act_amax, keep = int8_plan(weights[0]) or (None, "int8")

@@ -273,7 +273,8 @@ def test_int8_plan_keeps_a_gemm_and_recording_runs_fp32(monkeypatch):
             cpu_gemm.set_int8_plan(w)  # plain int8, but a calibration pass runs fp32
             torch.testing.assert_close(cpu_gemm.linear(x, (w,), (b,), "bias", "int8"), ref, rtol=1e-5, atol=1e-5)
             cpu_gemm.linear(2 * x[:3], (w,), (b,), "bias", "int8")
-        torch.testing.assert_close(seen[id(w)], torch.maximum(x.abs().amax(0), 2 * x[:3].abs().amax(0)))
+        torch.testing.assert_close(seen[id(w)][0], torch.maximum(x.abs().amax(0), 2 * x[:3].abs().amax(0)))
+        assert seen[id(w)][1] == 33  # the GEMM's N
     with pytest.raises(ValueError, match="act_amax must be"):
         cpu_gemm.set_int8_plan(w, torch.ones(39))
     with pytest.raises(ValueError, match="keep must be"):
