@@ -45,7 +45,7 @@ def calibration_ids(config) -> torch.Tensor:
     """The calibration batch: random ids above the special and [unused] rows (BERT's first 1000)."""
     vocab = config.vocab_size
     low = 1000 if vocab > 2000 else 1
-    seq = min(CALIBRATION_SHAPE[1], config.max_position_embeddings - 2)
+    seq = min(CALIBRATION_SHAPE[1], getattr(config, "longest_sequence", config.max_position_embeddings))
     ids = torch.randint(low, vocab, (CALIBRATION_SHAPE[0], seq), generator=torch.Generator().manual_seed(0))
     return ids
 
