@@ -1,4 +1,5 @@
-"""The bf16 CPU inference kernels (csrc/cpu/bias_residual_layernorm_bf16.cpp) against their
+"""bias_residual_layernorm_bf16 (bertfast/ops/bias_residual_layernorm_bf16.py), the bf16 CPU inference
+add-and-norm: its C++ kernel (csrc/cpu/bias_residual_layernorm_bf16.cpp) against its
 plain-PyTorch reference, and the bf16 encoder that uses them.
 
 Accuracy rule (docs/testing.md): against the float64 oracle (the reference on the same inputs in
