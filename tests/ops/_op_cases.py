@@ -171,6 +171,14 @@ def check_op(impl, fn, fn_ref, inputs, dout, names, floor):
     return assert_within_eager_error(names, got, low, oracle, floor)
 
 
+def check_one_row(impl, make_inputs, fns, names, n=17):
+    """One token row (a one-token sequence, the last row of a ragged batch) at an odd width, fp32:
+    make_inputs(rows, n, dtype, generator, device) gives the op's inputs, fns its (op, reference)."""
+    g, dev = torch.Generator().manual_seed(7), DEVICE[impl]
+    inputs, dy = make_inputs((1,), n, torch.float32, g, dev), rand(1, n, gen=g, device=dev)
+    return check_op(impl, *fns, inputs, dy, names, NORM_FLOOR[impl][torch.float32])
+
+
 def low_and_params(impl, dtype):
     """(activation dtype, LayerNorm/bias parameter dtype) of a case: the C++ kernels are tested the
     way autocast calls them, low-precision activations with fp32 LayerNorm parameters; the GPU

@@ -5,9 +5,10 @@ table under BERTFAST_STRICT=1, the selected row checked). Accuracy rule: docs/te
 """
 import pytest
 import torch
-from _op_cases import (DEVICE, NORM_FLOOR, assert_repeats_bitwise, check_inplace, check_op, forced, gpu_big_cases,
-                       gradcheck_inputs, impl_param, impls, norm_cases, norm_rows, rand, require_gpu, row, run_op,
-                       same_with_1_and_2_threads, strict_impl)  # noqa: F401 - strict_impl: the autouse fixture
+from _op_cases import (DEVICE, NORM_FLOOR, assert_repeats_bitwise, check_inplace, check_one_row, check_op, forced,
+                       gpu_big_cases, gradcheck_inputs, impl_param, impls, norm_cases, norm_rows, rand, require_gpu,
+                       row, run_op, same_with_1_and_2_threads,
+                       strict_impl)  # noqa: F401 - strict_impl: the autouse fixture
 
 from bertfast import ops
 from bertfast.dispatch import Call
@@ -27,6 +28,15 @@ def test_bias_gelu_matches_oracle(impl, dtype, n, approximate):
     x, dy = rand(*rows, n, dtype=dtype, gen=g, device=dev, scale=2.0), rand(*rows, n, dtype=dtype, gen=g, device=dev)
     b = rand(n, dtype=dtype, gen=g, device=dev)
     check_op(impl, *_fns(approximate), [x, b], dy, NAMES, NORM_FLOOR[impl][dtype])
+
+
+@pytest.mark.parametrize("impl", impls("cpp", "triton", "cuda"))
+def test_bias_gelu_one_row(impl):
+    def inputs(rows, n, dtype, g, device):
+        x = rand(*rows, n, dtype=dtype, gen=g, device=device, scale=2.0)
+        return [x, rand(n, dtype=dtype, gen=g, device=device)]
+
+    check_one_row(impl, inputs, _fns(), NAMES)
 
 
 @pytest.mark.parametrize("impl", impls("reference"))

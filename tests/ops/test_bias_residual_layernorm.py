@@ -10,9 +10,9 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from _op_cases import (DEVICE, NORM_FLOOR, SEED, assert_repeats_bitwise, check_inplace, check_op, forced, gpu_big_cases,
-                       gpu_big_rows, gradcheck_inputs, impl_param, impls, low_and_params, norm_cases, norm_rows, rand,
-                       require_gpu, row, run_op, same_with_1_and_2_threads,
+from _op_cases import (DEVICE, NORM_FLOOR, SEED, assert_repeats_bitwise, check_inplace, check_one_row, check_op, forced,
+                       gpu_big_cases, gpu_big_rows, gradcheck_inputs, impl_param, impls, low_and_params, norm_cases,
+                       norm_rows, rand, require_gpu, row, run_op, same_with_1_and_2_threads,
                        strict_impl)  # noqa: F401 - strict_impl: the autouse fixture
 
 from bertfast import ops
@@ -49,6 +49,11 @@ def test_bias_residual_layernorm_matches_oracle(impl, dtype, n, has_bias):
     inputs = _inputs(rows, n, low, g, dev, params, has_bias)
     dy = rand(*rows, n, dtype=low, gen=g, device=dev)
     check_op(impl, *_fns(), inputs, dy, NAMES if has_bias else NAMES_NO_BIAS, NORM_FLOOR[impl][dtype])
+
+
+@pytest.mark.parametrize("impl", impls("cpp", "triton", "cuda"))
+def test_bias_residual_layernorm_one_row(impl):
+    check_one_row(impl, _inputs, _fns(), NAMES)
 
 
 @pytest.mark.parametrize("impl", impls("reference"))

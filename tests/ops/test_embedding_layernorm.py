@@ -48,6 +48,12 @@ def test_embedding_layernorm_matches_oracle(impl, dtype, n, _):
            vocab=6 if small else 50, n_pos=5 if small else 40, id_dtype=torch.int64 if n % 2 else torch.int32)
 
 
+@pytest.mark.parametrize("impl", impls("cpp", "triton", "cuda"))
+def test_embedding_layernorm_one_row(impl):
+    """One token (a one-token sequence, the last row of a ragged batch)."""
+    _check(impl, 17, torch.float32, seed=7, rows=1)
+
+
 @pytest.mark.parametrize("impl", impls("reference"))
 def test_embedding_layernorm_gradcheck_repeated_ids(impl):
     ids = torch.tensor([[1, 5, 5, 0], [5, 5, 2, 9]])

@@ -6,9 +6,9 @@ table under BERTFAST_STRICT=1, the selected row checked). Accuracy rule: docs/te
 """
 import pytest
 import torch
-from _op_cases import (DEVICE, NORM_FLOOR, assert_repeats_bitwise, check_op, forced, gpu_big_cases, gpu_big_rows,
-                       gradcheck_inputs, impl_param, impls, low_and_params, norm_cases, norm_rows, rand, require_gpu,
-                       row, run_op, same_with_1_and_2_threads,
+from _op_cases import (DEVICE, NORM_FLOOR, assert_repeats_bitwise, check_one_row, check_op, forced, gpu_big_cases,
+                       gpu_big_rows, gradcheck_inputs, impl_param, impls, low_and_params, norm_cases, norm_rows, rand,
+                       require_gpu, row, run_op, same_with_1_and_2_threads,
                        strict_impl)  # noqa: F401 - strict_impl: the autouse fixture
 
 from bertfast import ops
@@ -42,6 +42,11 @@ def test_gelu_layernorm_matches_oracle(impl, dtype, n, approximate):
     low, params = low_and_params(impl, dtype)
     inputs, dy = _inputs(rows, n, low, g, dev, params), rand(*rows, n, dtype=low, gen=g, device=dev)
     check_op(impl, *_fns(approximate), inputs, dy, NAMES, NORM_FLOOR[impl][dtype])
+
+
+@pytest.mark.parametrize("impl", impls("cpp", "triton", "cuda"))
+def test_gelu_layernorm_one_row(impl):
+    check_one_row(impl, _inputs, _fns(), NAMES)
 
 
 @pytest.mark.parametrize("impl", impls("reference"))
