@@ -7,7 +7,7 @@ Quality is measured as bench/cpu_peers.py measures it: all-MiniLM-L6-v2 sentence
 unit length) of 256 held-out real sentences against transformers' fp32 vectors: lowest and mean
 cosine, top-10 neighbour agreement. A variant is a set of int8 plans (dispatch/cpu_gemm.set_int8_plan)
 put over the ones the model calibrated itself: per GEMM, plain int8 (one activation scale per call),
-smoothed int8, or kept in bf16 / fp32. The activation maxima are the calibration pass's
+smoothed int8, int8 with its widest input channels in fp32 beside, or kept in bf16 / fp32. The activation maxima are the calibration pass's
 (models/int8_calibration.py: seeded random ids).
 
 --sensitivity quantises one GEMM kind (QKV, attention output, FFN input, FFN output), or one
@@ -67,7 +67,9 @@ def apply(model, policy, maxima):
         model(torch.tensor([[101, 102]]))
     for key, w in gemm_weights(model).items():
         mode = policy(key)
-        cpu_gemm.set_int8_plan(w, maxima[key] if mode == "smooth" else None, mode if mode in ("bf16", "fp32") else "int8")
+        outliers = maxima[key].topk(int(mode[6:])).indices if mode.startswith("split:") else None
+        cpu_gemm.set_int8_plan(w, maxima[key] if mode == "smooth" else None, mode if mode in ("bf16", "fp32") else "int8",
+                               outliers)
 
 
 def _variants(layers: int) -> dict:
@@ -79,10 +81,10 @@ def _variants(layers: int) -> dict:
         "int8, per-tensor everywhere (before plans)": lambda k: "int8",
         "int8, smoothed everywhere": lambda k: "smooth",
         "QKV + FFN input smoothed, the rest plain int8": smoothed(lambda i: "int8"),
-        "QKV + FFN input smoothed, FFN output bf16 (default)": None,
-        "QKV + FFN input smoothed, FFN output fp32": smoothed(lambda i: "fp32"),
+        "QKV + FFN input smoothed, FFN output bf16": smoothed(lambda i: "bf16"),
         f"QKV + FFN input smoothed, FFN output bf16 in layers 0-{layers // 2 - 1}":
             smoothed(lambda i: "bf16" if i < layers // 2 else "int8"),
+        "QKV + FFN input smoothed, FFN output int8 + its 8 widest channels fp32 (default)": None,
     }
 
 
@@ -163,7 +165,7 @@ def speed(rounds: int, workloads):
         maxima = input_maxima(make())
         models = {"fp32": fp32}
         for name, policy in _variants(len(fp32.encoder.layer)).items():
-            if workload == "base_full" and "per-tensor" not in name and "default" not in name and "fp32" not in name:
+            if workload == "base_full" and "per-tensor" not in name and "default" not in name and "bf16" != name[-4:]:
                 continue  # BERT-base: the shipped choice and its neighbours only (memory)
             m = make()
             if policy is None:

@@ -43,8 +43,8 @@ when autograd records, under torch.compile or autocast (those keep F.linear).
 Precisions: "fp32" (default), "bf16" (activations cast to bf16 per GEMM, weights packed in bf16,
 output bf16; needs AVX512-BF16 or AMX) and "int8" (fp32 in and out; needs VNNI).
 
-In int8, each GEMM follows its int8 plan where it has one (dispatch/int8_plan.py: smoothed, or
-kept in bf16 / fp32; made by models/int8_calibration.py).
+In int8, each GEMM follows its int8 plan where it has one (dispatch/int8_plan.py: smoothed, its
+widest input channels in fp32 beside, or kept in bf16 / fp32; made by models/int8_calibration.py).
 """
 from __future__ import annotations
 
@@ -132,16 +132,23 @@ class _Pack:
     layout, and the bias beside them in the dtype that implementation adds it in."""
 
     def __init__(self, impl: str, precision: str, weights, biases, fold_bias: bool, rows_hint: int,
-                 act_amax: Optional[torch.Tensor] = None):
+                 plan: Optional[tuple] = None):
         w = weights[0].detach() if len(weights) == 1 else torch.cat([t.detach() for t in weights])
         b = None if biases is None else biases[0].detach() if len(biases) == 1 else torch.cat(
             [t.detach() for t in biases])
-        self.impl, self.n, self.inv_smooth = impl, w.shape[0], None
+        self.impl, self.n, self.inv_smooth, self.outliers = impl, w.shape[0], None, None
         if impl in ("fbgemm", "onednn_int8"):
             self.bias = None if b is None else b.float().contiguous()
-            if act_amax is not None:  # int8 plan: smoothed (see the module docstring)
+            act_amax, _keep, outliers = plan or (None, "int8", None)
+            if outliers is not None:  # int8 plan: these input channels in an fp32 GEMM beside
+                self.outliers = (outliers, w[:, outliers].float().t().contiguous())
+            if act_amax is not None:  # int8 plan: smoothed (dispatch/int8_plan.py)
                 smooth = int8_plan_mod.smoothing(act_amax, w)
                 w, self.inv_smooth = w.float() * smooth, (1.0 / smooth).contiguous()
+            if outliers is not None:  # zeroed in the int8 GEMM's input and weight: out of its range
+                self.inv_smooth = (torch.ones(w.shape[1]) if self.inv_smooth is None else self.inv_smooth).index_fill(
+                    0, outliers, 0.0)
+                w = w.float().index_fill(1, outliers, 0.0)
             with _ENGINE_LOCK:  # the engine is a process-wide setting read when packing
                 before = torch.backends.quantized.engine
                 torch.backends.quantized.engine = "fbgemm" if impl == "fbgemm" else "onednn"
@@ -170,9 +177,12 @@ class _Pack:
         """x @ W^T; + bias when epilogue is "bias"; bias and GELU too for "onednn_gelu"."""
         impl = self.impl
         if impl in ("fbgemm", "onednn_int8"):
-            if self.inv_smooth is not None:
-                x = torch.mul(x, self.inv_smooth, out=int8_plan_mod.scratch(x))
-            return torch.ops.quantized.linear_dynamic(x, self.weight, False)
+            xq = x if self.inv_smooth is None else torch.mul(x, self.inv_smooth, out=int8_plan_mod.scratch(x))
+            y = torch.ops.quantized.linear_dynamic(xq, self.weight, False)
+            if self.outliers is not None:
+                idx, w_out = self.outliers
+                y.addmm_(x.index_select(1, idx), w_out)
+            return y
         if impl == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias if epilogue == "bias" else None,
                                                       "none", [], "")
@@ -215,7 +225,7 @@ _ENGINE_LOCK = threading.Lock()
 
 
 def _pack_for(impl: str, precision: str, weights, biases, fold_bias: bool, rows: int,
-              act_amax: Optional[torch.Tensor] = None) -> Optional[_Pack]:
+              plan: Optional[tuple] = None) -> Optional[_Pack]:
     params = tuple(weights) + (tuple(biases) if biases is not None else ())
     if precision == "fp32":
         # fp32 keeps no copy of the weights: writes through `.data` (EMA updates, weight surgery,
@@ -226,13 +236,13 @@ def _pack_for(impl: str, precision: str, weights, biases, fold_bias: bool, rows:
     stamp = _stamp(params)
     if stamp is None:
         return None
-    stamp += (id(act_amax),)  # a new int8 plan makes the pack again
+    stamp += (id(plan),)  # a new int8 plan makes the pack again
     key = (tuple(id(p) for p in params), precision, impl, fold_bias)
     with _PACK_LOCK:
         hit = _table(weights[0], True).get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-    pack = _Pack(impl, precision, weights, biases, fold_bias, rows, act_amax)  # outside the lock: packing takes ms
+    pack = _Pack(impl, precision, weights, biases, fold_bias, rows, plan)  # outside the lock: packing takes ms
     with _PACK_LOCK:
         # a weight edited since: the stale pack is replaced, not kept beside
         _table(weights[0], True)[key] = (stamp, pack)
@@ -404,8 +414,8 @@ def forget_choices() -> None:
 # the call
 
 
-def _run(impl: str, precision: str, epilogue: str, x: torch.Tensor, weights, biases, finish, out, act_amax=None):
-    pack = _pack_for(impl, precision, weights, biases, epilogue == "bias", bucket(x.shape[0]), act_amax)
+def _run(impl: str, precision: str, epilogue: str, x: torch.Tensor, weights, biases, finish, out, plan=None):
+    pack = _pack_for(impl, precision, weights, biases, epilogue == "bias", bucket(x.shape[0]), plan)
     if pack is None:  # inference-tensor weights: no version counter to trust a pack with
         w = weights[0] if len(weights) == 1 else torch.cat(list(weights))
         b = None if biases is None else biases[0] if len(biases) == 1 else torch.cat(list(biases))
@@ -437,7 +447,7 @@ def linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Se
         raise ValueError(f"epilogue={epilogue!r} needs finish, the bias+GELU a library without the post-op runs after")
     rows, k = x.shape
     n = sum(w.shape[0] for w in weights)
-    act_amax, keep = None, "int8"
+    plan, keep = None, "int8"
     table = int8_plan_mod.recording_table()
     if table is not None:  # a calibration pass: the fp32 product, and the input's range
         amax = x.detach().abs().amax(0).float()
@@ -445,14 +455,15 @@ def linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Se
         table[id(weights[0])] = (amax if seen is None else torch.maximum(seen[0], amax), n)
         keep = "fp32"
     elif precision == "int8":
-        act_amax, keep = int8_plan(weights[0]) or (None, "int8")
+        plan = int8_plan(weights[0])
+        keep = plan[1] if plan is not None else "int8"
     if keep != "int8":
         precision = "bf16" if keep == "bf16" and _has_bf16() else "fp32"
         y = _run(_kept_impl(precision, epilogue, rows, k, n, finish), precision, epilogue, x, weights, biases,
                  finish, out if precision == "fp32" else None)
         return y.float()  # int8 mode returns fp32 (a no-op for fp32)
     impl = choose(precision, epilogue, rows, k, n, finish)
-    return _run(impl, precision, epilogue, x, weights, biases, finish, out, act_amax)
+    return _run(impl, precision, epilogue, x, weights, biases, finish, out, plan)
 
 
 def _has_bf16() -> bool:

@@ -8,8 +8,10 @@ plan (`set_int8_plan`, made by models/int8_calibration.py) fixes that the two wa
 does: smoothing (SmoothQuant: the activation divided per input channel by
 s_j = max|X_j|^a / max|W_j|^(1-a) and the weight's column j multiplied by it, so the product is
 unchanged and the range moves from the activation into the per-channel weight scales), and
-keeping a GEMM whose input smoothing cannot tame (the FFN output projection, after GELU) in bf16
-(fp32 without bf16 instructions). The plan holds activation statistics, not the scales: s is
+taking the few widest input channels out of the int8 GEMM into a small fp32 GEMM beside it
+(LLM.int8()'s decomposition, with channels chosen once from the statistics: for an input that
+smoothing cannot tame, the FFN output projection after GELU). A plan may also keep a GEMM in
+bf16 (fp32 without bf16 instructions) or fp32. The plan holds activation statistics, not the scales: s is
 computed from the weights as they are whenever cpu_gemm makes the pack, so a plan that lags an
 edit still computes the same product, only less precisely.
 
@@ -28,20 +30,27 @@ import torch
 _LOCK = threading.RLock()  # reentrant: a collected weight's callback may run while it is held
 
 INT8_KEEPS = ("int8", "bf16", "fp32")
-_PLANS: dict = {}  # {id(first weight): (weakref to it, (act_amax or None, keep))}
+_PLANS: dict = {}  # {id(first weight): (weakref to it, (act_amax or None, keep, outliers or None))}
 _RECORDING = threading.local()  # .table: {id(first weight): (running max|x| per input channel, N)}
 
 
-def set_int8_plan(weight: torch.Tensor, act_amax: Optional[torch.Tensor] = None, keep: str = "int8") -> None:
+def set_int8_plan(weight: torch.Tensor, act_amax: Optional[torch.Tensor] = None, keep: str = "int8",
+                  outliers: Optional[torch.Tensor] = None) -> None:
     """What precision="int8" does with the GEMM whose first weight is `weight`: quantise it smoothed
-    for inputs reaching act_amax (K,) per channel (None: unsmoothed), or `keep` it in "bf16" (fp32
-    where this CPU has no bf16 instructions) or "fp32"."""
+    for inputs reaching act_amax (K,) per channel (None: unsmoothed), with the input channels
+    `outliers` (int64 indices) left out of the int8 GEMM and multiplied in fp32 beside it; or `keep`
+    it in "bf16" (fp32 where this CPU has no bf16 instructions) or "fp32"."""
     if keep not in INT8_KEEPS:
         raise ValueError(f"keep must be one of {INT8_KEEPS}, got {keep!r}")
     if act_amax is not None and (act_amax.dim() != 1 or act_amax.shape[0] != weight.shape[1]):
         raise ValueError(f"act_amax must be ({weight.shape[1]},), one maximum per input channel of the weight, "
                          f"got {tuple(act_amax.shape)}")
-    plan = (None if act_amax is None else act_amax.detach().float().clone(), keep)
+    if outliers is not None and (outliers.dtype != torch.long or outliers.dim() != 1
+                                 or not bool(((outliers >= 0) & (outliers < weight.shape[1])).all())):
+        raise ValueError(f"outliers must be int64 indices of input channels (0 .. {weight.shape[1] - 1}), "
+                         f"got {outliers.dtype} {tuple(outliers.shape)}")
+    plan = (None if act_amax is None else act_amax.detach().float().clone(), keep,
+            None if outliers is None else outliers.clone())
     key = id(weight)
 
     def gone(_ref, key=key):
@@ -54,7 +63,7 @@ def set_int8_plan(weight: torch.Tensor, act_amax: Optional[torch.Tensor] = None,
 
 
 def int8_plan(weight: torch.Tensor) -> Optional[tuple]:
-    """(act_amax or None, keep) set for the GEMM whose first weight is `weight`, or None."""
+    """(act_amax or None, keep, outliers or None) set for the GEMM whose first weight is `weight`, or None."""
     hit = _PLANS.get(id(weight))
     return hit[1] if hit is not None and hit[0]() is weight else None
 

@@ -281,3 +281,27 @@ def test_int8_plan_keeps_a_gemm_and_recording_runs_fp32(monkeypatch):
         cpu_gemm.set_int8_plan(w, keep="fp16")
     cpu_gemm.release(torch.nn.Linear(1, 1))  # another module's release leaves the plan
     assert cpu_gemm.int8_plan(w) is not None
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="no VNNI on this CPU")
+@pytest.mark.parametrize("impl", INT8)
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_int8_plan_outlier_channels_in_fp32(monkeypatch, impl, smoothed):
+    """A plan's outlier channels leave the int8 GEMM (input and weight) and are multiplied in fp32
+    beside it: the same product, the int8 part's range set by the other channels."""
+    monkeypatch.setenv("BERTFAST_CPU_GEMM", impl)
+    w, b = _params(40, 96)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 96, generator=g).abs()  # one-sided, as after GELU
+    x[:, [3, 70]] *= 60.0
+    ref = _ref(x, (w,), (b,), "bias")
+    with torch.inference_mode():
+        plain = cpu_gemm.linear(x, (w,), (b,), "bias", "int8")
+        cpu_gemm.set_int8_plan(w, x.abs().amax(0) if smoothed else None, outliers=torch.tensor([70, 3]))
+        split = cpu_gemm.linear(x, (w,), (b,), "bias", "int8")
+        gelu = cpu_gemm.linear(x, (w,), (b,), "gelu", "int8", finish=_gelu_finish())
+    err_plain, err_split = (plain.double() - ref).abs().max(), (split.double() - ref).abs().max()
+    assert err_split < 0.3 * err_plain, (err_split, err_plain)
+    assert (gelu.double() - F.gelu(ref)).abs().max() < 2 * err_split + 1e-6
+    with pytest.raises(ValueError, match="outliers must be"):
+        cpu_gemm.set_int8_plan(w, outliers=torch.tensor([96]))

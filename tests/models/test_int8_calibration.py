@@ -70,9 +70,9 @@ def minilm():
 
 
 def test_minilm_int8_vectors_close_to_fp32(minilm):
-    """Smoothed int8 with the FFN output projection in bf16 (or fp32): every sentence vector within
-    cosine 0.997 of fp32, 0.998 on average (0.9990 / 0.9993 measured). Per-tensor int8 on every GEMM,
-    the mode before plans, gave 0.9895 / 0.9934 here."""
+    """The int8 plans (QKV and FFN input smoothed, the FFN output's widest input channels in fp32):
+    every sentence vector within cosine 0.996 of fp32, 0.998 on average. Per-tensor int8 on every
+    GEMM, the mode before plans, gave 0.9895 / 0.9934 here."""
     from bertfast import tasks
 
     model, tok = minilm
@@ -80,7 +80,7 @@ def test_minilm_int8_vectors_close_to_fp32(minilm):
     int8 = tasks.embed(model, tok, SENTENCES, precision="int8")
     cos = F.cosine_similarity(int8, fp32)
     assert (int8 - fp32).abs().max() > 0  # int8 really ran
-    assert cos.min() > 0.997 and cos.mean() > 0.998, (cos.min(), cos.mean())
+    assert cos.min() > 0.996 and cos.mean() > 0.998, (cos.min(), cos.mean())
 
 
 def _odd():
@@ -106,7 +106,7 @@ def test_plans_made_once_and_follow_weight_edits():
     out = _int8(model, _ids())
     qkv, ffn_out = cpu_gemm.int8_plan(layer.attention.self.query.weight), cpu_gemm.int8_plan(layer.output.dense.weight)
     assert qkv[0] is not None and qkv[1] == "int8"  # smoothed int8
-    assert ffn_out == (None, "bf16")  # kept
+    assert ffn_out[:2] == (None, "int8") and ffn_out[2].shape == (int8_calibration.FFN_OUTPUT_FP32_CHANNELS,)
     assert cpu_gemm.int8_plan(layer.intermediate.dense.weight)[0].shape == (ODD_BERT["hidden_size"],)
     torch.testing.assert_close(_int8(model, _ids(), False), out, rtol=0, atol=0)
     assert cpu_gemm.int8_plan(layer.attention.self.query.weight)[0] is qkv[0]  # not calibrated again
