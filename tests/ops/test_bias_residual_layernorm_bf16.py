@@ -21,6 +21,7 @@ from bertfast.testing import ODD_BERT
 from conftest import assert_within_eager_error
 
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 4e-3}
+OP_NAME = "bias_residual_layernorm_bf16"
 HAS_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
@@ -170,3 +171,12 @@ def test_bf16_encoder_casts_once_per_forward(monkeypatch, tmp_path, padded):
     assert ref_counts.get("aten::_to_copy", 0) >= fp32_copies + 4 * layers
     assert torch.equal(out, ref)
     cpu_gemm.forget_choices()
+
+
+def test_bertfast_verify_probes_it_in_bf16(capsys):
+    """`bertfast verify` runs the kernel against the reference (in bf16, the dtype it serves), not a skip."""
+    from bertfast.verify import verify_numerics
+
+    assert verify_numerics(["cpp"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(OP_NAME)]
+    assert rows and all(" ok " in line and "skip" not in line for line in rows), rows
