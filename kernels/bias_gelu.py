@@ -83,7 +83,7 @@ _fwd, _bwd = FastKernel(_bias_gelu_fwd_kernel), FastKernel(_bias_gelu_bwd_kernel
 
 def bias_gelu_fwd(x, bias, approximate):
     m, n = _check(x, bias, approximate)
-    x = x.contiguous()
+    x, bias = x.contiguous(), bias.contiguous()  # the kernels read rows and the bias at unit stride
     y = torch.empty_like(x)
     if m == 0:
         return y
@@ -96,7 +96,7 @@ def bias_gelu_fwd(x, bias, approximate):
 
 def bias_gelu_bwd(dout, x, bias, approximate):
     m, n = _check(x, bias, approximate)
-    dout, x = dout.contiguous(), x.contiguous()
+    dout, x, bias = dout.contiguous(), x.contiguous(), bias.contiguous()
     dx = torch.empty_like(x)
     bm, bn, warps = config(n)
     n_col = triton.cdiv(n, bn)

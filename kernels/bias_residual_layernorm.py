@@ -124,9 +124,16 @@ def _brln_bwd_kernel(DY, X, B, R, W, Mean, Rstd, DX, DR, DW_part, DLB_part, DB_p
 
 _brln_fwd, _brln_bwd = FastKernel(_brln_fwd_kernel), FastKernel(_brln_bwd_kernel)
 
+
+def _unit(v):
+    return None if v is None else v.contiguous()
+
+
 def bias_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps, p, seed):
     m, n = x.shape
     x, residual = x.contiguous(), residual.contiguous()
+    # the kernel reads every vector at unit stride
+    bias, weight, ln_bias = _unit(bias), weight.contiguous(), ln_bias.contiguous()
     bn, rows, warps = fwd_config(n)
     y = torch.empty_like(x)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -145,6 +152,7 @@ def bias_residual_layernorm_fwd(x, bias, residual, weight, ln_bias, eps, p, seed
 def bias_residual_layernorm_bwd(dout, x, bias, residual, weight, ln_bias, mean, rstd, eps, p, seed):
     m, n = x.shape
     dout, x, residual = dout.contiguous(), x.contiguous(), residual.contiguous()
+    bias, weight, ln_bias = _unit(bias), weight.contiguous(), ln_bias.contiguous()
     bn, rows, warps = bwd_config(n)
     dx = torch.empty_like(x)
     dres = torch.empty_like(residual)

@@ -160,6 +160,7 @@ def embedding_layernorm_fwd(ids, tt, pos, word, pos_emb, type_emb, weight, bias,
     m, n = ids.shape[0], word.shape[1]
     ids, tt, pos = ids.contiguous(), tt.contiguous(), pos.contiguous()
     word, pos_emb, type_emb = word.contiguous(), pos_emb.contiguous(), type_emb.contiguous()
+    weight, bias = weight.contiguous(), bias.contiguous()  # read at unit stride
     bn, rows, warps = fwd_config(n)
     y = torch.empty((m, n), dtype=word.dtype, device=word.device)
     mean = torch.empty(m, dtype=torch.float32, device=word.device)
@@ -185,6 +186,7 @@ def embedding_layernorm_bwd(dout, ids, tt, pos, word, pos_emb, type_emb, weight,
     m, n = ids.shape[0], word.shape[1]
     dout, ids, tt, pos = dout.contiguous(), ids.contiguous(), tt.contiguous(), pos.contiguous()
     word, pos_emb, type_emb = word.contiguous(), pos_emb.contiguous(), type_emb.contiguous()
+    weight, bias = weight.contiguous(), bias.contiguous()  # read at unit stride
     bn, rows, warps = bwd_config(n)
     deterministic = torch.are_deterministic_algorithms_enabled()
     n_types = type_emb.shape[0]

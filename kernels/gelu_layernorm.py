@@ -91,7 +91,8 @@ def _tanh(approximate: str) -> bool:
 
 def gelu_layernorm_fwd(x, bias, weight, ln_bias, eps, approximate):
     m, n = x.shape
-    x = x.contiguous()
+    # the kernel reads rows and every vector at unit stride
+    x, bias, weight, ln_bias = x.contiguous(), bias.contiguous(), weight.contiguous(), ln_bias.contiguous()
     bn, rows, warps = fwd_config(n)
     y = torch.empty_like(x)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -107,6 +108,7 @@ def gelu_layernorm_fwd(x, bias, weight, ln_bias, eps, approximate):
 def gelu_layernorm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, eps, approximate):
     m, n = x.shape
     dout, x = dout.contiguous(), x.contiguous()
+    bias, weight, ln_bias = bias.contiguous(), weight.contiguous(), ln_bias.contiguous()
     bn, rows, warps = bwd_config(n)
     dx = torch.empty_like(x)
     const = dict(TANH=_tanh(approximate), BLOCK_N=bn, ROWS=rows)

@@ -158,3 +158,17 @@ def test_bias_gelu_gpu_big_shapes(impl, dtype, n):
 def test_bias_gelu_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("impl", impls("cpp", "triton", "cuda"))
+def test_bias_gelu_row_reads_a_strided_bias(impl):
+    """The row's own entry points (what dispatch hands any caller) with a strided bias: the result
+    of a contiguous one, forward and backward."""
+    g = torch.Generator().manual_seed(2)
+    dev = DEVICE[impl]
+    x, dy, wide = rand(6, 24, gen=g, device=dev), rand(6, 24, gen=g, device=dev), rand(48, gen=g, device=dev)
+    fwd, bwd = row("bias_gelu", impl, Call(dev, torch.float32, 24, "fwd"))
+    b = wide[::2]
+    torch.testing.assert_close(fwd(x.clone(), b, "none"), fwd(x.clone(), b.contiguous(), "none"))
+    for a, c in zip(bwd(dy, x, b, "none"), bwd(dy, x, b.contiguous(), "none")):
+        torch.testing.assert_close(a, c)

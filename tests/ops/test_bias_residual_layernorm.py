@@ -364,3 +364,20 @@ def test_bias_residual_layernorm_compiles_under_torch_compile(impl):
 def test_bias_residual_layernorm_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("impl", impls("cpp", "triton", "cuda"))
+def test_bias_residual_layernorm_row_reads_strided_vectors(impl):
+    """The row's own entry points with strided bias, LayerNorm weight and bias: the results of
+    contiguous ones, forward and backward."""
+    g = torch.Generator().manual_seed(2)
+    dev = DEVICE[impl]
+    x, res, dy = (rand(6, 24, gen=g, device=dev) for _ in range(3))
+    vecs = [rand(48, gen=g, device=dev)[::2] for _ in range(3)]
+    fwd, bwd = row(OP, impl, Call(dev, torch.float32, 24, "fwd"))
+    outs = []
+    for bias, w, lb in (vecs, [v.contiguous() for v in vecs]):
+        y, mean, rstd = fwd(x.clone(), bias, res.clone(), w, lb, 1e-5, 0.0, 0)
+        outs.append([y, *bwd(dy, x, bias, res, w, lb, mean, rstd, 1e-5, 0.0, 0)])
+    for a, c in zip(*outs):
+        torch.testing.assert_close(a, c)

@@ -263,3 +263,21 @@ def test_embedding_layernorm_dropout_masks_equal_triton(impl, n):
 def test_embedding_layernorm_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("impl", impls("cpp", "triton", "cuda"))
+def test_embedding_layernorm_row_reads_strided_vectors(impl):
+    """The row's own entry points with a strided LayerNorm weight and bias: the results of
+    contiguous ones, forward and backward."""
+    g = torch.Generator().manual_seed(2)
+    dev = DEVICE[impl]
+    ids, tt, pos, tables, w, b = emb_inputs(24, torch.float32, g, 6, vocab=7, n_pos=8, device=dev)
+    dy = rand(6, 24, gen=g, device=dev)
+    fwd, bwd = row(OP, impl, Call(dev, torch.float32, 24, "fwd+bwd"))
+    w2, b2 = rand(48, gen=g, device=dev)[::2], rand(48, gen=g, device=dev)[::2]
+    outs = []
+    for wt, bs in ((w2, b2), (w2.contiguous(), b2.contiguous())):
+        y = fwd(ids, tt, pos, *tables, wt, bs, 1e-5, 0.0, 0)
+        outs.append([*y, *bwd(dy, ids, tt, pos, *tables, wt, bs, y[1], y[2], 1e-5, 0.0, 0)])
+    for a, c in zip(*outs):
+        torch.testing.assert_close(a, c)

@@ -122,3 +122,20 @@ def test_gelu_layernorm_gpu_big_shapes(impl, dtype, n):
 def test_gelu_layernorm_bad_input():
     with pytest.raises(ValueError, match="eps"):
         ops.gelu_layernorm(torch.randn(3, 4), torch.randn(4), torch.ones(4), torch.zeros(4), eps=0.0)
+
+
+@pytest.mark.parametrize("impl", impls("cpp", "triton", "cuda"))
+def test_gelu_layernorm_row_reads_strided_vectors(impl):
+    """The row's own entry points with strided bias, LayerNorm weight and bias: the results of
+    contiguous ones, forward and backward."""
+    g = torch.Generator().manual_seed(2)
+    dev = DEVICE[impl]
+    x, dy = rand(6, 24, gen=g, device=dev), rand(6, 24, gen=g, device=dev)
+    vecs = [rand(48, gen=g, device=dev)[::2] for _ in range(3)]
+    fwd, bwd = row("gelu_layernorm", impl, Call(dev, torch.float32, 24, "fwd"))
+    outs = []
+    for bias, w, lb in (vecs, [v.contiguous() for v in vecs]):
+        y, mean, rstd = fwd(x.clone(), bias, w, lb, 1e-5, "none")
+        outs.append([y, *bwd(dy, x, bias, w, lb, mean, rstd, 1e-5, "none")])
+    for a, c in zip(*outs):
+        torch.testing.assert_close(a, c)
