@@ -146,8 +146,8 @@ class _Pack:
                 smooth = int8_plan_mod.smoothing(act_amax, w)
                 w, self.inv_smooth = w.float() * smooth, (1.0 / smooth).contiguous()
             if outliers is not None:  # zeroed in the int8 GEMM's input and weight: out of its range
-                self.inv_smooth = (torch.ones(w.shape[1]) if self.inv_smooth is None else self.inv_smooth).index_fill(
-                    0, outliers, 0.0)
+                if self.inv_smooth is not None:
+                    self.inv_smooth = self.inv_smooth.index_fill(0, outliers, 0.0)
                 w = w.float().index_fill(1, outliers, 0.0)
             with _ENGINE_LOCK:  # the engine is a process-wide setting read when packing
                 before = torch.backends.quantized.engine
@@ -177,12 +177,24 @@ class _Pack:
         """x @ W^T; + bias when epilogue is "bias"; bias and GELU too for "onednn_gelu"."""
         impl = self.impl
         if impl in ("fbgemm", "onednn_int8"):
-            xq = x if self.inv_smooth is None else torch.mul(x, self.inv_smooth, out=int8_plan_mod.scratch(x))
-            y = torch.ops.quantized.linear_dynamic(xq, self.weight, False)
-            if self.outliers is not None:
-                idx, w_out = self.outliers
-                y.addmm_(x.index_select(1, idx), w_out)
-            return y
+            if self.inv_smooth is not None:  # smoothed (outlier channels, if any, zeroed with it)
+                xq = torch.mul(x, self.inv_smooth, out=int8_plan_mod.scratch(x))
+                y = torch.ops.quantized.linear_dynamic(xq, self.weight, False)
+                if self.outliers is not None:
+                    y.addmm_(x.index_select(1, self.outliers[0]), self.outliers[1])
+                return y
+            if self.outliers is None:
+                return torch.ops.quantized.linear_dynamic(x, self.weight, False)
+            # outlier channels only: a copy of x without them would cost a pass over it (a third of
+            # this GEMM's time), so they are zeroed in x itself for the int8 GEMM and written back
+            idx, w_out = self.outliers
+            x_out = x.index_select(1, idx)
+            x.index_fill_(1, idx, 0.0)
+            try:
+                y = torch.ops.quantized.linear_dynamic(x, self.weight, False)
+            finally:
+                x.index_copy_(1, idx, x_out)
+            return y.addmm_(x_out, w_out)
         if impl == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias if epilogue == "bias" else None,
                                                       "none", [], "")

@@ -298,7 +298,9 @@ def test_int8_plan_outlier_channels_in_fp32(monkeypatch, impl, smoothed):
     with torch.inference_mode():
         plain = cpu_gemm.linear(x, (w,), (b,), "bias", "int8")
         cpu_gemm.set_int8_plan(w, x.abs().amax(0) if smoothed else None, outliers=torch.tensor([70, 3]))
+        before = x.clone()
         split = cpu_gemm.linear(x, (w,), (b,), "bias", "int8")
+        assert torch.equal(x, before)  # the input as it was (its outlier channels are zeroed only during the GEMM)
         gelu = cpu_gemm.linear(x, (w,), (b,), "gelu", "int8", finish=_gelu_finish())
     err_plain, err_split = (plain.double() - ref).abs().max(), (split.double() - ref).abs().max()
     assert err_split < 0.3 * err_plain, (err_split, err_plain)
