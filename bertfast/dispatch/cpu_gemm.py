@@ -80,7 +80,7 @@ def check_precision(precision: str) -> str:
     """`precision` itself when this CPU runs it fast; else a ValueError / RuntimeError that says why."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "bf16" and not _has_bf16():
+    if precision == "bf16" and not has_bf16():
         raise RuntimeError("precision='bf16' needs a CPU with AVX512-BF16 or AMX instructions; this one has neither "
                            "(bf16 GEMMs would be emulated, slower than fp32). Use precision='fp32'.")
     if precision == "int8":
@@ -470,7 +470,7 @@ def linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Se
         plan = int8_plan(weights[0])
         keep = plan[1] if plan is not None else "int8"
     if keep != "int8":
-        precision = "bf16" if keep == "bf16" and _has_bf16() else "fp32"
+        precision = "bf16" if keep == "bf16" and has_bf16() else "fp32"
         y = _run(_kept_impl(precision, epilogue, rows, k, n, finish), precision, epilogue, x, weights, biases,
                  finish, out if precision == "fp32" else None)
         return y.float()  # int8 mode returns fp32 (a no-op for fp32)
@@ -478,7 +478,7 @@ def linear(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Optional[Se
     return _run(impl, precision, epilogue, x, weights, biases, finish, out, plan)
 
 
-def _has_bf16() -> bool:
+def has_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 

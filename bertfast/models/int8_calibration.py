@@ -1,13 +1,14 @@
-"""The int8 plan of a model's encoder GEMMs: which run smoothed int8, which leave channels to fp32.
+"""The int8 plan of a model's encoder GEMMs: which run smoothed int8, which keep more precision.
 
 precision="int8" quantises each GEMM's activations with one scale per call (dispatch/int8_plan.py
 says why and what a plan does). Measured per GEMM on all-MiniLM-L6-v2 (docs/benchmarks-cpu.md):
 the inputs that follow a LayerNorm (the fused QKV projection, the FFN input projection) carry a
 few channels ~15x larger than the median, which smoothing absorbs into the weights; the FFN
-output projection's input (after GELU) loses the most, and smoothing makes it worse: its 8
-widest input channels leave the int8 GEMM and are multiplied in fp32 beside it (as good as
-the whole GEMM in bf16 here, and faster); the attention output projection loses least, and a
-little more when smoothed, so it runs plain int8 (no smoothing pass either).
+output projection's input (after GELU) loses the most, and smoothing makes it worse: it runs
+in bf16 where the CPU has bf16 GEMMs (the best quality, and as fast as the alternatives here),
+else int8 with its 8 widest input channels taken out and multiplied in fp32 beside it (a little
+less precise, faster than the whole GEMM in fp32); the attention output projection loses least,
+and a little more when smoothed, so it runs plain int8 (no smoothing pass either).
 
 The activation maxima come from one fp32 pass of the encoder itself over a fixed batch of random
 token ids (seeded, 16 x 128): deterministic, nothing shipped or downloaded, any vocabulary, and
@@ -67,7 +68,10 @@ def calibrate(model: nn.Module) -> Optional[torch.Tensor]:
             continue
         shape = (weight.shape[1], n)  # the GEMM's (K, N): Q, K and V run as one GEMM of N = 3 x hidden
         if shape == (cfg.intermediate_size, cfg.hidden_size):  # the FFN output projection
-            cpu_gemm.set_int8_plan(weight, None, "int8", amax.topk(min(FFN_OUTPUT_FP32_CHANNELS, amax.numel())).indices)
+            if cpu_gemm.has_bf16():
+                cpu_gemm.set_int8_plan(weight, None, "bf16")
+            else:
+                cpu_gemm.set_int8_plan(weight, None, "int8", amax.topk(min(FFN_OUTPUT_FP32_CHANNELS, amax.numel())).indices)
         elif shape == (cfg.hidden_size, cfg.hidden_size):  # the attention output projection: plain int8
             cpu_gemm.set_int8_plan(weight, None, "int8")
         else:
