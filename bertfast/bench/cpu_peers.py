@@ -16,8 +16,11 @@ Workloads:
 
     minilm_full      all-MiniLM-L6-v2, 32 x 128 tokens, every token valid
     base_full        BERT-base shapes (random weights), 8 x 128, every token valid
-    minilm_ragged    MiniLM on 256 real sentences in batches of 32 (padded to each batch's
-                     longest; ctranslate2 takes the token lists as they are)
+    minilm_ragged    MiniLM on 256 real sentences in batches of 32 in the order they come, as a
+                     server receives them (padded to each batch's longest: 35% of the padded
+                     positions are real tokens; ctranslate2 takes the token lists as they are).
+                     Sorted batches, as SentenceTransformer.encode makes them, are the embed
+                     workload's.
     embed            sentence embeddings end to end (tokenise, encode, mean-pool, normalise) of
                      512 real sentences; the baseline is SentenceTransformer.encode, bertfast is
                      bertfast.accelerate(that model) (and tasks.embed as `bertfast_tasks`)
@@ -116,8 +119,8 @@ def sentences(workload: str) -> List[str]:
 
 
 def batches(workload: str) -> List[dict]:
-    """The workload's batches: {"input_ids", "attention_mask"} int64 tensors (padded to the
-    batch's longest on the ragged workload), rows sorted by length as encode sorts them."""
+    """The workload's batches: {"input_ids", "attention_mask"} int64 tensors (on the ragged
+    workload the sentences in their own order, each batch padded to its longest)."""
     import torch
 
     if workload in _CACHE:
@@ -132,7 +135,7 @@ def batches(workload: str) -> List[dict]:
         import transformers
 
         tok = transformers.AutoTokenizer.from_pretrained(model_dir(workload))
-        texts = sorted(sentences(workload), key=len)
+        texts = sentences(workload)  # unsorted: a stream of requests is not sorted by length
         out = [dict(tok(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
                for i in range(0, len(texts), 32)]
         out = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in out]

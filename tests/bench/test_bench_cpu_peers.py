@@ -92,3 +92,18 @@ def test_fresh_process_parent_alternates_and_reports(monkeypatch, tmp_path):
     assert calls == ["transformers", "bertfast", "bertfast", "transformers"]
     entry = json.loads(report_path.read_text())["workloads"]["minilm_full"]["bertfast"]
     assert entry["vs_transformers"] == 2.0 and entry["max_abs_diff"] == 0.0
+
+
+def test_ragged_batches_come_in_the_texts_order():
+    """The ragged workload keeps the sentences' own order (sorting them by length is what the
+    embed workload's SentenceTransformer.encode does): its padded batches are mostly padding."""
+    import transformers
+
+    texts = cpu_peers.sentences("minilm_ragged")
+    tok = transformers.AutoTokenizer.from_pretrained(cpu_peers.model_dir("minilm_ragged"))
+    first = cpu_peers.batches("minilm_ragged")[0]
+    want = tok(texts[:32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    assert torch.equal(first["input_ids"], want["input_ids"])
+    masks = [b["attention_mask"] for b in cpu_peers.batches("minilm_ragged")]
+    fill = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert fill < 0.6
