@@ -23,6 +23,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from typing import Iterable, Iterator, Optional
@@ -254,7 +255,12 @@ def atomic_folder(folder: str, replaces: Iterable[str] = ()) -> Iterator[str]:
     parent, name = os.path.split(folder)
     # no recover_folder here: while another writer is between its renames, the folder is briefly
     # absent by design, and putting its old version back would only make that writer retry
-    if os.path.exists(folder) and not os.path.isdir(folder):
+    # one stat, one observation: another writer may rename the folder away between two checks
+    try:
+        is_file = not stat.S_ISDIR(os.stat(folder).st_mode)
+    except (FileNotFoundError, NotADirectoryError):  # absent (a parent that is a file fails below)
+        is_file = False
+    if is_file:
         raise _write_error(folder, NotADirectoryError(errno.ENOTDIR, "it exists and is not a folder"))
     try:
         os.makedirs(parent, exist_ok=True)

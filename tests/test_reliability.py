@@ -672,3 +672,27 @@ def test_pretrain_refuses_bad_float_options_before_writing(tok_folder, tmp_path,
         pretrain(pretrain_parser().parse_args(["--train", str(corpus), "--tokenizer", tok_folder, "--config", "tiny",
                                                "--out", str(tmp_path / "run"), "--max-steps", "1", option, value]))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_swapped_away_during_the_check_is_not_a_file(tok_folder, tmp_path, monkeypatch):
+    """Another writer renames the folder aside between this writer's look and its save: the folder
+    seen a moment ago and gone now is not "a file in the way" (it made concurrent saves fail)."""
+    model, tok = _model(tok_folder, ["a", "b"], seed=0)
+    folder = str(tmp_path / "m")
+    real_exists = os.path.exists
+    # the folder existed when looked at, and is gone by the next look (another writer's swap)
+    monkeypatch.setattr(os.path, "exists", lambda p: True if os.path.abspath(p) == folder else real_exists(p))
+    model.save_pretrained(folder, tokenizer=tok)
+    monkeypatch.undo()
+    assert os.path.isdir(folder)
+
+
+def test_a_file_where_the_folder_goes_is_refused_and_kept(tok_folder, tmp_path):
+    from bertfast._io import WriteError
+
+    model, tok = _model(tok_folder, ["a", "b"], seed=0)
+    path = tmp_path / "m"
+    path.write_text("mine")
+    with pytest.raises(WriteError, match="not a folder"):
+        model.save_pretrained(str(path), tokenizer=tok)
+    assert path.read_text() == "mine" and os.listdir(tmp_path) == ["m"]
