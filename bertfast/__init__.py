@@ -5,7 +5,7 @@ triton; models, ops and the tokenizer load on first attribute access.
 """
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -58,14 +58,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'bertfast' has no attribute {name!r}")
-    m = importlib.import_module(mod)
-    value = getattr(m, name, m)  # a function or class of the module, else the module itself
-    globals()[name] = value
-    return value
+__getattr__, _ = lazy_exports(__name__, _LAZY)
 
 
 def __dir__():

@@ -19,7 +19,7 @@ LONG = 550  # "about 500 lines"
 LEVELS = {
     # the ground floor: raw Triton kernels and their launchers; leaf helpers that import nothing of
     # ours (the --help formatter, all-or-nothing file writes)
-    "kernels": 0, "_help": 0, "_io": 0,
+    "kernels": 0, "_help": 0, "_io": 0, "_lazy": 0,
     # which implementation serves a call (and the C++/CUDA build wrappers); the encoder boundary's
     # unpad/pad index math, which the ops and the model share
     "dispatch": 1, "padding": 1,

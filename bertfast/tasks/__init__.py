@@ -22,7 +22,7 @@ so the decoding rules are unit-testable without a model.
     scores, idx = tasks.search(encoder, tok, ["query"], corpus_texts, k=5)
     tasks.answer(qa_model, tok, "Who?", "Ada wrote it.")            # {'answer': 'Ada', 'start': 0, ...}
 """
-import importlib
+from .._lazy import lazy_exports
 
 # public name -> the module that defines it; loaded on first use, so that `bertfast embed --help`
 # and argument errors (bertfast.tasks.commands) answer before torch is imported
@@ -41,14 +41,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'bertfast.tasks' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

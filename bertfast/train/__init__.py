@@ -29,7 +29,7 @@ and ends with the same parameters.
 Fine-tuning data formats: finetune.DATA_FORMATS, printed by `bertfast finetune --help`.
 """
 
-import importlib
+from .._lazy import lazy_exports
 
 # public name -> the module that defines it, loaded on first use: `bertfast pretrain --help` and
 # argument errors (train.cli, train.args) answer before torch is imported
@@ -46,14 +46,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'bertfast.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
