@@ -22,7 +22,13 @@ def lazy_exports(package: str, table: dict):
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         m = importlib.import_module(mod if "." in mod else f"{package}.{mod}")
         value = getattr(m, name, m)  # a function or class of the module, else the module itself
-        setattr(sys.modules[package], name, value)
+        pkg = sys.modules[package]
+        setattr(pkg, name, value)
+        short = m.__name__.rpartition(".")[2]
+        if short != name and table.get(short) == mod and hasattr(m, short):
+            # importing a submodule binds it to the package under its own name, hiding the export
+            # of that name (train.finetune the function, not the module): put the export back
+            setattr(pkg, short, getattr(m, short))
         return value
 
     def __dir__():

@@ -120,3 +120,13 @@ def test_the_root_offers_no_top_level_kernels():
             "print('ok')\n")
     r = _run_from_root(code, [ROOT])
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_a_lazy_export_named_like_its_module_stays_the_export():
+    """`bertfast.train.finetune` is the function even after another name of its module loaded the
+    module (an import binds a submodule to its package under its own name)."""
+    code = ("import bertfast.train as t, bertfast.tasks as k; t.NLI_LABELS; t.evaluate_pretraining; "
+            "from bertfast.train import finetune, pretrain; "
+            "assert callable(finetune) and callable(pretrain), (finetune, pretrain); "
+            "assert all(callable(getattr(k, n)) or not isinstance(getattr(k, n), type(t)) for n in k.__all__)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
